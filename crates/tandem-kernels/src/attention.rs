@@ -1,0 +1,223 @@
+//! Paged attention: K/V live in a pool of fixed-size blocks, each layer's K and V tensors
+//! shaped `[num_blocks, block_size, n_kv_heads, head_dim]`; a sequence's block table maps its
+//! positions to blocks. Softmax is computed online block by block (no score matrix), in f32.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::par::SyncPtr;
+
+/// Element type of the KV pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDType {
+    /// Half precision (the default: half the memory and bandwidth).
+    F16,
+    /// Single precision (exact; used to check chunking invariance tightly).
+    F32,
+}
+
+impl KvDType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDType::F16 => 2,
+            KvDType::F32 => 4,
+        }
+    }
+}
+
+/// One layer's K or V tensor, read-only.
+#[derive(Clone, Copy)]
+pub enum KvRef<'a> {
+    /// f16 elements.
+    F16(&'a [f16]),
+    /// f32 elements.
+    F32(&'a [f32]),
+}
+
+/// One layer's K or V tensor, writable.
+pub enum KvMut<'a> {
+    /// f16 elements.
+    F16(&'a mut [f16]),
+    /// f32 elements.
+    F32(&'a mut [f32]),
+}
+
+impl KvRef<'_> {
+    fn len(&self) -> usize {
+        match self {
+            KvRef::F16(s) => s.len(),
+            KvRef::F32(s) => s.len(),
+        }
+    }
+
+    /// Copies `out.len()` elements from `start` as f32.
+    #[inline]
+    fn read(&self, start: usize, out: &mut [f32]) {
+        match self {
+            KvRef::F16(s) => s[start..start + out.len()].convert_to_f32_slice(out),
+            KvRef::F32(s) => out.copy_from_slice(&s[start..start + out.len()]),
+        }
+    }
+}
+
+impl KvMut<'_> {
+    fn write(&mut self, start: usize, src: &[f32]) {
+        match self {
+            KvMut::F16(s) => s[start..start + src.len()].convert_from_f32_slice(src),
+            KvMut::F32(s) => s[start..start + src.len()].copy_from_slice(src),
+        }
+    }
+}
+
+/// Geometry of the block pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagedLayout {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+impl PagedLayout {
+    /// Elements per token slot (all KV heads).
+    pub fn token_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Element offset of position `pos` of a sequence with `block_table`.
+    #[inline]
+    pub fn slot(&self, block_table: &[u32], pos: usize) -> usize {
+        let block = block_table[pos / self.block_size] as usize;
+        (block * self.block_size + pos % self.block_size) * self.token_width()
+    }
+}
+
+/// One sequence's part of a ragged batch, as attention sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSeq<'a> {
+    /// Index of its first new token in the batch's rows.
+    pub row_start: usize,
+    /// Number of new tokens.
+    pub n_new: usize,
+    /// Tokens already in the cache before these (the first new token's position).
+    pub context_len: usize,
+    /// Its blocks, covering `context_len + n_new` positions.
+    pub block_table: &'a [u32],
+}
+
+/// Writes the new tokens' K and V rows (`[rows, n_kv_heads * head_dim]`) into their slots.
+/// Callers validate block tables against the pool first.
+pub fn write_kv(layout: &PagedLayout, seqs: &[AttnSeq], k_new: &[f32], v_new: &[f32], k: &mut KvMut, v: &mut KvMut) {
+    let w = layout.token_width();
+    for s in seqs {
+        for i in 0..s.n_new {
+            let slot = layout.slot(s.block_table, s.context_len + i);
+            let row = (s.row_start + i) * w;
+            k.write(slot, &k_new[row..row + w]);
+            v.write(slot, &v_new[row..row + w]);
+        }
+    }
+}
+
+/// Causal attention of the new tokens' queries (`q`: `[rows, n_heads * head_dim]`) over each
+/// sequence's cached positions `0..=own position`, into `out` (same shape as `q`). Query head
+/// `h` reads KV head `h / (n_heads / n_kv_heads)`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    layout: &PagedLayout,
+    seqs: &[AttnSeq],
+    q: &[f32],
+    n_heads: usize,
+    scale: f32,
+    k: KvRef,
+    v: KvRef,
+    out: &mut [f32],
+) {
+    const Q_CHUNK: usize = 32;
+    let hd = layout.head_dim;
+    let n_rep = n_heads / layout.n_kv_heads;
+    assert_eq!(q.len(), out.len());
+    assert_eq!(k.len(), v.len());
+    let tasks: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            (0..layout.n_kv_heads).flat_map(move |g| (0..s.n_new.div_ceil(Q_CHUNK)).map(move |c| (si, g, c)))
+        })
+        .collect();
+    let dst = SyncPtr(out.as_mut_ptr());
+    tasks.par_iter().for_each(|&(si, g, c)| {
+        let s = &seqs[si];
+        let queries = c * Q_CHUNK..((c + 1) * Q_CHUNK).min(s.n_new);
+        let nq = queries.len() * n_rep;
+        // Online-softmax state per (query token, head of the group).
+        let mut m = vec![f32::NEG_INFINITY; nq];
+        let mut l = vec![0f32; nq];
+        let mut acc = vec![0f32; nq * hd];
+        let mut kb = vec![0f32; layout.block_size * hd];
+        let mut vb = vec![0f32; layout.block_size * hd];
+        let mut scores = vec![0f32; layout.block_size];
+        let end = s.context_len + queries.end;
+        for blk in 0..end.div_ceil(layout.block_size) {
+            let p0 = blk * layout.block_size;
+            let nb = (end - p0).min(layout.block_size);
+            for j in 0..nb {
+                let off = layout.slot(s.block_table, p0 + j) + g * hd;
+                k.read(off, &mut kb[j * hd..(j + 1) * hd]);
+                v.read(off, &mut vb[j * hd..(j + 1) * hd]);
+            }
+            for (qi, t) in queries.clone().enumerate() {
+                let pos = s.context_len + t;
+                if pos < p0 {
+                    continue;
+                }
+                let valid = (pos + 1 - p0).min(nb);
+                let row = (s.row_start + t) * n_heads * hd;
+                for r in 0..n_rep {
+                    let h = g * n_rep + r;
+                    let qv = &q[row + h * hd..row + (h + 1) * hd];
+                    let st = qi * n_rep + r;
+                    let mut mx = m[st];
+                    for j in 0..valid {
+                        let kr = &kb[j * hd..(j + 1) * hd];
+                        let d: f32 = qv.iter().zip(kr).map(|(a, b)| a * b).sum();
+                        scores[j] = d * scale;
+                        mx = mx.max(scores[j]);
+                    }
+                    let corr = (m[st] - mx).exp();
+                    let a = &mut acc[st * hd..(st + 1) * hd];
+                    let mut sum = l[st] * corr;
+                    for x in a.iter_mut() {
+                        *x *= corr;
+                    }
+                    for j in 0..valid {
+                        let p = (scores[j] - mx).exp();
+                        sum += p;
+                        for (x, &vv) in a.iter_mut().zip(&vb[j * hd..(j + 1) * hd]) {
+                            *x += p * vv;
+                        }
+                    }
+                    m[st] = mx;
+                    l[st] = sum;
+                }
+            }
+        }
+        for (qi, t) in queries.clone().enumerate() {
+            let row = (s.row_start + t) * n_heads * hd;
+            for r in 0..n_rep {
+                let h = g * n_rep + r;
+                let st = qi * n_rep + r;
+                let inv = 1.0 / l[st];
+                // SAFETY: the (row, head) slice belongs to this task's (sequence, group, chunk).
+                let o = unsafe { dst.slice_mut(row + h * hd, hd) };
+                for (o, &x) in o.iter_mut().zip(&acc[st * hd..(st + 1) * hd]) {
+                    *o = x * inv;
+                }
+            }
+        }
+    });
+}

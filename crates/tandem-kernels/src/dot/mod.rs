@@ -1,0 +1,58 @@
+//! Dot products between one stored weight row and one quantized activation row.
+//!
+//! A kernel is picked once per matmul for a (format, SIMD level) pair; the scalar kernels are
+//! the reference the SIMD ones are tested against.
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::act::{BlockQ8, BlockQ8K};
+use crate::dtype::DType;
+use crate::simd::SimdLevel;
+
+/// Dot product of a weight row (stored bytes) with int8 activations in 32-blocks.
+pub type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
+/// Dot product of a weight row (stored bytes) with int8 activations in 256-blocks.
+pub type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
+
+/// The activation format a quantized weight format is multiplied with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActFormat {
+    /// [`BlockQ8`] (32 values).
+    Q8,
+    /// [`BlockQ8K`] (256 values).
+    Q8K,
+}
+
+/// The kernel for one weight format at one SIMD level.
+#[derive(Clone, Copy)]
+pub enum DotKernel {
+    /// Weights meet [`BlockQ8`] activations.
+    Q8(DotQ8),
+    /// Weights meet [`BlockQ8K`] activations.
+    Q8K(DotQ8K),
+}
+
+impl DotKernel {
+    /// The activation format this kernel consumes.
+    pub fn act_format(&self) -> ActFormat {
+        match self {
+            DotKernel::Q8(_) => ActFormat::Q8,
+            DotKernel::Q8K(_) => ActFormat::Q8K,
+        }
+    }
+}
+
+/// The integer dot kernel for `dtype` at `level` (falling back to slower levels where a format
+/// has no kernel at that level), or `None` for float formats.
+pub fn kernel(dtype: DType, level: SimdLevel) -> Option<DotKernel> {
+    #[cfg(target_arch = "x86_64")]
+    if level != SimdLevel::Scalar {
+        if let Some(k) = x86::kernel(dtype, level) {
+            return Some(k);
+        }
+    }
+    let _ = level;
+    scalar::kernel(dtype)
+}

@@ -1,0 +1,124 @@
+//! x86-64 dot kernels: AVX2 (`maddubs`) and AVX-512 VNNI (`vpdpbusd`).
+//!
+//! Each safe wrapper is only handed out by [`kernel`] after the level was checked as supported,
+//! which is what makes the `unsafe` calls sound.
+
+use std::arch::x86_64::*;
+
+use super::DotKernel;
+use crate::act::BlockQ8;
+use crate::dtype::DType;
+use crate::simd::SimdLevel;
+
+pub(super) fn kernel(dtype: DType, level: SimdLevel) -> Option<DotKernel> {
+    if !level.is_supported() {
+        return None;
+    }
+    let k: super::DotQ8 = match (level, dtype) {
+        (SimdLevel::Avx2, DType::Q4_0) => |w, a| unsafe { q4_0_avx2(w, a) },
+        (SimdLevel::Avx2, DType::Q4_1) => |w, a| unsafe { q4_1_avx2(w, a) },
+        (SimdLevel::Avx2, DType::Q8_0) => |w, a| unsafe { q8_0_avx2(w, a) },
+        (SimdLevel::Avx512Vnni, DType::Q4_0) => |w, a| unsafe { q4_0_vnni(w, a) },
+        (SimdLevel::Avx512Vnni, DType::Q4_1) => |w, a| unsafe { q4_1_vnni(w, a) },
+        (SimdLevel::Avx512Vnni, DType::Q8_0) => |w, a| unsafe { q8_0_vnni(w, a) },
+        _ => return None,
+    };
+    Some(DotKernel::Q8(k))
+}
+
+#[inline(always)]
+unsafe fn f16_to_f32(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 packed bytes of nibbles as 32 unsigned bytes: low nibbles then high nibbles.
+#[inline(always)]
+unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    let q = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+}
+
+#[inline(always)]
+unsafe fn load_q8(b: &BlockQ8) -> __m256i {
+    _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i)
+}
+
+/// Sum of u8 x i8 products as 8 i32 lanes, with AVX2.
+#[inline(always)]
+unsafe fn dot_u8i8_avx2(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+macro_rules! nibble_kernel {
+    ($name:ident, $features:literal, $dot:ident, $bytes:expr, $qoff:expr, $min:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(w: &[u8], a: &[BlockQ8]) -> f32 {
+            debug_assert_eq!(w.len(), a.len() * $bytes);
+            let mut acc = _mm256_setzero_ps();
+            let mut summ = 0f32;
+            let p = w.as_ptr();
+            for (i, y) in a.iter().enumerate() {
+                let b = p.add(i * $bytes);
+                let d = f16_to_f32(b);
+                let qw = unpack_nibbles(b.add($qoff));
+                let dot = $dot(qw, load_q8(y));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(dot), acc);
+                summ += $min(b, d) * y.s;
+            }
+            hsum(acc) + summ
+        }
+    };
+}
+
+macro_rules! q8_kernel {
+    ($name:ident, $features:literal, $dot:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(w: &[u8], a: &[BlockQ8]) -> f32 {
+            debug_assert_eq!(w.len(), a.len() * 34);
+            let mut acc = _mm256_setzero_ps();
+            let p = w.as_ptr();
+            for (i, y) in a.iter().enumerate() {
+                let b = p.add(i * 34);
+                let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                // u8 x i8 instructions: move the weight's sign onto the activation.
+                let dot = $dot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(load_q8(y), qw));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(b) * y.d), _mm256_cvtepi32_ps(dot), acc);
+            }
+            hsum(acc)
+        }
+    };
+}
+
+#[inline(always)]
+unsafe fn q4_0_min(_b: *const u8, d: f32) -> f32 {
+    -8.0 * d
+}
+
+#[inline(always)]
+unsafe fn q4_1_min(b: *const u8, _d: f32) -> f32 {
+    f16_to_f32(b.add(2))
+}
+
+nibble_kernel!(q4_0_avx2, "avx2,fma,f16c", dot_u8i8_avx2, 18, 2, q4_0_min);
+nibble_kernel!(q4_1_avx2, "avx2,fma,f16c", dot_u8i8_avx2, 20, 4, q4_1_min);
+q8_kernel!(q8_0_avx2, "avx2,fma,f16c", dot_u8i8_avx2);
+
+/// Sum of u8 x i8 products as 8 i32 lanes, with VNNI.
+#[inline(always)]
+unsafe fn dot_u8i8_vnni(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+}
+
+nibble_kernel!(q4_0_vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", dot_u8i8_vnni, 18, 2, q4_0_min);
+nibble_kernel!(q4_1_vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", dot_u8i8_vnni, 20, 4, q4_1_min);
+q8_kernel!(q8_0_vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", dot_u8i8_vnni);

@@ -1,0 +1,168 @@
+//! `out[m, n] = x[m, k] · w[n, k]ᵀ` with `w` in its stored format.
+//!
+//! Quantized weights (fast path): the activations are quantized once to int8 blocks, then each
+//! parallel task takes a slice of weight rows and runs every activation row against it, so each
+//! weight byte is read once per call whatever the batch size. Float weights and the exact path
+//! dequantize a tile of weight rows to f32 and hand it to `gemm`.
+
+use rayon::prelude::*;
+
+use crate::act::{quantize_q8, quantize_q8k, BlockQ8, BlockQ8K};
+use crate::dequant::dequantize_row;
+use crate::dot::{kernel, DotKernel};
+use crate::dtype::{DType, QK, QK_K};
+use crate::par::{chunk_rows, SyncPtr};
+use crate::simd::SimdLevel;
+use crate::KernelError;
+
+/// A borrowed 2-D weight matrix in its stored format, rows of `cols` elements.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    /// Storage format.
+    pub dtype: DType,
+    /// Number of rows (output features).
+    pub rows: usize,
+    /// Elements per row (input features).
+    pub cols: usize,
+    /// `rows * row_bytes(cols)` bytes.
+    pub data: &'a [u8],
+}
+
+impl<'a> MatRef<'a> {
+    /// Checks that `data` holds exactly `rows` rows of `cols` elements of `dtype`.
+    pub fn new(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
+        let row = dtype.row_bytes(cols).ok_or(KernelError::RowNotBlockAligned {
+            dtype,
+            cols,
+            block: dtype.block_len(),
+        })?;
+        let want = row.checked_mul(rows).ok_or(KernelError::TooLarge)?;
+        if data.len() != want {
+            return Err(KernelError::SizeMismatch { expected: want, actual: data.len() });
+        }
+        Ok(MatRef { dtype, rows, cols, data })
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.max(1)
+    }
+
+    /// The stored bytes of row `i`.
+    pub fn row(&self, i: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[i * rb..(i + 1) * rb]
+    }
+
+    /// Row `i` dequantized to f32.
+    pub fn row_f32(&self, i: usize, out: &mut [f32]) {
+        dequantize_row(self.dtype, self.row(i), &mut out[..self.cols]);
+    }
+}
+
+/// How a matmul treats activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Quantize activations to int8 for quantized weights (integer dot products).
+    Fast,
+    /// Dequantize weights to f32 and multiply in f32: the float reference path.
+    Exact,
+}
+
+/// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ` (`n = w.rows`, `k = w.cols`).
+pub fn matmul(x: &[f32], m: usize, w: &MatRef, out: &mut [f32], precision: Precision, level: SimdLevel) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
+    assert_eq!(out.len(), m * n, "matmul: out is not [{m}, {n}]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    match (precision, kernel(w.dtype, level)) {
+        (Precision::Fast, Some(DotKernel::Q8(dot))) => {
+            let mut act = vec![BlockQ8::default(); m * k / QK];
+            act.par_chunks_mut(k / QK)
+                .zip(x.par_chunks(k))
+                .for_each(|(a, xr)| quantize_q8(xr, a));
+            quantized(w, &act, k / QK, m, out, dot);
+        }
+        (Precision::Fast, Some(DotKernel::Q8K(dot))) => {
+            let mut act = vec![BlockQ8K::default(); m * k / QK_K];
+            act.par_chunks_mut(k / QK_K)
+                .zip(x.par_chunks(k))
+                .for_each(|(a, xr)| quantize_q8k(xr, a));
+            quantized(w, &act, k / QK_K, m, out, dot);
+        }
+        _ => float(x, m, w, out),
+    }
+}
+
+fn quantized<A: Sync>(w: &MatRef, act: &[A], blocks: usize, m: usize, out: &mut [f32], dot: fn(&[u8], &[A]) -> f32) {
+    let n = w.rows;
+    let chunk = chunk_rows(n, 8);
+    let dst = SyncPtr(out.as_mut_ptr());
+    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let rows = c * chunk..((c + 1) * chunk).min(n);
+        for i in 0..m {
+            let a = &act[i * blocks..(i + 1) * blocks];
+            for j in rows.clone() {
+                // SAFETY: (i, j) with j in this task's row range is written by this task only.
+                unsafe { dst.write(i * n + j, dot(w.row(j), a)) };
+            }
+        }
+    });
+}
+
+/// f32 view of the weight bytes when they already are aligned f32.
+fn as_f32<'a>(w: &MatRef<'a>) -> Option<&'a [f32]> {
+    if w.dtype != DType::F32 || w.data.as_ptr() as usize % std::mem::align_of::<f32>() != 0 || cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: aligned, little-endian, and every bit pattern is a valid f32.
+    Some(unsafe { std::slice::from_raw_parts(w.data.as_ptr() as *const f32, w.data.len() / 4) })
+}
+
+fn float(x: &[f32], m: usize, w: &MatRef, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    let chunk = chunk_rows(n, 16);
+    let dst = SyncPtr(out.as_mut_ptr());
+    let direct = as_f32(w);
+    (0..n.div_ceil(chunk)).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, c| {
+        let rows = c * chunk..((c + 1) * chunk).min(n);
+        let nc = rows.len();
+        let tile: &[f32] = match direct {
+            Some(all) => &all[rows.start * k..rows.end * k],
+            None => {
+                scratch.resize(nc * k, 0.0);
+                for (r, o) in rows.clone().zip(scratch.chunks_exact_mut(k)) {
+                    w.row_f32(r, o);
+                }
+                scratch
+            }
+        };
+        // SAFETY: the destination is the m x nc sub-matrix at column rows.start, row stride n;
+        // only this task writes those columns. Sources are m x k and nc x k, read as k x nc.
+        unsafe {
+            gemm::gemm(
+                m,
+                nc,
+                k,
+                dst.ptr().add(rows.start),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                tile.as_ptr(),
+                k as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+}

@@ -1,0 +1,222 @@
+//! Kernel tests: every SIMD path against the scalar reference on random inputs, dequantization
+//! against gguf-py's reference, and paged attention against a dense textbook implementation.
+
+use half::f16;
+use proptest::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use tandem_kernels::act::{quantize_q8, quantize_q8k, BlockQ8, BlockQ8K};
+use tandem_kernels::dequant::dequantize_row;
+use tandem_kernels::dot::{kernel, DotKernel};
+use tandem_kernels::*;
+
+const QUANTS: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4_K, DType::Q6_K];
+
+fn scale_offsets(d: DType) -> &'static [usize] {
+    match d {
+        DType::Q4_0 | DType::Q8_0 => &[0],
+        DType::Q4_1 | DType::Q4_K => &[0, 2],
+        DType::Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+/// Random blocks with finite, modest f16 scales.
+fn random_row(rng: &mut StdRng, d: DType, cols: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..d.row_bytes(cols).unwrap()).map(|_| rng.gen()).collect();
+    for b in bytes.chunks_exact_mut(d.block_bytes()) {
+        for &off in scale_offsets(d) {
+            let v = f16::from_f32(rng.gen_range(-0.05..0.05)).to_bits().to_le_bytes();
+            b[off..off + 2].copy_from_slice(&v);
+        }
+    }
+    bytes
+}
+
+fn random_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect()
+}
+
+fn dot_with(k: DotKernel, w: &[u8], x: &[f32]) -> f32 {
+    match k {
+        DotKernel::Q8(f) => {
+            let mut a = vec![BlockQ8::default(); x.len() / 32];
+            quantize_q8(x, &mut a);
+            f(w, &a)
+        }
+        DotKernel::Q8K(f) => {
+            let mut a = vec![BlockQ8K::default(); x.len() / 256];
+            quantize_q8k(x, &mut a);
+            f(w, &a)
+        }
+    }
+}
+
+#[test]
+fn dequantization_matches_gguf_py() {
+    let golden: serde_json::Value = serde_json::from_str(include_str!("data/dequant_golden.json")).unwrap();
+    for d in QUANTS {
+        let g = &golden[d.name()];
+        let bytes: Vec<u8> = g["bytes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+        let want: Vec<f32> = g["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let mut got = vec![0f32; want.len()];
+        dequantize_row(d, &bytes, &mut got);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{d} element {i}: {a} vs gguf-py {b}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Every SIMD dot kernel equals the scalar one up to float summation order.
+    #[test]
+    fn simd_dots_equal_scalar(seed in any::<u64>(), blocks in 1usize..6, which in 0usize..5) {
+        let d = QUANTS[which];
+        let mut rng = StdRng::seed_from_u64(seed);
+        let cols = blocks * d.block_len();
+        let w = random_row(&mut rng, d, cols);
+        let x = random_vec(&mut rng, cols);
+        let reference = dot_with(kernel(d, SimdLevel::Scalar).unwrap(), &w, &x);
+        for level in SimdLevel::supported() {
+            let got = dot_with(kernel(d, level).unwrap(), &w, &x);
+            prop_assert!((got - reference).abs() <= 1e-4 * reference.abs().max(1.0),
+                "{:?} {}: {} vs scalar {}", level, d, got, reference);
+        }
+    }
+
+    /// The integer dot product approximates the exact f32 one within quantization error.
+    #[test]
+    fn quantized_dot_approximates_float(seed in any::<u64>(), which in 0usize..5) {
+        let d = QUANTS[which];
+        let mut rng = StdRng::seed_from_u64(seed);
+        let cols = 2 * 256;
+        let w = random_row(&mut rng, d, cols);
+        let x = random_vec(&mut rng, cols);
+        let mut wf = vec![0f32; cols];
+        dequantize_row(d, &w, &mut wf);
+        let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let bound: f32 = wf.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum::<f32>() * 0.02 + 1e-6;
+        let got = dot_with(kernel(d, SimdLevel::best()).unwrap(), &w, &x);
+        prop_assert!((got - exact).abs() <= bound, "{}: {} vs {} (bound {})", d, got, exact, bound);
+    }
+}
+
+/// Matmul on every format: the fast path at every level against the exact path, and the
+/// exact path against a naive loop over dequantized rows.
+#[test]
+fn matmul_paths_agree() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for d in DType::ALL {
+        let (m, n, k) = (5, 37, 512);
+        let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();
+        let data = if d.is_quantized() {
+            data
+        } else {
+            // Plain float formats: write sane values rather than random bit patterns.
+            let vals = random_vec(&mut rng, n * k);
+            match d {
+                DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                DType::F16 => vals.iter().flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+                _ => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+            }
+        };
+        let w = MatRef::new(d, n, k, &data).unwrap();
+        let x = random_vec(&mut rng, m * k);
+        let mut naive = vec![0f32; m * n];
+        let mut row = vec![0f32; k];
+        for j in 0..n {
+            w.row_f32(j, &mut row);
+            for i in 0..m {
+                naive[i * n + j] = x[i * k..(i + 1) * k].iter().zip(&row).map(|(a, b)| a * b).sum();
+            }
+        }
+        let mut exact = vec![0f32; m * n];
+        matmul(&x, m, &w, &mut exact, Precision::Exact, SimdLevel::Scalar);
+        for (a, b) in exact.iter().zip(&naive) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{d} exact: {a} vs {b}");
+        }
+        let mut scalar = vec![0f32; m * n];
+        matmul(&x, m, &w, &mut scalar, Precision::Fast, SimdLevel::Scalar);
+        for level in SimdLevel::supported() {
+            let mut fast = vec![0f32; m * n];
+            matmul(&x, m, &w, &mut fast, Precision::Fast, level);
+            for (a, b) in fast.iter().zip(&scalar) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{d} {level:?}: {a} vs scalar {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn shape_errors_are_typed() {
+    assert!(matches!(MatRef::new(DType::Q4_0, 2, 33, &[0; 36]), Err(KernelError::RowNotBlockAligned { .. })));
+    assert_eq!(
+        MatRef::new(DType::Q8_0, 2, 32, &[0; 30]).unwrap_err(),
+        KernelError::SizeMismatch { expected: 68, actual: 30 }
+    );
+}
+
+/// Dense causal attention over contiguous K/V, the textbook way.
+fn dense_attention(q: &[f32], k: &[f32], v: &[f32], ctx0: usize, n_new: usize, nh: usize, nkv: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n_new * nh * hd];
+    let rep = nh / nkv;
+    for t in 0..n_new {
+        let pos = ctx0 + t;
+        for h in 0..nh {
+            let g = h / rep;
+            let qv = &q[(t * nh + h) * hd..][..hd];
+            let s: Vec<f32> = (0..=pos)
+                .map(|p| qv.iter().zip(&k[(p * nkv + g) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
+                .collect();
+            let mx = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
+            let z: f32 = e.iter().sum();
+            for (p, w) in e.iter().enumerate() {
+                for i in 0..hd {
+                    out[(t * nh + h) * hd + i] += w / z * v[(p * nkv + g) * hd + i];
+                }
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Paged attention over shuffled blocks equals dense attention, for f32 and f16 pools.
+    #[test]
+    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..40, n_new in 1usize..40, bs in 1usize..9, f16_pool in any::<bool>()) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (nh, nkv, hd) = (6, 2, 8);
+        let layout = PagedLayout { block_size: bs, n_kv_heads: nkv, head_dim: hd };
+        let total = ctx0 + n_new;
+        let nblocks = total.div_ceil(bs) + 3;
+        let mut table: Vec<u32> = (0..nblocks as u32).collect();
+        for i in (1..table.len()).rev() { table.swap(i, rng.gen_range(0..=i)); }
+        let table = &table[..total.div_ceil(bs)];
+        let k_all = random_vec(&mut rng, total * nkv * hd);
+        let v_all = random_vec(&mut rng, total * nkv * hd);
+        // Round through the pool's precision so the dense reference sees the same values.
+        let round = |x: &[f32]| -> Vec<f32> { if f16_pool { x.iter().map(|v| f16::from_f32(*v).to_f32()).collect() } else { x.to_vec() } };
+        let (k_ref, v_ref) = (round(&k_all), round(&v_all));
+        let q = random_vec(&mut rng, n_new * nh * hd);
+        let pool = nblocks * bs * nkv * hd;
+        let (mut k32, mut v32) = (vec![0f32; pool], vec![0f32; pool]);
+        let (mut k16, mut v16) = (vec![f16::ZERO; pool], vec![f16::ZERO; pool]);
+        let seq0 = [AttnSeq { row_start: 0, n_new: total, context_len: 0, block_table: table }];
+        {
+            let (mut km, mut vm) = if f16_pool { (KvMut::F16(&mut k16), KvMut::F16(&mut v16)) } else { (KvMut::F32(&mut k32), KvMut::F32(&mut v32)) };
+            write_kv(&layout, &seq0, &k_all, &v_all, &mut km, &mut vm);
+        }
+        let (kr, vr) = if f16_pool { (KvRef::F16(&k16), KvRef::F16(&v16)) } else { (KvRef::F32(&k32), KvRef::F32(&v32)) };
+        let seqs = [AttnSeq { row_start: 0, n_new, context_len: ctx0, block_table: table }];
+        let mut out = vec![0f32; q.len()];
+        paged_attention(&layout, &seqs, &q, nh, 1.0 / (hd as f32).sqrt(), kr, vr, &mut out);
+        let want = dense_attention(&q, &k_ref, &v_ref, ctx0, n_new, nh, nkv, hd);
+        for (a, b) in out.iter().zip(&want) {
+            prop_assert!((a - b).abs() <= 1e-4, "{} vs {}", a, b);
+        }
+    }
+}
