@@ -1,0 +1,255 @@
+//! The Llama forward over a ragged batch: one call runs any mix of whole prompts, prompt chunks
+//! and decode steps of many sequences, writes their K/V into the paged pool, and computes
+//! logits only for the rows asked for.
+
+use std::collections::HashSet;
+
+use tandem_kernels::{matmul, ops, paged_attention, write_kv, AttnSeq, Precision, RopeStyle, SimdLevel};
+
+use crate::config::{LlamaConfig, RopeParams};
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::weights::{Linear, LlamaWeights, WeightLayout};
+
+/// Which of a sequence's new tokens need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// None (a prompt chunk that is not the last).
+    None,
+    /// The last new token (the next token is sampled from it).
+    Last,
+    /// Every new token (prompt scoring, tests).
+    All,
+}
+
+/// One sequence's share of a ragged batch.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    /// How many of the batch's tokens (consecutive, in sequence order) are this sequence's.
+    pub n_tokens: usize,
+    /// Tokens of this sequence already in the KV pool (the first new token's position).
+    pub context_len: usize,
+    /// Blocks holding positions `0..context_len + n_tokens`.
+    pub block_table: &'a [u32],
+    /// Which logits to return.
+    pub logits: LogitsMode,
+}
+
+/// Logits of the rows that asked for them, in batch order.
+#[derive(Clone, Debug)]
+pub struct Logits {
+    /// Vocabulary size (row length).
+    pub vocab: usize,
+    /// `(sequence index in the batch, position)` of each row.
+    pub rows: Vec<(usize, usize)>,
+    /// `rows.len() * vocab` values.
+    pub values: Vec<f32>,
+}
+
+impl Logits {
+    /// The logits of row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// The logits of the last row of sequence `seq`, if it asked for any.
+    pub fn last_of(&self, seq: usize) -> Option<&[f32]> {
+        self.rows.iter().rposition(|r| r.0 == seq).map(|i| self.row(i))
+    }
+}
+
+/// A loaded Llama model ready to run.
+pub struct LlamaModel {
+    config: LlamaConfig,
+    weights: LlamaWeights,
+    rope: RopeParams,
+    style: RopeStyle,
+    precision: Precision,
+    level: SimdLevel,
+}
+
+/// Scratch activations for one forward call.
+struct Buffers {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl LlamaModel {
+    /// Builds the model from a validated config and its weights.
+    pub fn new(config: LlamaConfig, weights: LlamaWeights) -> std::result::Result<LlamaModel, crate::error::ConfigError> {
+        config.validate()?;
+        let mut rope = config.rope_params()?;
+        if let Some(f) = &weights.rope_freqs {
+            rope.apply_freq_factors(f);
+        }
+        let style = match weights.layout {
+            WeightLayout::Gguf => RopeStyle::Interleaved,
+            WeightLayout::Hf => RopeStyle::Half,
+        };
+        Ok(LlamaModel { config, weights, rope, style, precision: Precision::Fast, level: tandem_kernels::simd::active() })
+    }
+
+    /// Uses `precision` for matmuls (`Exact` is the float reference path).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// Uses SIMD `level` (capped at what the CPU supports).
+    pub fn with_simd(mut self, level: SimdLevel) -> Self {
+        self.level = level.min(SimdLevel::best());
+        self
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The model's weights.
+    pub fn weights(&self) -> &LlamaWeights {
+        &self.weights
+    }
+
+    /// The longest sequence the model accepts.
+    pub fn max_context(&self) -> usize {
+        self.config.max_positions()
+    }
+
+    fn linear(&self, x: &[f32], rows: usize, l: &Linear, out: &mut [f32]) {
+        matmul(x, rows, &l.weight.mat(), out, self.precision, self.level);
+        if let Some(b) = &l.bias {
+            ops::add_bias(out, b);
+        }
+    }
+
+    fn validate(&self, tokens: &[u32], seqs: &[SeqInput], kv: &KvCache) -> Result<()> {
+        let c = &self.config;
+        let layout = kv.layout();
+        if layout.n_kv_heads != c.kv_heads() || layout.head_dim != c.head_dim() || kv.num_layers() != c.num_layers {
+            return Err(ModelError::Batch("the KV pool was made for a different model shape".into()));
+        }
+        let total: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        if total != tokens.len() {
+            return Err(ModelError::Batch(format!("sequences claim {total} tokens but the batch has {}", tokens.len())));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Batch(format!("token id {t} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        let mut written = HashSet::new();
+        for (i, s) in seqs.iter().enumerate() {
+            if s.n_tokens == 0 {
+                return Err(ModelError::Batch(format!("sequence {i} has no tokens")));
+            }
+            let end = s.context_len + s.n_tokens;
+            if end > self.max_context() {
+                return Err(ModelError::ContextOverflow { len: end, max: self.max_context() });
+            }
+            if s.block_table.len() * layout.block_size < end {
+                return Err(ModelError::Batch(format!(
+                    "sequence {i}: {} blocks of {} cannot hold {end} positions",
+                    s.block_table.len(),
+                    layout.block_size
+                )));
+            }
+            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= kv.num_blocks()) {
+                return Err(ModelError::Batch(format!("sequence {i}: block {b} is outside the pool of {}", kv.num_blocks())));
+            }
+            for p in s.context_len..end {
+                let slot = (s.block_table[p / layout.block_size], p % layout.block_size);
+                if !written.insert(slot) {
+                    return Err(ModelError::Batch(format!("sequence {i} writes KV slot {slot:?} that another token of this batch writes")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one forward pass over a ragged batch (see [`SeqInput`]), writing K/V into `kv`.
+    pub fn forward(&self, tokens: &[u32], seqs: &[SeqInput], kv: &mut KvCache) -> Result<Logits> {
+        self.validate(tokens, seqs, kv)?;
+        let c = &self.config;
+        let (t, d, hd) = (tokens.len(), c.hidden_size, c.head_dim());
+        let (nh, nkv, ffn) = (c.num_heads, c.kv_heads(), c.intermediate_size());
+        let eps = c.rms_norm_eps as f32;
+        let mut b = Buffers {
+            x: vec![0.0; t * d],
+            h: vec![0.0; t * d],
+            q: vec![0.0; t * nh * hd],
+            k: vec![0.0; t * nkv * hd],
+            v: vec![0.0; t * nkv * hd],
+            att: vec![0.0; t * nh * hd],
+            o: vec![0.0; t * d],
+            gate: vec![0.0; t * ffn],
+            up: vec![0.0; t * ffn],
+        };
+        let embed = self.weights.embed.mat();
+        for (row, &tok) in b.x.chunks_exact_mut(d).zip(tokens) {
+            embed.row_f32(tok as usize, row);
+        }
+        let mut attn_seqs = Vec::with_capacity(seqs.len());
+        let (mut cos, mut sin) = (vec![0f32; t * hd / 2], vec![0f32; t * hd / 2]);
+        let mut row = 0;
+        for s in seqs {
+            attn_seqs.push(AttnSeq { row_start: row, n_new: s.n_tokens, context_len: s.context_len, block_table: s.block_table });
+            for i in 0..s.n_tokens {
+                let r = (row + i) * hd / 2;
+                self.rope.angles(s.context_len + i, &mut cos[r..r + hd / 2], &mut sin[r..r + hd / 2]);
+            }
+            row += s.n_tokens;
+        }
+        let layout = kv.layout();
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (l, w) in self.weights.layers.iter().enumerate() {
+            ops::rms_norm(&b.x, &w.attn_norm, eps, &mut b.h);
+            self.linear(&b.h, t, &w.wq, &mut b.q);
+            self.linear(&b.h, t, &w.wk, &mut b.k);
+            self.linear(&b.h, t, &w.wv, &mut b.v);
+            ops::rope(&mut b.q, nh, hd, &cos, &sin, self.style);
+            ops::rope(&mut b.k, nkv, hd, &cos, &sin, self.style);
+            {
+                let (mut km, mut vm) = kv.layer_mut(l);
+                write_kv(&layout, &attn_seqs, &b.k, &b.v, &mut km, &mut vm);
+            }
+            let (kr, vr) = kv.layer(l);
+            paged_attention(&layout, &attn_seqs, &b.q, nh, scale, kr, vr, &mut b.att);
+            self.linear(&b.att, t, &w.wo, &mut b.o);
+            ops::add_assign(&mut b.x, &b.o);
+            ops::rms_norm(&b.x, &w.ffn_norm, eps, &mut b.h);
+            self.linear(&b.h, t, &w.w_gate, &mut b.gate);
+            self.linear(&b.h, t, &w.w_up, &mut b.up);
+            ops::silu_mul(&mut b.gate, &b.up);
+            self.linear(&b.gate, t, &w.w_down, &mut b.o);
+            ops::add_assign(&mut b.x, &b.o);
+        }
+        // Final norm and LM head only on the rows that need logits.
+        let mut rows = Vec::new();
+        let mut picked = Vec::new();
+        let mut start = 0;
+        for (si, s) in seqs.iter().enumerate() {
+            let wanted = match s.logits {
+                LogitsMode::None => 0..0,
+                LogitsMode::Last => s.n_tokens - 1..s.n_tokens,
+                LogitsMode::All => 0..s.n_tokens,
+            };
+            for i in wanted {
+                rows.push((si, s.context_len + i));
+                picked.extend_from_slice(&b.x[(start + i) * d..(start + i + 1) * d]);
+            }
+            start += s.n_tokens;
+        }
+        let mut normed = vec![0f32; picked.len()];
+        ops::rms_norm(&picked, &self.weights.norm, eps, &mut normed);
+        let vocab = c.vocab_size;
+        let mut values = vec![0f32; rows.len() * vocab];
+        matmul(&normed, rows.len(), &self.weights.lm_head.mat(), &mut values, self.precision, self.level);
+        Ok(Logits { vocab, rows, values })
+    }
+}
