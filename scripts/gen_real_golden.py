@@ -50,9 +50,7 @@ for p in PLAIN:
     cases.append({"kind": "plain", **run(p, tok(p, add_special_tokens=False)["input_ids"])})
 for p in CHAT:
     text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-    ids = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True)
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
+    ids = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
     cases.append({"kind": "chat", "user": p, **run(text, list(ids))})
 dest = pathlib.Path(__file__).resolve().parent.parent / "crates/tandem-model/tests/data/real_golden.json"
 dest.write_text(json.dumps({"model_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod gguf;
 pub mod kv_cache;
 pub mod loader;
