@@ -111,7 +111,14 @@ pub struct AttnSeq<'a> {
 
 /// Writes the new tokens' K and V rows (`[rows, n_kv_heads * head_dim]`) into their slots.
 /// Callers validate block tables against the pool first.
-pub fn write_kv(layout: &PagedLayout, seqs: &[AttnSeq], k_new: &[f32], v_new: &[f32], k: &mut KvMut, v: &mut KvMut) {
+pub fn write_kv(
+    layout: &PagedLayout,
+    seqs: &[AttnSeq],
+    k_new: &[f32],
+    v_new: &[f32],
+    k: &mut KvMut,
+    v: &mut KvMut,
+) {
     let w = layout.token_width();
     for s in seqs {
         for i in 0..s.n_new {
@@ -146,7 +153,8 @@ pub fn paged_attention(
         .iter()
         .enumerate()
         .flat_map(|(si, s)| {
-            (0..layout.n_kv_heads).flat_map(move |g| (0..s.n_new.div_ceil(Q_CHUNK)).map(move |c| (si, g, c)))
+            (0..layout.n_kv_heads)
+                .flat_map(move |g| (0..s.n_new.div_ceil(Q_CHUNK)).map(move |c| (si, g, c)))
         })
         .collect();
     let dst = SyncPtr(out.as_mut_ptr());

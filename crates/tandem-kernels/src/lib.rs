@@ -26,7 +26,11 @@ pub use simd::SimdLevel;
 pub enum KernelError {
     /// A row is not a whole number of the format's blocks.
     #[error("a row of {cols} elements is not a whole number of {dtype} blocks of {block}")]
-    RowNotBlockAligned { dtype: DType, cols: usize, block: usize },
+    RowNotBlockAligned {
+        dtype: DType,
+        cols: usize,
+        block: usize,
+    },
     /// The data is not the size the shape implies.
     #[error("expected {expected} bytes of tensor data, found {actual}")]
     SizeMismatch { expected: usize, actual: usize },

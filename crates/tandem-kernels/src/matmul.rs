@@ -30,17 +30,32 @@ pub struct MatRef<'a> {
 
 impl<'a> MatRef<'a> {
     /// Checks that `data` holds exactly `rows` rows of `cols` elements of `dtype`.
-    pub fn new(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
-        let row = dtype.row_bytes(cols).ok_or(KernelError::RowNotBlockAligned {
-            dtype,
-            cols,
-            block: dtype.block_len(),
-        })?;
+    pub fn new(
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, KernelError> {
+        let row = dtype
+            .row_bytes(cols)
+            .ok_or(KernelError::RowNotBlockAligned {
+                dtype,
+                cols,
+                block: dtype.block_len(),
+            })?;
         let want = row.checked_mul(rows).ok_or(KernelError::TooLarge)?;
         if data.len() != want {
-            return Err(KernelError::SizeMismatch { expected: want, actual: data.len() });
+            return Err(KernelError::SizeMismatch {
+                expected: want,
+                actual: data.len(),
+            });
         }
-        Ok(MatRef { dtype, rows, cols, data })
+        Ok(MatRef {
+            dtype,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// Bytes of one row.
@@ -70,7 +85,14 @@ pub enum Precision {
 }
 
 /// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ` (`n = w.rows`, `k = w.cols`).
-pub fn matmul(x: &[f32], m: usize, w: &MatRef, out: &mut [f32], precision: Precision, level: SimdLevel) {
+pub fn matmul(
+    x: &[f32],
+    m: usize,
+    w: &MatRef,
+    out: &mut [f32],
+    precision: Precision,
+    level: SimdLevel,
+) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
     assert_eq!(out.len(), m * n, "matmul: out is not [{m}, {n}]");
@@ -96,7 +118,14 @@ pub fn matmul(x: &[f32], m: usize, w: &MatRef, out: &mut [f32], precision: Preci
     }
 }
 
-fn quantized<A: Sync>(w: &MatRef, act: &[A], blocks: usize, m: usize, out: &mut [f32], dot: fn(&[u8], &[A]) -> f32) {
+fn quantized<A: Sync>(
+    w: &MatRef,
+    act: &[A],
+    blocks: usize,
+    m: usize,
+    out: &mut [f32],
+    dot: fn(&[u8], &[A]) -> f32,
+) {
     let n = w.rows;
     let chunk = chunk_rows(n, 8);
     let dst = SyncPtr(out.as_mut_ptr());
@@ -114,7 +143,10 @@ fn quantized<A: Sync>(w: &MatRef, act: &[A], blocks: usize, m: usize, out: &mut 
 
 /// f32 view of the weight bytes when they already are aligned f32.
 fn as_f32<'a>(w: &MatRef<'a>) -> Option<&'a [f32]> {
-    if w.dtype != DType::F32 || w.data.as_ptr() as usize % std::mem::align_of::<f32>() != 0 || cfg!(target_endian = "big") {
+    if w.dtype != DType::F32
+        || !(w.data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>())
+        || cfg!(target_endian = "big")
+    {
         return None;
     }
     // SAFETY: aligned, little-endian, and every bit pattern is a valid f32.
@@ -126,43 +158,45 @@ fn float(x: &[f32], m: usize, w: &MatRef, out: &mut [f32]) {
     let chunk = chunk_rows(n, 16);
     let dst = SyncPtr(out.as_mut_ptr());
     let direct = as_f32(w);
-    (0..n.div_ceil(chunk)).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, c| {
-        let rows = c * chunk..((c + 1) * chunk).min(n);
-        let nc = rows.len();
-        let tile: &[f32] = match direct {
-            Some(all) => &all[rows.start * k..rows.end * k],
-            None => {
-                scratch.resize(nc * k, 0.0);
-                for (r, o) in rows.clone().zip(scratch.chunks_exact_mut(k)) {
-                    w.row_f32(r, o);
+    (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, c| {
+            let rows = c * chunk..((c + 1) * chunk).min(n);
+            let nc = rows.len();
+            let tile: &[f32] = match direct {
+                Some(all) => &all[rows.start * k..rows.end * k],
+                None => {
+                    scratch.resize(nc * k, 0.0);
+                    for (r, o) in rows.clone().zip(scratch.chunks_exact_mut(k)) {
+                        w.row_f32(r, o);
+                    }
+                    scratch
                 }
-                scratch
+            };
+            // SAFETY: the destination is the m x nc sub-matrix at column rows.start, row stride n;
+            // only this task writes those columns. Sources are m x k and nc x k, read as k x nc.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nc,
+                    k,
+                    dst.ptr().add(rows.start),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    tile.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
-        };
-        // SAFETY: the destination is the m x nc sub-matrix at column rows.start, row stride n;
-        // only this task writes those columns. Sources are m x k and nc x k, read as k x nc.
-        unsafe {
-            gemm::gemm(
-                m,
-                nc,
-                k,
-                dst.ptr().add(rows.start),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                tile.as_ptr(),
-                k as isize,
-                1,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
+        });
 }

@@ -6,23 +6,27 @@ use rayon::prelude::*;
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     assert_eq!(x.len(), out.len());
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xr)| {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ss + eps).sqrt();
-        for ((o, &v), &g) in o.iter_mut().zip(xr).zip(weight) {
-            *o = v * inv * g;
-        }
-    });
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, xr)| {
+            let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ss + eps).sqrt();
+            for ((o, &v), &g) in o.iter_mut().zip(xr).zip(weight) {
+                *o = v * inv * g;
+            }
+        });
 }
 
 /// SwiGLU's gate: `gate[i] = silu(gate[i]) * up[i]`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
-        for (g, &u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    });
+    gate.par_chunks_mut(4096)
+        .zip(up.par_chunks(4096))
+        .for_each(|(g, u)| {
+            for (g, &u) in g.iter_mut().zip(u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        });
 }
 
 /// `x += y`.
@@ -51,11 +55,21 @@ pub enum RopeStyle {
 
 /// Rotates each head of each row of `x` (`[rows, heads * head_dim]`) in place, row `r` by the
 /// angles whose cosines and sines are `cos[r * head_dim/2 ..]`, `sin[r * head_dim/2 ..]`.
-pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32], style: RopeStyle) {
+pub fn rope(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    style: RopeStyle,
+) {
     let half = head_dim / 2;
     let width = heads * head_dim;
     for (r, row) in x.chunks_exact_mut(width).enumerate() {
-        let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+        let (c, s) = (
+            &cos[r * half..(r + 1) * half],
+            &sin[r * half..(r + 1) * half],
+        );
         for h in row.chunks_exact_mut(head_dim) {
             match style {
                 RopeStyle::Interleaved => {

@@ -47,7 +47,9 @@ impl SimdLevel {
 
     /// The best level this CPU supports.
     pub fn best() -> SimdLevel {
-        *Self::supported().last().expect("scalar is always supported")
+        *Self::supported()
+            .last()
+            .expect("scalar is always supported")
     }
 
     /// Parses `scalar`, `avx2` or `avx512`.
@@ -67,7 +69,10 @@ pub fn active() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         let best = SimdLevel::best();
-        match std::env::var("TANDEM_SIMD").ok().and_then(|s| SimdLevel::parse(&s)) {
+        match std::env::var("TANDEM_SIMD")
+            .ok()
+            .and_then(|s| SimdLevel::parse(&s))
+        {
             Some(l) => l.min(best),
             None => best,
         }

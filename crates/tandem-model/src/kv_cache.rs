@@ -34,8 +34,12 @@ impl Buf {
     fn bytes_mut(&mut self) -> &mut [u8] {
         match self {
             // SAFETY: plain-old-data element types; the byte view covers exactly the buffer.
-            Buf::F16(v) => unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2) },
-            Buf::F32(v) => unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4) },
+            Buf::F16(v) => unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2)
+            },
+            Buf::F32(v) => unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4)
+            },
         }
     }
 }
@@ -51,10 +55,21 @@ pub struct KvCache {
 impl KvCache {
     /// Allocates a zeroed pool of `num_blocks` blocks of `block_size` tokens for `cfg`'s shape.
     pub fn new(cfg: &LlamaConfig, num_blocks: usize, block_size: usize, dtype: KvDType) -> KvCache {
-        let layout = PagedLayout { block_size, n_kv_heads: cfg.kv_heads(), head_dim: cfg.head_dim() };
+        let layout = PagedLayout {
+            block_size,
+            n_kv_heads: cfg.kv_heads(),
+            head_dim: cfg.head_dim(),
+        };
         let n = num_blocks * block_size * layout.token_width();
-        let layers = (0..cfg.num_layers).map(|_| (Buf::new(dtype, n), Buf::new(dtype, n))).collect();
-        KvCache { dtype, layout, num_blocks, layers }
+        let layers = (0..cfg.num_layers)
+            .map(|_| (Buf::new(dtype, n), Buf::new(dtype, n)))
+            .collect();
+        KvCache {
+            dtype,
+            layout,
+            num_blocks,
+            layers,
+        }
     }
 
     /// Bytes of KV one token takes across all layers.

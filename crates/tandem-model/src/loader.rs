@@ -22,15 +22,24 @@ pub struct LoadedModel {
 }
 
 fn single_gguf_in(dir: &Path) -> Result<Option<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+        path: dir.into(),
+        source,
+    })?;
     let ggufs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        })
         .collect();
     match ggufs.len() {
         0 => Ok(None),
         1 => Ok(ggufs.into_iter().next()),
-        n => Err(ModelError::NotAModel { path: dir.into(), why: format!("{n} .gguf files; name the one to load") }),
+        n => Err(ModelError::NotAModel {
+            path: dir.into(),
+            why: format!("{n} .gguf files; name the one to load"),
+        }),
     }
 }
 
@@ -43,10 +52,16 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         if let Some(g) = single_gguf_in(path)? {
             return load_gguf(&g);
         }
-        return Err(ModelError::NotAModel { path: path.into(), why: "no config.json and no .gguf file".into() });
+        return Err(ModelError::NotAModel {
+            path: path.into(),
+            why: "no config.json and no .gguf file".into(),
+        });
     }
     if !path.exists() {
-        return Err(ModelError::Io { path: path.into(), source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+        return Err(ModelError::Io {
+            path: path.into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
     }
     load_gguf(path)
 }
@@ -54,21 +69,45 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 /// Loads a GGUF file: config from its metadata, tokenizer from its vocabulary.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
-    let config = LlamaConfig::from_gguf_metadata(&g.metadata).map_err(|source| ModelError::Config { path: path.into(), source })?;
+    let config =
+        LlamaConfig::from_gguf_metadata(&g.metadata).map_err(|source| ModelError::Config {
+            path: path.into(),
+            source,
+        })?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     let weights = LlamaWeights::load(&g, &config, WeightLayout::Gguf)?;
-    let model = LlamaModel::new(config, weights).map_err(|source| ModelError::Config { path: path.into(), source })?;
-    Ok(LoadedModel { model, tokenizer, path: path.into() })
+    let model = LlamaModel::new(config, weights).map_err(|source| ModelError::Config {
+        path: path.into(),
+        source,
+    })?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: path.into(),
+    })
 }
 
 /// Loads an HF model directory.
 pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io { path: cfg_path.clone(), source })?;
-    let config = LlamaConfig::from_hf_json(&text).map_err(|source| ModelError::Config { path: cfg_path.clone(), source })?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let config = LlamaConfig::from_hf_json(&text).map_err(|source| ModelError::Config {
+        path: cfg_path.clone(),
+        source,
+    })?;
     let files = SafetensorsFiles::open_dir(dir)?;
     let weights = LlamaWeights::load(&files, &config, WeightLayout::Hf)?;
     let tokenizer = Tokenizer::from_hf_dir(dir, &config.eos_ids())?;
-    let model = LlamaModel::new(config, weights).map_err(|source| ModelError::Config { path: cfg_path, source })?;
-    Ok(LoadedModel { model, tokenizer, path: dir.into() })
+    let model = LlamaModel::new(config, weights).map_err(|source| ModelError::Config {
+        path: cfg_path,
+        source,
+    })?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: dir.into(),
+    })
 }

@@ -4,7 +4,9 @@
 
 use std::collections::HashSet;
 
-use tandem_kernels::{matmul, ops, paged_attention, write_kv, AttnSeq, Precision, RopeStyle, SimdLevel};
+use tandem_kernels::{
+    matmul, ops, paged_attention, write_kv, AttnSeq, Precision, RopeStyle, SimdLevel,
+};
 
 use crate::config::{LlamaConfig, RopeParams};
 use crate::error::{ModelError, Result};
@@ -54,7 +56,10 @@ impl Logits {
 
     /// The logits of the last row of sequence `seq`, if it asked for any.
     pub fn last_of(&self, seq: usize) -> Option<&[f32]> {
-        self.rows.iter().rposition(|r| r.0 == seq).map(|i| self.row(i))
+        self.rows
+            .iter()
+            .rposition(|r| r.0 == seq)
+            .map(|i| self.row(i))
     }
 }
 
@@ -83,7 +88,10 @@ struct Buffers {
 
 impl LlamaModel {
     /// Builds the model from a validated config and its weights.
-    pub fn new(config: LlamaConfig, weights: LlamaWeights) -> std::result::Result<LlamaModel, crate::error::ConfigError> {
+    pub fn new(
+        config: LlamaConfig,
+        weights: LlamaWeights,
+    ) -> std::result::Result<LlamaModel, crate::error::ConfigError> {
         config.validate()?;
         let mut rope = config.rope_params()?;
         if let Some(f) = &weights.rope_freqs {
@@ -93,7 +101,14 @@ impl LlamaModel {
             WeightLayout::Gguf => RopeStyle::Interleaved,
             WeightLayout::Hf => RopeStyle::Half,
         };
-        Ok(LlamaModel { config, weights, rope, style, precision: Precision::Fast, level: tandem_kernels::simd::active() })
+        Ok(LlamaModel {
+            config,
+            weights,
+            rope,
+            style,
+            precision: Precision::Fast,
+            level: tandem_kernels::simd::active(),
+        })
     }
 
     /// Uses `precision` for matmuls (`Exact` is the float reference path).
@@ -133,15 +148,26 @@ impl LlamaModel {
     fn validate(&self, tokens: &[u32], seqs: &[SeqInput], kv: &KvCache) -> Result<()> {
         let c = &self.config;
         let layout = kv.layout();
-        if layout.n_kv_heads != c.kv_heads() || layout.head_dim != c.head_dim() || kv.num_layers() != c.num_layers {
-            return Err(ModelError::Batch("the KV pool was made for a different model shape".into()));
+        if layout.n_kv_heads != c.kv_heads()
+            || layout.head_dim != c.head_dim()
+            || kv.num_layers() != c.num_layers
+        {
+            return Err(ModelError::Batch(
+                "the KV pool was made for a different model shape".into(),
+            ));
         }
         let total: usize = seqs.iter().map(|s| s.n_tokens).sum();
         if total != tokens.len() {
-            return Err(ModelError::Batch(format!("sequences claim {total} tokens but the batch has {}", tokens.len())));
+            return Err(ModelError::Batch(format!(
+                "sequences claim {total} tokens but the batch has {}",
+                tokens.len()
+            )));
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::Batch(format!("token id {t} is outside the vocabulary of {}", c.vocab_size)));
+            return Err(ModelError::Batch(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
         }
         let mut written = HashSet::new();
         for (i, s) in seqs.iter().enumerate() {
@@ -150,7 +176,10 @@ impl LlamaModel {
             }
             let end = s.context_len + s.n_tokens;
             if end > self.max_context() {
-                return Err(ModelError::ContextOverflow { len: end, max: self.max_context() });
+                return Err(ModelError::ContextOverflow {
+                    len: end,
+                    max: self.max_context(),
+                });
             }
             if s.block_table.len() * layout.block_size < end {
                 return Err(ModelError::Batch(format!(
@@ -159,8 +188,15 @@ impl LlamaModel {
                     layout.block_size
                 )));
             }
-            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= kv.num_blocks()) {
-                return Err(ModelError::Batch(format!("sequence {i}: block {b} is outside the pool of {}", kv.num_blocks())));
+            if let Some(&b) = s
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= kv.num_blocks())
+            {
+                return Err(ModelError::Batch(format!(
+                    "sequence {i}: block {b} is outside the pool of {}",
+                    kv.num_blocks()
+                )));
             }
             for p in s.context_len..end {
                 let slot = (s.block_table[p / layout.block_size], p % layout.block_size);
@@ -198,10 +234,19 @@ impl LlamaModel {
         let (mut cos, mut sin) = (vec![0f32; t * hd / 2], vec![0f32; t * hd / 2]);
         let mut row = 0;
         for s in seqs {
-            attn_seqs.push(AttnSeq { row_start: row, n_new: s.n_tokens, context_len: s.context_len, block_table: s.block_table });
+            attn_seqs.push(AttnSeq {
+                row_start: row,
+                n_new: s.n_tokens,
+                context_len: s.context_len,
+                block_table: s.block_table,
+            });
             for i in 0..s.n_tokens {
                 let r = (row + i) * hd / 2;
-                self.rope.angles(s.context_len + i, &mut cos[r..r + hd / 2], &mut sin[r..r + hd / 2]);
+                self.rope.angles(
+                    s.context_len + i,
+                    &mut cos[r..r + hd / 2],
+                    &mut sin[r..r + hd / 2],
+                );
             }
             row += s.n_tokens;
         }
@@ -249,7 +294,18 @@ impl LlamaModel {
         ops::rms_norm(&picked, &self.weights.norm, eps, &mut normed);
         let vocab = c.vocab_size;
         let mut values = vec![0f32; rows.len() * vocab];
-        matmul(&normed, rows.len(), &self.weights.lm_head.mat(), &mut values, self.precision, self.level);
-        Ok(Logits { vocab, rows, values })
+        matmul(
+            &normed,
+            rows.len(),
+            &self.weights.lm_head.mat(),
+            &mut values,
+            self.precision,
+            self.level,
+        );
+        Ok(Logits {
+            vocab,
+            rows,
+            values,
+        })
     }
 }

@@ -20,9 +20,15 @@ pub struct SafetensorsFiles {
 }
 
 fn map_file(path: &Path) -> Result<Arc<Mmap>> {
-    let f = File::open(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+    let f = File::open(path).map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })?;
     // SAFETY: read-only mapping of a model file that is not modified while in use.
-    let m = unsafe { Mmap::map(&f) }.map_err(|source| ModelError::Io { path: path.into(), source })?;
+    let m = unsafe { Mmap::map(&f) }.map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })?;
     Ok(Arc::new(m))
 }
 
@@ -31,19 +37,34 @@ impl SafetensorsFiles {
     pub fn open_dir(dir: &Path) -> Result<SafetensorsFiles> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::Safetensors { path: index.clone(), why: e.to_string() })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
                 path: index.clone(),
-                why: "no `weight_map` object".into(),
+                source,
             })?;
-            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Safetensors {
+                    path: index.clone(),
+                    why: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Safetensors {
+                    path: index.clone(),
+                    why: "no `weight_map` object".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
             names.sort();
             names.dedup();
             for n in &names {
                 if n.contains('/') || n.contains('\\') || n == ".." {
-                    return Err(ModelError::Safetensors { path: index.clone(), why: format!("shard name {n:?} is not a plain file name") });
+                    return Err(ModelError::Safetensors {
+                        path: index.clone(),
+                        why: format!("shard name {n:?} is not a plain file name"),
+                    });
                 }
             }
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -53,7 +74,10 @@ impl SafetensorsFiles {
         let mut tensors = BTreeMap::new();
         for file in files {
             let map = map_file(&file)?;
-            let st = SafeTensors::deserialize(&map[..]).map_err(|e| ModelError::Safetensors { path: file.clone(), why: e.to_string() })?;
+            let st = SafeTensors::deserialize(&map[..]).map_err(|e| ModelError::Safetensors {
+                path: file.clone(),
+                why: e.to_string(),
+            })?;
             let base = map.as_ptr() as usize;
             for (name, view) in st.tensors() {
                 let dtype = match view.dtype() {
@@ -61,16 +85,32 @@ impl SafetensorsFiles {
                     Dtype::F16 => DType::F16,
                     Dtype::BF16 => DType::BF16,
                     other => {
-                        return Err(ModelError::UnsupportedTensorType { path: file.clone(), tensor: name, ty: format!("{other:?}") })
+                        return Err(ModelError::UnsupportedTensorType {
+                            path: file.clone(),
+                            tensor: name,
+                            ty: format!("{other:?}"),
+                        })
                     }
                 };
                 let start = view.data().as_ptr() as usize - base;
                 let range = start..start + view.data().len();
                 let shape = view.shape().to_vec();
-                tensors.insert(name.clone(), TensorData { name, dtype, shape, map: map.clone(), range });
+                tensors.insert(
+                    name.clone(),
+                    TensorData {
+                        name,
+                        dtype,
+                        shape,
+                        map: map.clone(),
+                        range,
+                    },
+                );
             }
         }
-        Ok(SafetensorsFiles { dir: dir.to_path_buf(), tensors })
+        Ok(SafetensorsFiles {
+            dir: dir.to_path_buf(),
+            tensors,
+        })
     }
 }
 

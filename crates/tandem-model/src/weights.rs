@@ -26,7 +26,11 @@ pub struct TensorData {
 
 impl std::fmt::Debug for TensorData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TensorData({} {} {:?})", self.name, self.dtype, self.shape)
+        write!(
+            f,
+            "TensorData({} {} {:?})",
+            self.name, self.dtype, self.shape
+        )
     }
 }
 
@@ -38,7 +42,8 @@ impl TensorData {
 
     /// A 2-D view for matmuls (`[rows, cols]`).
     pub fn mat(&self) -> MatRef<'_> {
-        MatRef::new(self.dtype, self.shape[0], self.shape[1], self.bytes()).expect("shape validated at load")
+        MatRef::new(self.dtype, self.shape[0], self.shape[1], self.bytes())
+            .expect("shape validated at load")
     }
 
     /// All elements as f32 (for small vectors: norms, biases).
@@ -159,14 +164,22 @@ impl Names {
 }
 
 fn take(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<TensorData> {
-    let t = src.tensor(name).ok_or_else(|| ModelError::MissingTensor { path: src.path().into(), tensor: name.into() })?;
+    let t = src.tensor(name).ok_or_else(|| ModelError::MissingTensor {
+        path: src.path().into(),
+        tensor: name.into(),
+    })?;
     check_shape(src.path(), &t, shape)?;
     Ok(t)
 }
 
 fn check_shape(path: &Path, t: &TensorData, shape: &[usize]) -> Result<()> {
     if t.shape != shape {
-        return Err(ModelError::ShapeMismatch { path: path.into(), tensor: t.name.clone(), expected: shape.to_vec(), actual: t.shape.clone() });
+        return Err(ModelError::ShapeMismatch {
+            path: path.into(),
+            tensor: t.name.clone(),
+            expected: shape.to_vec(),
+            actual: t.shape.clone(),
+        });
     }
     if shape.len() == 2 && t.dtype.row_bytes(shape[1]).is_none() {
         return Err(ModelError::UnsupportedTensorType {
@@ -184,10 +197,19 @@ fn vector(src: &dyn TensorSource, name: &str, len: usize) -> Result<Vec<f32>> {
 
 impl LlamaWeights {
     /// Gathers and shape-checks every tensor the config implies.
-    pub fn load(src: &dyn TensorSource, cfg: &LlamaConfig, layout: WeightLayout) -> Result<LlamaWeights> {
+    pub fn load(
+        src: &dyn TensorSource,
+        cfg: &LlamaConfig,
+        layout: WeightLayout,
+    ) -> Result<LlamaWeights> {
         let names = Names { layout };
         let (d, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (q_out, kv_out, ffn, vocab) = (cfg.num_heads * hd, cfg.kv_heads() * hd, cfg.intermediate_size(), cfg.vocab_size);
+        let (q_out, kv_out, ffn, vocab) = (
+            cfg.num_heads * hd,
+            cfg.kv_heads() * hd,
+            cfg.intermediate_size(),
+            cfg.vocab_size,
+        );
         let linear = |i: usize, what: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = take(src, &names.layer(i, what, "weight"), &[out, inp])?;
             let bias_name = names.layer(i, what, "bias");
@@ -196,7 +218,12 @@ impl LlamaWeights {
                     check_shape(src.path(), &b, &[out])?;
                     Some(b.to_f32())
                 }
-                None if bias => return Err(ModelError::MissingTensor { path: src.path().into(), tensor: bias_name }),
+                None if bias => {
+                    return Err(ModelError::MissingTensor {
+                        path: src.path().into(),
+                        tensor: bias_name,
+                    })
+                }
                 None => None,
             };
             Ok(Linear { weight, bias })
@@ -222,7 +249,12 @@ impl LlamaWeights {
                 t
             }
             _ if cfg.tie_word_embeddings || layout == WeightLayout::Gguf => embed.clone(),
-            _ => return Err(ModelError::MissingTensor { path: src.path().into(), tensor: names.global("lm_head") }),
+            _ => {
+                return Err(ModelError::MissingTensor {
+                    path: src.path().into(),
+                    tensor: names.global("lm_head"),
+                })
+            }
         };
         let rope_freqs = match src.tensor("rope_freqs.weight") {
             Some(t) => {
@@ -231,7 +263,13 @@ impl LlamaWeights {
             }
             None => None,
         };
-        Ok(LlamaWeights { embed, layers, norm: vector(src, &names.global("norm"), d)?, lm_head, rope_freqs, layout })
+        Ok(LlamaWeights {
+            embed,
+            layers,
+            norm: vector(src, &names.global("norm"), d)?,
+            lm_head,
+            rope_freqs,
+            layout,
+        })
     }
 }
-

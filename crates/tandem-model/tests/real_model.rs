@@ -19,12 +19,20 @@ fn fixture() -> &'static Fixture {
         let fast = load(&path).unwrap();
         let exact = load(&path).unwrap().model.with_precision(Precision::Exact);
         let golden = serde_json::from_str(include_str!("data/real_golden.json")).unwrap();
-        Fixture { fast, exact, golden }
+        Fixture {
+            fast,
+            exact,
+            golden,
+        }
     })
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn cases() -> &'static [serde_json::Value] {
@@ -32,19 +40,35 @@ fn cases() -> &'static [serde_json::Value] {
 }
 
 fn argmax(x: &[f32]) -> u32 {
-    x.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
+    x.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0 as u32
 }
 
 /// Runs `tokens` through `model` in chunks of the given sizes; returns every position's logits.
-fn run_chunks(model: &LlamaModel, tokens: &[u32], chunks: &[usize], dtype: KvDType) -> Vec<Vec<f32>> {
+fn run_chunks(
+    model: &LlamaModel,
+    tokens: &[u32],
+    chunks: &[usize],
+    dtype: KvDType,
+) -> Vec<Vec<f32>> {
     let mut kv = KvCache::new(model.config(), 64, 16, dtype);
     let table: Vec<u32> = (0..64).collect();
     let (mut pos, mut out) = (0, vec![]);
     let mut sizes = chunks.iter().cycle();
     while pos < tokens.len() {
         let n = (*sizes.next().unwrap()).min(tokens.len() - pos);
-        let seq = SeqInput { n_tokens: n, context_len: pos, block_table: &table, logits: LogitsMode::All };
-        let l = model.forward(&tokens[pos..pos + n], &[seq], &mut kv).unwrap();
+        let seq = SeqInput {
+            n_tokens: n,
+            context_len: pos,
+            block_table: &table,
+            logits: LogitsMode::All,
+        };
+        let l = model
+            .forward(&tokens[pos..pos + n], &[seq], &mut kv)
+            .unwrap();
         out.extend((0..n).map(|i| l.row(i).to_vec()));
         pos += n;
     }
@@ -58,10 +82,16 @@ fn tokenization_equals_transformers() {
         let text = c["text"].as_str().unwrap();
         if c["kind"] == "chat" {
             let user = c["user"].as_str().unwrap();
-            let rendered = tok.apply_chat_template(&[ChatMessage::new("user", user)], true).unwrap();
+            let rendered = tok
+                .apply_chat_template(&[ChatMessage::new("user", user)], true)
+                .unwrap();
             assert_eq!(rendered, text, "chat template rendering");
         }
-        assert_eq!(tok.encode(text, false).unwrap(), ids(&c["prompt_ids"]), "tokens of {text:?}");
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids(&c["prompt_ids"]),
+            "tokens of {text:?}"
+        );
         // Decoding gives the text back (byte-level BPE is lossless).
         assert_eq!(tok.decode(&ids(&c["prompt_ids"]), false).unwrap(), text);
     }
@@ -81,14 +111,20 @@ fn float_path_logits_match_transformers() {
         let logits = run_chunks(&f.exact, &tokens, &[tokens.len()], KvDType::F32);
         for (s, step) in c["steps"].as_array().unwrap().iter().enumerate() {
             let row = &logits[p - 1 + s];
-            for (id, want) in ids(&step["top_ids"]).iter().zip(step["top_logits"].as_array().unwrap()) {
+            for (id, want) in ids(&step["top_ids"])
+                .iter()
+                .zip(step["top_logits"].as_array().unwrap())
+            {
                 let d = (row[*id as usize] - want.as_f64().unwrap() as f32).abs();
                 worst = worst.max(d);
             }
         }
     }
     println!("float path: worst top-k logit difference from transformers {worst:.2e}");
-    assert!(worst < 5e-4, "float path differs from transformers by {worst}");
+    assert!(
+        worst < 5e-4,
+        "float path differs from transformers by {worst}"
+    );
 }
 
 /// The fast path (int8 activations) generates transformers' greedy tokens, diverging only
@@ -103,22 +139,39 @@ fn fast_path_greedy_agrees_except_near_ties() {
         let greedy = ids(&c["greedy_ids"]);
         let mut kv = KvCache::new(m.config(), 64, 16, KvDType::F16);
         let table: Vec<u32> = (0..64).collect();
-        let seq = SeqInput { n_tokens: prompt.len(), context_len: 0, block_table: &table, logits: LogitsMode::Last };
+        let seq = SeqInput {
+            n_tokens: prompt.len(),
+            context_len: 0,
+            block_table: &table,
+            logits: LogitsMode::Last,
+        };
         let mut next = argmax(m.forward(&prompt, &[seq], &mut kv).unwrap().row(0));
-        let mut ctx = prompt.len();
         for (s, step) in c["steps"].as_array().unwrap().iter().enumerate() {
+            let ctx = prompt.len() + s;
             if next != greedy[s] {
                 let margin = step["margin"].as_f64().unwrap();
-                assert!(margin < 0.3, "{:?} step {s}: got {next}, transformers {} with margin {margin}", c["text"], greedy[s]);
+                assert!(
+                    margin < 0.3,
+                    "{:?} step {s}: got {next}, transformers {} with margin {margin}",
+                    c["text"],
+                    greedy[s]
+                );
                 diverged += 1;
                 break;
             }
-            let seq = SeqInput { n_tokens: 1, context_len: ctx, block_table: &table, logits: LogitsMode::Last };
+            let seq = SeqInput {
+                n_tokens: 1,
+                context_len: ctx,
+                block_table: &table,
+                logits: LogitsMode::Last,
+            };
             next = argmax(m.forward(&[next], &[seq], &mut kv).unwrap().row(0));
-            ctx += 1;
         }
     }
-    println!("fast path: {diverged} of {} continuations diverged (all at near-ties)", cases().len());
+    println!(
+        "fast path: {diverged} of {} continuations diverged (all at near-ties)",
+        cases().len()
+    );
 }
 
 /// Whole, chunked and token-by-token prefill give the same logits (f32 KV, fast path).
@@ -133,8 +186,15 @@ fn chunking_invariance() {
         let got = run_chunks(m, &tokens, &chunks, KvDType::F32);
         for (p, (a, b)) in got.iter().zip(&whole).enumerate() {
             let scale = b.iter().fold(0f32, |x, v| x.max(v.abs()));
-            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(d <= 1e-4 * scale, "chunks {chunks:?} position {p}: max diff {d} (scale {scale})");
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d <= 1e-4 * scale,
+                "chunks {chunks:?} position {p}: max diff {d} (scale {scale})"
+            );
         }
     }
 }
@@ -144,27 +204,54 @@ fn chunking_invariance() {
 #[test]
 fn ragged_batch_equals_each_alone() {
     let m = &fixture().fast.model;
-    let seqs: Vec<Vec<u32>> = cases().iter().take(5).map(|c| ids(&c["prompt_ids"])).collect();
-    let alone: Vec<Vec<Vec<f32>>> = seqs.iter().map(|s| run_chunks(m, s, &[s.len()], KvDType::F32)).collect();
+    let seqs: Vec<Vec<u32>> = cases()
+        .iter()
+        .take(5)
+        .map(|c| ids(&c["prompt_ids"]))
+        .collect();
+    let alone: Vec<Vec<Vec<f32>>> = seqs
+        .iter()
+        .map(|s| run_chunks(m, s, &[s.len()], KvDType::F32))
+        .collect();
     // Each sequence gets its own 8 blocks of 16; sequence i first runs a prefix of i tokens
     // alone, then the rest joins one batch with everyone else.
     let mut kv = KvCache::new(m.config(), 64, 16, KvDType::F32);
-    let tables: Vec<Vec<u32>> = (0..seqs.len() as u32).map(|i| (i * 8..i * 8 + 8).collect()).collect();
+    let tables: Vec<Vec<u32>> = (0..seqs.len() as u32)
+        .map(|i| (i * 8..i * 8 + 8).collect())
+        .collect();
     for (i, s) in seqs.iter().enumerate().filter(|(i, _)| *i > 0) {
-        let seq = SeqInput { n_tokens: i, context_len: 0, block_table: &tables[i], logits: LogitsMode::None };
+        let seq = SeqInput {
+            n_tokens: i,
+            context_len: 0,
+            block_table: &tables[i],
+            logits: LogitsMode::None,
+        };
         m.forward(&s[..i], &[seq], &mut kv).unwrap();
     }
     let mut flat = vec![];
     let mut inputs = vec![];
     for (i, s) in seqs.iter().enumerate() {
         flat.extend_from_slice(&s[i..]);
-        inputs.push(SeqInput { n_tokens: s.len() - i, context_len: i, block_table: &tables[i], logits: LogitsMode::All });
+        inputs.push(SeqInput {
+            n_tokens: s.len() - i,
+            context_len: i,
+            block_table: &tables[i],
+            logits: LogitsMode::All,
+        });
     }
     let out = m.forward(&flat, &inputs, &mut kv).unwrap();
     for (r, &(si, pos)) in out.rows.iter().enumerate() {
         let want = &alone[si][pos];
-        let d = out.row(r).iter().zip(want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(d <= 1e-4 * want.iter().fold(0f32, |x, v| x.max(v.abs())), "sequence {si} position {pos}: diff {d}");
+        let d = out
+            .row(r)
+            .iter()
+            .zip(want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            d <= 1e-4 * want.iter().fold(0f32, |x, v| x.max(v.abs())),
+            "sequence {si} position {pos}: diff {d}"
+        );
     }
 }
 
@@ -173,17 +260,37 @@ fn bad_batches_are_errors() {
     let m = &fixture().fast.model;
     let mut kv = KvCache::new(m.config(), 4, 16, KvDType::F16);
     let t = [0u32, 1, 2, 3];
-    let one = |n, ctx, table: &'static [u32]| SeqInput { n_tokens: n, context_len: ctx, block_table: table, logits: LogitsMode::Last };
-    let err = |tokens: &[u32], s: SeqInput| m.forward(tokens, &[s], &mut KvCache::new(m.config(), 4, 16, KvDType::F16)).unwrap_err().to_string();
+    let one = |n, ctx, table: &'static [u32]| SeqInput {
+        n_tokens: n,
+        context_len: ctx,
+        block_table: table,
+        logits: LogitsMode::Last,
+    };
+    let err = |tokens: &[u32], s: SeqInput| {
+        m.forward(
+            tokens,
+            &[s],
+            &mut KvCache::new(m.config(), 4, 16, KvDType::F16),
+        )
+        .unwrap_err()
+        .to_string()
+    };
     assert!(err(&t, one(3, 0, &[0])).contains("claim 3 tokens"));
     assert!(err(&[49152], one(1, 0, &[0])).contains("outside the vocabulary"));
     assert!(err(&t, one(4, 14, &[0])).contains("cannot hold 18"));
     assert!(err(&t, one(4, 0, &[9])).contains("outside the pool"));
     assert!(matches!(
         m.forward(&t, &[one(4, 8190, &[0])], &mut kv).unwrap_err(),
-        ModelError::ContextOverflow { len: 8194, max: 8192 }
+        ModelError::ContextOverflow {
+            len: 8194,
+            max: 8192
+        }
     ));
     let shared: &'static [u32] = &[0];
     let two = [one(2, 0, shared), one(2, 0, shared)];
-    assert!(m.forward(&t, &two, &mut kv).unwrap_err().to_string().contains("another token"));
+    assert!(m
+        .forward(&t, &two, &mut kv)
+        .unwrap_err()
+        .to_string()
+        .contains("another token"));
 }

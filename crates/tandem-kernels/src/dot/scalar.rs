@@ -46,7 +46,11 @@ fn q4_1(w: &[u8], a: &[BlockQ8]) -> f32 {
 fn q8_0(w: &[u8], a: &[BlockQ8]) -> f32 {
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(34).zip(a) {
-        let s: i32 = b[2..34].iter().zip(&y.qs).map(|(&q, &v)| q as i8 as i32 * v as i32).sum();
+        let s: i32 = b[2..34]
+            .iter()
+            .zip(&y.qs)
+            .map(|(&q, &v)| q as i8 as i32 * v as i32)
+            .sum();
         acc += f16_at(b, 0) * y.d * s as f32;
     }
     acc
@@ -63,7 +67,11 @@ fn q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
             let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
             let yq = &y.qs[32 * j..32 * j + 32];
             let shift = 4 * (j % 2) as u32;
-            let isum: i32 = q.iter().zip(yq).map(|(&q, &v)| ((q >> shift) & 0x0f) as i32 * v as i32).sum();
+            let isum: i32 = q
+                .iter()
+                .zip(yq)
+                .map(|(&q, &v)| ((q >> shift) & 0x0f) as i32 * v as i32)
+                .sum();
             sumi += sc as i32 * isum;
             summ += m as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
         }

@@ -92,7 +92,11 @@ macro_rules! q8_kernel {
                 let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
                 // u8 x i8 instructions: move the weight's sign onto the activation.
                 let dot = $dot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(load_q8(y), qw));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(b) * y.d), _mm256_cvtepi32_ps(dot), acc);
+                acc = _mm256_fmadd_ps(
+                    _mm256_set1_ps(f16_to_f32(b) * y.d),
+                    _mm256_cvtepi32_ps(dot),
+                    acc,
+                );
             }
             hsum(acc)
         }
@@ -119,6 +123,24 @@ unsafe fn dot_u8i8_vnni(u: __m256i, s: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 }
 
-nibble_kernel!(q4_0_vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", dot_u8i8_vnni, 18, 2, q4_0_min);
-nibble_kernel!(q4_1_vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", dot_u8i8_vnni, 20, 4, q4_1_min);
-q8_kernel!(q8_0_vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", dot_u8i8_vnni);
+nibble_kernel!(
+    q4_0_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dot_u8i8_vnni,
+    18,
+    2,
+    q4_0_min
+);
+nibble_kernel!(
+    q4_1_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dot_u8i8_vnni,
+    20,
+    4,
+    q4_1_min
+);
+q8_kernel!(
+    q8_0_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dot_u8i8_vnni
+);

@@ -8,10 +8,17 @@ use crate::gguf::GgufValue;
 
 impl LlamaConfig {
     /// Builds a config from GGUF metadata of a `llama` architecture model.
-    pub fn from_gguf_metadata(meta: &BTreeMap<String, GgufValue>) -> Result<LlamaConfig, ConfigError> {
-        let arch = meta.get("general.architecture").and_then(GgufValue::as_str).unwrap_or("llama");
+    pub fn from_gguf_metadata(
+        meta: &BTreeMap<String, GgufValue>,
+    ) -> Result<LlamaConfig, ConfigError> {
+        let arch = meta
+            .get("general.architecture")
+            .and_then(GgufValue::as_str)
+            .unwrap_or("llama");
         if arch != "llama" {
-            return Err(ConfigError::Unsupported(format!("GGUF architecture {arch:?} (Tandem serves llama)")));
+            return Err(ConfigError::Unsupported(format!(
+                "GGUF architecture {arch:?} (Tandem serves llama)"
+            )));
         }
         let req = |k: &str| -> Result<usize, ConfigError> {
             let key = format!("llama.{k}");
@@ -19,7 +26,10 @@ impl LlamaConfig {
                 .ok_or(ConfigError::Missing(key.clone()))?
                 .as_u64()
                 .map(|v| v as usize)
-                .ok_or(ConfigError::BadValue { key, why: "expected an unsigned integer".into() })
+                .ok_or(ConfigError::BadValue {
+                    key,
+                    why: "expected an unsigned integer".into(),
+                })
         };
         let opt_u = |k: &str| meta.get(k).and_then(GgufValue::as_u64).map(|v| v as usize);
         let opt_f = |k: &str| meta.get(k).and_then(GgufValue::as_f64);
@@ -27,7 +37,11 @@ impl LlamaConfig {
         let heads = req("attention.head_count")?;
         let hidden = req("embedding_length")?;
         let vocab = opt_u("llama.vocab_size")
-            .or_else(|| meta.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).map(<[_]>::len))
+            .or_else(|| {
+                meta.get("tokenizer.ggml.tokens")
+                    .and_then(GgufValue::as_array)
+                    .map(<[_]>::len)
+            })
             .ok_or(ConfigError::Missing("llama.vocab_size".into()))?;
         let mut c = LlamaConfig {
             seq_length: ctx,
@@ -48,7 +62,9 @@ impl LlamaConfig {
                 if opt_u("llama.attention.key_length").is_some_and(|k| k == rd) {
                     c.head_dim = Some(rd);
                 } else {
-                    return Err(ConfigError::Unsupported(format!("partial rotary embedding (rope.dimension_count {rd})")));
+                    return Err(ConfigError::Unsupported(format!(
+                        "partial rotary embedding (rope.dimension_count {rd})"
+                    )));
                 }
             }
         }
@@ -61,24 +77,40 @@ impl LlamaConfig {
         if let Some(p) = opt_u("tokenizer.ggml.padding_token_id") {
             c.pad_token_id = p as i64;
         }
-        match meta.get("llama.rope.scaling.type").and_then(GgufValue::as_str) {
+        match meta
+            .get("llama.rope.scaling.type")
+            .and_then(GgufValue::as_str)
+        {
             None | Some("none") => {}
             Some("linear") => {
                 c.extend_method = ExtendMethod::Pi;
-                c.scaling_factor = ScalingFactor::Float(opt_f("llama.rope.scaling.factor").unwrap_or(1.0));
+                c.scaling_factor =
+                    ScalingFactor::Float(opt_f("llama.rope.scaling.factor").unwrap_or(1.0));
             }
             Some("yarn") => {
                 let factor = opt_f("llama.rope.scaling.factor").unwrap_or(1.0);
-                let orig = opt_f("llama.rope.scaling.original_context_length").unwrap_or(ctx as f64);
+                let orig =
+                    opt_f("llama.rope.scaling.original_context_length").unwrap_or(ctx as f64);
                 c.extend_method = ExtendMethod::Yarn;
                 c.scaling_factor = ScalingFactor::Dict(
-                    [("factor", factor), ("original_max_position_embeddings", orig), ("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 0.0), ("mscale_all_dim", 0.0)]
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect(),
+                    [
+                        ("factor", factor),
+                        ("original_max_position_embeddings", orig),
+                        ("beta_fast", 32.0),
+                        ("beta_slow", 1.0),
+                        ("mscale", 0.0),
+                        ("mscale_all_dim", 0.0),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
                 );
             }
-            Some(other) => return Err(ConfigError::Unsupported(format!("GGUF rope scaling type {other:?}"))),
+            Some(other) => {
+                return Err(ConfigError::Unsupported(format!(
+                    "GGUF rope scaling type {other:?}"
+                )))
+            }
         }
         c.validate()?;
         Ok(c)
@@ -88,31 +120,61 @@ impl LlamaConfig {
     pub fn to_gguf_metadata(&self) -> Vec<(String, GgufValue)> {
         let u = |v: usize| GgufValue::U32(v as u32);
         let mut out = vec![
-            ("general.architecture".to_string(), GgufValue::String("llama".into())),
+            (
+                "general.architecture".to_string(),
+                GgufValue::String("llama".into()),
+            ),
             ("llama.context_length".into(), u(self.max_positions())),
             ("llama.embedding_length".into(), u(self.hidden_size)),
             ("llama.block_count".into(), u(self.num_layers)),
-            ("llama.feed_forward_length".into(), u(self.intermediate_size())),
+            (
+                "llama.feed_forward_length".into(),
+                u(self.intermediate_size()),
+            ),
             ("llama.attention.head_count".into(), u(self.num_heads)),
             ("llama.attention.head_count_kv".into(), u(self.kv_heads())),
-            ("llama.attention.layer_norm_rms_epsilon".into(), GgufValue::F32(self.rms_norm_eps as f32)),
-            ("llama.rope.freq_base".into(), GgufValue::F32(self.theta as f32)),
+            (
+                "llama.attention.layer_norm_rms_epsilon".into(),
+                GgufValue::F32(self.rms_norm_eps as f32),
+            ),
+            (
+                "llama.rope.freq_base".into(),
+                GgufValue::F32(self.theta as f32),
+            ),
             ("llama.rope.dimension_count".into(), u(self.head_dim())),
             ("llama.vocab_size".into(), u(self.vocab_size)),
-            ("tokenizer.ggml.bos_token_id".into(), u(self.bos_token_id.max(0) as usize)),
-            ("tokenizer.ggml.padding_token_id".into(), u(self.pad_token_id.max(0) as usize)),
+            (
+                "tokenizer.ggml.bos_token_id".into(),
+                u(self.bos_token_id.max(0) as usize),
+            ),
+            (
+                "tokenizer.ggml.padding_token_id".into(),
+                u(self.pad_token_id.max(0) as usize),
+            ),
         ];
         if let Some(&e) = self.eos_ids().first() {
             out.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(e)));
         }
         match (self.extend_method, &self.scaling_factor) {
             (ExtendMethod::Pi | ExtendMethod::Linear, ScalingFactor::Float(f)) => {
-                out.push(("llama.rope.scaling.type".into(), GgufValue::String("linear".into())));
-                out.push(("llama.rope.scaling.factor".into(), GgufValue::F32(*f as f32)));
+                out.push((
+                    "llama.rope.scaling.type".into(),
+                    GgufValue::String("linear".into()),
+                ));
+                out.push((
+                    "llama.rope.scaling.factor".into(),
+                    GgufValue::F32(*f as f32),
+                ));
             }
             (ExtendMethod::Yarn, ScalingFactor::Dict(d)) => {
-                out.push(("llama.rope.scaling.type".into(), GgufValue::String("yarn".into())));
-                out.push(("llama.rope.scaling.factor".into(), GgufValue::F32(d["factor"] as f32)));
+                out.push((
+                    "llama.rope.scaling.type".into(),
+                    GgufValue::String("yarn".into()),
+                ));
+                out.push((
+                    "llama.rope.scaling.factor".into(),
+                    GgufValue::F32(d["factor"] as f32),
+                ));
                 out.push((
                     "llama.rope.scaling.original_context_length".into(),
                     GgufValue::U32(d["original_max_position_embeddings"] as u32),

@@ -11,27 +11,30 @@ fn get_usize(m: &Map<String, Value>, key: &str) -> Result<Option<usize>, ConfigE
         Some(v) => v
             .as_u64()
             .map(|u| Some(u as usize))
-            .ok_or_else(|| ConfigError::BadValue { key: key.into(), why: format!("expected a non-negative integer, found {v}") }),
+            .ok_or_else(|| ConfigError::BadValue {
+                key: key.into(),
+                why: format!("expected a non-negative integer, found {v}"),
+            }),
     }
 }
 
 fn get_f64(m: &Map<String, Value>, key: &str) -> Result<Option<f64>, ConfigError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| ConfigError::BadValue { key: key.into(), why: format!("expected a number, found {v}") }),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| ConfigError::BadValue {
+            key: key.into(),
+            why: format!("expected a number, found {v}"),
+        }),
     }
 }
 
 fn get_bool(m: &Map<String, Value>, key: &str) -> Result<Option<bool>, ConfigError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_bool()
-            .map(Some)
-            .ok_or_else(|| ConfigError::BadValue { key: key.into(), why: format!("expected true or false, found {v}") }),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| ConfigError::BadValue {
+            key: key.into(),
+            why: format!("expected true or false, found {v}"),
+        }),
     }
 }
 
@@ -40,23 +43,36 @@ fn token_ids(m: &Map<String, Value>, key: &str) -> Result<Option<TokenIds>, Conf
         None | Some(Value::Null) => Ok(None),
         Some(v) => serde_json::from_value(v.clone())
             .map(Some)
-            .map_err(|_| ConfigError::BadValue { key: key.into(), why: format!("expected a token id or a list of them, found {v}") }),
+            .map_err(|_| ConfigError::BadValue {
+                key: key.into(),
+                why: format!("expected a token id or a list of them, found {v}"),
+            }),
     }
 }
 
 impl LlamaConfig {
     /// Builds a config from an HF `config.json` document (HF's own defaults for missing keys).
     pub fn from_hf_json(text: &str) -> Result<LlamaConfig, ConfigError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| ConfigError::Parse { format: "HF config.json", why: e.to_string() })?;
-        let m = v.as_object().ok_or(ConfigError::Parse { format: "HF config.json", why: "not a JSON object".into() })?;
+        let v: Value = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+            format: "HF config.json",
+            why: e.to_string(),
+        })?;
+        let m = v.as_object().ok_or(ConfigError::Parse {
+            format: "HF config.json",
+            why: "not a JSON object".into(),
+        })?;
         if let Some(t) = m.get("model_type").and_then(Value::as_str) {
             if t != "llama" {
-                return Err(ConfigError::Unsupported(format!("model_type {t:?} (Tandem serves the Llama architecture)")));
+                return Err(ConfigError::Unsupported(format!(
+                    "model_type {t:?} (Tandem serves the Llama architecture)"
+                )));
             }
         }
         if let Some(act) = m.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(ConfigError::Unsupported(format!("hidden_act {act:?} (Llama's SwiGLU uses silu)")));
+                return Err(ConfigError::Unsupported(format!(
+                    "hidden_act {act:?} (Llama's SwiGLU uses silu)"
+                )));
             }
         }
         if get_bool(m, "mlp_bias")? == Some(true) {
@@ -101,14 +117,29 @@ impl LlamaConfig {
         if let Some(p) = token_ids(m, "pad_token_id")? {
             c.pad_token_id = p.ids().first().map_or(-1, |&i| i as i64);
         }
-        if let Some(dt) = m.get("torch_dtype").or_else(|| m.get("dtype")).and_then(Value::as_str) {
+        if let Some(dt) = m
+            .get("torch_dtype")
+            .or_else(|| m.get("dtype"))
+            .and_then(Value::as_str)
+        {
             c.param_init_type = dt.to_string();
             c.compute_dtype = dt.to_string();
         }
         // transformers < 5 writes `rope_scaling`; 5.x writes `rope_parameters` (theta inside).
-        if let Some(rs) = m.get("rope_scaling").filter(|v| !v.is_null()).or_else(|| m.get("rope_parameters")) {
-            let rs = rs.as_object().ok_or_else(|| ConfigError::BadValue { key: "rope_scaling".into(), why: "expected an object".into() })?;
-            let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str).unwrap_or("default");
+        if let Some(rs) = m
+            .get("rope_scaling")
+            .filter(|v| !v.is_null())
+            .or_else(|| m.get("rope_parameters"))
+        {
+            let rs = rs.as_object().ok_or_else(|| ConfigError::BadValue {
+                key: "rope_scaling".into(),
+                why: "expected an object".into(),
+            })?;
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             let num = |k: &str| -> Result<f64, ConfigError> {
                 get_f64(rs, k)?.ok_or_else(|| ConfigError::Missing(format!("rope_scaling.{k}")))
             };
@@ -125,25 +156,39 @@ impl LlamaConfig {
                 "llama3" => {
                     c.extend_method = ExtendMethod::Llama3;
                     c.scaling_factor = ScalingFactor::Dict(
-                        ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
-                            .into_iter()
-                            .map(|k| Ok((k.to_string(), num(k)?)))
-                            .collect::<Result<_, ConfigError>>()?,
+                        [
+                            "factor",
+                            "low_freq_factor",
+                            "high_freq_factor",
+                            "original_max_position_embeddings",
+                        ]
+                        .into_iter()
+                        .map(|k| Ok((k.to_string(), num(k)?)))
+                        .collect::<Result<_, ConfigError>>()?,
                     );
                 }
                 "yarn" => {
                     if rs.get("attention_factor").is_some_and(|v| !v.is_null()) {
-                        return Err(ConfigError::Unsupported("rope_scaling.attention_factor".into()));
+                        return Err(ConfigError::Unsupported(
+                            "rope_scaling.attention_factor".into(),
+                        ));
                     }
                     if rs.get("truncate").and_then(Value::as_bool) == Some(false) {
-                        return Err(ConfigError::Unsupported("rope_scaling.truncate = false".into()));
+                        return Err(ConfigError::Unsupported(
+                            "rope_scaling.truncate = false".into(),
+                        ));
                     }
-                    let opt = |k: &str, d: f64| -> Result<f64, ConfigError> { Ok(get_f64(rs, k)?.unwrap_or(d)) };
+                    let opt = |k: &str, d: f64| -> Result<f64, ConfigError> {
+                        Ok(get_f64(rs, k)?.unwrap_or(d))
+                    };
                     c.extend_method = ExtendMethod::Yarn;
                     c.scaling_factor = ScalingFactor::Dict(
                         [
                             ("factor", num("factor")?),
-                            ("original_max_position_embeddings", opt("original_max_position_embeddings", max_pos as f64)?),
+                            (
+                                "original_max_position_embeddings",
+                                opt("original_max_position_embeddings", max_pos as f64)?,
+                            ),
                             ("beta_fast", opt("beta_fast", 32.0)?),
                             ("beta_slow", opt("beta_slow", 1.0)?),
                             ("mscale", opt("mscale", 0.0)?),
@@ -154,7 +199,11 @@ impl LlamaConfig {
                         .collect(),
                     );
                 }
-                other => return Err(ConfigError::Unsupported(format!("rope_scaling type {other:?}"))),
+                other => {
+                    return Err(ConfigError::Unsupported(format!(
+                        "rope_scaling type {other:?}"
+                    )))
+                }
             }
         }
         c.validate()?;
@@ -165,18 +214,30 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> Value {
         let rope_scaling = match (self.extend_method, &self.scaling_factor) {
             (ExtendMethod::None, _) => Value::Null,
-            (ExtendMethod::Pi | ExtendMethod::Linear, ScalingFactor::Float(f)) => json!({"rope_type": "linear", "factor": f}),
-            (ExtendMethod::Linear, ScalingFactor::Dict(d)) => json!({"rope_type": "linear", "factor": d.get("factor")}),
-            (ExtendMethod::Ntk, ScalingFactor::Float(f)) => json!({"rope_type": "ntk", "factor": f}),
-            (ExtendMethod::DynamicNtk, ScalingFactor::Float(f)) => json!({"rope_type": "dynamic", "factor": f}),
+            (ExtendMethod::Pi | ExtendMethod::Linear, ScalingFactor::Float(f)) => {
+                json!({"rope_type": "linear", "factor": f})
+            }
+            (ExtendMethod::Linear, ScalingFactor::Dict(d)) => {
+                json!({"rope_type": "linear", "factor": d.get("factor")})
+            }
+            (ExtendMethod::Ntk, ScalingFactor::Float(f)) => {
+                json!({"rope_type": "ntk", "factor": f})
+            }
+            (ExtendMethod::DynamicNtk, ScalingFactor::Float(f)) => {
+                json!({"rope_type": "dynamic", "factor": f})
+            }
             (ExtendMethod::Llama3, ScalingFactor::Dict(d)) => {
                 let mut o = json!({"rope_type": "llama3"});
-                o.as_object_mut().unwrap().extend(d.iter().map(|(k, v)| (k.clone(), json!(v))));
+                o.as_object_mut()
+                    .unwrap()
+                    .extend(d.iter().map(|(k, v)| (k.clone(), json!(v))));
                 o
             }
             (ExtendMethod::Yarn, ScalingFactor::Dict(d)) => {
                 let mut o = json!({"rope_type": "yarn"});
-                o.as_object_mut().unwrap().extend(d.iter().map(|(k, v)| (k.clone(), json!(v))));
+                o.as_object_mut()
+                    .unwrap()
+                    .extend(d.iter().map(|(k, v)| (k.clone(), json!(v))));
                 o
             }
             (m, f) => json!({"rope_type": m.as_str(), "factor": f}),

@@ -201,7 +201,8 @@ impl LlamaConfig {
 
     /// Elements per attention head.
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_heads.max(1))
     }
 
     /// FFN width: explicit, or derived as MindFormers does (`4h`, times `ffn_dim_multiplier`,
@@ -221,7 +222,9 @@ impl LlamaConfig {
 
     /// Longest position the model may see: the larger of `max_position_embedding` and `seq_length`.
     pub fn max_positions(&self) -> usize {
-        self.max_position_embedding.unwrap_or(self.seq_length).max(self.seq_length)
+        self.max_position_embedding
+            .unwrap_or(self.seq_length)
+            .max(self.seq_length)
     }
 
     /// EOS ids (all of them when the source listed several).
@@ -255,8 +258,11 @@ impl LlamaConfig {
         match self.head_dim {
             Some(0) => return Err(ConfigError::Zero("head_dim")),
             Some(_) => {}
-            None if self.hidden_size % self.num_heads != 0 => {
-                return Err(ConfigError::HeadsDoNotDivideHidden { hidden: self.hidden_size, heads: self.num_heads })
+            None if !self.hidden_size.is_multiple_of(self.num_heads) => {
+                return Err(ConfigError::HeadsDoNotDivideHidden {
+                    hidden: self.hidden_size,
+                    heads: self.num_heads,
+                })
             }
             None => {}
         }
@@ -264,17 +270,24 @@ impl LlamaConfig {
         if kv == 0 {
             return Err(ConfigError::Zero("n_kv_heads"));
         }
-        if self.num_heads % kv != 0 {
-            return Err(ConfigError::KvHeadsDoNotDivideHeads { heads: self.num_heads, kv });
+        if !self.num_heads.is_multiple_of(kv) {
+            return Err(ConfigError::KvHeadsDoNotDivideHeads {
+                heads: self.num_heads,
+                kv,
+            });
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(ConfigError::OddHeadDim(self.head_dim()));
         }
         let positive = |field: &'static str, v: f64| {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(ConfigError::OutOfRange { field, value: v.to_string(), why: "must be a finite number above zero" })
+                Err(ConfigError::OutOfRange {
+                    field,
+                    value: v.to_string(),
+                    why: "must be a finite number above zero",
+                })
             }
         };
         positive("rms_norm_eps", self.rms_norm_eps)?;
@@ -284,7 +297,11 @@ impl LlamaConfig {
             positive("ffn_dim_multiplier", m)?;
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ConfigError::OutOfRange { field: "top_p", value: self.top_p.to_string(), why: "must be in (0, 1]" });
+            return Err(ConfigError::OutOfRange {
+                field: "top_p",
+                value: self.top_p.to_string(),
+                why: "must be in (0, 1]",
+            });
         }
         for (field, v) in [
             ("compute_dtype", Some(&self.compute_dtype)),
@@ -297,7 +314,10 @@ impl LlamaConfig {
         ] {
             if let Some(v) = v {
                 if !DTYPES.contains(&v.as_str()) {
-                    return Err(ConfigError::BadDtype { field, value: v.clone() });
+                    return Err(ConfigError::BadDtype {
+                        field,
+                        value: v.clone(),
+                    });
                 }
             }
         }
@@ -314,21 +334,52 @@ mod tests {
     fn intermediate_size_is_derived_like_mindformers() {
         let c = LlamaConfig::default();
         assert_eq!(c.intermediate_size(), 11008);
-        let c = LlamaConfig { hidden_size: 8192, ffn_dim_multiplier: Some(1.3), ..Default::default() };
+        let c = LlamaConfig {
+            hidden_size: 8192,
+            ffn_dim_multiplier: Some(1.3),
+            ..Default::default()
+        };
         assert_eq!(c.intermediate_size(), 28672);
-        let c = LlamaConfig { intermediate_size: Some(14336), ..Default::default() };
+        let c = LlamaConfig {
+            intermediate_size: Some(14336),
+            ..Default::default()
+        };
         assert_eq!(c.intermediate_size(), 14336);
     }
 
     #[test]
     fn validation_names_the_problem() {
         let bad = |c: LlamaConfig| c.validate().unwrap_err().to_string();
-        assert!(bad(LlamaConfig { num_heads: 30, ..Default::default() }).contains("not divisible by num_heads 30"));
-        assert!(bad(LlamaConfig { n_kv_heads: Some(5), ..Default::default() }).contains("not divisible by n_kv_heads 5"));
-        assert!(bad(LlamaConfig { hidden_size: 0, ..Default::default() }).contains("hidden_size"));
-        assert!(bad(LlamaConfig { compute_dtype: "int4".into(), ..Default::default() }).contains("int4"));
-        assert!(bad(LlamaConfig { top_p: 0.0, ..Default::default() }).contains("top_p"));
-        assert_eq!(LlamaConfig::default().kv_heads(), 32, "n_kv_heads None means MHA");
+        assert!(bad(LlamaConfig {
+            num_heads: 30,
+            ..Default::default()
+        })
+        .contains("not divisible by num_heads 30"));
+        assert!(bad(LlamaConfig {
+            n_kv_heads: Some(5),
+            ..Default::default()
+        })
+        .contains("not divisible by n_kv_heads 5"));
+        assert!(bad(LlamaConfig {
+            hidden_size: 0,
+            ..Default::default()
+        })
+        .contains("hidden_size"));
+        assert!(bad(LlamaConfig {
+            compute_dtype: "int4".into(),
+            ..Default::default()
+        })
+        .contains("int4"));
+        assert!(bad(LlamaConfig {
+            top_p: 0.0,
+            ..Default::default()
+        })
+        .contains("top_p"));
+        assert_eq!(
+            LlamaConfig::default().kv_heads(),
+            32,
+            "n_kv_heads None means MHA"
+        );
         LlamaConfig::default().validate().unwrap();
     }
 }

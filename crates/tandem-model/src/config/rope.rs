@@ -89,21 +89,30 @@ impl RopeParams {
 }
 
 fn bad(method: ExtendMethod, why: impl Into<String>) -> ConfigError {
-    ConfigError::BadRopeScaling { method: method.as_str().into(), why: why.into() }
+    ConfigError::BadRopeScaling {
+        method: method.as_str().into(),
+        why: why.into(),
+    }
 }
 
 impl LlamaConfig {
     fn scaling_dict(&self, keys: &[&str]) -> Result<&BTreeMap<String, f64>, ConfigError> {
         let m = self.extend_method;
         let ScalingFactor::Dict(d) = &self.scaling_factor else {
-            return Err(bad(m, format!("scaling_factor must be a dict with keys {keys:?}")));
+            return Err(bad(
+                m,
+                format!("scaling_factor must be a dict with keys {keys:?}"),
+            ));
         };
         let mut have: Vec<&str> = d.keys().map(String::as_str).collect();
         let mut want = keys.to_vec();
         have.sort_unstable();
         want.sort_unstable();
         if have != want {
-            return Err(bad(m, format!("scaling_factor must have exactly the keys {want:?}, found {have:?}")));
+            return Err(bad(
+                m,
+                format!("scaling_factor must have exactly the keys {want:?}, found {have:?}"),
+            ));
         }
         Ok(d)
     }
@@ -111,7 +120,10 @@ impl LlamaConfig {
     fn scaling_float(&self) -> Result<f64, ConfigError> {
         match &self.scaling_factor {
             ScalingFactor::Float(f) if f.is_finite() && *f > 0.0 => Ok(*f),
-            other => Err(bad(self.extend_method, format!("scaling_factor must be a number above zero, found {other:?}"))),
+            other => Err(bad(
+                self.extend_method,
+                format!("scaling_factor must be a number above zero, found {other:?}"),
+            )),
         }
     }
 
@@ -119,7 +131,9 @@ impl LlamaConfig {
     pub fn rope_params(&self) -> Result<RopeParams, ConfigError> {
         let dim = self.head_dim();
         let base_freqs = |theta: f64| -> Vec<f64> {
-            (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64)).collect()
+            (0..dim / 2)
+                .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64))
+                .collect()
         };
         let m = self.extend_method;
         let mut attention_factor = 1.0;
@@ -144,7 +158,7 @@ impl LlamaConfig {
                 let d = self.scaling_dict(&["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"])?;
                 let (factor, low, high, old) =
                     (d["factor"], d["low_freq_factor"], d["high_freq_factor"], d["original_max_position_embeddings"]);
-                if !(factor >= 1.0) {
+                if factor.is_nan() || factor < 1.0 {
                     return Err(bad(m, "factor must be at least 1"));
                 }
                 if !(high > low && low > 0.0) {
@@ -172,7 +186,7 @@ impl LlamaConfig {
             ExtendMethod::Yarn => {
                 let d = self.scaling_dict(&["factor", "original_max_position_embeddings", "beta_slow", "beta_fast", "mscale", "mscale_all_dim"])?;
                 let (factor, old) = (d["factor"], d["original_max_position_embeddings"]);
-                if !(factor >= 1.0) || !(old > 0.0) {
+                if factor.is_nan() || factor < 1.0 || old.is_nan() || old <= 0.0 {
                     return Err(bad(m, "need factor >= 1 and original_max_position_embeddings > 0"));
                 }
                 let get_mscale = |s: f64, ms: f64| if s <= 1.0 { 1.0 } else { 0.1 * ms * s.ln() + 1.0 };
@@ -204,6 +218,9 @@ impl LlamaConfig {
                 ))
             }
         };
-        Ok(RopeParams { inv_freq, attention_factor })
+        Ok(RopeParams {
+            inv_freq,
+            attention_factor,
+        })
     }
 }

@@ -9,16 +9,28 @@ impl LlamaConfig {
     /// Reads a MindFormers YAML document: a whole run config (its `model.model_config`) or just
     /// the `model_config` mapping.
     pub fn from_mindformers_yaml(text: &str) -> Result<LlamaConfig, ConfigError> {
-        let parse = |why: String| ConfigError::Parse { format: "MindFormers YAML", why };
+        let parse = |why: String| ConfigError::Parse {
+            format: "MindFormers YAML",
+            why,
+        };
         let doc: Value = serde_yaml::from_str(text).map_err(|e| parse(e.to_string()))?;
-        let section = doc.get("model").and_then(|m| m.get("model_config")).unwrap_or(&doc);
-        let mut map: Mapping = section.as_mapping().cloned().ok_or_else(|| parse("model_config is not a mapping".into()))?;
+        let section = doc
+            .get("model")
+            .and_then(|m| m.get("model_config"))
+            .unwrap_or(&doc);
+        let mut map: Mapping = section
+            .as_mapping()
+            .cloned()
+            .ok_or_else(|| parse("model_config is not a mapping".into()))?;
         if let Some(t) = map.remove("type") {
             if t.as_str() != Some("LlamaConfig") {
-                return Err(ConfigError::Unsupported(format!("model_config type {t:?} (expected LlamaConfig)")));
+                return Err(ConfigError::Unsupported(format!(
+                    "model_config type {t:?} (expected LlamaConfig)"
+                )));
             }
         }
-        let c: LlamaConfig = serde_yaml::from_value(Value::Mapping(map)).map_err(|e| parse(e.to_string()))?;
+        let c: LlamaConfig =
+            serde_yaml::from_value(Value::Mapping(map)).map_err(|e| parse(e.to_string()))?;
         c.validate()?;
         Ok(c)
     }

@@ -18,7 +18,11 @@ impl IncrementalDecoder {
         // A few tokens of context let the decoder get leading spaces right.
         let keep = context.len().min(5);
         let ids = context[context.len() - keep..].to_vec();
-        IncrementalDecoder { read_offset: ids.len(), prefix_offset: 0, ids }
+        IncrementalDecoder {
+            read_offset: ids.len(),
+            prefix_offset: 0,
+            ids,
+        }
     }
 
     /// Adds `id` and returns the text it completes (possibly empty).
@@ -26,7 +30,11 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], false)?;
         let full = tok.decode(&self.ids[self.prefix_offset..], false)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) && full.starts_with(&prefix) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+            && full.starts_with(&prefix)
+        {
             let out = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();

@@ -26,7 +26,13 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tokenizer({}, bos {:?}, eos {:?})", self.path.display(), self.bos_id, self.eos_ids)
+        write!(
+            f,
+            "Tokenizer({}, bos {:?}, eos {:?})",
+            self.path.display(),
+            self.bos_id,
+            self.eos_ids
+        )
     }
 }
 
@@ -42,11 +48,17 @@ impl Tokenizer {
     /// Loads `dir/tokenizer.json`, with `tokenizer_config.json` (chat template, BOS/EOS) when present.
     pub fn from_hf_dir(dir: &Path, eos_from_config: &[u32]) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
-        let err = |why: String| ModelError::Tokenizer { path: path.clone(), why };
+        let err = |why: String| ModelError::Tokenizer {
+            path: path.clone(),
+            why,
+        };
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| ModelError::Tokenizer { path: cfg_path.clone(), why: e.to_string() })?,
+            Ok(t) => serde_json::from_str(&t).map_err(|e| ModelError::Tokenizer {
+                path: cfg_path.clone(),
+                why: e.to_string(),
+            })?,
             Err(_) => serde_json::Value::Null,
         };
         let bos = cfg.get("bos_token").and_then(token_content);
@@ -68,22 +80,45 @@ impl Tokenizer {
             _ => None,
         };
         let chat_template = chat_template
-            .map(|s| ChatTemplate::new(&s, bos.as_deref().unwrap_or(""), eos.as_deref().unwrap_or("")))
+            .map(|s| {
+                ChatTemplate::new(
+                    &s,
+                    bos.as_deref().unwrap_or(""),
+                    eos.as_deref().unwrap_or(""),
+                )
+            })
             .transpose()
-            .map_err(|e| ModelError::Tokenizer { path: cfg_path, why: format!("chat template: {e}") })?;
-        Ok(Tokenizer { inner, bos_id, eos_ids, manual_bos: false, chat_template, path })
+            .map_err(|e| ModelError::Tokenizer {
+                path: cfg_path,
+                why: format!("chat template: {e}"),
+            })?;
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_ids,
+            manual_bos: false,
+            chat_template,
+            path,
+        })
     }
 
     /// Builds the tokenizer embedded in a GGUF file's metadata.
     pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
-        let err = |why: String| ModelError::Tokenizer { path: g.path.clone(), why };
+        let err = |why: String| ModelError::Tokenizer {
+            path: g.path.clone(),
+            why,
+        };
         let inner = gguf_vocab::from_gguf(g).map_err(err)?;
         let id = |k: &str| g.get(k).and_then(GgufValue::as_u64).map(|v| v as u32);
         let bos_id = id("tokenizer.ggml.bos_token_id");
-        let eos_ids: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().chain(id("tokenizer.ggml.eot_token_id")).collect();
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(GgufValue::as_bool).unwrap_or(
-            g.get("tokenizer.ggml.model").and_then(GgufValue::as_str) == Some("llama"),
-        );
+        let eos_ids: Vec<u32> = id("tokenizer.ggml.eos_token_id")
+            .into_iter()
+            .chain(id("tokenizer.ggml.eot_token_id"))
+            .collect();
+        let add_bos = g
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(GgufValue::as_bool)
+            .unwrap_or(g.get("tokenizer.ggml.model").and_then(GgufValue::as_str) == Some("llama"));
         let text_of = |i: Option<u32>| i.and_then(|i| inner.id_to_token(i)).unwrap_or_default();
         let chat_template = g
             .get("tokenizer.chat_template")
@@ -91,17 +126,30 @@ impl Tokenizer {
             .map(|s| ChatTemplate::new(s, &text_of(bos_id), &text_of(eos_ids.first().copied())))
             .transpose()
             .map_err(|e| err(format!("chat template: {e}")))?;
-        Ok(Tokenizer { inner, bos_id: if add_bos { bos_id } else { None }, eos_ids, manual_bos: add_bos, chat_template, path: g.path.clone() })
+        Ok(Tokenizer {
+            inner,
+            bos_id: if add_bos { bos_id } else { None },
+            eos_ids,
+            manual_bos: add_bos,
+            chat_template,
+            path: g.path.clone(),
+        })
     }
 
     fn err(&self, why: impl ToString) -> ModelError {
-        ModelError::Tokenizer { path: self.path.clone(), why: why.to_string() }
+        ModelError::Tokenizer {
+            path: self.path.clone(),
+            why: why.to_string(),
+        }
     }
 
     /// Token ids of `text`; with `add_special`, BOS (or whatever the tokenizer's post-processor
     /// adds) is included. Special tokens written in the text are recognized.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special && !self.manual_bos).map_err(|e| self.err(e))?;
+        let enc = self
+            .inner
+            .encode(text, add_special && !self.manual_bos)
+            .map_err(|e| self.err(e))?;
         let mut ids = enc.get_ids().to_vec();
         if add_special && self.manual_bos {
             if let Some(b) = self.bos_id {
@@ -115,16 +163,22 @@ impl Tokenizer {
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| self.err(e))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| self.err(e))
     }
 
     /// Renders a conversation with the model's chat template.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let t = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| ModelError::ChatTemplate(format!("{} has no chat template", self.path.display())))?;
-        t.render(messages, add_generation_prompt).map_err(ModelError::ChatTemplate)
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            ModelError::ChatTemplate(format!("{} has no chat template", self.path.display()))
+        })?;
+        t.render(messages, add_generation_prompt)
+            .map_err(ModelError::ChatTemplate)
     }
 
     /// Whether the model has a chat template.

@@ -1,0 +1,185 @@
+//! `tandem bench model`: engine-free prefill and decode throughput, as llama-bench reports.
+
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use tandem_model::{KvCache, KvDType, LlamaModel, LogitsMode, SeqInput, SimdLevel};
+
+/// `tandem bench` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Prefill N tokens and decode M tokens with the bare forward pass (no engine).
+    Model(ModelBenchArgs),
+}
+
+/// Arguments of `tandem bench model`.
+#[derive(Args, Debug)]
+pub struct ModelBenchArgs {
+    /// Model (as for `generate`).
+    #[arg(long)]
+    model: Option<String>,
+    /// Prompt tokens to prefill.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Repetitions (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// SIMD level to use: scalar, avx2 or avx512 (default: best available).
+    #[arg(long)]
+    simd: Option<String>,
+    /// Memory read bandwidth in GB/s for the decode roofline (BENCHMARKS.md: 25.8 with 2 threads).
+    #[arg(long, default_value_t = 25.8)]
+    bandwidth_gbs: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    x.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
+}
+
+/// Decodes `n` tokens after `ctx` cached ones; returns tokens per second.
+fn decode(
+    model: &LlamaModel,
+    kv: &mut KvCache,
+    table: &[u32],
+    mut ctx: usize,
+    mut next: u32,
+    n: usize,
+) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let seq = SeqInput {
+            n_tokens: 1,
+            context_len: ctx,
+            block_table: table,
+            logits: LogitsMode::Last,
+        };
+        next = argmax(model.forward(&[next], &[seq], kv)?.row(0));
+        ctx += 1;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Runs `tandem bench ...`.
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let BenchCommand::Model(a) = cmd;
+    anyhow::ensure!(
+        a.prompt_tokens > 0 && a.gen_tokens > 0 && a.repeats > 0,
+        "token counts and repeats must be positive"
+    );
+    let loaded = crate::load_model(a.model.as_deref())?;
+    let mut model = loaded.model;
+    if let Some(s) = &a.simd {
+        let level = SimdLevel::parse(s)
+            .ok_or_else(|| anyhow::anyhow!("unknown --simd {s:?} (scalar, avx2, avx512)"))?;
+        anyhow::ensure!(level.is_supported(), "this CPU does not support {level:?}");
+        model = model.with_simd(level);
+    }
+    let cfg = model.config().clone();
+    let total = a.prompt_tokens + a.gen_tokens;
+    anyhow::ensure!(
+        total <= model.max_context(),
+        "{total} tokens exceed the model's context of {}",
+        model.max_context()
+    );
+    // Deterministic, ordinary (non-special) tokens.
+    let vocab = cfg.vocab_size as u64;
+    let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
+        .map(|i| (100 + (i * 2_654_435_761) % (vocab - 200)) as u32)
+        .collect();
+    let block = 16;
+    let table: Vec<u32> = (0..total.div_ceil(block) as u32).collect();
+    let (mut prefill, mut dec_empty, mut dec_after) = (vec![], vec![], vec![]);
+    for _ in 0..a.repeats {
+        let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
+        let t0 = Instant::now();
+        let seq = SeqInput {
+            n_tokens: prompt.len(),
+            context_len: 0,
+            block_table: &table,
+            logits: LogitsMode::Last,
+        };
+        let next = argmax(model.forward(&prompt, &[seq], &mut kv)?.row(0));
+        prefill.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
+        dec_after.push(decode(
+            &model,
+            &mut kv,
+            &table,
+            prompt.len(),
+            next,
+            a.gen_tokens,
+        )?);
+        let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
+        dec_empty.push(decode(&model, &mut kv, &table, 0, prompt[0], a.gen_tokens)?);
+    }
+    let w = model.weights();
+    let weight_bytes: usize = w
+        .layers
+        .iter()
+        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+        .map(|l| l.weight.bytes().len())
+        .sum::<usize>()
+        + w.lm_head.bytes().len();
+    let kv_per_token = KvCache::bytes_per_token(&cfg, KvDType::F16);
+    let bw = a.bandwidth_gbs * 1e9;
+    let roof_empty = bw / weight_bytes as f64;
+    let roof_after =
+        bw / (weight_bytes + kv_per_token * (a.prompt_tokens + a.gen_tokens / 2)) as f64;
+    let level = a
+        .simd
+        .as_deref()
+        .and_then(SimdLevel::parse)
+        .unwrap_or_else(tandem_model::SimdLevel::best);
+    println!(
+        "model: {} ({} layers, d={}, weights read per token {:.1} MB)",
+        loaded.path.display(),
+        cfg.num_layers,
+        cfg.hidden_size,
+        weight_bytes as f64 / 1e6
+    );
+    println!(
+        "threads: {}, SIMD: {level:?}, repeats: {} (medians)",
+        rayon_threads(),
+        a.repeats
+    );
+    println!("{:<34} {:>10} {:>16}", "figure", "tok/s", "of roofline");
+    println!(
+        "{:<34} {:>10.1} {:>16}",
+        format!("prefill, {}-token prompt", a.prompt_tokens),
+        median(prefill),
+        "compute-bound"
+    );
+    let de = median(dec_empty);
+    let da = median(dec_after);
+    println!(
+        "{:<34} {:>10.1} {:>15.0}%",
+        "decode, empty cache",
+        de,
+        100.0 * de / roof_empty
+    );
+    println!(
+        "{:<34} {:>10.1} {:>15.0}%",
+        format!("decode, after {} tokens", a.prompt_tokens),
+        da,
+        100.0 * da / roof_after
+    );
+    println!(
+        "(decode roofline: {:.1} GB/s over the weights and KV read per token)",
+        a.bandwidth_gbs
+    );
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

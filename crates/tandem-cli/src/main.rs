@@ -1,0 +1,51 @@
+//! `tandem`: run Llama-family models.
+
+mod batch_generate;
+mod bench;
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem: an LLM inference engine for Llama-family models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for one or more prompts.
+    Generate(generate::GenerateArgs),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Resolves `--model` (path, default name, or absent) and loads the model.
+pub(crate) fn load_model(spec: Option<&str>) -> anyhow::Result<tandem_model::LoadedModel> {
+    let path = tandem_model::fetch::resolve_model(spec, true)?;
+    Ok(tandem_model::load(&path)?)
+}
