@@ -294,3 +294,29 @@ fn bad_batches_are_errors() {
         .to_string()
         .contains("another token"));
 }
+
+/// Streaming detokenization never emits broken UTF-8 and reassembles the full text, even when
+/// characters span several byte-level tokens (CJK, emoji).
+#[test]
+fn incremental_decoding_is_utf8_safe() {
+    let tok = &fixture().fast.tokenizer;
+    for text in [
+        "Les élèves — naïve café, 東京, emoji 🙂🙂!",
+        "plain ascii",
+        " 🙂 😀😀 中文字符",
+    ] {
+        let ids = tok.encode(text, false).unwrap();
+        let mut dec = IncrementalDecoder::new(&[]);
+        let mut out = String::new();
+        for &id in &ids {
+            let piece = dec.push(tok, id).unwrap();
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "broken UTF-8 piece {piece:?} in {text:?}"
+            );
+            out.push_str(&piece);
+        }
+        out.push_str(&dec.flush(tok).unwrap());
+        assert_eq!(out, text);
+    }
+}
