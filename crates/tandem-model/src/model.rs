@@ -65,6 +65,9 @@ impl Logits {
 
 /// A loaded Llama model ready to run.
 pub struct LlamaModel {
+    /// The forward runs inside this pool, so its ~10 parallel kernels per layer are forked
+    /// from a worker thread (no sleeping hand-off to the pool and back for each one).
+    pool: std::sync::Arc<rayon::ThreadPool>,
     config: LlamaConfig,
     weights: LlamaWeights,
     rope: RopeParams,
@@ -101,7 +104,14 @@ impl LlamaModel {
             WeightLayout::Gguf => RopeStyle::Interleaved,
             WeightLayout::Hf => RopeStyle::Half,
         };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("tandem-compute-{i}"))
+            .build()
+            .map_err(|e| {
+                crate::error::ConfigError::Unsupported(format!("cannot start compute threads: {e}"))
+            })?;
         Ok(LlamaModel {
+            pool: std::sync::Arc::new(pool),
             config,
             weights,
             rope,
@@ -211,6 +221,10 @@ impl LlamaModel {
     /// Runs one forward pass over a ragged batch (see [`SeqInput`]), writing K/V into `kv`.
     pub fn forward(&self, tokens: &[u32], seqs: &[SeqInput], kv: &mut KvCache) -> Result<Logits> {
         self.validate(tokens, seqs, kv)?;
+        Ok(self.pool.install(|| self.run(tokens, seqs, kv)))
+    }
+
+    fn run(&self, tokens: &[u32], seqs: &[SeqInput], kv: &mut KvCache) -> Logits {
         let c = &self.config;
         let (t, d, hd) = (tokens.len(), c.hidden_size, c.head_dim());
         let (nh, nkv, ffn) = (c.num_heads, c.kv_heads(), c.intermediate_size());
@@ -302,10 +316,10 @@ impl LlamaModel {
             self.precision,
             self.level,
         );
-        Ok(Logits {
+        Logits {
             vocab,
             rows,
             values,
-        })
+        }
     }
 }

@@ -64,18 +64,22 @@ macro_rules! nibble_kernel {
         #[target_feature(enable = $features)]
         unsafe fn $name(w: &[u8], a: &[BlockQ8]) -> f32 {
             debug_assert_eq!(w.len(), a.len() * $bytes);
-            let mut acc = _mm256_setzero_ps();
+            // Two accumulators break the FMA dependency chain; the prefetch runs ahead of the
+            // weight stream (a decode matmul reads each weight byte exactly once).
+            let mut acc = [_mm256_setzero_ps(); 2];
             let mut summ = 0f32;
             let p = w.as_ptr();
             for (i, y) in a.iter().enumerate() {
                 let b = p.add(i * $bytes);
+                _mm_prefetch::<_MM_HINT_T0>(b.add(512) as *const i8);
                 let d = f16_to_f32(b);
                 let qw = unpack_nibbles(b.add($qoff));
                 let dot = $dot(qw, load_q8(y));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(dot), acc);
+                acc[i & 1] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(dot), acc[i & 1]);
                 summ += $min(b, d) * y.s;
             }
-            hsum(acc) + summ
+            hsum(_mm256_add_ps(acc[0], acc[1])) + summ
         }
     };
 }
