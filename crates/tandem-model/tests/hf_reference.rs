@@ -127,3 +127,54 @@ fn rope_linear_matches_transformers() {
 fn rope_yarn_matches_transformers() {
     check_variant("rope_yarn");
 }
+
+/// The same weights split into two shards with `model.safetensors.index.json` give the same
+/// logits as the single file.
+#[test]
+fn sharded_safetensors_equal_single_file() {
+    use safetensors::tensor::TensorView;
+    let src = dir("gqa");
+    let out = std::env::temp_dir().join(format!("tandem-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(src.join("config.json"), out.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, &None, &out.join(&file)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let logits = |d: &std::path::Path| {
+        let cfg =
+            LlamaConfig::from_hf_json(&std::fs::read_to_string(d.join("config.json")).unwrap())
+                .unwrap();
+        let w = LlamaWeights::load(
+            &SafetensorsFiles::open_dir(d).unwrap(),
+            &cfg,
+            WeightLayout::Hf,
+        )
+        .unwrap();
+        let m = LlamaModel::new(cfg, w).unwrap();
+        let mut kv = KvCache::new(m.config(), 4, 4, KvDType::F32);
+        let seq = SeqInput {
+            n_tokens: 5,
+            context_len: 0,
+            block_table: &[0, 1],
+            logits: LogitsMode::All,
+        };
+        m.forward(&[1, 2, 3, 4, 5], &[seq], &mut kv).unwrap().values
+    };
+    assert_eq!(logits(&out), logits(&src));
+}
