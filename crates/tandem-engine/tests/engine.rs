@@ -1,0 +1,350 @@
+//! The engine on the reference model: batch invariance, prefix reuse, preemption under a tiny
+//! KV pool, cancellation, stop strings, seeds, streaming and bad input.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tandem_engine::*;
+use tandem_model::{load, LoadedModel};
+
+fn model() -> LoadedModel {
+    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let p = PATH
+        .get_or_init(|| tandem_model::fetch::ensure_default_model(false).expect("default model"));
+    load(p).unwrap()
+}
+
+fn pipeline(cfg: EngineConfig) -> Pipeline {
+    Pipeline::from_loaded(model(), cfg).unwrap()
+}
+
+fn golden_prompts() -> Vec<Vec<u32>> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tandem-model/tests/data/real_golden.json"
+    ))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn greedy(n: usize) -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: Some(n),
+        ignore_eos: true,
+        ..GenerateParams::greedy()
+    }
+}
+
+#[test]
+fn batch_invariance_on_reference_prompts() {
+    let p = pipeline(EngineConfig {
+        max_batch_tokens: 64,
+        ..Default::default()
+    });
+    let prompts = golden_prompts();
+    let together = p.generate_tokens(prompts.clone(), &greedy(12)).unwrap();
+    for (prompt, t) in prompts.into_iter().zip(&together) {
+        let alone = p.generate_tokens(vec![prompt], &greedy(12)).unwrap();
+        assert_eq!(alone[0].token_ids, t.token_ids);
+        assert_eq!(t.finish_reason, FinishReason::Length);
+        assert_eq!(t.generated_length, 12);
+    }
+}
+
+#[test]
+fn prefix_reuse_recomputes_only_new_blocks() {
+    let p = pipeline(EngineConfig::default());
+    let tok = p.engine().unwrap().tokenizer().clone();
+    let base = "In a quiet town by the river there lived an old clockmaker who repaired every kind of clock. ".repeat(6);
+    let a = tok
+        .encode(
+            &format!("{base}One morning a child arrived with a broken watch."),
+            true,
+        )
+        .unwrap();
+    let b = tok
+        .encode(
+            &format!("{base}Years later, the town had grown into a city."),
+            true,
+        )
+        .unwrap();
+    let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(shared >= 96, "prompts share {shared} tokens");
+    p.generate_tokens(vec![a], &greedy(4)).unwrap();
+    let before = p.engine().unwrap().stats();
+    let reused = p.generate_tokens(vec![b.clone()], &greedy(8)).unwrap();
+    let after = p.engine().unwrap().stats();
+    let bs = p.engine().unwrap().info().block_size;
+    assert_eq!(
+        after.prefix_hits - before.prefix_hits,
+        (shared / bs) as u64,
+        "every full shared block is a hit"
+    );
+    let computed = (after.tokens_computed - before.tokens_computed) as usize;
+    assert_eq!(
+        computed,
+        b.len() - (shared / bs) * bs + 7,
+        "only the new blocks and decodes are computed"
+    );
+    assert_eq!(reused[0].usage.unwrap().cached_tokens, (shared / bs) * bs);
+    // Identical output to a fresh engine with nothing cached.
+    let fresh = pipeline(EngineConfig::default())
+        .generate_tokens(vec![b], &greedy(8))
+        .unwrap();
+    assert_eq!(fresh[0].token_ids, reused[0].token_ids);
+}
+
+#[test]
+fn preemption_with_a_tiny_pool_completes_everything_identically() {
+    let prompts: Vec<Vec<u32>> = golden_prompts().into_iter().take(6).collect();
+    let big = pipeline(EngineConfig::default())
+        .generate_tokens(prompts.clone(), &greedy(40))
+        .unwrap();
+    // 8 blocks of 16 tokens: room for two of these sequences at a time.
+    let p = pipeline(EngineConfig {
+        num_blocks: Some(8),
+        max_batch_tokens: 48,
+        ..Default::default()
+    });
+    let small = p.generate_tokens(prompts, &greedy(40)).unwrap();
+    let s = p.engine().unwrap().stats();
+    assert!(s.preemptions > 0, "the tiny pool must force preemption");
+    for (a, b) in big.iter().zip(&small) {
+        assert_eq!(a.token_ids, b.token_ids);
+    }
+    assert_eq!(s.blocks_in_use, 0, "all KV returned");
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn dropping_the_stream_cancels_and_frees_kv() {
+    let p = pipeline(EngineConfig::default());
+    let params = GenerateParams {
+        max_new_tokens: Some(1000),
+        ignore_eos: true,
+        ..GenerateParams::greedy()
+    };
+    let mut s = p
+        .stream("Tell me a very long story about dragons.", &params)
+        .unwrap();
+    for _ in 0..3 {
+        assert!(s.blocking_recv().unwrap().finish.is_none());
+    }
+    let e = p.engine().unwrap();
+    assert!(e.stats().blocks_in_use > 0);
+    drop(s);
+    wait_until("KV to be freed", || {
+        e.stats().blocks_in_use == 0 && e.stats().running == 0
+    });
+    // Still serving.
+    assert_eq!(
+        p.generate(&["Hello"], &greedy(3)).unwrap()[0].generated_length,
+        3
+    );
+}
+
+#[test]
+fn stop_strings_streaming_and_seeds() {
+    let p = pipeline(EngineConfig::default());
+    let base = p
+        .generate(&["The capital of France is"], &greedy(12))
+        .unwrap()
+        .remove(0);
+    // Stop on a string that the greedy continuation contains (spanning token boundaries).
+    let stop = base.generated_text[3..9].to_string();
+    let stopped = p
+        .generate(
+            &["The capital of France is"],
+            &GenerateParams {
+                stop: vec![stop.clone()],
+                ..greedy(12)
+            },
+        )
+        .unwrap()
+        .remove(0);
+    assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    assert_eq!(stopped.generated_text, base.generated_text[..3]);
+    // Streamed pieces add up to the text.
+    let mut s = p.stream("The capital of France is", &greedy(12)).unwrap();
+    let mut text = String::new();
+    while let Some(ev) = s.blocking_recv() {
+        text.push_str(&ev.text);
+        if ev.finish.is_some() {
+            break;
+        }
+    }
+    assert_eq!(text, base.generated_text);
+    // Seeds reproduce sampled output.
+    let sampled = |seed| {
+        let params = GenerateParams {
+            seed: Some(seed),
+            max_new_tokens: Some(16),
+            temperature: Some(1.2),
+            top_p: 1.0,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        p.generate(&["Once upon a time"], &params)
+            .unwrap()
+            .remove(0)
+            .token_ids
+    };
+    assert_eq!(sampled(1), sampled(1));
+    assert_ne!(sampled(1), sampled(2));
+}
+
+#[test]
+fn logprobs_and_return_full_text() {
+    let p = pipeline(EngineConfig::default());
+    let params = GenerateParams {
+        logprobs: Some(3),
+        return_full_text: true,
+        ..greedy(4)
+    };
+    let r = p
+        .generate(&["The capital of France is"], &params)
+        .unwrap()
+        .remove(0);
+    assert!(r.generated_text.starts_with("The capital of France is"));
+    let lps = r.logprobs.unwrap();
+    assert_eq!(lps.len(), 4);
+    for (lp, &t) in lps.iter().zip(&r.token_ids) {
+        assert_eq!(lp.top[0].0, t, "greedy picks the top token");
+        assert!(lp.logprob <= 0.0 && (lp.logprob - lp.top[0].1).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn bad_requests_are_clear_errors_and_the_engine_keeps_serving() {
+    let p = pipeline(EngineConfig {
+        max_length: Some(64),
+        ..Default::default()
+    });
+    let long = "word ".repeat(100);
+    let cases: Vec<(&str, GenerateParams)> = vec![
+        ("", greedy(4)),
+        (long.as_str(), greedy(4)),
+        (
+            "hi",
+            GenerateParams {
+                max_length: Some(1),
+                ..greedy(4)
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                max_length: Some(10_000),
+                ..greedy(4)
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                top_p: 1.5,
+                ..Default::default()
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                temperature: Some(-1.0),
+                ..Default::default()
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                max_new_tokens: Some(0),
+                ..Default::default()
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                top_k: Some(0),
+                ..Default::default()
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                repetition_penalty: f32::NAN,
+                ..Default::default()
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                logprobs: Some(1000),
+                ..Default::default()
+            },
+        ),
+        (
+            "hi",
+            GenerateParams {
+                stop: vec![String::new()],
+                ..Default::default()
+            },
+        ),
+    ];
+    for (prompt, params) in cases {
+        let e = p.generate(&[prompt], &params).unwrap_err();
+        assert!(
+            matches!(e, EngineError::Param(_)),
+            "{prompt:?} {params:?}: {e}"
+        );
+    }
+    let e = p
+        .generate_tokens(vec![vec![1, 999_999]], &greedy(2))
+        .unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    // A good request in the same call as a bad one fails the call before anything runs...
+    assert!(p.generate(&["fine", ""], &greedy(2)).is_err());
+    // ...and the engine still serves.
+    assert_eq!(
+        p.generate(&["fine"], &greedy(2)).unwrap()[0].generated_length,
+        2
+    );
+    assert_eq!(p.engine().unwrap().stats().blocks_in_use, 0);
+}
+
+#[test]
+fn destroyed_pipeline_refuses_work() {
+    let mut p = pipeline(EngineConfig::default());
+    p.destroy();
+    assert!(matches!(
+        p.generate(&["hi"], &greedy(1)),
+        Err(EngineError::Closed)
+    ));
+}
