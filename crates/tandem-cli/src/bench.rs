@@ -10,6 +10,8 @@ use tandem_model::{KvCache, KvDType, LlamaModel, LogitsMode, SeqInput, SimdLevel
 pub enum BenchCommand {
     /// Prefill N tokens and decode M tokens with the bare forward pass (no engine).
     Model(ModelBenchArgs),
+    /// Concurrent sequences through the engine: throughput, TTFT, TPOT, inter-token gaps.
+    Engine(crate::bench_engine::EngineBenchArgs),
 }
 
 /// Arguments of `tandem bench model`.
@@ -72,7 +74,10 @@ fn decode(
 
 /// Runs `tandem bench ...`.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Model(a) = cmd;
+    let a = match cmd {
+        BenchCommand::Model(a) => a,
+        BenchCommand::Engine(a) => return crate::bench_engine::run(a),
+    };
     anyhow::ensure!(
         a.prompt_tokens > 0 && a.gen_tokens > 0 && a.repeats > 0,
         "token counts and repeats must be positive"

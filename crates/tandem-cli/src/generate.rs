@@ -1,10 +1,11 @@
-//! `tandem generate`: prompts in, text out (or MII-style JSON records).
+//! `tandem generate`: prompts in (all batched by the engine), text or MII-style JSON out.
 
 use clap::Args;
 use serde::Serialize;
-use tandem_model::{ChatMessage, IncrementalDecoder};
+use tandem_engine::{GenerateParams, Pipeline};
+use tandem_model::ChatMessage;
 
-use crate::batch_generate::{generate, Finish, Sampling};
+use crate::engine_args::EngineArgs;
 
 /// Arguments of `tandem generate`.
 #[derive(Args, Debug)]
@@ -13,32 +14,55 @@ pub struct GenerateArgs {
     #[arg(long)]
     model: Option<String>,
     /// A prompt; repeat for several (they run as one batch).
-    #[arg(long = "prompt", required = true)]
+    #[arg(long = "prompt")]
     prompts: Vec<String>,
+    /// A file with one prompt per line (added after the --prompt ones).
+    #[arg(long)]
+    prompts_file: Option<std::path::PathBuf>,
     /// Wrap each prompt as one user message in the model's chat template.
     #[arg(long)]
     chat: bool,
     /// Maximum tokens to generate per prompt.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// Greedy decoding (otherwise: sampling with temperature and top-p).
+    /// Do not stop on EOS before this many tokens.
+    #[arg(long, default_value_t = 0)]
+    min_new_tokens: usize,
+    /// Never stop on EOS.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Greedy decoding (MII's do_sample=False).
     #[arg(long)]
     greedy: bool,
-    /// Sampling temperature (without --greedy).
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// Nucleus sampling mass (without --greedy).
+    /// Temperature (applied after top-k/top-p, as MII does).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass.
     #[arg(long, default_value_t = 0.9)]
     top_p: f32,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Use the float reference path (weights dequantized to f32, no activation quantization).
+    /// Keep only the k most likely tokens.
     #[arg(long)]
-    exact: bool,
+    top_k: Option<usize>,
+    /// CTRL-style repetition penalty (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Stop string (repeatable; any length).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Random seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Include the prompt in the output text.
+    #[arg(long)]
+    return_full_text: bool,
+    /// Also report the top-N log-probabilities of each generated token (JSON output).
+    #[arg(long)]
+    logprobs: Option<usize>,
     /// Print a JSON array, one record per prompt.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Serialize)]
@@ -49,68 +73,78 @@ struct Record {
     finish_reason: &'static str,
     prompt_token_ids: Vec<u32>,
     token_ids: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Vec<serde_json::Value>>,
 }
 
 /// Runs `tandem generate`.
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.max_new_tokens > 0, "--max-new-tokens must be at least 1");
-    anyhow::ensure!(
-        a.temperature > 0.0 && a.temperature.is_finite(),
-        "--temperature must be above 0"
-    );
-    anyhow::ensure!(a.top_p > 0.0 && a.top_p <= 1.0, "--top-p must be in (0, 1]");
-    let mut loaded = crate::load_model(a.model.as_deref())?;
-    if a.exact {
-        loaded.model = loaded.model.with_precision(tandem_model::Precision::Exact);
+    let mut prompts = a.prompts.clone();
+    if let Some(f) = &a.prompts_file {
+        let text =
+            std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
     }
-    let tok = &loaded.tokenizer;
-    let mut prompts = Vec::with_capacity(a.prompts.len());
-    for p in &a.prompts {
+    anyhow::ensure!(
+        !prompts.is_empty(),
+        "give at least one --prompt or a --prompts-file"
+    );
+    let params = GenerateParams {
+        max_new_tokens: Some(a.max_new_tokens),
+        min_new_tokens: a.min_new_tokens,
+        ignore_eos: a.ignore_eos,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        temperature: a.temperature,
+        do_sample: !a.greedy,
+        return_full_text: a.return_full_text,
+        stop: a.stop.clone(),
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        logprobs: a.logprobs,
+        max_length: None,
+    };
+    // Check the options before loading anything.
+    params.validate(1, usize::MAX)?;
+    let loaded = crate::load_model(a.model.as_deref())?;
+    let pipe = Pipeline::from_loaded(loaded, a.engine.config())?;
+    let tok = pipe.engine()?.tokenizer().clone();
+    let mut ids = Vec::with_capacity(prompts.len());
+    for p in &prompts {
         anyhow::ensure!(!p.is_empty(), "empty prompt");
-        let ids = if a.chat {
+        ids.push(if a.chat {
             let text = tok.apply_chat_template(&[ChatMessage::new("user", p.as_str())], true)?;
             tok.encode(&text, false)?
         } else {
             tok.encode(p, true)?
-        };
-        prompts.push(ids);
-    }
-    let sampling = if a.greedy {
-        Sampling::Greedy
-    } else {
-        Sampling::TopP {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            seed: a.seed,
-        }
-    };
-    let results = generate(
-        &loaded.model,
-        &prompts,
-        a.max_new_tokens,
-        tok.eos_ids(),
-        sampling,
-    )?;
-    let mut records = Vec::new();
-    for (p, g) in prompts.into_iter().zip(results) {
-        let mut dec = IncrementalDecoder::new(&p);
-        let mut text = String::new();
-        for &t in &g.tokens {
-            text.push_str(&dec.push(tok, t)?);
-        }
-        text.push_str(&dec.flush(tok)?);
-        records.push(Record {
-            generated_text: text,
-            prompt_length: p.len(),
-            generated_length: g.tokens.len(),
-            finish_reason: match g.finish {
-                Finish::Stop => "stop",
-                Finish::Length => "length",
-            },
-            prompt_token_ids: p,
-            token_ids: g.tokens,
         });
     }
+    let responses = pipe.generate_tokens(ids, &params)?;
+    let records: Vec<Record> = responses
+        .into_iter()
+        .zip(&prompts)
+        .map(|(r, p)| Record {
+            generated_text: if a.return_full_text {
+                format!("{p}{}", r.generated_text)
+            } else {
+                r.generated_text
+            },
+            prompt_length: r.prompt_length,
+            generated_length: r.generated_length,
+            finish_reason: r.finish_reason.as_str(),
+            prompt_token_ids: r.prompt_token_ids,
+            token_ids: r.token_ids,
+            logprobs: r.logprobs.map(|l| {
+                l.into_iter()
+                    .map(|s| serde_json::json!({ "logprob": s.logprob, "top": s.top }))
+                    .collect()
+            }),
+        })
+        .collect();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&records)?);
     } else {

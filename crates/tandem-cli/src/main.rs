@@ -1,7 +1,8 @@
 //! `tandem`: run Llama-family models.
 
-mod batch_generate;
 mod bench;
+mod bench_engine;
+mod engine_args;
 mod generate;
 
 use clap::{Parser, Subcommand};

@@ -1,0 +1,58 @@
+//! Engine flags shared by the commands that start an engine.
+
+use clap::Args;
+use tandem_engine::EngineConfig;
+use tandem_model::{KvDType, Precision};
+
+/// KV pool and scheduler limits.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Default cap on prompt + generated tokens (default: the model's context).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Tokens per forward pass (the Dynamic SplitFuse budget).
+    #[arg(long, default_value_t = 768)]
+    pub max_batch_tokens: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_seqs: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV blocks (default: sized from --kv-memory-fraction).
+    #[arg(long)]
+    pub num_blocks: Option<usize>,
+    /// Fraction of RAM for the KV pool when --num-blocks is not given.
+    #[arg(long, default_value_t = 0.1)]
+    pub kv_memory_fraction: f64,
+    /// KV element type: f16 or f32.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    pub kv_dtype: String,
+    /// Use the float reference path (weights dequantized to f32, no activation quantization).
+    #[arg(long)]
+    pub exact: bool,
+}
+
+impl EngineArgs {
+    /// The engine configuration these flags describe.
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_batch_seqs: self.max_batch_seqs,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            kv_memory_fraction: self.kv_memory_fraction,
+            kv_dtype: if self.kv_dtype == "f32" {
+                KvDType::F32
+            } else {
+                KvDType::F16
+            },
+            max_length: self.max_length,
+            precision: if self.exact {
+                Precision::Exact
+            } else {
+                Precision::Fast
+            },
+        }
+    }
+}
