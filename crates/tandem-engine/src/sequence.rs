@@ -29,7 +29,6 @@ pub struct Sequence {
     pub rng: StdRng,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
-    sent_any: bool,
 }
 
 impl Sequence {
@@ -48,7 +47,6 @@ impl Sequence {
             computed: 0,
             blocks: None,
             cached_tokens: 0,
-            sent_any: false,
         }
     }
 
@@ -85,54 +83,56 @@ impl Sequence {
     }
 
     fn send(&mut self, ev: Event) {
-        self.sent_any = true;
         // A closed stream is noticed by `cancelled()` before the next step.
         let _ = self.req.events.send(ev);
     }
 
-    /// Handles a sampled token: appends it, streams its text, and returns whether the request
-    /// is now finished.
+    /// Handles a sampled token: appends it and streams its text. When the request is finished,
+    /// returns its final event unsent: the engine frees the sequence first, so a client that
+    /// sees the end of its stream never sees its KV still held.
     pub fn accept(
         &mut self,
         tok: &Tokenizer,
         token: u32,
         logprobs: Option<TokenLogprobs>,
         eos: &[u32],
-    ) -> bool {
+    ) -> Option<Event> {
         let p = &self.req.params;
-        let is_eos = !p.ignore_eos && eos.contains(&token);
-        if is_eos {
-            let text = self.stop.flush();
-            self.finish_with(FinishReason::Stop, text);
-            return true;
+        if !p.ignore_eos && eos.contains(&token) {
+            return Some(self.final_event(FinishReason::Stop));
         }
         self.tokens.push(token);
         let piece = self.decoder.push(tok, token).unwrap_or_default();
-        let (text, stopped) = match self.stop.push(&piece) {
+        let (mut text, stopped) = match self.stop.push(&piece) {
             StopCheck::Continue(t) => (t, false),
             StopCheck::Stopped(t) => (t, true),
         };
-        let at_length = self.generated() >= self.req.max_new;
-        if stopped || at_length {
-            let mut text = text;
-            if !stopped {
-                text.push_str(&self.decoder.flush(tok).unwrap_or_default());
-                text.push_str(&self.stop.flush());
-            }
-            let reason = if stopped {
-                FinishReason::Stop
-            } else {
-                FinishReason::Length
-            };
+        if stopped {
             let usage = Some(self.usage());
-            self.send(Event {
+            return Some(Event {
+                token: Some(token),
+                text,
+                logprobs,
+                finish: Some(FinishReason::Stop),
+                usage,
+            });
+        }
+        if self.generated() >= self.req.max_new {
+            // Release what the decoder and the stop matcher held back.
+            let rest = self.decoder.flush(tok).unwrap_or_default();
+            let (more, reason) = match self.stop.push(&rest) {
+                StopCheck::Continue(t) => (t + &self.stop.flush(), FinishReason::Length),
+                StopCheck::Stopped(t) => (t, FinishReason::Stop),
+            };
+            text.push_str(&more);
+            let usage = Some(self.usage());
+            return Some(Event {
                 token: Some(token),
                 text,
                 logprobs,
                 finish: Some(reason),
                 usage,
             });
-            return true;
         }
         self.send(Event {
             token: Some(token),
@@ -141,18 +141,25 @@ impl Sequence {
             finish: None,
             usage: None,
         });
-        false
+        None
     }
 
-    /// Sends the final event without a token.
-    pub fn finish_with(&mut self, reason: FinishReason, text: String) {
-        let usage = Some(self.usage());
-        self.send(Event {
+    /// The final event for `reason`, unsent (see [`accept`](Self::accept)).
+    pub fn final_event(&mut self, reason: FinishReason) -> Event {
+        let text = self.stop.flush();
+        Event {
             token: None,
             text,
             logprobs: None,
             finish: Some(reason),
-            usage,
-        });
+            usage: Some(self.usage()),
+        }
+    }
+
+    /// Ends the request now with `reason`: frees its KV, then sends the final event.
+    pub fn finish_with(mut self, reason: FinishReason) {
+        let ev = self.final_event(reason);
+        self.blocks = None;
+        self.send(ev);
     }
 }

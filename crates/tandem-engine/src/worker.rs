@@ -119,10 +119,15 @@ impl Worker {
     }
 
     fn abort_all(&mut self) {
-        for mut s in self.running.drain(..).chain(self.waiting.drain(..)) {
-            s.finish_with(FinishReason::Abort, String::new());
-        }
+        let all: Vec<Sequence> = self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .collect();
         self.publish();
+        for s in all {
+            s.finish_with(FinishReason::Abort);
+        }
     }
 
     /// Requests whose stream was dropped: their blocks go back to the pool now.
@@ -270,8 +275,9 @@ impl Worker {
                 let mut failed: Vec<usize> = order.iter().map(|o| o.0).collect();
                 failed.sort_unstable_by(|a, b| b.cmp(a));
                 for k in failed {
-                    let mut s = self.running.remove(k);
-                    s.finish_with(FinishReason::Error(e.to_string()), String::new());
+                    self.running
+                        .remove(k)
+                        .finish_with(FinishReason::Error(e.to_string()));
                 }
                 return;
             }
@@ -306,13 +312,20 @@ impl Worker {
                 .as_mut()
                 .expect("held")
                 .register_full(&keys[..(s.computed / bs).min(keys.len())]);
-            if done {
-                finished.push(k);
+            if let Some(ev) = done {
+                finished.push((k, ev));
             }
         }
-        finished.sort_unstable_by(|a, b| b.cmp(a));
-        for k in finished {
-            self.running.remove(k);
+        // Free finished sequences and publish the counters before telling their clients.
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
+        let mut finals = Vec::with_capacity(finished.len());
+        for (k, ev) in finished {
+            let s = self.running.remove(k);
+            finals.push((s.req.events.clone(), ev));
+        }
+        self.publish();
+        for (tx, ev) in finals {
+            let _ = tx.send(ev);
         }
     }
 }

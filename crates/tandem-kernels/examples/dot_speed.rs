@@ -1,4 +1,5 @@
-//! Cache-resident speed of the Q4_1 dot kernels (ns per 32-element block), per SIMD level.
+//! Cache-resident speed of the Q4_1 dot kernels (ns per 32-element block and activation row),
+//! single-row and four-row, per SIMD level: `cargo run --release -p tandem-kernels --example dot_speed`.
 use std::time::Instant;
 use tandem_kernels::act::{quantize_q8, BlockQ8};
 use tandem_kernels::dot::{kernel, DotKernel};
@@ -14,7 +15,7 @@ fn main() {
     let mut a = vec![BlockQ8::default(); k / 32];
     quantize_q8(&x, &mut a);
     for level in SimdLevel::supported() {
-        let DotKernel::Q8(f) = kernel(DType::Q4_1, level).unwrap() else {
+        let DotKernel::Q8(f, f4) = kernel(DType::Q4_1, level).unwrap() else {
             unreachable!()
         };
         let iters = 20_000;
@@ -27,5 +28,16 @@ fn main() {
         }
         let ns = t.elapsed().as_nanos() as f64 / (iters * rows * k / 32) as f64;
         println!("{level:?}: {ns:.2} ns/block ({s})");
+        if let Some(f4) = f4 {
+            let t = Instant::now();
+            for _ in 0..iters / 4 {
+                for r in 0..rows {
+                    let o = f4(&w[r * k / 32 * 20..(r + 1) * k / 32 * 20], [&a, &a, &a, &a]);
+                    s += o[0];
+                }
+            }
+            let ns = t.elapsed().as_nanos() as f64 / (iters * rows * k / 32) as f64;
+            println!("{level:?} x4: {ns:.2} ns/block/row ({s})");
+        }
     }
 }

@@ -100,24 +100,28 @@ pub fn matmul(
         return;
     }
     match (precision, kernel(w.dtype, level)) {
-        (Precision::Fast, Some(DotKernel::Q8(dot))) => {
+        (Precision::Fast, Some(DotKernel::Q8(dot, dot4))) => {
             let mut act = vec![BlockQ8::default(); m * k / QK];
             act.par_chunks_mut(k / QK)
                 .zip(x.par_chunks(k))
                 .for_each(|(a, xr)| quantize_q8(xr, a));
-            quantized(w, &act, k / QK, m, out, dot);
+            quantized(w, &act, k / QK, m, out, dot, dot4);
         }
         (Precision::Fast, Some(DotKernel::Q8K(dot))) => {
             let mut act = vec![BlockQ8K::default(); m * k / QK_K];
             act.par_chunks_mut(k / QK_K)
                 .zip(x.par_chunks(k))
                 .for_each(|(a, xr)| quantize_q8k(xr, a));
-            quantized(w, &act, k / QK_K, m, out, dot);
+            quantized(w, &act, k / QK_K, m, out, dot, None);
         }
         _ => float(x, m, w, out),
     }
 }
 
+/// A four-activation-row dot kernel over activation blocks `A`.
+type Dot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
+
+#[allow(clippy::too_many_arguments)]
 fn quantized<A: Sync>(
     w: &MatRef,
     act: &[A],
@@ -125,17 +129,35 @@ fn quantized<A: Sync>(
     m: usize,
     out: &mut [f32],
     dot: fn(&[u8], &[A]) -> f32,
+    dot4: Option<Dot4<A>>,
 ) {
     let n = w.rows;
+    let rb = w.row_bytes();
     let chunk = chunk_rows(n, 8);
     let dst = SyncPtr(out.as_mut_ptr());
+    let row_act = |i: usize| &act[i * blocks..(i + 1) * blocks];
     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let rows = c * chunk..((c + 1) * chunk).min(n);
-        for i in 0..m {
-            let a = &act[i * blocks..(i + 1) * blocks];
+        // Activation rows four at a time against this task's weight rows (which stay in cache).
+        let mut i = 0;
+        if let Some(dot4) = dot4 {
+            while i + 4 <= m {
+                let a = [row_act(i), row_act(i + 1), row_act(i + 2), row_act(i + 3)];
+                for j in rows.clone() {
+                    let r = dot4(&w.data[j * rb..(j + 1) * rb], a);
+                    for (q, v) in r.into_iter().enumerate() {
+                        // SAFETY: column j is in this task's row range; no other task writes it.
+                        unsafe { dst.write((i + q) * n + j, v) };
+                    }
+                }
+                i += 4;
+            }
+        }
+        for i in i..m {
+            let a = row_act(i);
             for j in rows.clone() {
                 // SAFETY: (i, j) with j in this task's row range is written by this task only.
-                unsafe { dst.write(i * n + j, dot(w.row(j), a)) };
+                unsafe { dst.write(i * n + j, dot(&w.data[j * rb..(j + 1) * rb], a)) };
             }
         }
     });

@@ -46,7 +46,7 @@ fn random_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
 
 fn dot_with(k: DotKernel, w: &[u8], x: &[f32]) -> f32 {
     match k {
-        DotKernel::Q8(f) => {
+        DotKernel::Q8(f, _) => {
             let mut a = vec![BlockQ8::default(); x.len() / 32];
             quantize_q8(x, &mut a);
             f(w, &a)
@@ -104,6 +104,29 @@ proptest! {
             let got = dot_with(kernel(d, level).unwrap(), &w, &x);
             prop_assert!((got - reference).abs() <= 1e-4 * reference.abs().max(1.0),
                 "{:?} {}: {} vs scalar {}", level, d, got, reference);
+        }
+    }
+
+    /// The four-row kernels equal four single-row calls bitwise (batch invariance).
+    #[test]
+    fn four_row_kernels_equal_single_rows(seed in any::<u64>(), blocks in 1usize..8, which in 0usize..3) {
+        let d = QUANTS[which];
+        let mut rng = StdRng::seed_from_u64(seed);
+        let cols = blocks * d.block_len();
+        let w = random_row(&mut rng, d, cols);
+        let acts: Vec<Vec<BlockQ8>> = (0..4).map(|_| {
+            let mut a = vec![BlockQ8::default(); cols / 32];
+            quantize_q8(&random_vec(&mut rng, cols), &mut a);
+            a
+        }).collect();
+        for level in SimdLevel::supported() {
+            if let Some(DotKernel::Q8(one, Some(four))) = kernel(d, level) {
+                let got = four(&w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+                for r in 0..4 {
+                    let want = one(&w, &acts[r]);
+                    prop_assert_eq!(got[r].to_bits(), want.to_bits(), "{:?} {} row {}: {} vs {}", level, d, r, got[r], want);
+                }
+            }
         }
     }
 

@@ -13,6 +13,9 @@ use crate::simd::SimdLevel;
 
 /// Dot product of a weight row (stored bytes) with int8 activations in 32-blocks.
 pub type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
+/// Dot products of one weight row with four activation rows at once: the weight block is
+/// decoded once and used four times (prefill and batched decode).
+pub type DotQ8x4 = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
 /// Dot product of a weight row (stored bytes) with int8 activations in 256-blocks.
 pub type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
 
@@ -28,8 +31,8 @@ pub enum ActFormat {
 /// The kernel for one weight format at one SIMD level.
 #[derive(Clone, Copy)]
 pub enum DotKernel {
-    /// Weights meet [`BlockQ8`] activations.
-    Q8(DotQ8),
+    /// Weights meet [`BlockQ8`] activations (with a four-row kernel where one exists).
+    Q8(DotQ8, Option<DotQ8x4>),
     /// Weights meet [`BlockQ8K`] activations.
     Q8K(DotQ8K),
 }
@@ -38,7 +41,7 @@ impl DotKernel {
     /// The activation format this kernel consumes.
     pub fn act_format(&self) -> ActFormat {
         match self {
-            DotKernel::Q8(_) => ActFormat::Q8,
+            DotKernel::Q8(..) => ActFormat::Q8,
             DotKernel::Q8K(_) => ActFormat::Q8K,
         }
     }

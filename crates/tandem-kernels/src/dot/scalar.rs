@@ -7,9 +7,9 @@ use crate::dtype::{f16_at, DType, QK_K};
 
 pub(super) fn kernel(dtype: DType) -> Option<DotKernel> {
     Some(match dtype {
-        DType::Q4_0 => DotKernel::Q8(q4_0),
-        DType::Q4_1 => DotKernel::Q8(q4_1),
-        DType::Q8_0 => DotKernel::Q8(q8_0),
+        DType::Q4_0 => DotKernel::Q8(q4_0, None),
+        DType::Q4_1 => DotKernel::Q8(q4_1, None),
+        DType::Q8_0 => DotKernel::Q8(q8_0, None),
         DType::Q4_K => DotKernel::Q8K(q4_k),
         DType::Q6_K => DotKernel::Q8K(q6_k),
         DType::F32 | DType::F16 | DType::BF16 => return None,

@@ -14,16 +14,34 @@ pub(super) fn kernel(dtype: DType, level: SimdLevel) -> Option<DotKernel> {
     if !level.is_supported() {
         return None;
     }
-    let k: super::DotQ8 = match (level, dtype) {
-        (SimdLevel::Avx2, DType::Q4_0) => |w, a| unsafe { q4_0_avx2(w, a) },
-        (SimdLevel::Avx2, DType::Q4_1) => |w, a| unsafe { q4_1_avx2(w, a) },
-        (SimdLevel::Avx2, DType::Q8_0) => |w, a| unsafe { q8_0_avx2(w, a) },
-        (SimdLevel::Avx512Vnni, DType::Q4_0) => |w, a| unsafe { q4_0_vnni(w, a) },
-        (SimdLevel::Avx512Vnni, DType::Q4_1) => |w, a| unsafe { q4_1_vnni(w, a) },
-        (SimdLevel::Avx512Vnni, DType::Q8_0) => |w, a| unsafe { q8_0_vnni(w, a) },
+    let (one, four): (super::DotQ8, super::DotQ8x4) = match (level, dtype) {
+        (SimdLevel::Avx2, DType::Q4_0) => (
+            |w, a| unsafe { q4_0_avx2(w, a) },
+            |w, a| unsafe { q4_0_avx2_x4(w, a) },
+        ),
+        (SimdLevel::Avx2, DType::Q4_1) => (
+            |w, a| unsafe { q4_1_avx2(w, a) },
+            |w, a| unsafe { q4_1_avx2_x4(w, a) },
+        ),
+        (SimdLevel::Avx2, DType::Q8_0) => (
+            |w, a| unsafe { q8_0_avx2(w, a) },
+            |w, a| unsafe { q8_0_avx2_x4(w, a) },
+        ),
+        (SimdLevel::Avx512Vnni, DType::Q4_0) => (
+            |w, a| unsafe { q4_0_vnni(w, a) },
+            |w, a| unsafe { q4_0_vnni_x4(w, a) },
+        ),
+        (SimdLevel::Avx512Vnni, DType::Q4_1) => (
+            |w, a| unsafe { q4_1_vnni(w, a) },
+            |w, a| unsafe { q4_1_vnni_x4(w, a) },
+        ),
+        (SimdLevel::Avx512Vnni, DType::Q8_0) => (
+            |w, a| unsafe { q8_0_vnni(w, a) },
+            |w, a| unsafe { q8_0_vnni_x4(w, a) },
+        ),
         _ => return None,
     };
-    Some(DotKernel::Q8(k))
+    Some(DotKernel::Q8(one, Some(four)))
 }
 
 #[inline(always)]
@@ -84,6 +102,66 @@ macro_rules! nibble_kernel {
     };
 }
 
+macro_rules! nibble_kernel_x4 {
+    ($name:ident, $features:literal, $dot:ident, $bytes:expr, $qoff:expr, $min:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(w: &[u8], a: [&[BlockQ8]; 4]) -> [f32; 4] {
+            let nb = a[0].len();
+            debug_assert!(a.iter().all(|r| r.len() == nb) && w.len() == nb * $bytes);
+            // Same two alternating accumulators as the single-row kernel: results are bitwise
+            // equal, so a row's logits never depend on its place in a batch.
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut summ = [0f32; 4];
+            let p = w.as_ptr();
+            for i in 0..nb {
+                let b = p.add(i * $bytes);
+                _mm_prefetch::<_MM_HINT_T0>(b.add(512) as *const i8);
+                let d = f16_to_f32(b);
+                let m = $min(b, d);
+                let qw = unpack_nibbles(b.add($qoff));
+                for r in 0..4 {
+                    let y = a[r].get_unchecked(i);
+                    let dot = $dot(qw, load_q8(y));
+                    acc[r][i & 1] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * y.d),
+                        _mm256_cvtepi32_ps(dot),
+                        acc[r][i & 1],
+                    );
+                    summ[r] += m * y.s;
+                }
+            }
+            let total = |r: usize| hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + summ[r];
+            [total(0), total(1), total(2), total(3)]
+        }
+    };
+}
+
+macro_rules! q8_kernel_x4 {
+    ($name:ident, $features:literal, $dot:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(w: &[u8], a: [&[BlockQ8]; 4]) -> [f32; 4] {
+            let nb = a[0].len();
+            debug_assert!(a.iter().all(|r| r.len() == nb) && w.len() == nb * 34);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let p = w.as_ptr();
+            for i in 0..nb {
+                let b = p.add(i * 34);
+                _mm_prefetch::<_MM_HINT_T0>(b.add(512) as *const i8);
+                let d = f16_to_f32(b);
+                let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                let aw = _mm256_sign_epi8(qw, qw);
+                for r in 0..4 {
+                    let y = a[r].get_unchecked(i);
+                    let dot = $dot(aw, _mm256_sign_epi8(load_q8(y), qw));
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(dot), acc[r]);
+                }
+            }
+            [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+        }
+    };
+}
+
 macro_rules! q8_kernel {
     ($name:ident, $features:literal, $dot:ident) => {
         #[target_feature(enable = $features)]
@@ -120,6 +198,23 @@ unsafe fn q4_1_min(b: *const u8, _d: f32) -> f32 {
 nibble_kernel!(q4_0_avx2, "avx2,fma,f16c", dot_u8i8_avx2, 18, 2, q4_0_min);
 nibble_kernel!(q4_1_avx2, "avx2,fma,f16c", dot_u8i8_avx2, 20, 4, q4_1_min);
 q8_kernel!(q8_0_avx2, "avx2,fma,f16c", dot_u8i8_avx2);
+nibble_kernel_x4!(
+    q4_0_avx2_x4,
+    "avx2,fma,f16c",
+    dot_u8i8_avx2,
+    18,
+    2,
+    q4_0_min
+);
+nibble_kernel_x4!(
+    q4_1_avx2_x4,
+    "avx2,fma,f16c",
+    dot_u8i8_avx2,
+    20,
+    4,
+    q4_1_min
+);
+q8_kernel_x4!(q8_0_avx2_x4, "avx2,fma,f16c", dot_u8i8_avx2);
 
 /// Sum of u8 x i8 products as 8 i32 lanes, with VNNI.
 #[inline(always)]
@@ -145,6 +240,27 @@ nibble_kernel!(
 );
 q8_kernel!(
     q8_0_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dot_u8i8_vnni
+);
+nibble_kernel_x4!(
+    q4_0_vnni_x4,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dot_u8i8_vnni,
+    18,
+    2,
+    q4_0_min
+);
+nibble_kernel_x4!(
+    q4_1_vnni_x4,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dot_u8i8_vnni,
+    20,
+    4,
+    q4_1_min
+);
+q8_kernel_x4!(
+    q8_0_vnni_x4,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     dot_u8i8_vnni
 );
