@@ -10,8 +10,9 @@ pub struct EngineArgs {
     /// Default cap on prompt + generated tokens (default: the model's context).
     #[arg(long)]
     pub max_length: Option<usize>,
-    /// Tokens per forward pass (the Dynamic SplitFuse budget).
-    #[arg(long, default_value_t = 768)]
+    /// Tokens per forward pass (the Dynamic SplitFuse budget; lower keeps decodes smoother
+    /// while long prompts prefill).
+    #[arg(long, default_value_t = 64)]
     pub max_batch_tokens: usize,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 512)]

@@ -66,11 +66,14 @@ impl Sequence {
         self.computed = 0;
     }
 
-    /// Extends the prefix keys to the full blocks of `tokens`.
-    pub fn update_keys(&mut self, block_size: usize) {
-        let full = self.tokens.len() / block_size;
-        if full > self.keys.len() {
+    /// Makes every block now full of computed tokens findable by its prefix key.
+    pub fn register_computed_blocks(&mut self, block_size: usize) {
+        if self.tokens.len() / block_size > self.keys.len() {
             self.keys = block_keys(&self.tokens, block_size);
+        }
+        let full = (self.computed / block_size).min(self.keys.len());
+        if let Some(table) = self.blocks.as_mut() {
+            table.register_full(&self.keys[..full]);
         }
     }
 

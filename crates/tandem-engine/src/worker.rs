@@ -287,13 +287,8 @@ impl Worker {
         for &(k, n) in &order {
             let s = &mut self.running[k];
             s.computed += n;
+            s.register_computed_blocks(bs);
             if s.computed < s.tokens.len() {
-                s.update_keys(bs);
-                let keys = s.keys.clone();
-                s.blocks
-                    .as_mut()
-                    .expect("held")
-                    .register_full(&keys[..(s.computed / bs).min(keys.len())]);
                 continue;
             }
             let mut l = logits.row(row).to_vec();
@@ -305,14 +300,7 @@ impl Worker {
             };
             let params = s.req.params.clone();
             let (token, lp) = sample(&mut l, &params, &s.tokens, suppress, &mut s.rng);
-            let done = s.accept(&self.tok, token, lp, &self.eos);
-            s.update_keys(bs);
-            let keys = s.keys.clone();
-            s.blocks
-                .as_mut()
-                .expect("held")
-                .register_full(&keys[..(s.computed / bs).min(keys.len())]);
-            if let Some(ev) = done {
+            if let Some(ev) = s.accept(&self.tok, token, lp, &self.eos) {
                 finished.push((k, ev));
             }
         }

@@ -144,8 +144,6 @@ pub fn paged_attention(
     v: KvRef,
     out: &mut [f32],
 ) {
-    const Q_CHUNK: usize = 32;
-    let hd = layout.head_dim;
     let n_rep = n_heads / layout.n_kv_heads;
     assert_eq!(q.len(), out.len());
     assert_eq!(k.len(), v.len());
@@ -158,7 +156,82 @@ pub fn paged_attention(
         })
         .collect();
     let dst = SyncPtr(out.as_mut_ptr());
+    let task = Task {
+        layout,
+        seqs,
+        q,
+        n_heads,
+        n_rep,
+        scale,
+        k,
+        v,
+        dst,
+    };
+    let simd = crate::simd::active() >= crate::simd::SimdLevel::Avx2;
     tasks.par_iter().for_each(|&(si, g, c)| {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX2 and FMA were detected at run time (SimdLevel::Avx2 requires both).
+            unsafe { task.run_avx2(si, g, c) };
+            return;
+        }
+        let _ = simd;
+        task.run(si, g, c);
+    });
+}
+
+/// Queries per task: enough work per task, and enough tasks to balance the pool.
+const Q_CHUNK: usize = 32;
+
+/// One attention work item's inputs: a (sequence, KV head, query chunk) triple is one task.
+struct Task<'a> {
+    layout: &'a PagedLayout,
+    seqs: &'a [AttnSeq<'a>],
+    q: &'a [f32],
+    n_heads: usize,
+    n_rep: usize,
+    scale: f32,
+    k: KvRef<'a>,
+    v: KvRef<'a>,
+    dst: SyncPtr<f32>,
+}
+
+// SAFETY: tasks write disjoint output slices through `dst` (see `run`).
+unsafe impl Sync for Task<'_> {}
+
+/// Dot product with 16 independent partial sums, so it vectorizes (a plain `sum()` is a
+/// sequential chain of dependent adds).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl Task<'_> {
+    /// The task compiled for AVX2 + FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_avx2(&self, si: usize, g: usize, c: usize) {
+        self.run(si, g, c)
+    }
+
+    #[inline(always)]
+    fn run(&self, si: usize, g: usize, c: usize) {
+        let (seqs, layout, q, k, v, dst) =
+            (self.seqs, self.layout, self.q, self.k, self.v, self.dst);
+        let (n_heads, n_rep, scale, hd) = (self.n_heads, self.n_rep, self.scale, layout.head_dim);
         let s = &seqs[si];
         let queries = c * Q_CHUNK..((c + 1) * Q_CHUNK).min(s.n_new);
         let nq = queries.len() * n_rep;
@@ -192,7 +265,7 @@ pub fn paged_attention(
                     let mut mx = m[st];
                     for j in 0..valid {
                         let kr = &kb[j * hd..(j + 1) * hd];
-                        let d: f32 = qv.iter().zip(kr).map(|(a, b)| a * b).sum();
+                        let d = dot(qv, kr);
                         scores[j] = d * scale;
                         mx = mx.max(scores[j]);
                     }
@@ -227,5 +300,5 @@ pub fn paged_attention(
                 }
             }
         }
-    });
+    }
 }

@@ -128,7 +128,10 @@ fn float_path_logits_match_transformers() {
 }
 
 /// The fast path (int8 activations) generates transformers' greedy tokens, diverging only
-/// where transformers' own top-1/top-2 margin is a near-tie.
+/// where transformers' own top-1/top-2 margin is a near-tie. The KV cache is f32 here, as in
+/// transformers, so the comparison isolates activation quantization; measured on these cases the
+/// fast path's top-1/top-2 margin differs from transformers' by p50 0.09 / p90 0.23 with f32 KV
+/// and p50 0.09 / p90 0.26 with f16 KV (max 0.55 / 0.66).
 #[test]
 fn fast_path_greedy_agrees_except_near_ties() {
     let f = fixture();
@@ -137,7 +140,7 @@ fn fast_path_greedy_agrees_except_near_ties() {
     for c in cases() {
         let prompt = ids(&c["prompt_ids"]);
         let greedy = ids(&c["greedy_ids"]);
-        let mut kv = KvCache::new(m.config(), 64, 16, KvDType::F16);
+        let mut kv = KvCache::new(m.config(), 64, 16, KvDType::F32);
         let table: Vec<u32> = (0..64).collect();
         let seq = SeqInput {
             n_tokens: prompt.len(),

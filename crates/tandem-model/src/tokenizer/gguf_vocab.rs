@@ -107,6 +107,11 @@ fn added_tokens(tokens: &[String], types: Option<&[f64]>) -> Vec<AddedToken> {
         .collect()
 }
 
+/// The vocabulary in the map type `tokenizers`' BPE builder takes.
+fn bpe_vocab(vocab: &HashMap<String, u32>) -> tokenizers::models::bpe::Vocab {
+    vocab.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
 /// Builds the tokenizer from the file's metadata.
 pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer, String> {
     let model = g
@@ -139,13 +144,7 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer, String> {
                 })
                 .collect::<Result<_, _>>()?;
             let bpe = BPE::builder()
-                .vocab_and_merges(
-                    vocab
-                        .iter()
-                        .map(|(k, v)| (k.clone(), *v))
-                        .collect::<tokenizers::models::bpe::Vocab>(),
-                    merges,
-                )
+                .vocab_and_merges(bpe_vocab(&vocab), merges)
                 .ignore_merges(ignore_merges)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -167,13 +166,7 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer, String> {
                 .ok_or("unknown_token_id out of range")?;
             let merges = spm_merges(&tokens, &scores, types.as_deref(), &vocab);
             let bpe = BPE::builder()
-                .vocab_and_merges(
-                    vocab
-                        .iter()
-                        .map(|(k, v)| (k.clone(), *v))
-                        .collect::<tokenizers::models::bpe::Vocab>(),
-                    merges,
-                )
+                .vocab_and_merges(bpe_vocab(&vocab), merges)
                 .unk_token(unk_token)
                 .fuse_unk(true)
                 .byte_fallback(true)
