@@ -93,6 +93,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         !prompts.is_empty(),
         "give at least one --prompt or a --prompts-file"
     );
+    anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "empty prompt");
     let params = GenerateParams {
         max_new_tokens: Some(a.max_new_tokens),
         min_new_tokens: a.min_new_tokens,
@@ -115,7 +116,6 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let tok = pipe.engine()?.tokenizer().clone();
     let mut ids = Vec::with_capacity(prompts.len());
     for p in &prompts {
-        anyhow::ensure!(!p.is_empty(), "empty prompt");
         ids.push(if a.chat {
             let text = tok.apply_chat_template(&[ChatMessage::new("user", p.as_str())], true)?;
             tok.encode(&text, false)?

@@ -30,7 +30,9 @@ enum Command {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            // Tandem's own startup facts (KV pool size) at info; dependencies only when they warn.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,tandem_engine=info,tandem_cli=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -17,8 +17,8 @@ use crate::worker::{Command, Worker};
 pub struct EngineConfig {
     /// Tokens per forward, the SplitFuse budget (FastGen's `max_ragged_batch_size`). FastGen's
     /// 768 suits GPUs, where a 768-token forward costs about as much as a 1-token one; on a CPU
-    /// every token costs compute, so the default is 64, and lower values (16) keep decodes
-    /// smoother while long prompts prefill, at some cost in prefill throughput.
+    /// every token costs compute, so the default is 16: decodes keep flowing while long prompts
+    /// prefill (measured in docs/perf-notes.md). Raise it for prompt throughput and TTFT.
     pub max_batch_tokens: usize,
     /// Sequences per forward (`max_ragged_sequence_count`).
     pub max_batch_seqs: usize,
@@ -39,7 +39,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            max_batch_tokens: 64,
+            max_batch_tokens: 16,
             max_batch_seqs: 512,
             block_size: 16,
             num_blocks: None,

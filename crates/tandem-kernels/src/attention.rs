@@ -181,7 +181,7 @@ pub fn paged_attention(
 }
 
 /// Queries per task: enough work per task, and enough tasks to balance the pool.
-const Q_CHUNK: usize = 32;
+const Q_CHUNK: usize = 8;
 
 /// One attention work item's inputs: a (sequence, KV head, query chunk) triple is one task.
 struct Task<'a> {

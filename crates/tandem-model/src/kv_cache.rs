@@ -3,6 +3,7 @@
 //! them, so moving a sequence's KV is moving a list of block ids.
 
 use half::f16;
+use half::vec::HalfBitsVecExt;
 use tandem_kernels::{KvDType, KvMut, KvRef, PagedLayout};
 
 use crate::config::LlamaConfig;
@@ -15,7 +16,9 @@ enum Buf {
 impl Buf {
     fn new(dtype: KvDType, n: usize) -> Buf {
         match dtype {
-            KvDType::F16 => Buf::F16(vec![f16::ZERO; n]),
+            // From zeroed u16s: the allocator hands out untouched zero pages, so a large pool
+            // costs memory only as blocks are written (`vec![f16::ZERO; n]` writes every element).
+            KvDType::F16 => Buf::F16(vec![0u16; n].reinterpret_into()),
             KvDType::F32 => Buf::F32(vec![0.0; n]),
         }
     }
