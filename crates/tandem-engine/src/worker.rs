@@ -209,6 +209,10 @@ impl Worker {
                 .unwrap_or(self.waiting.len());
             self.waiting.insert(at, s);
         }
+        // Admission in two phases: first every admitted request claims its cached prefix
+        // (taking those blocks off the free list), then each allocates the rest; so one
+        // admission's allocation cannot evict a prefix another was planned to reuse.
+        let mut admitted = Vec::with_capacity(plan.admit.len());
         for id in &plan.admit {
             let k = self
                 .waiting
@@ -223,25 +227,43 @@ impl Worker {
             if s.generated() == 0 && s.cached_tokens == 0 {
                 s.cached_tokens = s.computed;
             }
-            let ok = table.grow_to(blocks_for(s.tokens.len(), bs));
-            debug_assert!(ok, "the scheduler reserved these blocks");
             s.blocks = Some(table);
-            self.running.push(s);
+            admitted.push(s);
+        }
+        for mut s in admitted {
+            let whole = blocks_for(s.tokens.len(), bs);
+            if s.blocks.as_mut().expect("just set").grow_to(whole) {
+                self.running.push(s);
+            } else {
+                // Cannot happen with the scheduler's accounting; if it does, wait, never fail.
+                tracing::warn!(
+                    id = s.id,
+                    "admission found fewer free blocks than planned; requeued"
+                );
+                s.preempt();
+                let at = self
+                    .waiting
+                    .iter()
+                    .position(|w| w.id > s.id)
+                    .unwrap_or(self.waiting.len());
+                self.waiting.insert(at, s);
+            }
         }
 
         // Assemble the ragged batch.
         let mut tokens = Vec::new();
         let mut order = Vec::with_capacity(plan.chunks.len());
         for &(id, n) in &plan.chunks {
-            let k = self
-                .running
-                .iter()
-                .position(|s| s.id == id)
-                .expect("planned id is running");
+            let Some(k) = self.running.iter().position(|s| s.id == id) else {
+                continue; // requeued at admission
+            };
             let s = &mut self.running[k];
+            let n = n.min(s.tokens.len() - s.computed);
             let table = s.blocks.as_mut().expect("running sequences hold blocks");
-            let ok = table.grow_to(blocks_for(s.computed + n, bs));
-            debug_assert!(ok, "the scheduler reserved these blocks");
+            if n == 0 || !table.grow_to(blocks_for(s.computed + n, bs)) {
+                tracing::warn!(id, "no KV block for a planned chunk; it runs next step");
+                continue;
+            }
             tokens.extend_from_slice(&s.tokens[s.computed..s.computed + n]);
             order.push((k, n));
         }

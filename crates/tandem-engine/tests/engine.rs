@@ -348,3 +348,43 @@ fn destroyed_pipeline_refuses_work() {
         Err(EngineError::Closed)
     ));
 }
+
+/// Requests sharing a cached prefix, admitted together into a pool so small that their
+/// allocations evict cached blocks, all finish with the output they get alone.
+#[test]
+fn shared_prefixes_under_eviction_pressure() {
+    let tok = pipeline(EngineConfig::default())
+        .engine()
+        .unwrap()
+        .tokenizer()
+        .clone();
+    let base = "A long shared preamble about the history of clocks and the people who made them. "
+        .repeat(3);
+    let prompts: Vec<Vec<u32>> = [
+        "First question?",
+        "Second question!",
+        "Third, different one.",
+        "Fourth.",
+    ]
+    .iter()
+    .map(|q| tok.encode(&format!("{base}{q}"), true).unwrap())
+    .collect();
+    let want = pipeline(EngineConfig::default())
+        .generate_tokens(prompts.clone(), &greedy(6))
+        .unwrap();
+    let longest = prompts.iter().map(Vec::len).max().unwrap() + 6;
+    // Room for about two sequences, so later admissions must evict cached blocks.
+    let p = pipeline(EngineConfig {
+        num_blocks: Some(2 * longest.div_ceil(16) + 1),
+        ..Default::default()
+    });
+    p.generate_tokens(vec![prompts[0].clone()], &greedy(2))
+        .unwrap(); // caches the preamble
+    let got = p.generate_tokens(prompts, &greedy(6)).unwrap();
+    for (a, b) in want.iter().zip(&got) {
+        assert_eq!(a.token_ids, b.token_ids);
+    }
+    let s = p.engine().unwrap().stats();
+    assert!(s.prefix_hits > 0);
+    assert_eq!(s.blocks_in_use, 0);
+}
