@@ -4,6 +4,7 @@ mod bench;
 mod bench_engine;
 mod engine_args;
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Generate text for one or more prompts.
     Generate(generate::GenerateArgs),
+    /// Serve the model over HTTP: OpenAI-compatible /v1 routes and MII's REST route.
+    Serve(serve::ServeArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -31,14 +34,16 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             // Tandem's own startup facts (KV pool size) at info; dependencies only when they warn.
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,tandem_engine=info,tandem_cli=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "warn,tandem=info,tandem_engine=info,tandem_server=info".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(b) => bench::run(b),
     };
     if let Err(e) = result {

@@ -1,0 +1,241 @@
+//! The HTTP API over real sockets on 127.0.0.1 with the reference model: OpenAI routes (plain
+//! and streaming, chat and completion), MII's REST route, bad requests, and disconnects.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tandem_engine::{Engine, EngineConfig};
+use tandem_server::AppState;
+
+struct Server {
+    base: String,
+    engine: Arc<Engine>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn start() -> Server {
+    let path = tandem_model::fetch::ensure_default_model(false).expect("default model");
+    let engine = Arc::new(
+        Engine::start(tandem_model::load(&path).unwrap(), EngineConfig::default()).unwrap(),
+    );
+    let state = AppState::new(engine.clone(), "smol", "smol-mii-deployment");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(tandem_server::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    Server {
+        base,
+        engine,
+        _rt: rt,
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// The `data:` payloads of an SSE body.
+async fn sse(base: &str, path: &str, body: Value) -> Vec<String> {
+    let r = client()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn openai_and_mii_routes() {
+    let s = start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let b = &s.base;
+        let health: Value = client().get(format!("{b}/healthz")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(health["status"], "ok");
+        let models: Value = client().get(format!("{b}/v1/models")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(models["data"][0]["id"], "smol");
+
+        // Completion, greedy: text, usage, and the streamed version of the same request.
+        let req = json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+        let (st, plain) = post(b, "/v1/completions", req.clone()).await;
+        assert_eq!(st, 200, "{plain}");
+        assert_eq!(plain["object"], "text_completion");
+        assert_eq!(plain["choices"][0]["finish_reason"], "length");
+        assert_eq!(plain["usage"]["completion_tokens"], 8);
+        assert_eq!(plain["usage"]["prompt_tokens"], 5);
+        let mut sreq = req.clone();
+        sreq["stream"] = json!(true);
+        sreq["stream_options"] = json!({"include_usage": true});
+        let chunks = sse(b, "/v1/completions", sreq).await;
+        assert_eq!(chunks.last().unwrap(), "[DONE]");
+        let parsed: Vec<Value> = chunks[..chunks.len() - 1].iter().map(|c| serde_json::from_str(c).unwrap()).collect();
+        let text: String = parsed.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+        assert_eq!(text, plain["choices"][0]["text"].as_str().unwrap());
+        assert_eq!(parsed.last().unwrap()["usage"]["completion_tokens"], 8);
+
+        // Prompts as token ids, several at once.
+        let (st, ids) = post(b, "/v1/completions", json!({"prompt": [[504, 3575, 282, 4649, 314], [1604, 3987]], "max_tokens": 3, "temperature": 0})).await;
+        assert_eq!(st, 200, "{ids}");
+        assert_eq!(ids["choices"].as_array().unwrap().len(), 2);
+        let (_, as_text) = post(b, "/v1/completions", json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0})).await;
+        assert_eq!(ids["choices"][0]["text"], as_text["choices"][0]["text"]);
+
+        // Chat, plain and streamed.
+        let chat = json!({"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 40, "temperature": 0});
+        let (st, c) = post(b, "/v1/chat/completions", chat.clone()).await;
+        assert_eq!(st, 200, "{c}");
+        assert_eq!(c["choices"][0]["message"]["role"], "assistant");
+        let answer = c["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        assert!(!answer.is_empty());
+        let mut schat = chat.clone();
+        schat["stream"] = json!(true);
+        let chunks = sse(b, "/v1/chat/completions", schat).await;
+        let parsed: Vec<Value> = chunks[..chunks.len() - 1].iter().map(|c| serde_json::from_str(c).unwrap()).collect();
+        assert_eq!(parsed[0]["choices"][0]["delta"]["role"], "assistant");
+        let streamed: String = parsed.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(streamed, answer);
+
+        // MII's REST route: an array of responses in prompt order.
+        let (st, m) = post(b, "/mii/smol-mii-deployment", json!({"prompts": ["The capital of France is", "Hi"], "max_new_tokens": 8, "do_sample": false})).await;
+        assert_eq!(st, 200, "{m}");
+        assert_eq!(m[0]["generated_text"], plain["choices"][0]["text"]);
+        assert_eq!(m[0]["prompt_length"], 5);
+        assert_eq!(m[1]["generated_length"], 8);
+        let (st, _) = post(b, "/mii/other-deployment", json!({"prompts": "x"})).await;
+        assert_eq!(st, 404);
+    });
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_the_server_stays_healthy() {
+    let s = start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let b = &s.base;
+        let raw = client()
+            .post(format!("{b}/v1/completions"))
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(raw.status().as_u16(), 400);
+        let e: Value = raw.json().await.unwrap();
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+        let long = "word ".repeat(9000);
+        let cases = [
+            ("/v1/completions", json!({"prompt": "x", "bogus": 1})),
+            ("/v1/completions", json!({"prompt": "x", "top_p": 2.0})),
+            ("/v1/completions", json!({"prompt": "x", "temperature": -1})),
+            ("/v1/completions", json!({"prompt": "x", "n": 2})),
+            ("/v1/completions", json!({"prompt": "x", "max_tokens": 0})),
+            ("/v1/completions", json!({"prompt": ""})),
+            ("/v1/completions", json!({"prompt": []})),
+            ("/v1/completions", json!({"prompt": [999999]})),
+            ("/v1/completions", json!({"prompt": long})),
+            (
+                "/v1/completions",
+                json!({"prompt": "x", "presence_penalty": 1.0}),
+            ),
+            ("/v1/completions", json!([1, 2])),
+            ("/v1/chat/completions", json!({"messages": []})),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user"}]}),
+            ),
+            (
+                "/mii/smol-mii-deployment",
+                json!({"prompts": "x", "top_p": 0}),
+            ),
+            ("/mii/smol-mii-deployment", json!({"prompt": "x"})),
+        ];
+        for (path, body) in cases {
+            let (st, e) = post(b, path, body.clone()).await;
+            assert_eq!(st, 400, "{path} {body}: {e}");
+            assert!(e["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+        }
+        let (st, _) = post(
+            b,
+            "/v1/completions",
+            json!({"model": "gpt-4", "prompt": "x"}),
+        )
+        .await;
+        assert_eq!(st, 404);
+        let big = client()
+            .post(format!("{b}/v1/completions"))
+            .body(vec![b'x'; tandem_server::MAX_BODY_BYTES + 1])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(big.status().as_u16(), 413);
+        // Still serving, and nothing leaked.
+        let (st, ok) = post(
+            b,
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(st, 200, "{ok}");
+        assert_eq!(s.engine.stats().blocks_in_use, 0);
+    });
+}
+
+#[test]
+fn client_disconnect_frees_kv() {
+    let s = start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let b = &s.base;
+        let mut r = client()
+            .post(format!("{b}/v1/completions"))
+            .json(&json!({"prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": true, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        let first = r.chunk().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&first).contains("data:"));
+        let t = Instant::now();
+        while s.engine.stats().blocks_in_use == 0 {
+            assert!(t.elapsed() < Duration::from_secs(20), "the request never held KV");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(r);
+        let t = Instant::now();
+        while s.engine.stats().blocks_in_use > 0 || s.engine.stats().running > 0 {
+            assert!(t.elapsed() < Duration::from_secs(20), "KV not freed after disconnect");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}
