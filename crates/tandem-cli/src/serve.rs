@@ -24,6 +24,9 @@ pub struct ServeArgs {
     /// HTTP port (MII's REST gateway port).
     #[arg(long, default_value_t = 28080)]
     restful_api_port: u16,
+    /// Require `Authorization: Bearer <KEY>` on /v1 and /mii routes (also from TANDEM_API_KEY).
+    #[arg(long, env = "TANDEM_API_KEY")]
+    api_key: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -41,7 +44,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{model_name}-mii-deployment"));
     let engine = Arc::new(Engine::start(loaded, a.engine.config())?);
-    let state = AppState::new(engine, model_name.clone(), deployment.clone());
+    let state = AppState::new(engine, model_name.clone(), deployment.clone())
+        .with_api_key(a.api_key.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

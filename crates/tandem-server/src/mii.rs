@@ -10,9 +10,9 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use tandem_engine::GenerateParams;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::ApiError;
+use crate::metrics::Metered;
 use crate::params::{parse_body, StopInput};
 use crate::state::AppState;
 
@@ -122,9 +122,13 @@ pub async fn generate(
             ));
         }
         let prompt_length = ids[0].len();
-        let s = state.engine.submit(ids.pop().expect("one"), params)?;
+        let s = Metered::new(
+            state.engine.submit(ids.pop().expect("one"), params)?,
+            state.metrics.clone(),
+            prompt_length,
+        );
         let mut generated = 0usize;
-        let events = UnboundedReceiverStream::new(s).map(move |ev| {
+        let events = s.into_stream().map(move |ev| {
             generated += ev.token.is_some() as usize;
             let finish = ev.finish.as_ref().map_or("none", |f| f.as_str());
             let body = json!([{ "generated_text": ev.text, "prompt_length": prompt_length, "generated_length": generated, "finish_reason": finish }]);

@@ -13,11 +13,11 @@ use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tandem_engine::{Event, EventStream, FinishReason, GenerateParams};
+use tandem_engine::{Event, FinishReason, GenerateParams};
 use tandem_model::ChatMessage;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::ApiError;
+use crate::metrics::Metered;
 use crate::params::{parse_body, tokenize, Prompt, PromptInput, StopInput};
 use crate::state::AppState;
 
@@ -212,7 +212,7 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
 
 /// A submitted prompt's stream and what the response needs to know about it.
 struct Submitted {
-    stream: EventStream,
+    stream: Metered,
     prompt_tokens: usize,
     echo: Option<String>,
 }
@@ -245,8 +245,13 @@ fn submit_all(
                 None
             };
             let prompt_tokens = ids.len();
+            let stream = Metered::new(
+                state.engine.submit(ids, params.clone())?,
+                state.metrics.clone(),
+                prompt_tokens,
+            );
             Ok(Submitted {
-                stream: state.engine.submit(ids, params.clone())?,
+                stream,
                 prompt_tokens,
                 echo,
             })
@@ -262,7 +267,7 @@ struct Collected {
     logprobs: Vec<Value>,
 }
 
-async fn collect(mut s: EventStream, tok: &tandem_model::Tokenizer) -> Collected {
+async fn collect(mut s: Metered, tok: &tandem_model::Tokenizer) -> Collected {
     let mut c = Collected {
         text: String::new(),
         tokens: 0,
@@ -452,7 +457,7 @@ fn sse(
     let per_prompt = subs.into_iter().enumerate().map(|(i, s)| {
         let echo = s.echo.clone();
         let mut first = true;
-        UnboundedReceiverStream::new(s.stream).map(move |ev| {
+        s.stream.into_stream().boxed().map(move |ev| {
             let mut ev = ev;
             if first {
                 if let Some(e) = &echo {

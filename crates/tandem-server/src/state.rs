@@ -15,6 +15,10 @@ pub struct AppState {
     pub deployment_name: String,
     /// UNIX time the server started (`created` fields).
     pub created: u64,
+    /// When set, `/v1/*` and `/mii/*` require `Authorization: Bearer <key>`.
+    pub api_key: Option<Arc<str>>,
+    /// Request and latency metrics for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -32,6 +36,14 @@ impl AppState {
             model_name: model_name.into(),
             deployment_name: deployment_name.into(),
             created,
+            api_key: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Requires `key` as a Bearer token on the generation routes.
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.map(Arc::from);
+        self
     }
 }

@@ -15,11 +15,16 @@ struct Server {
 }
 
 fn start() -> Server {
+    start_with_key(None)
+}
+
+fn start_with_key(key: Option<&str>) -> Server {
     let path = tandem_model::fetch::ensure_default_model(false).expect("default model");
     let engine = Arc::new(
         Engine::start(tandem_model::load(&path).unwrap(), EngineConfig::default()).unwrap(),
     );
-    let state = AppState::new(engine.clone(), "smol", "smol-mii-deployment");
+    let state = AppState::new(engine.clone(), "smol", "smol-mii-deployment")
+        .with_api_key(key.map(String::from));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -237,5 +242,72 @@ fn client_disconnect_frees_kv() {
             assert!(t.elapsed() < Duration::from_secs(20), "KV not freed after disconnect");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    });
+}
+
+#[test]
+fn api_key_and_metrics() {
+    let s = start_with_key(Some("sekret"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let b = &s.base;
+        let body = json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0});
+        let no_key = client()
+            .post(format!("{b}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(no_key.status().as_u16(), 401);
+        let e: Value = no_key.json().await.unwrap();
+        assert!(e["error"]["message"].as_str().unwrap().contains("API key"));
+        let wrong = client()
+            .post(format!("{b}/v1/completions"))
+            .bearer_auth("nope")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status().as_u16(), 401);
+        let ok = client()
+            .post(format!("{b}/v1/completions"))
+            .bearer_auth("sekret")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status().as_u16(), 200);
+        // Health and metrics need no key.
+        assert_eq!(
+            client()
+                .get(format!("{b}/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            200
+        );
+        let m = client()
+            .get(format!("{b}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for line in [
+            "tandem_requests_total 1",
+            "tandem_request_errors_total 2",
+            "tandem_generation_tokens_total 3",
+            "tandem_time_to_first_token_seconds_count 1",
+            "tandem_inter_token_latency_seconds_count 2",
+            "tandem_e2e_request_latency_seconds_count 1",
+            "tandem_requests_running 0",
+            "tandem_kv_usage_ratio 0",
+        ] {
+            assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
+        }
+        assert!(m.contains("tandem_prefix_cache_hit_rate"));
     });
 }
