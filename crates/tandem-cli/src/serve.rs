@@ -1,5 +1,7 @@
-//! `tandem serve`: a persistent deployment over HTTP (OpenAI-compatible `/v1/*`, MII's
-//! `/mii/{deployment}`, `/healthz`), bound to 127.0.0.1 unless `--host` says otherwise.
+//! `tandem serve`: a persistent deployment: MII's gRPC contract on `--port`, and HTTP
+//! (OpenAI-compatible `/v1/*`, MII's `/mii/{deployment}`, `/healthz`, `/metrics`) on
+//! `--restful-api-port`, bound to 127.0.0.1 unless `--host` says otherwise. gRPC `Terminate`
+//! or Ctrl-C stops the whole deployment.
 
 use std::sync::Arc;
 
@@ -21,9 +23,15 @@ pub struct ServeArgs {
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// gRPC port (MII's `port_number`).
+    #[arg(long, default_value_t = 50050)]
+    port: u16,
     /// HTTP port (MII's REST gateway port).
     #[arg(long, default_value_t = 28080)]
     restful_api_port: u16,
+    /// Do not start the HTTP server.
+    #[arg(long)]
+    no_restful_api: bool,
     /// Require `Authorization: Bearer <KEY>` on /v1 and /mii routes (also from TANDEM_API_KEY).
     #[arg(long, env = "TANDEM_API_KEY")]
     api_key: Option<String>,
@@ -51,18 +59,37 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let addr = format!("{}:{}", a.host, a.restful_api_port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        tracing::info!(
-            "deployment {deployment:?} ready: http://{addr}/v1 (model {model_name:?}), http://{addr}/mii/{deployment}"
-        );
-        tandem_server::serve(listener, state, async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
-        })
-        .await?;
+        let bind = |port: u16| {
+            let addr = format!("{}:{port}", a.host);
+            async move {
+                let l = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+                anyhow::Ok((l, addr))
+            }
+        };
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let (grpc_listener, grpc_addr) = bind(a.port).await?;
+        let http = if a.no_restful_api { None } else { Some(bind(a.restful_api_port).await?) };
+        tracing::info!("deployment {deployment:?} (model {model_name:?}): gRPC modelresponse.ModelResponse on {grpc_addr}");
+        if let Some((_, addr)) = &http {
+            tracing::info!("HTTP on http://{addr}: /v1 (OpenAI), /mii/{deployment}, /healthz, /metrics");
+        }
+        let ctrl_c = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                ctrl_c.notify_waiters();
+            }
+        });
+        let http_task = http.map(|(listener, _)| {
+            let (state, stop) = (state.clone(), stop.clone());
+            let notified = stop.notified_owned();
+            tokio::spawn(async move { tandem_server::serve(listener, state, notified).await })
+        });
+        tracing::info!("deployment {deployment:?} ready");
+        tandem_server::grpc::serve(grpc_listener, state, stop).await?;
+        if let Some(t) = http_task {
+            t.await??;
+        }
+        tracing::info!("deployment {deployment:?} stopped");
         Ok(())
     })
 }

@@ -4,6 +4,7 @@
 
 mod auth;
 mod error;
+pub mod grpc;
 pub mod metrics;
 mod mii;
 mod openai;

@@ -63,19 +63,22 @@ const FIELDS: &[&str] = &[
     "seed",
 ];
 
-/// `POST /mii/{deployment}`.
-pub async fn generate(
-    State(state): State<AppState>,
-    Path(deployment): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    if deployment != state.deployment_name {
-        return Err(ApiError::not_found(format!(
-            "no deployment {deployment:?} here (this is {:?})",
-            state.deployment_name
-        )));
-    }
-    let req: MiiRequest = parse_body(&body, &[FIELDS])?;
+/// A validated MII call: prompts, their token ids, and the options.
+pub(crate) struct MiiCall {
+    pub prompts: Vec<String>,
+    pub ids: Vec<Vec<u32>>,
+    pub params: GenerateParams,
+}
+
+/// Parses MII options given as a JSON object with `prompts` (the REST body, or gRPC's
+/// `request` + `query_kwargs` converted to JSON).
+pub(crate) fn parse_call(state: &AppState, body: serde_json::Value) -> Result<MiiCall, ApiError> {
+    let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::invalid(e.to_string(), None))?;
+    prepare(state, parse_body(&bytes, &[FIELDS])?)
+}
+
+/// MII's defaults applied, prompts tokenized and validated against the engine's limits.
+fn prepare(state: &AppState, req: MiiRequest) -> Result<MiiCall, ApiError> {
     let d = GenerateParams::default();
     let params = GenerateParams {
         max_length: req.max_length,
@@ -102,7 +105,7 @@ pub async fn generate(
             Some("prompts"),
         ));
     }
-    let tok = state.engine.tokenizer().clone();
+    let tok = state.engine.tokenizer();
     let max_length = state.engine.info().max_length;
     let mut ids = Vec::with_capacity(prompts.len());
     for p in &prompts {
@@ -114,21 +117,32 @@ pub async fn generate(
             .map_err(|e| ApiError::invalid(e.to_string(), Some("prompts")))?;
         ids.push(t);
     }
-    if req.stream {
-        if ids.len() != 1 {
-            return Err(ApiError::invalid(
-                "streaming takes exactly one prompt (as MII)",
-                Some("prompts"),
-            ));
-        }
-        let prompt_length = ids[0].len();
-        let s = Metered::new(
-            state.engine.submit(ids.pop().expect("one"), params)?,
-            state.metrics.clone(),
-            prompt_length,
-        );
+    Ok(MiiCall {
+        prompts,
+        ids,
+        params,
+    })
+}
+
+/// `POST /mii/{deployment}`.
+pub async fn generate(
+    State(state): State<AppState>,
+    Path(deployment): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if deployment != state.deployment_name {
+        return Err(ApiError::not_found(format!(
+            "no deployment {deployment:?} here (this is {:?})",
+            state.deployment_name
+        )));
+    }
+    let req: MiiRequest = parse_body(&body, &[FIELDS])?;
+    let stream = req.stream;
+    let call = prepare(&state, req)?;
+    if stream {
+        let prompt_length = call.ids[0].len();
         let mut generated = 0usize;
-        let events = s.into_stream().map(move |ev| {
+        let events = stream_one(&state, call)?.map(move |ev| {
             generated += ev.token.is_some() as usize;
             let finish = ev.finish.as_ref().map_or("none", |f| f.as_str());
             let body = json!([{ "generated_text": ev.text, "prompt_length": prompt_length, "generated_length": generated, "finish_reason": finish }]);
@@ -136,14 +150,43 @@ pub async fn generate(
         });
         return Ok(Sse::new(events).into_response());
     }
+    let out: Vec<_> = complete(&state, call)
+        .await?
+        .into_iter()
+        .map(|f| json!({ "generated_text": f.text, "prompt_length": f.prompt_tokens, "generated_length": f.generated_tokens, "finish_reason": f.finish }))
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+/// One prompt's finished generation, as MII reports it.
+pub(crate) struct Finished {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub finish: &'static str,
+}
+
+/// Runs every prompt of `call` (batched by the engine) to completion, in prompt order.
+pub(crate) async fn complete(state: &AppState, call: MiiCall) -> Result<Vec<Finished>, ApiError> {
+    let MiiCall {
+        prompts,
+        ids,
+        params,
+    } = call;
     let streams = ids
         .iter()
-        .map(|t| state.engine.submit(t.clone(), params.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|t| {
+            Ok(Metered::new(
+                state.engine.submit(t.clone(), params.clone())?,
+                state.metrics.clone(),
+                t.len(),
+            ))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let mut out = Vec::with_capacity(streams.len());
-    for ((mut s, prompt), ids) in streams.into_iter().zip(&prompts).zip(&ids) {
+    for ((mut s, prompt), ids) in streams.into_iter().zip(prompts).zip(&ids) {
         let mut text = if params.return_full_text {
-            prompt.clone()
+            prompt
         } else {
             String::new()
         };
@@ -156,7 +199,33 @@ pub async fn generate(
                 break;
             }
         }
-        out.push(json!({ "generated_text": text, "prompt_length": ids.len(), "generated_length": n, "finish_reason": finish }));
+        out.push(Finished {
+            text,
+            prompt_tokens: ids.len(),
+            generated_tokens: n,
+            finish,
+        });
     }
-    Ok(Json(out).into_response())
+    Ok(out)
+}
+
+/// Streams the single prompt of `call` (MII streams exactly one prompt).
+pub(crate) fn stream_one(
+    state: &AppState,
+    mut call: MiiCall,
+) -> Result<impl futures_util::Stream<Item = tandem_engine::Event> + Send, ApiError> {
+    if call.ids.len() != 1 {
+        return Err(ApiError::invalid(
+            "streaming takes exactly one prompt (as MII)",
+            Some("prompts"),
+        ));
+    }
+    let ids = call.ids.pop().expect("one prompt");
+    let n = ids.len();
+    Ok(Metered::new(
+        state.engine.submit(ids, call.params)?,
+        state.metrics.clone(),
+        n,
+    )
+    .into_stream())
 }
