@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_engine;
+mod client;
 mod engine_args;
 mod generate;
 mod serve;
@@ -25,6 +26,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the model over HTTP: OpenAI-compatible /v1 routes and MII's REST route.
     Serve(serve::ServeArgs),
+    /// Talk to a running deployment by name: generate, terminate.
+    Client(client::ClientArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -44,6 +47,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Client(a) => client::run(a),
         Command::Bench(b) => bench::run(b),
     };
     if let Err(e) = result {

@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// Do not start the HTTP server.
     #[arg(long)]
     no_restful_api: bool,
+    /// Tensor-parallel degree (MII's `tensor_parallel`); only 1 exists so far.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel: usize,
     /// Require `Authorization: Bearer <KEY>` on /v1 and /mii routes (also from TANDEM_API_KEY).
     #[arg(long, env = "TANDEM_API_KEY")]
     api_key: Option<String>,
@@ -41,6 +44,11 @@ pub struct ServeArgs {
 
 /// Runs `tandem serve` until Ctrl-C.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.tensor_parallel == 1,
+        "--tensor-parallel {} is not supported yet: Tandem runs one engine per replica on the CPU (use --tensor-parallel 1)",
+        a.tensor_parallel
+    );
     let loaded = crate::load_model(a.model.as_deref())?;
     let model_name = loaded
         .path
@@ -63,12 +71,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             let addr = format!("{}:{port}", a.host);
             async move {
                 let l = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+                // The bound address (port 0 asks the OS for a free port).
+                let addr = l.local_addr()?.to_string();
                 anyhow::Ok((l, addr))
             }
         };
         let stop = Arc::new(tokio::sync::Notify::new());
         let (grpc_listener, grpc_addr) = bind(a.port).await?;
         let http = if a.no_restful_api { None } else { Some(bind(a.restful_api_port).await?) };
+        let http_addr = http.as_ref().map(|(_, addr)| addr.clone());
         tracing::info!("deployment {deployment:?} (model {model_name:?}): gRPC modelresponse.ModelResponse on {grpc_addr}");
         if let Some((_, addr)) = &http {
             tracing::info!("HTTP on http://{addr}: /v1 (OpenAI), /mii/{deployment}, /healthz, /metrics");
@@ -84,7 +95,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             let notified = stop.notified_owned();
             tokio::spawn(async move { tandem_server::serve(listener, state, notified).await })
         });
-        tracing::info!("deployment {deployment:?} ready");
+        let record = tandem_server::registry::DeploymentRecord {
+            name: deployment.clone(),
+            model: model_name.clone(),
+            pid: std::process::id(),
+            grpc: grpc_addr.clone(),
+            http: http_addr,
+        };
+        let home = tandem_model::fetch::tandem_home();
+        let _registration = tandem_server::registry::register(&home, &record)?;
+        tracing::info!("deployment {deployment:?} ready (recorded in {})", tandem_server::registry::dir(&home).display());
         tandem_server::grpc::serve(grpc_listener, state, stop).await?;
         if let Some(t) = http_task {
             t.await??;

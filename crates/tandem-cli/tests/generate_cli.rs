@@ -92,3 +92,116 @@ fn bad_arguments_fail_cleanly() {
         );
     }
 }
+
+/// `tandem serve` records itself by name; `tandem client` finds it, generates, and terminates
+/// it; the record goes away with the process.
+#[test]
+fn serve_client_discovery_and_terminate() {
+    let home = std::env::temp_dir().join(format!("tandem-cli-serve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(home.join("models")).unwrap();
+    // Share the already fetched model instead of downloading it again.
+    let model = tandem_model_path();
+    let name = "cli-test-deployment";
+    let mut server = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--restful-api-port",
+            "0",
+            "--deployment-name",
+            name,
+        ])
+        .env("TANDEM_HOME", &home)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let record = home.join("deployments").join(format!("{name}.json"));
+    let t = std::time::Instant::now();
+    while !record.exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "the deployment never registered"
+        );
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "the server exited early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let client = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["client", "--deployment-name", name])
+            .args(args)
+            .env("TANDEM_HOME", &home)
+            .output()
+            .unwrap()
+    };
+    let out = client(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "6",
+        "--greedy",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["generated_length"], 6);
+    assert_eq!(v[0]["prompt_length"], 5);
+    let out = client(&["terminate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.wait().unwrap().success());
+    assert!(
+        !record.exists(),
+        "the record is removed when the deployment stops"
+    );
+    let out = client(&["generate", "--prompt", "x"]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("no deployment named")
+    );
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+fn tandem_model_path() -> std::path::PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "generate",
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "1",
+            "--greedy",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fetching the default model: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let home = std::env::var_os("TANDEM_HOME").map(std::path::PathBuf::from);
+    let home = home.unwrap_or_else(|| dirs_cache().join("tandem"));
+    home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn dirs_cache() -> std::path::PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
+        })
+}

@@ -3,12 +3,14 @@
 //! (their engine streams are dropped) and free their KV at the next engine step.
 
 mod auth;
+pub mod client;
 mod error;
 pub mod grpc;
 pub mod metrics;
 mod mii;
 mod openai;
 mod params;
+pub mod registry;
 mod state;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
