@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// Do not start the HTTP server.
     #[arg(long)]
     no_restful_api: bool,
+    /// Engines behind the load balancer (they share the cores; the KV memory budget is split).
+    #[arg(long, default_value_t = 1)]
+    replica_num: usize,
     /// Tensor-parallel degree (MII's `tensor_parallel`); only 1 exists so far.
     #[arg(long, default_value_t = 1)]
     tensor_parallel: usize,
@@ -49,9 +52,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         "--tensor-parallel {} is not supported yet: Tandem runs one engine per replica on the CPU (use --tensor-parallel 1)",
         a.tensor_parallel
     );
-    let loaded = crate::load_model(a.model.as_deref())?;
-    let model_name = loaded
-        .path
+    anyhow::ensure!(a.replica_num >= 1, "--replica-num must be at least 1");
+    let path = tandem_model::fetch::resolve_model(a.model.as_deref(), true)?;
+    let model_name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
@@ -59,7 +62,18 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .deployment_name
         .clone()
         .unwrap_or_else(|| format!("{model_name}-mii-deployment"));
-    let engine = Arc::new(Engine::start(loaded, a.engine.config())?);
+    let mut cfg = a.engine.config();
+    cfg.kv_memory_fraction /= a.replica_num as f64;
+    let mut engines = Vec::with_capacity(a.replica_num);
+    for _ in 0..a.replica_num {
+        // Each replica maps the same weights file: the page cache is shared.
+        engines.push(Arc::new(Engine::start(
+            tandem_model::load(&path)?,
+            cfg.clone(),
+        )?));
+    }
+    tracing::info!(replicas = a.replica_num, "engines started");
+    let engine = tandem_server::replicas::Replicas::new(engines);
     let state = AppState::new(engine, model_name.clone(), deployment.clone())
         .with_api_key(a.api_key.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()

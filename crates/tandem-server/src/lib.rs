@@ -11,6 +11,7 @@ mod mii;
 mod openai;
 mod params;
 pub mod registry;
+pub mod replicas;
 mod state;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -52,9 +53,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    let (stats, blocks) = state.replicas.stats();
     let body = state
         .metrics
-        .render(&state.engine.stats(), state.engine.info().num_blocks);
+        .render(&stats, blocks, state.replicas.counts());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

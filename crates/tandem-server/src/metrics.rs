@@ -85,8 +85,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition, with the engine's current gauges.
-    pub fn render(&self, e: &EngineStats, total_blocks: usize) -> String {
+    /// The Prometheus text exposition, with the engines' current gauges.
+    pub fn render(&self, e: &EngineStats, total_blocks: usize, replicas: (usize, usize)) -> String {
         let mut out = String::new();
         let mut put = |name: &str, kind: &str, help: &str, v: f64| {
             let _ = writeln!(
@@ -165,6 +165,18 @@ impl Metrics {
             "Forward passes run.",
             e.steps as f64,
         );
+        put(
+            "tandem_replicas",
+            "gauge",
+            "Replicas in the deployment.",
+            replicas.0 as f64,
+        );
+        put(
+            "tandem_replicas_up",
+            "gauge",
+            "Replicas in rotation.",
+            replicas.1 as f64,
+        );
         self.ttft.render(
             "tandem_time_to_first_token_seconds",
             "Time to first token.",
@@ -187,6 +199,7 @@ impl Metrics {
 /// A request's event stream that records its latencies and tokens as it is consumed.
 pub struct Metered {
     inner: EventStream,
+    _load: crate::replicas::LoadGuard,
     metrics: std::sync::Arc<Metrics>,
     start: Instant,
     last: Option<Instant>,
@@ -194,13 +207,19 @@ pub struct Metered {
 
 impl Metered {
     /// Wraps `inner`, counting the request and its prompt tokens now.
-    pub fn new(inner: EventStream, metrics: std::sync::Arc<Metrics>, prompt_tokens: usize) -> Self {
+    pub fn new(
+        inner: EventStream,
+        metrics: std::sync::Arc<Metrics>,
+        prompt_tokens: usize,
+        load: crate::replicas::LoadGuard,
+    ) -> Self {
         metrics.requests.fetch_add(1, Relaxed);
         metrics
             .prompt_tokens
             .fetch_add(prompt_tokens as u64, Relaxed);
         Metered {
             inner,
+            _load: load,
             metrics,
             start: Instant::now(),
             last: None,

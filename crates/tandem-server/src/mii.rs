@@ -12,7 +12,6 @@ use serde_json::json;
 use tandem_engine::GenerateParams;
 
 use crate::error::ApiError;
-use crate::metrics::Metered;
 use crate::params::{parse_body, StopInput};
 use crate::state::AppState;
 
@@ -105,8 +104,8 @@ fn prepare(state: &AppState, req: MiiRequest) -> Result<MiiCall, ApiError> {
             Some("prompts"),
         ));
     }
-    let tok = state.engine.tokenizer();
-    let max_length = state.engine.info().max_length;
+    let tok = state.replicas.tokenizer();
+    let max_length = state.replicas.info().max_length;
     let mut ids = Vec::with_capacity(prompts.len());
     for p in &prompts {
         let t = tok
@@ -175,13 +174,7 @@ pub(crate) async fn complete(state: &AppState, call: MiiCall) -> Result<Vec<Fini
     } = call;
     let streams = ids
         .iter()
-        .map(|t| {
-            Ok(Metered::new(
-                state.engine.submit(t.clone(), params.clone())?,
-                state.metrics.clone(),
-                t.len(),
-            ))
-        })
+        .map(|t| state.submit(t.clone(), params.clone()))
         .collect::<Result<Vec<_>, ApiError>>()?;
     let mut out = Vec::with_capacity(streams.len());
     for ((mut s, prompt), ids) in streams.into_iter().zip(prompts).zip(&ids) {
@@ -221,11 +214,5 @@ pub(crate) fn stream_one(
         ));
     }
     let ids = call.ids.pop().expect("one prompt");
-    let n = ids.len();
-    Ok(Metered::new(
-        state.engine.submit(ids, call.params)?,
-        state.metrics.clone(),
-        n,
-    )
-    .into_stream())
+    Ok(state.submit(ids, call.params)?.into_stream())
 }

@@ -223,7 +223,7 @@ fn submit_all(
     params: &GenerateParams,
     echo: bool,
 ) -> Result<Vec<Submitted>, ApiError> {
-    let max_length = state.engine.info().max_length;
+    let max_length = state.replicas.info().max_length;
     for (ids, _) in &prompts {
         params
             .validate(ids.len(), max_length)
@@ -236,7 +236,7 @@ fn submit_all(
                 Some(match text {
                     Some(t) => t,
                     None => state
-                        .engine
+                        .replicas
                         .tokenizer()
                         .decode(&ids, false)
                         .unwrap_or_default(),
@@ -245,11 +245,7 @@ fn submit_all(
                 None
             };
             let prompt_tokens = ids.len();
-            let stream = Metered::new(
-                state.engine.submit(ids, params.clone())?,
-                state.metrics.clone(),
-                prompt_tokens,
-            );
+            let stream = state.submit(ids, params.clone())?;
             Ok(Submitted {
                 stream,
                 prompt_tokens,
@@ -329,7 +325,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
     if stream {
         return Ok(sse(state, id, "text_completion", subs, include_usage, false).into_response());
     }
-    let tok = state.engine.tokenizer().clone();
+    let tok = state.replicas.tokenizer().clone();
     let (mut choices, mut prompt_tokens, mut completion_tokens) = (vec![], 0, 0);
     for (i, s) in subs.into_iter().enumerate() {
         let c = collect(s.stream, &tok).await;
@@ -387,7 +383,7 @@ pub async fn chat_completions(
     let params = req
         .common
         .params(req.max_completion_tokens.or(req.max_tokens), logprobs)?;
-    let tok = state.engine.tokenizer().clone();
+    let tok = state.replicas.tokenizer().clone();
     let messages: Vec<ChatMessage> = req
         .messages
         .into_iter()

@@ -45,7 +45,7 @@ pub type Prompt = (Vec<u32>, Option<String>);
 
 /// Prompts as (token ids, text if given as text).
 pub fn tokenize(state: &AppState, prompt: PromptInput) -> Result<Vec<Prompt>, ApiError> {
-    let tok = state.engine.tokenizer();
+    let tok = state.replicas.tokenizer();
     let texts = match prompt {
         PromptInput::Ids(ids) => return Ok(vec![(ids, None)]),
         PromptInput::IdLists(lists) => return Ok(lists.into_iter().map(|l| (l, None)).collect()),

@@ -2,13 +2,17 @@
 
 use std::sync::Arc;
 
-use tandem_engine::Engine;
+use tandem_engine::GenerateParams;
+
+use crate::error::ApiError;
+use crate::metrics::Metered;
+use crate::replicas::Replicas;
 
 /// Shared server state: the engine and the names it answers to.
 #[derive(Clone)]
 pub struct AppState {
-    /// The engine serving this deployment.
-    pub engine: Arc<Engine>,
+    /// The engines serving this deployment.
+    pub replicas: Arc<Replicas>,
     /// The model id reported by `/v1/models` and in responses.
     pub model_name: String,
     /// MII's deployment name (the `/mii/{deployment}` route).
@@ -24,7 +28,7 @@ pub struct AppState {
 impl AppState {
     /// State for `engine` under the given names.
     pub fn new(
-        engine: Arc<Engine>,
+        replicas: impl Into<Replicas>,
         model_name: impl Into<String>,
         deployment_name: impl Into<String>,
     ) -> Self {
@@ -32,13 +36,21 @@ impl AppState {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         AppState {
-            engine,
+            replicas: Arc::new(replicas.into()),
             model_name: model_name.into(),
             deployment_name: deployment_name.into(),
             created,
             api_key: None,
             metrics: Arc::default(),
         }
+    }
+
+    /// Submits a tokenized prompt to the least-loaded replica; the stream records metrics and
+    /// holds the replica's load until it is dropped.
+    pub fn submit(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<Metered, ApiError> {
+        let n = prompt.len();
+        let (stream, guard) = self.replicas.submit(prompt, params)?;
+        Ok(Metered::new(stream, self.metrics.clone(), n, guard))
     }
 
     /// Requires `key` as a Bearer token on the generation routes.

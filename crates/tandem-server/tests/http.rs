@@ -311,3 +311,49 @@ fn api_key_and_metrics() {
         assert!(m.contains("tandem_prefix_cache_hit_rate"));
     });
 }
+
+/// Two replicas share concurrent requests by load; a replica whose engine has stopped is taken
+/// out of rotation (and reported in /metrics) while its requests go to the others.
+#[test]
+fn replicas_share_load_and_a_failed_one_is_taken_out() {
+    let path = tandem_model::fetch::ensure_default_model(false).expect("default model");
+    let start_engine =
+        || Engine::start(tandem_model::load(&path).unwrap(), EngineConfig::default()).unwrap();
+    let mut dead = start_engine();
+    dead.shutdown();
+    let live: Vec<Arc<Engine>> = (0..2).map(|_| Arc::new(start_engine())).collect();
+    let replicas = tandem_server::replicas::Replicas::new(vec![
+        Arc::new(dead),
+        live[0].clone(),
+        live[1].clone(),
+    ]);
+    let state = AppState::new(replicas, "smol", "smol-mii-deployment");
+    let replicas = state.replicas.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(tandem_server::serve(listener, state, std::future::pending()));
+        let reqs = (0..6).map(|i| {
+            let base = base.clone();
+            async move {
+                let body = json!({"prompt": format!("Request number {i}:"), "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+                post(&base, "/v1/completions", body).await
+            }
+        });
+        for (st, r) in futures_util::future::join_all(reqs).await {
+            assert_eq!(st, 200, "{r}");
+            assert_eq!(r["usage"]["completion_tokens"], 24);
+        }
+        let served = replicas.served();
+        assert_eq!(served[0], 0, "the stopped replica serves nothing");
+        assert!(served[1] >= 2 && served[2] >= 2, "both live replicas take requests: {served:?}");
+        assert_eq!(replicas.counts(), (3, 2));
+        let m = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(m.lines().any(|l| l == "tandem_replicas_up 2"), "{m}");
+    });
+}

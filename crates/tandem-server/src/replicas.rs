@@ -1,0 +1,153 @@
+//! Replicas behind a load balancer: each request goes to the live replica with the fewest
+//! outstanding tokens (prompt plus generation budget of the requests it is serving), not round
+//! robin. A replica whose engine has stopped is taken out of rotation and reported.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use tandem_engine::{Engine, EngineError, EngineInfo, EngineStats, EventStream, GenerateParams};
+use tandem_model::Tokenizer;
+
+struct Replica {
+    engine: Arc<Engine>,
+    outstanding: Arc<AtomicI64>,
+    up: AtomicBool,
+    served: AtomicU64,
+}
+
+/// The engines serving one deployment.
+pub struct Replicas {
+    replicas: Vec<Replica>,
+}
+
+/// Holds a request's share of its replica's load; released when dropped (request over).
+pub struct LoadGuard {
+    counter: Arc<AtomicI64>,
+    amount: i64,
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.amount, Relaxed);
+    }
+}
+
+impl From<Arc<Engine>> for Replicas {
+    fn from(e: Arc<Engine>) -> Self {
+        Replicas::new(vec![e])
+    }
+}
+
+impl Replicas {
+    /// Replicas over `engines` (at least one).
+    pub fn new(engines: Vec<Arc<Engine>>) -> Self {
+        assert!(
+            !engines.is_empty(),
+            "a deployment needs at least one replica"
+        );
+        let replicas = engines
+            .into_iter()
+            .map(|engine| Replica {
+                engine,
+                outstanding: Arc::default(),
+                up: AtomicBool::new(true),
+                served: AtomicU64::new(0),
+            })
+            .collect();
+        Replicas { replicas }
+    }
+
+    /// The tokenizer (the same model on every replica).
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        self.replicas[0].engine.tokenizer()
+    }
+
+    /// Engine facts (the same configuration on every replica).
+    pub fn info(&self) -> EngineInfo {
+        self.replicas[0].engine.info()
+    }
+
+    /// Number of replicas, and how many are in rotation.
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.replicas.len(),
+            self.replicas.iter().filter(|r| r.up.load(Relaxed)).count(),
+        )
+    }
+
+    /// Requests each replica has been given.
+    pub fn served(&self) -> Vec<u64> {
+        self.replicas
+            .iter()
+            .map(|r| r.served.load(Relaxed))
+            .collect()
+    }
+
+    /// Counters summed over all replicas, and their total KV blocks.
+    pub fn stats(&self) -> (EngineStats, usize) {
+        let mut sum = EngineStats::default();
+        for r in &self.replicas {
+            let s = r.engine.stats();
+            sum.running += s.running;
+            sum.waiting += s.waiting;
+            sum.blocks_in_use += s.blocks_in_use;
+            sum.blocks_cached += s.blocks_cached;
+            sum.prefix_lookups += s.prefix_lookups;
+            sum.prefix_hits += s.prefix_hits;
+            sum.tokens_computed += s.tokens_computed;
+            sum.steps += s.steps;
+            sum.preemptions += s.preemptions;
+        }
+        (
+            sum,
+            self.replicas
+                .iter()
+                .map(|r| r.engine.info().num_blocks)
+                .sum(),
+        )
+    }
+
+    /// Submits to the least-loaded live replica; a replica found stopped is taken out and the
+    /// next one tried.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+    ) -> Result<(EventStream, LoadGuard), EngineError> {
+        let weight = (prompt.len()
+            + params
+                .max_new_tokens
+                .unwrap_or(self.info().max_length - prompt.len().min(self.info().max_length)))
+            as i64;
+        let mut order: Vec<&Replica> = self
+            .replicas
+            .iter()
+            .filter(|r| r.up.load(Relaxed))
+            .collect();
+        order.sort_by_key(|r| r.outstanding.load(Relaxed));
+        for (i, r) in order.iter().enumerate() {
+            match r.engine.submit(prompt.clone(), params.clone()) {
+                Ok(stream) => {
+                    r.outstanding.fetch_add(weight, Relaxed);
+                    r.served.fetch_add(1, Relaxed);
+                    return Ok((
+                        stream,
+                        LoadGuard {
+                            counter: r.outstanding.clone(),
+                            amount: weight,
+                        },
+                    ));
+                }
+                Err(EngineError::Closed) => {
+                    r.up.store(false, Relaxed);
+                    tracing::error!(
+                        replica = i,
+                        "replica's engine has stopped; taken out of rotation"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Closed)
+    }
+}
