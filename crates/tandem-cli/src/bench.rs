@@ -12,6 +12,8 @@ pub enum BenchCommand {
     Model(ModelBenchArgs),
     /// Concurrent sequences through the engine: throughput, TTFT, TPOT, inter-token gaps.
     Engine(crate::bench_engine::EngineBenchArgs),
+    /// Load on any OpenAI-compatible streaming server (Tandem or llama-server).
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 /// Arguments of `tandem bench model`.
@@ -77,6 +79,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let a = match cmd {
         BenchCommand::Model(a) => a,
         BenchCommand::Engine(a) => return crate::bench_engine::run(a),
+        BenchCommand::Serve(a) => return crate::bench_serve::run(a),
     };
     anyhow::ensure!(
         a.prompt_tokens > 0 && a.gen_tokens > 0 && a.repeats > 0,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_engine;
+mod bench_serve;
 mod client;
 mod engine_args;
 mod generate;
