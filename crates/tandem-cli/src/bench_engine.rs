@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::bench_stats::{draw_len, mean_p50_p95 as stats};
 use tandem_engine::{Engine, GenerateParams};
 
 use crate::engine_args::EngineArgs;
@@ -42,28 +44,6 @@ pub struct EngineBenchArgs {
 struct Trace {
     start: Instant,
     times: Vec<Instant>,
-}
-
-fn normal(rng: &mut StdRng) -> f64 {
-    // Box-Muller.
-    let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-fn draw(rng: &mut StdRng, mean: usize, spread: f64) -> usize {
-    ((mean as f64) * (1.0 + spread * normal(rng)))
-        .round()
-        .max(1.0) as usize
-}
-
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    v.sort_by(f64::total_cmp);
-    let mean = v.iter().sum::<f64>() / v.len() as f64;
-    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    (mean, q(0.5), q(0.95))
 }
 
 fn prompt(rng: &mut StdRng, len: usize, vocab: usize) -> Vec<u32> {
@@ -118,8 +98,8 @@ pub fn run(a: EngineBenchArgs) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for _ in 0..a.concurrency {
         let (pl, gl) = (
-            draw(&mut rng, a.prompt_len, a.spread),
-            draw(&mut rng, a.gen_len, a.spread),
+            draw_len(&mut rng, a.prompt_len, a.spread),
+            draw_len(&mut rng, a.gen_len, a.spread),
         );
         handles.push(launch(&engine, prompt(&mut rng, pl, vocab), gl)?);
     }

@@ -9,6 +9,8 @@ use clap::Args;
 use futures_util::StreamExt;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::bench_stats::{draw_len, mean_p50_p95 as stats};
+
 /// Arguments of `tandem bench serve`.
 #[derive(Args, Debug)]
 pub struct ServeBenchArgs {
@@ -57,20 +59,6 @@ struct Outcome {
     prompt_tokens: usize,
     start: Instant,
     times: Vec<Instant>,
-}
-
-fn normal(rng: &mut StdRng) -> f64 {
-    let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    v.sort_by(f64::total_cmp);
-    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    (v.iter().sum::<f64>() / v.len() as f64, q(0.5), q(0.95))
 }
 
 /// Sends one streaming completion and records when each token arrived.
@@ -141,14 +129,12 @@ pub fn run(a: ServeBenchArgs) -> anyhow::Result<()> {
     let host = reqwest::Url::parse(&a.url)?;
     anyhow::ensure!(host.host_str().is_some(), "--url needs a host");
     let mut rng = StdRng::seed_from_u64(a.seed);
-    let draw = |rng: &mut StdRng, mean: usize| {
-        ((mean as f64) * (1.0 + a.spread * normal(rng)))
-            .round()
-            .max(1.0) as usize
-    };
     let work: Vec<(Vec<u32>, usize)> = (0..a.requests)
         .map(|_| {
-            let (p, g) = (draw(&mut rng, a.prompt_len), draw(&mut rng, a.gen_len));
+            let (p, g) = (
+                draw_len(&mut rng, a.prompt_len, a.spread),
+                draw_len(&mut rng, a.gen_len, a.spread),
+            );
             (
                 (0..p).map(|_| rng.gen_range(100..a.max_token_id)).collect(),
                 g,

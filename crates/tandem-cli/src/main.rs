@@ -3,6 +3,7 @@
 mod bench;
 mod bench_engine;
 mod bench_serve;
+mod bench_stats;
 mod client;
 mod engine_args;
 mod generate;
