@@ -67,6 +67,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
 /// Returns the default model's path, downloading it first if needed (progress on stderr
 /// when `progress`).
 pub fn ensure_default_model(progress: bool) -> Result<PathBuf, FetchError> {
+    // One download per process at a time (threads share the pid-named work directory);
+    // other processes download side by side and the atomic rename makes the last one win.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     let dest = default_model_path();
     let verified = dest.with_extension("gguf.sha256-ok");
     if dest.metadata().is_ok_and(|m| m.len() == SIZE) && verified.exists() {
