@@ -125,15 +125,8 @@ pub fn run(a: EngineBenchArgs) -> anyhow::Result<()> {
         .collect();
     let wall = t0.elapsed().as_secs_f64();
     let generated: usize = traces.iter().map(|t| t.times.len()).sum();
-    let ttft: Vec<f64> = traces
-        .iter()
-        .filter_map(|t| t.times.first().map(|f| (*f - t.start).as_secs_f64()))
-        .collect();
-    let tpot: Vec<f64> = traces
-        .iter()
-        .filter(|t| t.times.len() > 1)
-        .map(|t| (*t.times.last().unwrap() - t.times[0]).as_secs_f64() / (t.times.len() - 1) as f64)
-        .collect();
+    let (ttft, tpot) =
+        crate::bench_stats::ttft_tpot(traces.iter().map(|r| (r.start, r.times.as_slice())));
     let gaps: Vec<Vec<f64>> = traces
         .iter()
         .map(|t| {

@@ -162,15 +162,8 @@ pub fn run(a: ServeBenchArgs) -> anyhow::Result<()> {
         ))
     })?;
     let tokens: usize = outcomes.iter().map(|o| o.times.len()).sum();
-    let ttft: Vec<f64> = outcomes
-        .iter()
-        .filter_map(|o| o.times.first().map(|t| (*t - o.start).as_secs_f64()))
-        .collect();
-    let tpot: Vec<f64> = outcomes
-        .iter()
-        .filter(|o| o.times.len() > 1)
-        .map(|o| (*o.times.last().unwrap() - o.times[0]).as_secs_f64() / (o.times.len() - 1) as f64)
-        .collect();
+    let (ttft, tpot) =
+        crate::bench_stats::ttft_tpot(outcomes.iter().map(|r| (r.start, r.times.as_slice())));
     // FastGen's effective throughput: both SLAs per request.
     let alpha = 2.0 / 17.0;
     let ok = outcomes

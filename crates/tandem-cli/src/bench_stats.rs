@@ -1,5 +1,7 @@
 //! Statistics shared by the benchmarks: normally distributed lengths and percentiles.
 
+use std::time::Instant;
+
 use rand::{rngs::StdRng, Rng};
 
 /// A standard normal draw (Box-Muller).
@@ -23,4 +25,20 @@ pub fn mean_p50_p95(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
     (v.iter().sum::<f64>() / v.len() as f64, q(0.5), q(0.95))
+}
+
+/// Per-request time to first token and time per output token (seconds), from each request's
+/// start and its tokens' arrival times.
+pub fn ttft_tpot<'a>(
+    requests: impl Iterator<Item = (Instant, &'a [Instant])> + Clone,
+) -> (Vec<f64>, Vec<f64>) {
+    let ttft = requests
+        .clone()
+        .filter_map(|(start, t)| t.first().map(|f| (*f - start).as_secs_f64()))
+        .collect();
+    let tpot = requests
+        .filter(|(_, t)| t.len() > 1)
+        .map(|(_, t)| (t[t.len() - 1] - t[0]).as_secs_f64() / (t.len() - 1) as f64)
+        .collect();
+    (ttft, tpot)
 }

@@ -354,29 +354,44 @@ pub(crate) mod writer {
 
     fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
         match v {
+            GgufValue::U8(x) => out.push(*x),
+            GgufValue::I8(x) => out.push(*x as u8),
+            GgufValue::U16(x) => out.extend(x.to_le_bytes()),
+            GgufValue::I16(x) => out.extend(x.to_le_bytes()),
             GgufValue::U32(x) => out.extend(x.to_le_bytes()),
+            GgufValue::I32(x) => out.extend(x.to_le_bytes()),
+            GgufValue::U64(x) => out.extend(x.to_le_bytes()),
+            GgufValue::I64(x) => out.extend(x.to_le_bytes()),
             GgufValue::F32(x) => out.extend(x.to_le_bytes()),
+            GgufValue::F64(x) => out.extend(x.to_le_bytes()),
             GgufValue::Bool(b) => out.push(*b as u8),
             GgufValue::String(s) => put_str(out, s),
             GgufValue::Array(a) => {
-                out.extend(type_id(&a[0]).to_le_bytes());
+                // An empty array is written as an array of u8.
+                out.extend(a.first().map_or(0, type_id).to_le_bytes());
                 out.extend((a.len() as u64).to_le_bytes());
                 for x in a {
                     put_value(out, x);
                 }
             }
-            _ => unimplemented!("test writer covers the types tests use"),
         }
     }
 
     fn type_id(v: &GgufValue) -> u32 {
         match v {
+            GgufValue::U8(_) => 0,
+            GgufValue::I8(_) => 1,
+            GgufValue::U16(_) => 2,
+            GgufValue::I16(_) => 3,
             GgufValue::U32(_) => 4,
+            GgufValue::I32(_) => 5,
             GgufValue::F32(_) => 6,
             GgufValue::Bool(_) => 7,
             GgufValue::String(_) => 8,
             GgufValue::Array(_) => 9,
-            _ => unimplemented!("test writer covers the types tests use"),
+            GgufValue::U64(_) => 10,
+            GgufValue::I64(_) => 11,
+            GgufValue::F64(_) => 12,
         }
     }
 
@@ -456,6 +471,36 @@ mod tests {
                 ("f", vec![4], 0, vec![0u8; 16]),
             ],
         )
+    }
+
+    #[test]
+    fn every_value_type_round_trips() {
+        let values = vec![
+            GgufValue::U8(1),
+            GgufValue::I8(-2),
+            GgufValue::U16(3),
+            GgufValue::I16(-4),
+            GgufValue::U32(5),
+            GgufValue::I32(-6),
+            GgufValue::U64(7),
+            GgufValue::I64(-8),
+            GgufValue::F32(0.5),
+            GgufValue::F64(-0.25),
+            GgufValue::Bool(true),
+            GgufValue::String("s".into()),
+            GgufValue::Array(vec![GgufValue::U32(1), GgufValue::U32(2)]),
+            GgufValue::Array(vec![]),
+        ];
+        let names: Vec<String> = (0..values.len()).map(|i| format!("k{i}")).collect();
+        let meta: Vec<(&str, GgufValue)> = names
+            .iter()
+            .map(String::as_str)
+            .zip(values.iter().cloned())
+            .collect();
+        let g = parse_bytes(writer::write(&meta, &[])).unwrap();
+        for (k, v) in meta {
+            assert_eq!(g.get(k), Some(&v), "{k}");
+        }
     }
 
     #[test]
