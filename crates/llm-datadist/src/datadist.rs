@@ -116,6 +116,13 @@ impl LlmDataDist {
             .unwrap_or_default()
     }
 
+    /// Whether the link to `peer` moves payloads through shared memory (None: not linked).
+    pub fn link_uses_shm(&self, peer: u64) -> Option<bool> {
+        let core = self.core.as_ref()?;
+        let link = core.links.lock().expect("links lock").get(&peer).cloned()?;
+        Some(link.shm.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn check_batch(clusters: &[LlmClusterInfo], timeout_ms: i32) -> Result<Duration> {
         if timeout_ms <= 0 {
             param_invalid!("timeout must be > 0 ms, got {timeout_ms}");
