@@ -174,7 +174,10 @@ impl CacheEntry {
         let block = self.desc.slot_size();
         let n = self.desc.batch_size();
         if let Some(b) = blocks.iter().find(|&&b| b >= n) {
-            param_invalid!("block id {b} out of range for cache {} with {n} blocks", self.id);
+            param_invalid!(
+                "block id {b} out of range for cache {} with {n} blocks",
+                self.id
+            );
         }
         let mut segs = Vec::with_capacity(tensors.len() * blocks.len());
         for &t in tensors {

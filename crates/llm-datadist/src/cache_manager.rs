@@ -51,9 +51,13 @@ impl LayerRanges {
 
     /// Expands to (source tensor indices, destination tensor indices); `local_tensors` bounds
     /// the side given by `local_is_src` (the peer checks its own side).
-    pub(crate) fn tensors(&self, local_tensors: u32, local_is_src: bool) -> Result<(Vec<u32>, Vec<u32>)> {
+    pub(crate) fn tensors(
+        &self,
+        local_tensors: u32,
+        local_is_src: bool,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
         let n = self.tensor_num_per_layer;
-        if n == 0 || local_tensors as usize % n != 0 {
+        if n == 0 || !(local_tensors as usize).is_multiple_of(n) {
             param_invalid!(
                 "tensor_num_per_layer {n} must be >= 1 and divide the cache's {local_tensors} tensors"
             );
@@ -66,7 +70,9 @@ impl LayerRanges {
             (Some(s), Some(d)) => (s.clone(), d.clone()),
         };
         if src.len() != dst.len() || src.is_empty() {
-            param_invalid!("layer ranges {src:?} and {dst:?} must be non-empty and of equal length");
+            param_invalid!(
+                "layer ranges {src:?} and {dst:?} must be non-empty and of equal length"
+            );
         }
         let local = if local_is_src { &src } else { &dst };
         if local.end > layers {
@@ -126,7 +132,10 @@ impl CacheManager {
             .ok_or_else(|| {
                 LlmException::new(
                     LlmStatusCode::LlmKvCacheNotExist,
-                    format!("cache {} is not registered or allocated here", cache.cache_id()),
+                    format!(
+                        "cache {} is not registered or allocated here",
+                        cache.cache_id()
+                    ),
                 )
             })
     }
@@ -225,7 +234,11 @@ impl CacheManager {
     /// Removes a registration (unknown ids are a no-op).
     pub fn unregister_cache(&self, cache_id: i64) -> Result<()> {
         let mut table = self.core.table.lock().expect("table lock");
-        if table.by_id.get(&cache_id).is_some_and(|e| !e.is_allocated()) {
+        if table
+            .by_id
+            .get(&cache_id)
+            .is_some_and(|e| !e.is_allocated())
+        {
             table.by_id.remove(&cache_id);
             table.unbind_cache(cache_id);
         }
@@ -244,13 +257,19 @@ impl CacheManager {
         let Some(pool) = pool else {
             return Err(LlmException::new(
                 LlmStatusCode::LlmFeatureNotEnabled,
-                format!("no memory pool configured for {:?} placement", desc.placement),
+                format!(
+                    "no memory pool configured for {:?} placement",
+                    desc.placement
+                ),
             ));
         };
         let bufs = (0..desc.num_tensors)
             .map(|_| pool.allocate(desc.size()))
             .collect::<Result<Vec<_>>>()?;
-        Ok((bufs.iter().map(|b| b.addr()).collect(), Backing::Allocated(bufs)))
+        Ok((
+            bufs.iter().map(|b| b.addr()).collect(),
+            Backing::Allocated(bufs),
+        ))
     }
 
     /// Allocates a contiguous cache from the pool; key `i` names slot `i` (pad empty slots
@@ -280,7 +299,11 @@ impl CacheManager {
             );
         }
         let mut table = self.core.table.lock().expect("table lock");
-        if table.by_id.get(&cache.cache_id()).is_some_and(|e| e.is_allocated()) {
+        if table
+            .by_id
+            .get(&cache.cache_id())
+            .is_some_and(|e| e.is_allocated())
+        {
             table.by_id.remove(&cache.cache_id());
             if blocks {
                 table.unbind_cache(cache.cache_id());
@@ -309,7 +332,14 @@ impl CacheManager {
         Ok(())
     }
 
-    fn remote(&self, dir: Dir, peer: u64, access: Access, local: &[Segment], splittable: bool) -> Result<()> {
+    fn remote(
+        &self,
+        dir: Dir,
+        peer: u64,
+        access: Access,
+        local: &[Segment],
+        splittable: bool,
+    ) -> Result<()> {
         let link = self.core.link(peer)?;
         link.transfer(dir, access, local, splittable, self.deadline())
     }
@@ -365,7 +395,9 @@ impl CacheManager {
                 },
                 false,
             )),
-            AnyCacheKey::Blocks(_) => param_invalid!("a BlocksCacheKey names a blocks cache, not a slot"),
+            AnyCacheKey::Blocks(_) => {
+                param_invalid!("a BlocksCacheKey names a blocks cache, not a slot")
+            }
         }
     }
 
@@ -547,7 +579,11 @@ impl CacheManager {
 
     fn blocks_view(&self, cache: &Cache) -> Result<(CacheDesc, Vec<u64>, Option<Arc<CacheEntry>>)> {
         if cache.cache_id() == -1 {
-            return Ok((cache.cache_desc().clone(), cache.tensor_addrs().to_vec(), None));
+            return Ok((
+                cache.cache_desc().clone(),
+                cache.tensor_addrs().to_vec(),
+                None,
+            ));
         }
         let e = self.entry(cache)?;
         if !e.is_blocks {
@@ -558,7 +594,12 @@ impl CacheManager {
 
     /// Swaps blocks between a host and a device blocks cache (host -> device is swap-in,
     /// device -> host swap-out).
-    pub fn swap_blocks(&self, src_cache: &Cache, dst_cache: &Cache, src_to_dst: &[(u64, u64)]) -> Result<()> {
+    pub fn swap_blocks(
+        &self,
+        src_cache: &Cache,
+        dst_cache: &Cache,
+        src_to_dst: &[(u64, u64)],
+    ) -> Result<()> {
         let (sd, sa, _keep_s) = self.blocks_view(src_cache)?;
         let (dd, da, _keep_d) = self.blocks_view(dst_cache)?;
         if sd.placement == dd.placement {
@@ -577,8 +618,14 @@ impl CacheManager {
                 param_invalid!("swap_blocks: block pair ({s}, {d}) out of range");
             }
             for t in 0..sd.num_tensors as usize {
-                from.push(Segment { addr: sa[t] + s * block, len: block });
-                to.push(Segment { addr: da[t] + d * block, len: block });
+                from.push(Segment {
+                    addr: sa[t] + s * block,
+                    len: block,
+                });
+                to.push(Segment {
+                    addr: da[t] + d * block,
+                    len: block,
+                });
             }
         }
         copy_segments(&from, &to);

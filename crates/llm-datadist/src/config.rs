@@ -302,7 +302,7 @@ impl LlmConfig {
 
     /// RDMA traffic class (0..=255, multiple of 4).
     pub fn set_rdma_traffic_class(&mut self, tc: u32) -> Result<()> {
-        if tc > 255 || tc % 4 != 0 {
+        if tc > 255 || !tc.is_multiple_of(4) {
             param_invalid!("rdma_traffic_class must be 0..=255 and a multiple of 4, got {tc}");
         }
         self.rdma_traffic_class = Some(tc);

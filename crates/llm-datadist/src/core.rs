@@ -14,9 +14,7 @@ use crate::keys::{LlmClusterInfo, SlotKey, UINT64_MAX};
 use crate::link::Link;
 use crate::memory::MemoryPool;
 use crate::options::InitOptions;
-use crate::protocol::{
-    Access, ChannelRole, Hello, HelloAck, Reply, Request, SlotRef, Target,
-};
+use crate::protocol::{Access, ChannelRole, Hello, HelloAck, Reply, Request, SlotRef, Target};
 use crate::status::{param_invalid, LlmException, LlmStatusCode, Result};
 use crate::transport::shm::ShmRings;
 use crate::transport::{host_id, io_error, Channel, Stream};
@@ -171,7 +169,13 @@ impl Core {
         }
     }
 
-    fn hello(&self, role: ChannelRole, expected_peer: u64, nonce: u64, shm: Option<&ShmRings>) -> Hello {
+    fn hello(
+        &self,
+        role: ChannelRole,
+        expected_peer: u64,
+        nonce: u64,
+        shm: Option<&ShmRings>,
+    ) -> Hello {
         Hello {
             role,
             cluster_id: self.cluster_id,
@@ -198,7 +202,10 @@ impl Core {
             LlmException::new(LlmStatusCode::LlmLinkFailed, format!("connect {addr}: {e}"))
         })?;
         let _ = stream.set_nodelay(true);
-        let rings = if self.opts.transport.allows_shm() && self.host.is_some() && role != ChannelRole::Unlink {
+        let rings = if self.opts.transport.allows_shm()
+            && self.host.is_some()
+            && role != ChannelRole::Unlink
+        {
             ShmRings::create().ok()
         } else {
             None
@@ -219,7 +226,10 @@ impl Core {
                 format!("{addr} is cluster {}, not {expected_peer}", ack.cluster_id),
             ));
         }
-        if self.opts.transport == crate::TransportKind::Shm && !ack.shm_accepted && role != ChannelRole::Unlink {
+        if self.opts.transport == crate::TransportKind::Shm
+            && !ack.shm_accepted
+            && role != ChannelRole::Unlink
+        {
             return Err(LlmException::new(
                 LlmStatusCode::LlmLinkFailed,
                 format!("{addr} cannot share memory with this host (transport shm)"),
@@ -248,14 +258,26 @@ impl Core {
             ));
         }
         let addr = SocketAddr::V4(addr);
-        let nonce = self.nonce.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        let nonce = self
+            .nonce
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
         let link = Link::new(peer, nonce);
         let result = (|| {
             let first = self.connect(addr, ChannelRole::Link, peer, nonce, timeout)?;
-            let streams = if first.is_shm() { 1 } else { self.opts.tcp_streams };
+            let streams = if first.is_shm() {
+                1
+            } else {
+                self.opts.tcp_streams
+            };
             link.add_outgoing(first);
             for _ in 1..streams {
-                link.add_outgoing(self.connect(addr, ChannelRole::Forward, peer, nonce, timeout)?);
+                link.add_outgoing(self.connect(
+                    addr,
+                    ChannelRole::Forward,
+                    peer,
+                    nonce,
+                    timeout,
+                )?);
             }
             for _ in 0..streams {
                 let ch = self.connect(addr, ChannelRole::Reverse, peer, nonce, timeout)?;
@@ -302,7 +324,13 @@ impl Core {
             // The link's own connections are gone: say goodbye on a fresh one.
             result = match addr {
                 Some(a) => self
-                    .connect(SocketAddr::V4(a), ChannelRole::Unlink, peer, link.nonce, timeout)
+                    .connect(
+                        SocketAddr::V4(a),
+                        ChannelRole::Unlink,
+                        peer,
+                        link.nonce,
+                        timeout,
+                    )
                     .map(drop),
                 None => result,
             };
@@ -313,7 +341,10 @@ impl Core {
         result.map_err(|e| {
             LlmException::new(
                 LlmStatusCode::LlmUnlinkFailed,
-                format!("could not notify cluster {peer} of the unlink: {}", e.message),
+                format!(
+                    "could not notify cluster {peer} of the unlink: {}",
+                    e.message
+                ),
             )
         })
     }
@@ -346,17 +377,28 @@ impl Core {
             Err(LlmException::new(status, message))
         };
         if hello.token != self.opts.auth_token {
-            return refuse(&mut ch, LlmStatusCode::LlmLinkFailed, "authentication token mismatch".into());
+            return refuse(
+                &mut ch,
+                LlmStatusCode::LlmLinkFailed,
+                "authentication token mismatch".into(),
+            );
         }
         if hello.expected_peer != UINT64_MAX && hello.expected_peer != self.cluster_id {
             return refuse(
                 &mut ch,
                 LlmStatusCode::LlmLinkFailed,
-                format!("this is cluster {}, not {}", self.cluster_id, hello.expected_peer),
+                format!(
+                    "this is cluster {}, not {}",
+                    self.cluster_id, hello.expected_peer
+                ),
             );
         }
         if hello.cluster_id == self.cluster_id {
-            return refuse(&mut ch, LlmStatusCode::LlmParamInvalid, "peer has this instance's cluster id".into());
+            return refuse(
+                &mut ch,
+                LlmStatusCode::LlmParamInvalid,
+                "peer has this instance's cluster id".into(),
+            );
         }
         let peer = hello.cluster_id;
         let existing = self.links.lock().expect("links lock").get(&peer).cloned();
@@ -364,7 +406,12 @@ impl Core {
             ChannelRole::Link => {
                 // The client holds no link to us (it checked), so any entry here is stale.
                 let link = Link::new(peer, hello.link_nonce);
-                if let Some(old) = self.links.lock().expect("links lock").insert(peer, link.clone()) {
+                if let Some(old) = self
+                    .links
+                    .lock()
+                    .expect("links lock")
+                    .insert(peer, link.clone())
+                {
                     old.close();
                 }
                 link
@@ -373,7 +420,11 @@ impl Core {
                 if let Some(l) = existing {
                     let busy = l.try_quiesce().is_err();
                     if busy {
-                        return refuse(&mut ch, LlmStatusCode::LlmLinkBusy, "transfer in flight".into());
+                        return refuse(
+                            &mut ch,
+                            LlmStatusCode::LlmLinkBusy,
+                            "transfer in flight".into(),
+                        );
                     }
                     self.links.lock().expect("links lock").remove(&peer);
                     l.close();
@@ -389,13 +440,19 @@ impl Core {
             ChannelRole::Forward | ChannelRole::Reverse => match existing {
                 Some(l) if l.nonce == hello.link_nonce => l,
                 _ => {
-                    return refuse(&mut ch, LlmStatusCode::LlmNotYetLink, format!("no link from cluster {peer} to join"));
+                    return refuse(
+                        &mut ch,
+                        LlmStatusCode::LlmNotYetLink,
+                        format!("no link from cluster {peer} to join"),
+                    );
                 }
             },
         };
         let same_host = self.host.is_some() && self.host == Some(hello.host_id);
         let rings = match hello.shm {
-            Some(offer) if same_host && self.opts.transport.allows_shm() => ShmRings::open(&offer).ok(),
+            Some(offer) if same_host && self.opts.transport.allows_shm() => {
+                ShmRings::open(&offer).ok()
+            }
             _ => None,
         };
         let ack = HelloAck {
@@ -423,41 +480,45 @@ impl Core {
         let mut taken = None;
         let (segs, entries) = match &access.target {
             Target::Slot { slot, offset } => {
-                let (entry, batch) = match slot {
-                    SlotRef::Key(k) => {
-                        let binding = table
-                            .slots
-                            .get(k)
-                            .cloned()
-                            .ok_or_else(|| not_exist(format!("no cache bound to key {k:?}")))?;
-                        // Pulling a request's slot of an allocated cache consumes the key.
-                        if !write && binding.entry.is_allocated() && matches!(k, SlotKey::Request { .. }) {
-                            table.slots.remove(k);
-                            taken = Some((*k, binding.clone()));
+                let (entry, batch) =
+                    match slot {
+                        SlotRef::Key(k) => {
+                            let binding =
+                                table.slots.get(k).cloned().ok_or_else(|| {
+                                    not_exist(format!("no cache bound to key {k:?}"))
+                                })?;
+                            // Pulling a request's slot of an allocated cache consumes the key.
+                            if !write
+                                && binding.entry.is_allocated()
+                                && matches!(k, SlotKey::Request { .. })
+                            {
+                                table.slots.remove(k);
+                                taken = Some((*k, binding.clone()));
+                            }
+                            (binding.entry, binding.batch)
                         }
-                        (binding.entry, binding.batch)
-                    }
-                    SlotRef::Id { cache_id, batch } => {
-                        let entry = table
-                            .by_id
-                            .get(cache_id)
-                            .cloned()
-                            .ok_or_else(|| not_exist(format!("no cache with id {cache_id}")))?;
-                        (entry, *batch)
-                    }
-                };
+                        SlotRef::Id { cache_id, batch } => {
+                            let entry =
+                                table.by_id.get(cache_id).cloned().ok_or_else(|| {
+                                    not_exist(format!("no cache with id {cache_id}"))
+                                })?;
+                            (entry, *batch)
+                        }
+                    };
                 if entry.is_blocks {
-                    param_invalid!("cache {} is a blocks cache; address it with a BlocksCacheKey", entry.id);
+                    param_invalid!(
+                        "cache {} is a blocks cache; address it with a BlocksCacheKey",
+                        entry.id
+                    );
                 }
                 let segs = entry.slot_segments(&access.tensors, batch as u64, *offset, access.size);
                 (segs, vec![entry])
             }
             Target::Blocks { model_id, blocks } => {
-                let entry = table
-                    .blocks
-                    .get(model_id)
-                    .cloned()
-                    .ok_or_else(|| not_exist(format!("no blocks cache for model id {model_id}")))?;
+                let entry =
+                    table.blocks.get(model_id).cloned().ok_or_else(|| {
+                        not_exist(format!("no blocks cache for model id {model_id}"))
+                    })?;
                 (entry.block_segments(&access.tensors, blocks), vec![entry])
             }
             Target::Addresses(addrs) => {
@@ -469,8 +530,16 @@ impl Core {
                         .values()
                         .find(|e| e.remote_accessible() && e.contains(a, access.size))
                         .cloned()
-                        .ok_or_else(|| LlmException::param(format!("address {a:#x}+{} is not in a registered cache", access.size)))?;
-                    segs.push(Segment { addr: a, len: access.size });
+                        .ok_or_else(|| {
+                            LlmException::param(format!(
+                                "address {a:#x}+{} is not in a registered cache",
+                                access.size
+                            ))
+                        })?;
+                    segs.push(Segment {
+                        addr: a,
+                        len: access.size,
+                    });
                     entries.push(entry);
                 }
                 (Ok(segs), entries)
@@ -510,7 +579,11 @@ impl Core {
     /// Puts back a key whose pull failed, so the consumer can retry.
     pub fn restore(&self, r: &Resolved) {
         if let Some((k, b)) = &r.taken {
-            self.table.lock().expect("table lock").slots.insert(*k, b.clone());
+            self.table
+                .lock()
+                .expect("table lock")
+                .slots
+                .insert(*k, b.clone());
         }
     }
 }
@@ -622,23 +695,54 @@ mod tests {
         let slots = CacheDesc::new(2, vec![2, 128], DataType::DtUint8).unwrap();
         // SAFETY: `mem` outlives the core in every test, and the ranges lie inside it.
         unsafe {
-            cm.register_blocks_cache(&blocks, &[base, base + 512], Some(crate::BlocksCacheKey::new(7, 0)), None)
-                .unwrap();
-            cm.register_cache(&slots, &[base + 1024, base + 1280], &[crate::CacheKey::new(7, 9)], None)
-                .unwrap();
+            cm.register_blocks_cache(
+                &blocks,
+                &[base, base + 512],
+                Some(crate::BlocksCacheKey::new(7, 0)),
+                None,
+            )
+            .unwrap();
+            cm.register_cache(
+                &slots,
+                &[base + 1024, base + 1280],
+                &[crate::CacheKey::new(7, 9)],
+                None,
+            )
+            .unwrap();
         }
         core
     }
 
     fn arb_request() -> impl Strategy<Value = Vec<u8>> {
         let target = prop_oneof![
-            (proptest::collection::vec(0u64..12, 0..6), any::<u64>()).prop_map(|(blocks, m)| Target::Blocks { model_id: m % 2, blocks }),
-            (0i64..4, 0u32..4, 0u64..200).prop_map(|(cache_id, batch, offset)| Target::Slot { slot: SlotRef::Id { cache_id, batch }, offset }),
-            (0u64..12, 0u64..2).prop_map(|(req_id, model_id)| Target::Slot { slot: SlotRef::Key(SlotKey::Request { req_id, model_id }), offset: 0 }),
+            (proptest::collection::vec(0u64..12, 0..6), any::<u64>()).prop_map(|(blocks, m)| {
+                Target::Blocks {
+                    model_id: m % 2,
+                    blocks,
+                }
+            }),
+            (0i64..4, 0u32..4, 0u64..200).prop_map(|(cache_id, batch, offset)| Target::Slot {
+                slot: SlotRef::Id { cache_id, batch },
+                offset
+            }),
+            (0u64..12, 0u64..2).prop_map(|(req_id, model_id)| Target::Slot {
+                slot: SlotRef::Key(SlotKey::Request { req_id, model_id }),
+                offset: 0
+            }),
             proptest::collection::vec(any::<u64>(), 0..3).prop_map(Target::Addresses),
         ];
-        let access = (target, proptest::collection::vec(0u32..4, 0..4), 0u64..300, 0u64..2000)
-            .prop_map(|(target, tensors, size, total)| Access { target, tensors, size, total });
+        let access = (
+            target,
+            proptest::collection::vec(0u32..4, 0..4),
+            0u64..300,
+            0u64..2000,
+        )
+            .prop_map(|(target, tensors, size, total)| Access {
+                target,
+                tensors,
+                size,
+                total,
+            });
         prop_oneof![
             access.clone().prop_map(|a| Request::Read(a).encode()),
             access.prop_map(|a| Request::Write(a).encode()),

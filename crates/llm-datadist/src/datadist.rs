@@ -112,7 +112,14 @@ impl LlmDataDist {
     pub fn linked_clusters(&self) -> Vec<u64> {
         self.core
             .as_ref()
-            .map(|c| c.links.lock().expect("links lock").keys().copied().collect())
+            .map(|c| {
+                c.links
+                    .lock()
+                    .expect("links lock")
+                    .keys()
+                    .copied()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -171,7 +178,10 @@ impl LlmDataDist {
                 .into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(LlmException::new(LlmStatusCode::LlmFailed, "link thread panicked"))
+                        Err(LlmException::new(
+                            LlmStatusCode::LlmFailed,
+                            "link thread panicked",
+                        ))
                     })
                 })
                 .collect()

@@ -246,8 +246,14 @@ mod tests {
 
     #[test]
     fn ip_encoding_is_little_endian() {
-        assert_eq!(ip_to_int("1.2.3.4").unwrap(), 1 | 2 << 8 | 3 << 16 | 4 << 24);
-        assert_eq!(int_to_ip(ip_to_int("127.0.0.1").unwrap()).to_string(), "127.0.0.1");
+        assert_eq!(
+            ip_to_int("1.2.3.4").unwrap(),
+            1 | 2 << 8 | 3 << 16 | 4 << 24
+        );
+        assert_eq!(
+            int_to_ip(ip_to_int("127.0.0.1").unwrap()).to_string(),
+            "127.0.0.1"
+        );
         assert!(ip_to_int("localhost").is_err());
     }
 

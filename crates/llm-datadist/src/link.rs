@@ -201,7 +201,10 @@ impl Link {
                 if self.is_closed() {
                     return Err(LlmException::new(
                         LlmStatusCode::LlmLinkFailed,
-                        format!("link to cluster {} was closed during the transfer", self.peer),
+                        format!(
+                            "link to cluster {} was closed during the transfer",
+                            self.peer
+                        ),
                     ));
                 }
                 Err(e)

@@ -32,7 +32,10 @@ impl PoolConfig {
             param_invalid!("memory pool memory_size must be > 0");
         }
         if !(10..=30).contains(&cfg.page_shift) {
-            param_invalid!("memory pool page_shift must be in [10, 30], got {}", cfg.page_shift);
+            param_invalid!(
+                "memory pool page_shift must be in [10, 30], got {}",
+                cfg.page_shift
+            );
         }
         Ok(cfg)
     }
@@ -204,7 +207,9 @@ mod tests {
     #[test]
     fn config_checks() {
         assert_eq!(
-            PoolConfig::parse(r#"{"memory_size": 1024}"#).unwrap().page_shift,
+            PoolConfig::parse(r#"{"memory_size": 1024}"#)
+                .unwrap()
+                .page_shift,
             16
         );
         assert!(PoolConfig::parse(r#"{"memory_size": 0}"#).is_err());

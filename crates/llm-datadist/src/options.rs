@@ -129,21 +129,43 @@ mod tests {
     #[test]
     fn init_rules() {
         let err = |kv: &[(&str, &str)]| InitOptions::parse(&opts(kv)).unwrap_err().status_code;
-        assert_eq!(err(&[("llm.EnableCacheManager", "1")]), LlmStatusCode::LlmParamInvalid);
-        assert_eq!(err(&[("ge.exec.deviceId", "0")]), LlmStatusCode::LlmFeatureNotEnabled);
         assert_eq!(
-            err(&[("ge.exec.deviceId", "0"), ("llm.LocalCommRes", ""), ("llm.EnableCacheManager", "0")]),
+            err(&[("llm.EnableCacheManager", "1")]),
             LlmStatusCode::LlmParamInvalid
         );
         assert_eq!(
-            err(&[("ge.exec.deviceId", "0"), ("llm.EnableCacheManager", "1"), ("llm.listenIpInfo", "1.2.3.4")]),
+            err(&[("ge.exec.deviceId", "0")]),
+            LlmStatusCode::LlmFeatureNotEnabled
+        );
+        assert_eq!(
+            err(&[
+                ("ge.exec.deviceId", "0"),
+                ("llm.LocalCommRes", ""),
+                ("llm.EnableCacheManager", "0")
+            ]),
             LlmStatusCode::LlmParamInvalid
         );
         assert_eq!(
-            err(&[("ge.exec.deviceId", "0"), ("llm.EnableCacheManager", "1"), ("llm.TransferBackend", "hixl")]),
+            err(&[
+                ("ge.exec.deviceId", "0"),
+                ("llm.EnableCacheManager", "1"),
+                ("llm.listenIpInfo", "1.2.3.4")
+            ]),
             LlmStatusCode::LlmParamInvalid
         );
-        let ok = InitOptions::parse(&opts(&[("ge.exec.deviceId", "0"), ("llm.LocalCommRes", "")])).unwrap();
+        assert_eq!(
+            err(&[
+                ("ge.exec.deviceId", "0"),
+                ("llm.EnableCacheManager", "1"),
+                ("llm.TransferBackend", "hixl")
+            ]),
+            LlmStatusCode::LlmParamInvalid
+        );
+        let ok = InitOptions::parse(&opts(&[
+            ("ge.exec.deviceId", "0"),
+            ("llm.LocalCommRes", ""),
+        ]))
+        .unwrap();
         assert!(ok.remote_cache_accessible);
         assert_eq!(ok.sync_kv_timeout, Duration::from_millis(1000));
         let ok = InitOptions::parse(&opts(&[

@@ -346,7 +346,10 @@ const K_REPLY: u8 = 0x80;
 fn enc_slot_key(e: &mut Enc, k: &SlotKey) {
     match *k {
         SlotKey::Request { req_id, model_id } => e.u8(0).u64(req_id).u64(model_id),
-        SlotKey::Prefix { prefix_id, model_id } => e.u8(1).u64(prefix_id).u64(model_id),
+        SlotKey::Prefix {
+            prefix_id,
+            model_id,
+        } => e.u8(1).u64(prefix_id).u64(model_id),
     };
 }
 

@@ -155,7 +155,7 @@ impl CacheManager {
         if entry.desc.placement == Placement::Host {
             param_invalid!("transfer_cache_async needs a device source cache");
         }
-        if entry.desc.num_tensors % 2 != 0 {
+        if !entry.desc.num_tensors.is_multiple_of(2) {
             param_invalid!("transfer_cache_async needs an even tensor count (K and V per layer)");
         }
         let layers = entry.desc.num_tensors as usize / 2;
@@ -178,7 +178,11 @@ impl CacheManager {
                         param_invalid!("TransferConfig addresses need a contiguous source cache");
                     }
                     if c.dst_addrs.len() != 2 * r.len() {
-                        param_invalid!("TransferConfig needs {} dst addresses, got {}", 2 * r.len(), c.dst_addrs.len());
+                        param_invalid!(
+                            "TransferConfig needs {} dst addresses, got {}",
+                            2 * r.len(),
+                            c.dst_addrs.len()
+                        );
                     }
                 }
                 TransferTarget::Key(c) => {
@@ -187,9 +191,13 @@ impl CacheManager {
                     }
                     match (c.cache_key, entry.is_blocks) {
                         (TransferKey::Blocks(_), true) if c.src_batch_index == 0 => {}
-                        (TransferKey::Blocks(_), true) => param_invalid!("src_batch_index must be 0 for blocks"),
+                        (TransferKey::Blocks(_), true) => {
+                            param_invalid!("src_batch_index must be 0 for blocks")
+                        }
                         (TransferKey::ById(_), false) => {}
-                        _ => param_invalid!("blocks <-> contiguous layer-wise transfers are not supported"),
+                        _ => param_invalid!(
+                            "blocks <-> contiguous layer-wise transfers are not supported"
+                        ),
                     }
                 }
             }
@@ -238,7 +246,9 @@ impl CacheManager {
                                 .slot_segments(&src_t, c.src_batch_index as u64, 0, slot)
                                 .and_then(|local| {
                                     let access = Access {
-                                        target: Target::Addresses(c.dst_addrs[2 * k..2 * k + 2].to_vec()),
+                                        target: Target::Addresses(
+                                            c.dst_addrs[2 * k..2 * k + 2].to_vec(),
+                                        ),
                                         tensors: Vec::new(),
                                         size: slot,
                                         total: 2 * slot,
@@ -251,13 +261,24 @@ impl CacheManager {
                                 let (local, target, size) = match c.cache_key {
                                     TransferKey::Blocks(key) => (
                                         entry.block_segments(&src_t, &src_blocks),
-                                        Target::Blocks { model_id: key.model_id, blocks: dst_blocks.clone() },
+                                        Target::Blocks {
+                                            model_id: key.model_id,
+                                            blocks: dst_blocks.clone(),
+                                        },
                                         0,
                                     ),
                                     TransferKey::ById(key) => (
-                                        entry.slot_segments(&src_t, c.src_batch_index as u64, 0, slot),
+                                        entry.slot_segments(
+                                            &src_t,
+                                            c.src_batch_index as u64,
+                                            0,
+                                            slot,
+                                        ),
                                         Target::Slot {
-                                            slot: SlotRef::Id { cache_id: key.cache_id, batch: key.batch_index },
+                                            slot: SlotRef::Id {
+                                                cache_id: key.cache_id,
+                                                batch: key.batch_index,
+                                            },
                                             offset: 0,
                                         },
                                         slot,
@@ -274,7 +295,12 @@ impl CacheManager {
                                 })
                             }
                         };
-                        set(i, pushed.map(|_| LlmStatusCode::LlmSuccess).unwrap_or_else(|e| e.status_code));
+                        set(
+                            i,
+                            pushed
+                                .map(|_| LlmStatusCode::LlmSuccess)
+                                .unwrap_or_else(|e| e.status_code),
+                        );
                     }
                 }
                 let (lock, cv) = &*state;

@@ -222,7 +222,10 @@ impl CacheDesc {
             param_invalid!("seq_len_dim_index {} out of range", self.seq_len_dim_index);
         }
         if self.data_type.size().is_none() {
-            param_invalid!("data type {:?} cannot describe cache memory", self.data_type);
+            param_invalid!(
+                "data type {:?} cannot describe cache memory",
+                self.data_type
+            );
         }
         self.checked_size()?;
         Ok(())
@@ -256,7 +259,10 @@ impl CacheDesc {
     /// Sets dimension `dim_index` to `value` (the reference's `update_dim`).
     pub fn update_dim(&mut self, dim_index: usize, value: i64) -> Result<()> {
         if dim_index >= self.shape.len() {
-            param_invalid!("dim index {dim_index} out of range for rank {}", self.shape.len());
+            param_invalid!(
+                "dim index {dim_index} out of range for rank {}",
+                self.shape.len()
+            );
         }
         let old = std::mem::replace(&mut self.shape[dim_index], value);
         if let Err(e) = self.validate() {

@@ -115,7 +115,9 @@ impl ShmRings {
             .map_err(|e| shm_err(format!("stat {path}: {e}")))?
             .len();
         if len != FILE_SIZE as u64 {
-            return Err(shm_err(format!("{path} has {len} bytes, expected {FILE_SIZE}")));
+            return Err(shm_err(format!(
+                "{path} has {len} bytes, expected {FILE_SIZE}"
+            )));
         }
         let map = MmapRaw::map_raw(&file).map_err(|e| shm_err(format!("mmap {path}: {e}")))?;
         let rings = Self {
@@ -135,7 +137,7 @@ impl ShmRings {
     }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset + 8 <= FILE_SIZE);
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= FILE_SIZE);
         // SAFETY: in bounds of the mapping (which lives as long as self), 8-aligned (page
         // aligned base); shared words are only accessed atomically.
         unsafe { &*(self.map.as_mut_ptr().add(offset) as *const AtomicU64) }
@@ -240,7 +242,7 @@ fn wait(deadline: Instant, mut ready: impl FnMut() -> Result<bool>) -> Result<()
             std::hint::spin_loop();
         } else {
             std::thread::yield_now();
-            if spins % 64 == 0 && Instant::now() >= deadline {
+            if spins.is_multiple_of(64) && Instant::now() >= deadline {
                 return Err(LlmException::new(
                     LlmStatusCode::LlmTimeout,
                     "shared-memory transfer timed out",
@@ -305,15 +307,15 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         // Uneven segments exercise packing across slot boundaries.
         let cuts = [0, 5, 70_000, 1_000_001, 2_999_999, src.len()];
-        let seg = |buf: &[u8]| -> Vec<Segment> {
+        let seg = |base: u64| -> Vec<Segment> {
             cuts.windows(2)
                 .map(|w| Segment {
-                    addr: buf.as_ptr() as u64 + w[0] as u64,
+                    addr: base + w[0] as u64,
                     len: (w[1] - w[0]) as u64,
                 })
                 .collect()
         };
-        let (ssegs, dsegs) = (seg(&src), seg(&dst));
+        let (ssegs, dsegs) = (seg(src.as_ptr() as u64), seg(dst.as_mut_ptr() as u64));
         std::thread::scope(|s| {
             s.spawn(|| a.send(&ssegs, deadline).unwrap());
             b.recv(&dsegs, deadline).unwrap();

@@ -44,14 +44,22 @@ pub fn slots_desc() -> CacheDesc {
 }
 
 /// Options for an instance in these tests.
-pub fn options(transport: &str, remote: bool, listen: bool, token: &str, timeout_ms: i32) -> Options {
+pub fn options(
+    transport: &str,
+    remote: bool,
+    listen: bool,
+    token: &str,
+    timeout_ms: i32,
+) -> Options {
     let mut cfg = LlmConfig::new();
     cfg.set_device_id(0).unwrap();
     cfg.set_enable_cache_manager(true);
     cfg.set_enable_remote_cache_accessible(remote);
     cfg.set_enable_switch_role(true);
-    cfg.set_mem_pool_cfg(r#"{"memory_size": 67108864, "page_shift": 12}"#).unwrap();
-    cfg.set_host_mem_pool_cfg(r#"{"memory_size": 16777216, "page_shift": 12}"#).unwrap();
+    cfg.set_mem_pool_cfg(r#"{"memory_size": 67108864, "page_shift": 12}"#)
+        .unwrap();
+    cfg.set_host_mem_pool_cfg(r#"{"memory_size": 16777216, "page_shift": 12}"#)
+        .unwrap();
     cfg.set_sync_kv_timeout(timeout_ms).unwrap();
     cfg.set_transport(transport).unwrap();
     if !token.is_empty() {
@@ -85,6 +93,8 @@ pub struct Peer {
 }
 
 impl Peer {
+    // The child is killed and reaped by Drop; a failed READY read panics the test anyway.
+    #[allow(clippy::zombie_processes)]
     pub fn spawn(transport: &str, remote: bool, token: &str, big: bool) -> Peer {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "peer_main", "--nocapture", "--test-threads=1"])
@@ -102,13 +112,22 @@ impl Peer {
         let mut line = String::new();
         loop {
             line.clear();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "peer exited before READY");
+            assert!(
+                stdout.read_line(&mut line).unwrap() > 0,
+                "peer exited before READY"
+            );
             // The harness may print "test peer_main ... " on the same line.
             if let Some(rest) = line.split("READY ").nth(1) {
                 let mut it = rest.split_whitespace();
                 let port = it.next().unwrap().parse().unwrap();
                 let contig_id = it.next().unwrap().parse().unwrap();
-                return Peer { child, stdin, stdout, port, contig_id };
+                return Peer {
+                    child,
+                    stdin,
+                    stdout,
+                    port,
+                    contig_id,
+                };
             }
         }
     }
@@ -162,8 +181,14 @@ impl Drop for Peer {
 pub fn run_peer() {
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let mut dd = LlmDataDist::new(LlmRole::Prompt, PEER_ID);
-    dd.init(&options(&env("LLM_DD_TRANSPORT"), env("LLM_DD_REMOTE") == "1", true, &env("LLM_DD_TOKEN"), 2000))
-        .expect("peer init");
+    dd.init(&options(
+        &env("LLM_DD_TRANSPORT"),
+        env("LLM_DD_REMOTE") == "1",
+        true,
+        &env("LLM_DD_TOKEN"),
+        2000,
+    ))
+    .expect("peer init");
     let cm = dd.cache_manager().unwrap();
     let mut blocks = Tensors::new(TENSORS, (BLOCKS * BLOCK_BYTES) as usize);
     for (t, buf) in blocks.0.iter_mut().enumerate() {
@@ -173,15 +198,24 @@ pub fn run_peer() {
     }
     // SAFETY: the buffers live until the end of this function, after finalize.
     unsafe {
-        cm.register_blocks_cache(&blocks_desc(), &blocks.addrs(), Some(BlocksCacheKey::new(PEER_ID, 0)), None)
-            .unwrap();
+        cm.register_blocks_cache(
+            &blocks_desc(),
+            &blocks.addrs(),
+            Some(BlocksCacheKey::new(PEER_ID, 0)),
+            None,
+        )
+        .unwrap();
     }
     let contig = cm
-        .allocate_cache(&slots_desc(), &[CacheKey::new(PEER_ID, 100), CacheKey::new(PEER_ID, 101)])
+        .allocate_cache(
+            &slots_desc(),
+            &[CacheKey::new(PEER_ID, 100), CacheKey::new(PEER_ID, 101)],
+        )
         .unwrap();
     for (t, &a) in contig.tensor_addrs().iter().enumerate() {
         // SAFETY: pool memory of `slots_desc().size()` bytes per tensor.
-        let buf = unsafe { std::slice::from_raw_parts_mut(a as *mut u8, slots_desc().size() as usize) };
+        let buf =
+            unsafe { std::slice::from_raw_parts_mut(a as *mut u8, slots_desc().size() as usize) };
         for (i, b) in buf.iter_mut().enumerate() {
             *b = pattern(2, t, i);
         }
@@ -189,14 +223,28 @@ pub fn run_peer() {
     let mut big = Tensors::new(0, 0);
     if env("LLM_DD_BIG") == "1" {
         big = Tensors::new(BIG_TENSORS, (BIG_BLOCKS * BIG_BLOCK_BYTES) as usize);
-        let desc = CacheDesc::new(BIG_TENSORS, vec![BIG_BLOCKS, BIG_BLOCK_BYTES], DataType::DtUint8).unwrap();
+        let desc = CacheDesc::new(
+            BIG_TENSORS,
+            vec![BIG_BLOCKS, BIG_BLOCK_BYTES],
+            DataType::DtUint8,
+        )
+        .unwrap();
         // SAFETY: as above.
         unsafe {
-            cm.register_blocks_cache(&desc, &big.addrs(), Some(BlocksCacheKey::new(PEER_ID, 1)), None)
-                .unwrap();
+            cm.register_blocks_cache(
+                &desc,
+                &big.addrs(),
+                Some(BlocksCacheKey::new(PEER_ID, 1)),
+                None,
+            )
+            .unwrap();
         }
     }
-    println!("READY {} {}", dd.listen_addr().unwrap().port(), contig.cache_id());
+    println!(
+        "READY {} {}",
+        dd.listen_addr().unwrap().port(),
+        contig.cache_id()
+    );
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
         let line = line.unwrap();
