@@ -318,6 +318,8 @@ impl Core {
         }
         let link = self.link(peer)?;
         let quiet = link.try_quiesce()?;
+        // The local end goes whatever the peer answers; its handlers may now see EOF quietly.
+        link.begin_close();
         let deadline = Instant::now() + timeout;
         let mut result = link.control(&Request::Unlink, deadline);
         if result.is_err() {
@@ -635,6 +637,7 @@ fn serve(core: Weak<Core>, link: Arc<Link>, mut ch: Channel) {
                         links.remove(&link.peer);
                     }
                 }
+                link.begin_close();
                 let _ = ch.send_reply(&Reply::ok(), deadline);
                 link.close();
                 return;

@@ -78,9 +78,15 @@ impl Link {
         }
     }
 
+    /// Marks the link as going away (its handlers then end quietly on EOF) before the
+    /// sockets close.
+    pub fn begin_close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
     /// Closes every socket of the link.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.begin_close();
         for c in self.closers.lock().expect("link lock").iter() {
             c.close();
         }

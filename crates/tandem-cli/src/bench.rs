@@ -14,6 +14,8 @@ pub enum BenchCommand {
     Engine(crate::bench_engine::EngineBenchArgs),
     /// Load on any OpenAI-compatible streaming server (Tandem or llama-server).
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// KV-cache transfer between two processes with llm-datadist (GB/s vs a raw baseline).
+    Datadist(crate::bench_datadist::DataDistBenchArgs),
 }
 
 /// Arguments of `tandem bench model`.
@@ -80,6 +82,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Model(a) => a,
         BenchCommand::Engine(a) => return crate::bench_engine::run(a),
         BenchCommand::Serve(a) => return crate::bench_serve::run(a),
+        BenchCommand::Datadist(a) => return crate::bench_datadist::run(a),
     };
     anyhow::ensure!(
         a.prompt_tokens > 0 && a.gen_tokens > 0 && a.repeats > 0,

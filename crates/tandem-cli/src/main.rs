@@ -1,6 +1,7 @@
 //! `tandem`: run Llama-family models.
 
 mod bench;
+mod bench_datadist;
 mod bench_engine;
 mod bench_serve;
 mod bench_stats;

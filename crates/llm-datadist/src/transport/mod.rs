@@ -129,6 +129,12 @@ impl Read for Stream {
             Stream::Mem(s) => s.read(buf),
         }
     }
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read_vectored(bufs),
+            Stream::Mem(s) => s.read_vectored(bufs),
+        }
+    }
 }
 
 impl Write for Stream {
@@ -138,6 +144,12 @@ impl Write for Stream {
             Stream::Mem(s) => s.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Mem(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
@@ -145,6 +157,9 @@ impl Write for Stream {
         }
     }
 }
+
+/// Segments per vectored syscall (below the usual IOV_MAX of 1024).
+const IOV_BATCH: usize = 256;
 
 fn remaining(deadline: Instant) -> Result<Duration> {
     let now = Instant::now();
@@ -229,11 +244,36 @@ impl Channel {
         if let Some(rings) = &mut self.rings {
             return rings.send(segs, deadline);
         }
-        for s in segs {
-            // SAFETY: segments come from validated caches whose memory is valid (pool memory
-            // kept alive by the entry; registered memory by the caller's contract).
-            let bytes = unsafe { std::slice::from_raw_parts(s.addr as *const u8, s.len as usize) };
-            self.write_all(bytes, Some(deadline))?;
+        // Vectored writes: blocks are a few KiB, so one syscall per block would dominate.
+        for group in segs.chunks(IOV_BATCH) {
+            let t = remaining(deadline)?;
+            self.stream
+                .set_timeout(Some(t))
+                .map_err(|e| io_error(e, "socket"))?;
+            let mut slices: Vec<io::IoSlice> = group
+                .iter()
+                // SAFETY: segments come from validated caches whose memory is valid (pool
+                // memory kept alive by the entry; registered memory by the caller's contract).
+                .map(|s| {
+                    io::IoSlice::new(unsafe {
+                        std::slice::from_raw_parts(s.addr as *const u8, s.len as usize)
+                    })
+                })
+                .collect();
+            let mut bufs = slices.as_mut_slice();
+            while !bufs.is_empty() {
+                match self.stream.write_vectored(bufs) {
+                    Ok(0) => {
+                        return Err(LlmException::new(
+                            LlmStatusCode::LlmLinkFailed,
+                            "peer closed the connection",
+                        ))
+                    }
+                    Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_error(e, "send to peer")),
+                }
+            }
         }
         Ok(())
     }
@@ -243,11 +283,34 @@ impl Channel {
         if let Some(rings) = &mut self.rings {
             return rings.recv(segs, deadline);
         }
-        for s in segs {
-            // SAFETY: as in send_payload; the transfer owns these bytes for its duration.
-            let bytes =
-                unsafe { std::slice::from_raw_parts_mut(s.addr as *mut u8, s.len as usize) };
-            self.read_exact(bytes, Some(deadline))?;
+        for group in segs.chunks(IOV_BATCH) {
+            let t = remaining(deadline)?;
+            self.stream
+                .set_timeout(Some(t))
+                .map_err(|e| io_error(e, "socket"))?;
+            let mut slices: Vec<io::IoSliceMut> = group
+                .iter()
+                // SAFETY: as in send_payload; the transfer owns these bytes for its duration.
+                .map(|s| {
+                    io::IoSliceMut::new(unsafe {
+                        std::slice::from_raw_parts_mut(s.addr as *mut u8, s.len as usize)
+                    })
+                })
+                .collect();
+            let mut bufs = slices.as_mut_slice();
+            while !bufs.is_empty() {
+                match self.stream.read_vectored(bufs) {
+                    Ok(0) => {
+                        return Err(LlmException::new(
+                            LlmStatusCode::LlmLinkFailed,
+                            "peer closed the connection",
+                        ))
+                    }
+                    Ok(n) => io::IoSliceMut::advance_slices(&mut bufs, n),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_error(e, "receive from peer")),
+                }
+            }
         }
         Ok(())
     }
