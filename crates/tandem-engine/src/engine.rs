@@ -4,10 +4,12 @@
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tandem_model::{KvCache, KvDType, LoadedModel, Precision, Tokenizer};
 
 use crate::error::{EngineError, ParamError};
+use crate::handoff::{HeldKv, KvRegion, Reservation};
 use crate::params::GenerateParams;
 use crate::request::{EventStream, Request};
 use crate::worker::{Command, Worker};
@@ -34,6 +36,8 @@ pub struct EngineConfig {
     pub max_length: Option<usize>,
     /// Matmul precision.
     pub precision: Precision,
+    /// How long a prefill-only request's KV stays held for its consumer before it is freed.
+    pub kv_hold_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +51,7 @@ impl Default for EngineConfig {
             kv_dtype: KvDType::F16,
             max_length: None,
             precision: Precision::Fast,
+            kv_hold_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -87,6 +92,10 @@ pub struct EngineStats {
     pub steps: u64,
     /// Preemptions.
     pub preemptions: u64,
+    /// Blocks held for KV consumers (prefill side of disaggregation).
+    pub blocks_held: usize,
+    /// Blocks reserved for imported KV (decode side).
+    pub blocks_reserved: usize,
 }
 
 /// Handle on an engine thread. Dropping it shuts the engine down (open requests end with
@@ -97,6 +106,7 @@ pub struct Engine {
     info: EngineInfo,
     tokenizer: Arc<Tokenizer>,
     stats: Arc<Mutex<EngineStats>>,
+    kv_regions: Vec<KvRegion>,
 }
 
 fn physical_memory() -> usize {
@@ -165,18 +175,32 @@ impl Engine {
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let (tx, rx) = channel();
         let (tok, st) = (tokenizer.clone(), stats.clone());
+        let (regions_tx, regions_rx) = channel();
         // The worker is built on its thread: the block pool it owns is single-threaded.
         let join = std::thread::Builder::new()
             .name("tandem-engine".into())
-            .spawn(move || Worker::new(model, tok, &cfg, num_blocks, rx, st).run())
+            .spawn(move || {
+                let mut worker = Worker::new(model, tok, &cfg, num_blocks, rx, st);
+                let _ = regions_tx.send(worker.kv_regions());
+                worker.run()
+            })
             .map_err(|e| EngineError::Config(format!("cannot start the engine thread: {e}")))?;
+        let kv_regions = regions_rx.recv().map_err(|_| EngineError::Closed)?;
         Ok(Engine {
             tx,
             join: Some(join),
             info,
             tokenizer,
             stats,
+            kv_regions,
         })
+    }
+
+    /// The KV pool's tensors (K0, V0, K1, V1, ...), each `[num_blocks, block_size,
+    /// n_kv_heads, head_dim]`. They stay valid until the engine shuts down; register them
+    /// with a transfer library and unregister before dropping the engine.
+    pub fn kv_regions(&self) -> &[KvRegion] {
+        &self.kv_regions
     }
 
     /// Validates and enqueues a request; its events arrive on the returned stream. Dropping the
@@ -186,6 +210,92 @@ impl Engine {
         prompt: Vec<u32>,
         params: GenerateParams,
     ) -> Result<EventStream, EngineError> {
+        let (req, rx) = self.request(prompt, params, None)?;
+        self.tx
+            .send(Command::Generate(req))
+            .map_err(|_| EngineError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Prefill-only: computes the prompt's KV and its first token (the stream ends after it),
+    /// then holds the KV blocks for a consumer; their ids arrive on the second receiver. Call
+    /// [`release`](Self::release) when the consumer has them.
+    pub fn submit_prefill(
+        &self,
+        prompt: Vec<u32>,
+        mut params: GenerateParams,
+    ) -> Result<(EventStream, tokio::sync::oneshot::Receiver<HeldKv>), EngineError> {
+        params.max_new_tokens = Some(1);
+        params.min_new_tokens = params.min_new_tokens.min(1);
+        let (hold_tx, hold_rx) = tokio::sync::oneshot::channel();
+        let (req, rx) = self.request(prompt, params, Some(hold_tx))?;
+        self.tx
+            .send(Command::Generate(req))
+            .map_err(|_| EngineError::Closed)?;
+        Ok((rx, hold_rx))
+    }
+
+    /// Frees KV held by a prefill-only request (unknown handles are ignored).
+    pub fn release(&self, handle: u64) {
+        let _ = self.tx.send(Command::Release(handle));
+    }
+
+    /// Sets aside free blocks for `tokens` tokens of imported KV.
+    pub async fn reserve(&self, tokens: usize) -> Result<Reservation, EngineError> {
+        let n = tokens.div_ceil(self.info.block_size);
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Command::Reserve { blocks: n, reply })
+            .map_err(|_| EngineError::Closed)?;
+        let (id, blocks) = rx.await.map_err(|_| EngineError::Closed)??;
+        Ok(Reservation {
+            id,
+            blocks,
+            tx: self.tx.clone(),
+            consumed: false,
+        })
+    }
+
+    /// Continues a request whose prompt KV was written into `reservation`'s blocks and whose
+    /// first token was sampled elsewhere: the stream starts with `first_token`.
+    pub fn submit_imported(
+        &self,
+        mut reservation: Reservation,
+        prompt: Vec<u32>,
+        first_token: u32,
+        params: GenerateParams,
+    ) -> Result<EventStream, EngineError> {
+        if reservation.blocks.len() < prompt.len().div_ceil(self.info.block_size) {
+            return Err(EngineError::Handoff(format!(
+                "{} reserved blocks cannot hold a {}-token prompt",
+                reservation.blocks.len(),
+                prompt.len()
+            )));
+        }
+        if first_token as usize >= self.info.vocab_size {
+            return Err(EngineError::Handoff(format!(
+                "first token {first_token} is outside the vocabulary"
+            )));
+        }
+        let (req, rx) = self.request(prompt, params, None)?;
+        reservation.consumed = true;
+        self.tx
+            .send(Command::Import {
+                req,
+                reservation: reservation.id,
+                first_token,
+            })
+            .map_err(|_| EngineError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Validates a request and builds it with its event channel.
+    fn request(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        hold: Option<tokio::sync::oneshot::Sender<HeldKv>>,
+    ) -> Result<(Request, EventStream), EngineError> {
         let max_new = params.validate(prompt.len(), self.info.max_length)?;
         if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.info.vocab_size) {
             return Err(ParamError::Invalid {
@@ -208,15 +318,14 @@ impl Engine {
         // A sequence never outgrows the pool, so the oldest one can always finish.
         let max_new = max_new.min(capacity - prompt.len());
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.tx
-            .send(Command::Generate(Request {
-                prompt,
-                params,
-                max_new,
-                events,
-            }))
-            .map_err(|_| EngineError::Closed)?;
-        Ok(rx)
+        let req = Request {
+            prompt,
+            params,
+            max_new,
+            events,
+            hold,
+        };
+        Ok((req, rx))
     }
 
     /// The model's tokenizer.

@@ -36,6 +36,12 @@ pub enum EngineError {
         blocks: usize,
         block_size: usize,
     },
+    /// Not enough free KV blocks for a reservation right now.
+    #[error("{wanted} KV blocks wanted, {free} free")]
+    NoFreeBlocks { wanted: usize, free: usize },
+    /// A KV handoff could not complete.
+    #[error("KV handoff failed: {0}")]
+    Handoff(String),
     /// Engine configuration is invalid.
     #[error("invalid engine configuration: {0}")]
     Config(String),

@@ -7,6 +7,7 @@
 pub mod block_pool;
 mod engine;
 mod error;
+mod handoff;
 pub mod params;
 mod pipeline;
 mod request;
@@ -18,6 +19,7 @@ mod worker;
 
 pub use engine::{Engine, EngineConfig, EngineInfo, EngineStats};
 pub use error::{EngineError, ParamError};
+pub use handoff::{HeldKv, KvRegion, Reservation};
 pub use params::GenerateParams;
 pub use pipeline::{Pipeline, Response};
 pub use request::{Event, EventStream, FinishReason, Usage};

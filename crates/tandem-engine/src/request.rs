@@ -67,6 +67,8 @@ pub struct Request {
     pub max_new: usize,
     /// Where its events go; dropping the receiver cancels the request.
     pub events: UnboundedSender<Event>,
+    /// Prefill-only requests: keep the prompt's KV after finishing and say where it is.
+    pub hold: Option<tokio::sync::oneshot::Sender<crate::handoff::HeldKv>>,
 }
 
 /// The receiving end of a request's events.

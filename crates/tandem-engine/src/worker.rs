@@ -1,13 +1,16 @@
 //! The engine loop: intake, cancellation, scheduling, one ragged forward, sampling, streaming.
 
-use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tandem_model::{KvCache, LlamaModel, LogitsMode, SeqInput, Tokenizer};
 
-use crate::block_pool::KvBlocks;
+use crate::block_pool::{BlockTable, KvBlocks};
 use crate::engine::{EngineConfig, EngineStats};
+use crate::error::EngineError;
+use crate::handoff::{HeldKv, KvRegion};
 use crate::request::{FinishReason, Request};
 use crate::sampler::sample;
 use crate::scheduler::{blocks_for, schedule, Limits, Running, Waiting};
@@ -16,6 +19,21 @@ use crate::sequence::Sequence;
 /// Messages to the engine loop.
 pub(crate) enum Command {
     Generate(Request),
+    /// Free KV held for a consumer.
+    Release(u64),
+    /// Set aside free blocks for imported KV.
+    Reserve {
+        blocks: usize,
+        reply: tokio::sync::oneshot::Sender<Result<(u64, Vec<u32>), EngineError>>,
+    },
+    /// Return an unused reservation.
+    Unreserve(u64),
+    /// Start a sequence on reserved blocks that already hold its prompt's KV.
+    Import {
+        req: Request,
+        reservation: u64,
+        first_token: u32,
+    },
     Shutdown,
 }
 
@@ -32,6 +50,12 @@ pub(crate) struct Worker {
     next_id: u64,
     stats: Arc<Mutex<EngineStats>>,
     counters: EngineStats,
+    /// KV kept for consumers of prefill-only requests, by handle, with when it was held.
+    held: HashMap<u64, (BlockTable, Instant)>,
+    /// Blocks set aside for imported KV, by reservation id.
+    reserved: HashMap<u64, BlockTable>,
+    next_handle: u64,
+    hold_timeout: Duration,
 }
 
 impl Worker {
@@ -67,19 +91,45 @@ impl Worker {
             next_id: 0,
             stats,
             counters: EngineStats::default(),
+            held: HashMap::new(),
+            reserved: HashMap::new(),
+            next_handle: 1,
+            hold_timeout: cfg.kv_hold_timeout,
         }
+    }
+
+    /// The KV pool's tensors as raw regions, K0, V0, K1, V1, ...
+    pub(crate) fn kv_regions(&mut self) -> Vec<KvRegion> {
+        let mut out = Vec::with_capacity(2 * self.kv.num_layers());
+        for l in 0..self.kv.num_layers() {
+            let (k, v) = self.kv.layer_bytes_mut(l);
+            for t in [k, v] {
+                out.push(KvRegion {
+                    addr: t.as_mut_ptr() as u64,
+                    len: t.len(),
+                });
+            }
+        }
+        out
     }
 
     pub(crate) fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
-                match self.rx.recv() {
+                // Idle: wake up now and then while KV is held, to expire it.
+                let cmd = if self.held.is_empty() {
+                    self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                } else {
+                    self.rx.recv_timeout(Duration::from_millis(500))
+                };
+                match cmd {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
                             break;
                         }
                     }
-                    Err(_) => break,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
             loop {
@@ -98,6 +148,7 @@ impl Worker {
                 }
             }
             self.reap_cancelled();
+            self.expire_held();
             if !self.running.is_empty() || !self.waiting.is_empty() {
                 self.step();
             }
@@ -112,9 +163,78 @@ impl Worker {
                 let seq = Sequence::new(self.next_id, req, self.limits.block_size);
                 self.next_id += 1;
                 self.waiting.push_back(seq);
-                true
             }
-            Command::Shutdown => false,
+            Command::Release(handle) => {
+                self.held.remove(&handle);
+            }
+            Command::Reserve { blocks, reply } => {
+                let mut table = self.blocks.table();
+                let free = self.blocks.pool().num_free();
+                let result = if table.grow_to(blocks) {
+                    let id = self.next_handle;
+                    self.next_handle += 1;
+                    let ids = table.ids().to_vec();
+                    self.reserved.insert(id, table);
+                    Ok((id, ids))
+                } else {
+                    Err(EngineError::NoFreeBlocks {
+                        wanted: blocks,
+                        free,
+                    })
+                };
+                if let Err(Ok((id, _))) = reply.send(result) {
+                    self.reserved.remove(&id); // the caller is gone
+                }
+            }
+            Command::Unreserve(id) => {
+                self.reserved.remove(&id);
+            }
+            Command::Import {
+                req,
+                reservation,
+                first_token,
+            } => self.import(req, reservation, first_token),
+            Command::Shutdown => return false,
+        }
+        self.publish();
+        true
+    }
+
+    /// Starts a sequence whose prompt KV sits in reserved blocks: it resumes as if it had
+    /// just sampled `first_token`.
+    fn import(&mut self, req: Request, reservation: u64, first_token: u32) {
+        let mut s = Sequence::new(self.next_id, req, self.limits.block_size);
+        self.next_id += 1;
+        let Some(table) = self.reserved.remove(&reservation) else {
+            s.finish_with(FinishReason::Error(format!(
+                "no KV reservation {reservation}"
+            )));
+            return;
+        };
+        s.computed = s.tokens.len();
+        s.blocks = Some(table);
+        s.register_computed_blocks(self.limits.block_size);
+        match s.accept(&self.tok, first_token, None, &self.eos) {
+            Some(ev) => {
+                let tx = s.req.events.clone();
+                drop(s);
+                self.publish();
+                let _ = tx.send(ev);
+            }
+            None => self.running.push(s),
+        }
+    }
+
+    /// Frees KV whose consumer never confirmed.
+    fn expire_held(&mut self) {
+        let timeout = self.hold_timeout;
+        let before = self.held.len();
+        self.held.retain(|_, (_, since)| since.elapsed() < timeout);
+        if self.held.len() < before {
+            tracing::warn!(
+                expired = before - self.held.len(),
+                "held KV expired before its consumer released it"
+            );
         }
     }
 
@@ -144,6 +264,8 @@ impl Worker {
         self.counters.blocks_cached = p.cached_free;
         self.counters.prefix_lookups = p.lookups;
         self.counters.prefix_hits = p.hits;
+        self.counters.blocks_held = self.held.values().map(|(t, _)| t.len()).sum();
+        self.counters.blocks_reserved = self.reserved.values().map(|t| t.len()).sum();
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.counters;
     }
 
@@ -330,7 +452,16 @@ impl Worker {
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         let mut finals = Vec::with_capacity(finished.len());
         for (k, ev) in finished {
-            let s = self.running.remove(k);
+            let mut s = self.running.remove(k);
+            if let (Some(hold), Some(table)) = (s.req.hold.take(), s.blocks.take()) {
+                let handle = self.next_handle;
+                self.next_handle += 1;
+                let blocks = table.ids().to_vec();
+                self.held.insert(handle, (table, Instant::now()));
+                if hold.send(HeldKv { handle, blocks }).is_err() {
+                    self.held.remove(&handle); // nobody will pull it
+                }
+            }
             finals.push((s.req.events.clone(), ev));
         }
         self.publish();

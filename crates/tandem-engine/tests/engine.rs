@@ -388,3 +388,88 @@ fn shared_prefixes_under_eviction_pressure() {
     assert!(s.prefix_hits > 0);
     assert_eq!(s.blocks_in_use, 0);
 }
+
+fn tokens_of(mut s: EventStream) -> Vec<u32> {
+    let mut out = Vec::new();
+    while let Some(ev) = s.blocking_recv() {
+        out.extend(ev.token);
+        if ev.finish.is_some() {
+            break;
+        }
+    }
+    out
+}
+
+/// Copies blocks between two engines' pools, as a KV transfer library would.
+fn copy_blocks(from: &Engine, src: &[u32], to: &Engine, dst: &[u32]) {
+    for (ra, rb) in from.kv_regions().iter().zip(to.kv_regions()) {
+        let block = ra.len / from.info().num_blocks;
+        for (&s, &d) in src.iter().zip(dst) {
+            // SAFETY: block ids come from the engines' own tables, inside their pools; the
+            // source blocks are held and the destination blocks reserved, so no step touches
+            // them meanwhile.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (ra.addr as usize + s as usize * block) as *const u8,
+                    (rb.addr as usize + d as usize * block) as *mut u8,
+                    block,
+                )
+            };
+        }
+    }
+}
+
+#[test]
+fn kv_handoff_between_engines_matches_colocated_generation() {
+    let cfg = EngineConfig {
+        num_blocks: Some(256),
+        max_batch_tokens: 64,
+        kv_hold_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let prefill = Engine::start(model(), cfg.clone()).unwrap();
+    let decode = Engine::start(model(), cfg).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for prompt in golden_prompts().into_iter().take(3) {
+        let colocated = tokens_of(prefill.submit(prompt.clone(), greedy(10)).unwrap());
+        let (stream, held) = prefill.submit_prefill(prompt.clone(), greedy(10)).unwrap();
+        let first = tokens_of(stream);
+        assert_eq!(first.len(), 1);
+        let held = rt.block_on(held).unwrap();
+        assert!(prefill.stats().blocks_held >= prompt.len().div_ceil(16));
+        let reservation = rt.block_on(decode.reserve(prompt.len())).unwrap();
+        let n = reservation.blocks().len();
+        copy_blocks(&prefill, &held.blocks[..n], &decode, reservation.blocks());
+        prefill.release(held.handle);
+        let out = decode
+            .submit_imported(reservation, prompt.clone(), first[0], greedy(10))
+            .unwrap();
+        assert_eq!(tokens_of(out), colocated, "prompt {prompt:?}");
+    }
+    wait_until("held KV released", || prefill.stats().blocks_held == 0);
+    wait_until("decode KV freed", || decode.stats().blocks_in_use == 0);
+
+    // Aborts free KV on both sides: an unused reservation returns its blocks when dropped,
+    // and unreleased held KV expires.
+    let reservation = rt.block_on(decode.reserve(100)).unwrap();
+    wait_until("reservation counted", || {
+        decode.stats().blocks_reserved == 7
+    });
+    drop(reservation);
+    wait_until("reservation returned", || {
+        decode.stats().blocks_reserved == 0 && decode.stats().blocks_in_use == 0
+    });
+    let (stream, held) = prefill.submit_prefill(vec![1, 2, 3, 4], greedy(5)).unwrap();
+    drop(tokens_of(stream));
+    let _unreleased = rt.block_on(held).unwrap();
+    wait_until("held KV expired", || {
+        prefill.stats().blocks_held == 0 && prefill.stats().blocks_in_use == 0
+    });
+    // A reservation larger than the pool is a clear error.
+    assert!(matches!(
+        rt.block_on(decode.reserve(1 << 20)),
+        Err(EngineError::NoFreeBlocks { .. })
+    ));
+}
