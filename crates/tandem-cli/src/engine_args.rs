@@ -54,6 +54,7 @@ impl EngineArgs {
             } else {
                 Precision::Fast
             },
+            ..EngineConfig::default()
         }
     }
 }
