@@ -35,6 +35,27 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
+    /// The same flags as command-line arguments (to start worker processes).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("--max-batch-tokens={}", self.max_batch_tokens),
+            format!("--max-batch-seqs={}", self.max_batch_seqs),
+            format!("--block-size={}", self.block_size),
+            format!("--kv-memory-fraction={}", self.kv_memory_fraction),
+            format!("--kv-dtype={}", self.kv_dtype),
+        ];
+        if let Some(n) = self.max_length {
+            v.push(format!("--max-length={n}"));
+        }
+        if let Some(n) = self.num_blocks {
+            v.push(format!("--num-blocks={n}"));
+        }
+        if self.exact {
+            v.push("--exact".into());
+        }
+        v
+    }
+
     /// The engine configuration these flags describe.
     pub fn config(&self) -> EngineConfig {
         EngineConfig {

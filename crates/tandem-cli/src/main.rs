@@ -8,6 +8,7 @@ mod bench_stats;
 mod client;
 mod engine_args;
 mod generate;
+mod pd_worker;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Talk to a running deployment by name: generate, terminate.
     Client(client::ClientArgs),
+    /// Internal: one prefill or decode worker of a disaggregated deployment.
+    #[command(hide = true)]
+    PdWorker(pd_worker::PdWorkerArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -52,6 +56,7 @@ fn main() {
         Command::Serve(a) => serve::run(a),
         Command::Client(a) => client::run(a),
         Command::Bench(b) => bench::run(b),
+        Command::PdWorker(a) => pd_worker::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

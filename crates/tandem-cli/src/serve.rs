@@ -38,6 +38,15 @@ pub struct ServeArgs {
     /// Tensor-parallel degree (MII's `tensor_parallel`); only 1 exists so far.
     #[arg(long, default_value_t = 1)]
     tensor_parallel: usize,
+    /// Prefill workers (separate processes; with --decode-workers, a disaggregated deployment).
+    #[arg(long, default_value_t = 0)]
+    prefill_workers: usize,
+    /// Decode workers (separate processes pulling the prompt's KV from prefill workers).
+    #[arg(long, default_value_t = 0)]
+    decode_workers: usize,
+    /// Disaggregated only: prompts of at most this many tokens prefill on the decode worker.
+    #[arg(long, default_value_t = 32)]
+    local_prefill_max: usize,
     /// Require `Authorization: Bearer <KEY>` on /v1 and /mii routes (also from TANDEM_API_KEY).
     #[arg(long, env = "TANDEM_API_KEY")]
     api_key: Option<String>,
@@ -62,24 +71,53 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .deployment_name
         .clone()
         .unwrap_or_else(|| format!("{model_name}-mii-deployment"));
-    let mut cfg = a.engine.config();
-    cfg.kv_memory_fraction /= a.replica_num as f64;
-    let mut engines = Vec::with_capacity(a.replica_num);
-    for _ in 0..a.replica_num {
-        // Each replica maps the same weights file: the page cache is shared.
-        engines.push(Arc::new(Engine::start(
-            tandem_model::load(&path)?,
-            cfg.clone(),
-        )?));
-    }
-    tracing::info!(replicas = a.replica_num, "engines started");
-    let engine = tandem_server::replicas::Replicas::new(engines);
-    let state = AppState::new(engine, model_name.clone(), deployment.clone())
-        .with_api_key(a.api_key.clone());
+    let disaggregated = a.prefill_workers > 0 || a.decode_workers > 0;
+    anyhow::ensure!(
+        !disaggregated || (a.prefill_workers > 0 && a.decode_workers > 0),
+        "a disaggregated deployment needs --prefill-workers and --decode-workers both at least 1"
+    );
+    anyhow::ensure!(
+        !disaggregated || a.replica_num == 1,
+        "--replica-num and --prefill-workers/--decode-workers cannot be combined"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let mut _workers = None;
+    let state = if disaggregated {
+        let workers =
+            crate::pd_worker::spawn(&path, a.prefill_workers, a.decode_workers, &a.engine)?;
+        let tokenizer = Arc::new(tandem_model::load(&path)?.tokenizer);
+        let router = rt
+            .block_on(tandem_server::pd::router::PdRouter::new(
+                workers.prefill.clone(),
+                workers.decode.clone(),
+                tokenizer,
+                a.local_prefill_max,
+            ))
+            .map_err(|e| anyhow::anyhow!("cannot wire the disaggregated deployment: {e}"))?;
+        _workers = Some(workers);
+        AppState::disaggregated(router, model_name.clone(), deployment.clone())
+    } else {
+        let mut cfg = a.engine.config();
+        cfg.kv_memory_fraction /= a.replica_num as f64;
+        let mut engines = Vec::with_capacity(a.replica_num);
+        for _ in 0..a.replica_num {
+            // Each replica maps the same weights file: the page cache is shared.
+            engines.push(Arc::new(Engine::start(
+                tandem_model::load(&path)?,
+                cfg.clone(),
+            )?));
+        }
+        tracing::info!(replicas = a.replica_num, "engines started");
+        AppState::new(
+            tandem_server::replicas::Replicas::new(engines),
+            model_name.clone(),
+            deployment.clone(),
+        )
+    }
+    .with_api_key(a.api_key.clone());
     rt.block_on(async move {
         let bind = |port: u16| {
             let addr = format!("{}:{port}", a.host);

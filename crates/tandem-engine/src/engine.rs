@@ -57,7 +57,7 @@ impl Default for EngineConfig {
 }
 
 /// Fixed facts about a running engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EngineInfo {
     /// KV blocks in the pool.
     pub num_blocks: usize,
@@ -72,7 +72,7 @@ pub struct EngineInfo {
 }
 
 /// Live counters, updated by the engine loop after every step.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EngineStats {
     /// Sequences holding KV.
     pub running: usize,

@@ -13,7 +13,7 @@ use std::sync::mpsc::Sender;
 use crate::worker::Command;
 
 /// Blocks a finished prefill-only request left held for a consumer to pull.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HeldKv {
     /// Pass to `release` once the consumer has the bytes (or gave up).
     pub handle: u64,

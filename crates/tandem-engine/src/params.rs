@@ -8,7 +8,7 @@ use crate::error::ParamError;
 /// Where MII has a quirk this follows the documented intent and says so:
 /// `min_new_tokens` counts generated tokens (MII compares the whole sequence length), and `stop`
 /// strings are matched on text, may span several tokens, and add to EOS rather than replace it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerateParams {
     /// Cap on prompt + generated tokens; `None` means the engine's `max_length`. Must exceed the
     /// prompt length.

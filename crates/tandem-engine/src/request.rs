@@ -6,7 +6,7 @@ use crate::params::GenerateParams;
 use crate::sampler::TokenLogprobs;
 
 /// Why a request ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     /// EOS or a stop string.
     Stop,
@@ -31,7 +31,7 @@ impl FinishReason {
 }
 
 /// One streamed step of a request.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     /// The generated token, if this step produced one that is part of the output.
     pub token: Option<u32>,
@@ -46,7 +46,7 @@ pub struct Event {
 }
 
 /// Token counts of a finished request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Prompt tokens.
     pub prompt_tokens: usize,

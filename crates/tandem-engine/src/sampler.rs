@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use crate::params::GenerateParams;
 
 /// One step's log-probabilities.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprobs {
     /// Log-probability of the chosen token.
     pub logprob: f32,

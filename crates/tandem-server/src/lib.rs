@@ -2,6 +2,7 @@
 //! MII's REST route `/mii/{deployment}`, and `/healthz`. Client disconnects cancel requests
 //! (their engine streams are dropped) and free their KV at the next engine step.
 
+mod admin;
 mod auth;
 pub mod client;
 mod error;
@@ -10,6 +11,7 @@ pub mod metrics;
 mod mii;
 mod openai;
 mod params;
+pub mod pd;
 pub mod registry;
 pub mod replicas;
 mod state;
@@ -35,6 +37,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/mii/{deployment}", post(mii::generate))
+        .route("/admin/workers", get(admin::workers))
+        .route("/admin/workers/role", post(admin::switch_role))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,

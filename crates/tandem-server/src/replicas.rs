@@ -8,8 +8,36 @@ use std::sync::Arc;
 use tandem_engine::{Engine, EngineError, EngineInfo, EngineStats, EventStream, GenerateParams};
 use tandem_model::Tokenizer;
 
+/// Anything that turns prompts into event streams: a local engine, or a disaggregated
+/// deployment behind a router.
+pub trait Generator: Send + Sync {
+    /// Validates and starts a request; dropping the stream cancels it.
+    fn submit(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<EventStream, EngineError>;
+    /// The model's tokenizer.
+    fn tokenizer(&self) -> &Arc<Tokenizer>;
+    /// Engine facts.
+    fn info(&self) -> EngineInfo;
+    /// Live counters.
+    fn stats(&self) -> EngineStats;
+}
+
+impl Generator for Engine {
+    fn submit(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<EventStream, EngineError> {
+        Engine::submit(self, prompt, params)
+    }
+    fn tokenizer(&self) -> &Arc<Tokenizer> {
+        Engine::tokenizer(self)
+    }
+    fn info(&self) -> EngineInfo {
+        Engine::info(self)
+    }
+    fn stats(&self) -> EngineStats {
+        Engine::stats(self)
+    }
+}
+
 struct Replica {
-    engine: Arc<Engine>,
+    engine: Arc<dyn Generator>,
     outstanding: Arc<AtomicI64>,
     up: AtomicBool,
     served: AtomicU64,
@@ -38,9 +66,25 @@ impl From<Arc<Engine>> for Replicas {
     }
 }
 
+impl From<Arc<dyn Generator>> for Replicas {
+    fn from(g: Arc<dyn Generator>) -> Self {
+        Replicas::from_generators(vec![g])
+    }
+}
+
 impl Replicas {
     /// Replicas over `engines` (at least one).
     pub fn new(engines: Vec<Arc<Engine>>) -> Self {
+        Self::from_generators(
+            engines
+                .into_iter()
+                .map(|e| e as Arc<dyn Generator>)
+                .collect(),
+        )
+    }
+
+    /// Replicas over any generators (at least one).
+    pub fn from_generators(engines: Vec<Arc<dyn Generator>>) -> Self {
         assert!(
             !engines.is_empty(),
             "a deployment needs at least one replica"
@@ -97,6 +141,8 @@ impl Replicas {
             sum.tokens_computed += s.tokens_computed;
             sum.steps += s.steps;
             sum.preemptions += s.preemptions;
+            sum.blocks_held += s.blocks_held;
+            sum.blocks_reserved += s.blocks_reserved;
         }
         (
             sum,

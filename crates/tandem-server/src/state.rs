@@ -23,6 +23,8 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Request and latency metrics for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The router when the deployment is disaggregated (admin routes).
+    pub pd: Option<Arc<crate::pd::router::PdRouter>>,
 }
 
 impl AppState {
@@ -42,6 +44,7 @@ impl AppState {
             created,
             api_key: None,
             metrics: Arc::default(),
+            pd: None,
         }
     }
 
@@ -51,6 +54,18 @@ impl AppState {
         let n = prompt.len();
         let (stream, guard) = self.replicas.submit(prompt, params)?;
         Ok(Metered::new(stream, self.metrics.clone(), n, guard))
+    }
+
+    /// A disaggregated deployment: requests go through `router`.
+    pub fn disaggregated(
+        router: Arc<crate::pd::router::PdRouter>,
+        model_name: impl Into<String>,
+        deployment_name: impl Into<String>,
+    ) -> Self {
+        let generator: Arc<dyn crate::replicas::Generator> = router.clone();
+        let mut state = Self::new(generator, model_name, deployment_name);
+        state.pd = Some(router);
+        state
     }
 
     /// Requires `key` as a Bearer token on the generation routes.
