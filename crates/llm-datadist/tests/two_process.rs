@@ -240,6 +240,71 @@ fn transfers_over(transport: &str) {
             .all(|&b| b == 0xC0 + t as u8));
     }
 
+    // Layer-wise async push by raw addresses (TransferConfig): local slot 0 of layer 1 into
+    // slot 1 of the peer's contiguous cache, then pulled back.
+    let slot = SLOT_BYTES as u64;
+    let cfg = TransferConfig {
+        dst_cluster_id: PEER_ID,
+        dst_addrs: vec![peer.contig_addrs[2] + slot, peer.contig_addrs[3] + slot],
+        src_layer_range: Some(1..2),
+        src_batch_index: 0,
+    };
+    for &a in &contig.tensor_addrs()[2..] {
+        // SAFETY: pool memory of this cache.
+        let s = unsafe { std::slice::from_raw_parts_mut(a as *mut u8, SLOT_BYTES as usize) };
+        s.iter_mut().for_each(|b| *b = 0x5A);
+    }
+    let task = cm
+        .transfer_cache_async(
+            &contig,
+            sync.clone(),
+            vec![TransferTarget::Addresses(cfg)],
+            None,
+            None,
+        )
+        .unwrap();
+    assert_eq!(task.synchronize(Some(10_000)), LlmStatusCode::LlmSuccess);
+    cm.pull_cache(
+        CacheKeyByIdAndIndex::new(PEER_ID, peer.contig_id, 1),
+        &contig2,
+        0,
+        -1,
+        &LayerRanges::all(),
+    )
+    .unwrap();
+    for (t, &a) in contig2.tensor_addrs().iter().enumerate() {
+        // SAFETY: pool memory of this cache.
+        let got = unsafe { std::slice::from_raw_parts(a as *const u8, SLOT_BYTES as usize) };
+        if t >= 2 {
+            assert!(got.iter().all(|&b| b == 0x5A), "tensor {t}");
+        } else {
+            let want: Vec<u8> = (0..SLOT_BYTES as usize)
+                .map(|i| pattern(2, t, SLOT_BYTES as usize + i))
+                .collect();
+            assert_eq!(got, want.as_slice(), "tensor {t}");
+        }
+    }
+    // An address outside the peer's registered memory is refused, and the link survives.
+    let bad = TransferConfig {
+        dst_cluster_id: PEER_ID,
+        dst_addrs: vec![8, 16],
+        src_layer_range: Some(0..1),
+        src_batch_index: 0,
+    };
+    let task = cm
+        .transfer_cache_async(
+            &contig,
+            sync.clone(),
+            vec![TransferTarget::Addresses(bad)],
+            None,
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        task.synchronize(Some(10_000)),
+        LlmStatusCode::LlmParamInvalid
+    );
+
     // Unlink: both ends drop the link; transfers then need a new link.
     let (ret, _) = dd.unlink_clusters(&[peer.info()], 5000, false).unwrap();
     assert_eq!(ret, LlmStatusCode::LlmSuccess);

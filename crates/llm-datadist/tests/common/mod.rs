@@ -90,6 +90,8 @@ pub struct Peer {
     stdout: BufReader<ChildStdout>,
     pub port: u16,
     pub contig_id: i64,
+    /// The peer's contiguous cache's tensor addresses (for address-based transfers).
+    pub contig_addrs: Vec<u64>,
 }
 
 impl Peer {
@@ -121,12 +123,14 @@ impl Peer {
                 let mut it = rest.split_whitespace();
                 let port = it.next().unwrap().parse().unwrap();
                 let contig_id = it.next().unwrap().parse().unwrap();
+                let contig_addrs = it.map(|a| a.parse().unwrap()).collect();
                 return Peer {
                     child,
                     stdin,
                     stdout,
                     port,
                     contig_id,
+                    contig_addrs,
                 };
             }
         }
@@ -240,10 +244,16 @@ pub fn run_peer() {
             .unwrap();
         }
     }
+    let addrs: Vec<String> = contig
+        .tensor_addrs()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
     println!(
-        "READY {} {}",
+        "READY {} {} {}",
         dd.listen_addr().unwrap().port(),
-        contig.cache_id()
+        contig.cache_id(),
+        addrs.join(" ")
     );
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
