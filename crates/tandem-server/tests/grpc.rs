@@ -31,7 +31,7 @@ fn generator_reply_stream_and_terminate() {
     let engine = Arc::new(
         Engine::start(tandem_model::load(&path).unwrap(), EngineConfig::default()).unwrap(),
     );
-    let state = AppState::new(engine, "smol", "smol-mii-deployment");
+    let state = AppState::new(engine.clone(), "smol", "smol-mii-deployment");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -126,6 +126,34 @@ fn generator_reply_stream_and_terminate() {
             .unwrap()
             .into_inner();
         assert_eq!(r.response[0].generated_tokens, 8);
+
+        // A streaming client that goes away cancels its request and frees its KV.
+        let long = [
+            ("max_new_tokens", OneofValues::Ivalue(2000)),
+            ("do_sample", OneofValues::Bvalue(false)),
+            ("ignore_eos", OneofValues::Bvalue(true)),
+        ];
+        let mut s = c
+            .generator_reply_stream(request(&["Tell me a long story."], &long))
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..3 {
+            assert_eq!(
+                s.message().await.unwrap().unwrap().response[0].finish_reason,
+                "none"
+            );
+        }
+        assert!(engine.stats().blocks_in_use > 0);
+        drop(s);
+        let t = std::time::Instant::now();
+        while engine.stats().blocks_in_use > 0 || engine.stats().running > 0 {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(20),
+                "KV not freed after the stream was dropped"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
 
         // Terminate stops the server.
         c.terminate(()).await.unwrap();
