@@ -152,6 +152,14 @@ impl CacheEntry {
                 ),
             ));
         }
+        if tensors.len() > self.addrs.len() {
+            param_invalid!(
+                "{} tensors named for cache {} of {}",
+                tensors.len(),
+                self.id,
+                self.addrs.len()
+            );
+        }
         if size == 0 || offset.checked_add(size).is_none_or(|end| end > slot) {
             param_invalid!(
                 "range [{offset}, {offset}+{size}) does not fit a slot of {slot} bytes of cache {}",
@@ -169,10 +177,22 @@ impl CacheEntry {
             .collect()
     }
 
-    /// Whole blocks `blocks` of each of `tensors`.
+    /// Whole blocks `blocks` of each of `tensors`. A request may name each (tensor, block)
+    /// at most as many times as the cache has of them, so a hostile peer's repeated ids cannot
+    /// make this allocate beyond the cache's own size.
     pub fn block_segments(&self, tensors: &[u32], blocks: &[u64]) -> Result<Vec<Segment>> {
         let block = self.desc.slot_size();
         let n = self.desc.batch_size();
+        let limit = self.addrs.len() as u64 * n;
+        if (tensors.len() as u64).saturating_mul(blocks.len() as u64) > limit {
+            param_invalid!(
+                "{} tensors x {} blocks exceed cache {} ({} tensors x {n} blocks)",
+                tensors.len(),
+                blocks.len(),
+                self.id,
+                self.addrs.len()
+            );
+        }
         if let Some(b) = blocks.iter().find(|&&b| b >= n) {
             param_invalid!(
                 "block id {b} out of range for cache {} with {n} blocks",
@@ -256,5 +276,43 @@ impl CacheTable {
     pub fn unbind_cache(&mut self, id: i64) {
         self.slots.retain(|_, b| b.entry.id != id);
         self.blocks.retain(|_, e| e.id != id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::DataType;
+
+    fn entry() -> CacheEntry {
+        CacheEntry {
+            id: 1,
+            desc: CacheDesc::new(2, vec![4, 8], DataType::DtUint8).unwrap(),
+            addrs: vec![4096, 8192],
+            is_blocks: true,
+            backing: Backing::Registered {
+                remote_accessible: true,
+            },
+        }
+    }
+
+    #[test]
+    fn segment_requests_are_bounded_by_the_cache() {
+        let e = entry();
+        assert_eq!(e.block_segments(&[0, 1], &[3, 0, 2, 1]).unwrap().len(), 8);
+        // Repeated ids beyond the cache's size (a hostile list) are refused before allocating.
+        assert!(e.block_segments(&[0; 1000], &[0; 1000]).is_err());
+        assert!(e.block_segments(&[0], &[4]).is_err());
+        assert!(e.block_segments(&[2], &[0]).is_err());
+        assert!(e.slot_segments(&[0, 1, 0], 0, 0, 8).is_err());
+        assert!(e.slot_segments(&[0], 4, 0, 8).is_err());
+        assert!(e.slot_segments(&[0], 0, 4, 5).is_err());
+        assert_eq!(
+            e.slot_segments(&[1], 2, 2, 6).unwrap(),
+            vec![Segment {
+                addr: 8192 + 16 + 2,
+                len: 6
+            }]
+        );
     }
 }

@@ -21,6 +21,9 @@ use crate::transport::{host_id, io_error, Channel, Stream};
 
 /// How long a handshake may take on the accepting side.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once; connections beyond are closed at once (a flood of idle
+/// connections cannot pile up threads).
+const MAX_PENDING_HANDSHAKES: usize = 64;
 
 struct Listener {
     addr: SocketAddr,
@@ -591,20 +594,30 @@ impl Core {
 }
 
 fn accept_loop(core: Weak<Core>, listener: TcpListener, stop: Arc<AtomicBool>) {
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
         if stop.load(Ordering::Acquire) {
             break;
         }
         let Ok(stream) = conn else { continue };
         let Some(core) = core.upgrade() else { break };
+        if pending.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING_HANDSHAKES {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("too many handshakes in progress; connection closed");
+            continue;
+        }
+        let done = pending.clone();
         let spawned = std::thread::Builder::new()
             .name("llm-datadist-accept".into())
             .spawn(move || {
-                if let Err(e) = core.accept(stream) {
+                let result = core.accept(stream);
+                done.fetch_sub(1, Ordering::AcqRel);
+                if let Err(e) = result {
                     tracing::warn!("refused a connection: {e}");
                 }
             });
         if let Err(e) = spawned {
+            pending.fetch_sub(1, Ordering::AcqRel);
             tracing::error!("cannot start a handshake thread: {e}");
         }
     }

@@ -293,6 +293,16 @@ fn disaggregated_serving_matches_colocated_frees_kv_and_switches_roles() {
         Some(&json!({"url": last, "role": "prefill"})),
     );
     assert_eq!(status, 400);
+    // Malformed admin bodies get a JSON 400.
+    for bad in [
+        json!("not an object"),
+        json!({"url": last, "role": "decode", "extra": 1}),
+        json!({"url": last}),
+    ] {
+        let (status, text) = http(&pd.http, "POST", "/admin/workers/role", Some(&bad));
+        assert_eq!(status, 400, "{text}");
+        assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string());
+    }
     // A colocated deployment has no workers to list.
     assert_eq!(http(&colocated.http, "GET", "/admin/workers", None).0, 404);
 }

@@ -71,6 +71,34 @@ pub struct EngineInfo {
     pub vocab_size: usize,
 }
 
+impl EngineInfo {
+    /// Checks a request against this engine (options, vocabulary, KV capacity) and returns
+    /// how many tokens it may generate.
+    pub fn check(&self, prompt: &[u32], params: &GenerateParams) -> Result<usize, EngineError> {
+        let max_new = params.validate(prompt.len(), self.max_length)?;
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(ParamError::Invalid {
+                name: "prompt",
+                why: format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    self.vocab_size
+                ),
+            }
+            .into());
+        }
+        let capacity = self.num_blocks * self.block_size;
+        if prompt.len() + 1 > capacity {
+            return Err(EngineError::KvTooSmall {
+                tokens: prompt.len() + 1,
+                blocks: self.num_blocks,
+                block_size: self.block_size,
+            });
+        }
+        // A sequence never outgrows the pool, so the oldest one can always finish.
+        Ok(max_new.min(capacity - prompt.len()))
+    }
+}
+
 /// Live counters, updated by the engine loop after every step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EngineStats {
@@ -96,6 +124,23 @@ pub struct EngineStats {
     pub blocks_held: usize,
     /// Blocks reserved for imported KV (decode side).
     pub blocks_reserved: usize,
+}
+
+impl std::ops::AddAssign for EngineStats {
+    /// Sums counters (of several engines).
+    fn add_assign(&mut self, s: Self) {
+        self.running += s.running;
+        self.waiting += s.waiting;
+        self.blocks_in_use += s.blocks_in_use;
+        self.blocks_cached += s.blocks_cached;
+        self.prefix_lookups += s.prefix_lookups;
+        self.prefix_hits += s.prefix_hits;
+        self.tokens_computed += s.tokens_computed;
+        self.steps += s.steps;
+        self.preemptions += s.preemptions;
+        self.blocks_held += s.blocks_held;
+        self.blocks_reserved += s.blocks_reserved;
+    }
 }
 
 /// Handle on an engine thread. Dropping it shuts the engine down (open requests end with
@@ -296,27 +341,7 @@ impl Engine {
         params: GenerateParams,
         hold: Option<tokio::sync::oneshot::Sender<HeldKv>>,
     ) -> Result<(Request, EventStream), EngineError> {
-        let max_new = params.validate(prompt.len(), self.info.max_length)?;
-        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(ParamError::Invalid {
-                name: "prompt",
-                why: format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    self.info.vocab_size
-                ),
-            }
-            .into());
-        }
-        let capacity = self.info.num_blocks * self.info.block_size;
-        if prompt.len() + 1 > capacity {
-            return Err(EngineError::KvTooSmall {
-                tokens: prompt.len() + 1,
-                blocks: self.info.num_blocks,
-                block_size: self.info.block_size,
-            });
-        }
-        // A sequence never outgrows the pool, so the oldest one can always finish.
-        let max_new = max_new.min(capacity - prompt.len());
+        let max_new = self.info.check(&prompt, &params)?;
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let req = Request {
             prompt,

@@ -1,6 +1,7 @@
 //! Admin routes of a disaggregated deployment: list the workers, and move one between the
 //! prefill and decode roles (llm-datadist's `switch_role` under the seed's rules).
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
@@ -48,9 +49,10 @@ pub struct RoleChange {
 /// `POST /admin/workers/role`: `{"url": ..., "role": "prefill" | "decode"}`.
 pub async fn switch_role(
     State(state): State<AppState>,
-    Json(req): Json<RoleChange>,
+    body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let pd = router_of(&state)?;
+    let req: RoleChange = crate::params::parse_body(&body, &[&["url", "role"]])?;
     let to = match req.role.as_str() {
         "prefill" | "prompt" => PdRole::Prefill,
         "decode" | "decoder" => PdRole::Decode,

@@ -131,18 +131,7 @@ impl Replicas {
     pub fn stats(&self) -> (EngineStats, usize) {
         let mut sum = EngineStats::default();
         for r in &self.replicas {
-            let s = r.engine.stats();
-            sum.running += s.running;
-            sum.waiting += s.waiting;
-            sum.blocks_in_use += s.blocks_in_use;
-            sum.blocks_cached += s.blocks_cached;
-            sum.prefix_lookups += s.prefix_lookups;
-            sum.prefix_hits += s.prefix_hits;
-            sum.tokens_computed += s.tokens_computed;
-            sum.steps += s.steps;
-            sum.preemptions += s.preemptions;
-            sum.blocks_held += s.blocks_held;
-            sum.blocks_reserved += s.blocks_reserved;
+            sum += r.engine.stats();
         }
         (
             sum,

@@ -12,7 +12,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tandem_engine::{
     EngineError, EngineInfo, EngineStats, Event, EventStream, FinishReason, GenerateParams,
-    ParamError,
 };
 use tandem_model::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
@@ -270,18 +269,7 @@ impl PdRouter {
             .chain(&self.snapshot(PdRole::Decode))
         {
             if let Ok(i) = self.worker_info(w).await {
-                let s = i.stats;
-                sum.running += s.running;
-                sum.waiting += s.waiting;
-                sum.blocks_in_use += s.blocks_in_use;
-                sum.blocks_cached += s.blocks_cached;
-                sum.prefix_lookups += s.prefix_lookups;
-                sum.prefix_hits += s.prefix_hits;
-                sum.tokens_computed += s.tokens_computed;
-                sum.steps += s.steps;
-                sum.preemptions += s.preemptions;
-                sum.blocks_held += s.blocks_held;
-                sum.blocks_reserved += s.blocks_reserved;
+                sum += i.stats;
             }
         }
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = sum;
@@ -384,17 +372,7 @@ struct Plan {
 
 impl Generator for PdRouter {
     fn submit(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<EventStream, EngineError> {
-        let max_new = params.validate(prompt.len(), self.info.max_length)?;
-        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(ParamError::Invalid {
-                name: "prompt",
-                why: format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    self.info.vocab_size
-                ),
-            }
-            .into());
-        }
+        let max_new = self.info.check(&prompt, &params)?;
         let weight = (prompt.len() + max_new) as i64;
         let take = |w: Arc<WorkerHandle>| {
             w.outstanding.fetch_add(weight, Relaxed);

@@ -217,9 +217,11 @@ async fn decode(
     State(w): State<Arc<PdWorker>>,
     Json(req): Json<DecodeRequest>,
 ) -> Result<Body, (StatusCode, String)> {
-    req.params
-        .validate(req.prompt.len(), w.engine.info().max_length)
-        .map_err(bad)?;
+    // Refuse a bad request before reserving blocks and pulling KV for it.
+    w.engine
+        .info()
+        .check(&req.prompt, &req.params)
+        .map_err(engine_error)?;
     let reservation = w
         .engine
         .reserve(req.prompt.len())
