@@ -130,11 +130,10 @@ impl LlmDataDist {
         Some(link.shm.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    fn check_batch(clusters: &[LlmClusterInfo], timeout_ms: i32) -> Result<Duration> {
+    fn check_timeout(timeout_ms: i32) -> Result<Duration> {
         if timeout_ms <= 0 {
             param_invalid!("timeout must be > 0 ms, got {timeout_ms}");
         }
-        let _ = clusters;
         Ok(Duration::from_millis(timeout_ms as u64))
     }
 
@@ -165,7 +164,7 @@ impl LlmDataDist {
         timeout_ms: i32,
     ) -> Result<(LlmStatusCode, Vec<LlmStatusCode>)> {
         let core = self.core()?;
-        let timeout = Self::check_batch(clusters, timeout_ms)?;
+        let timeout = Self::check_timeout(timeout_ms)?;
         if clusters.is_empty() {
             return Ok((LlmStatusCode::LlmParamInvalid, Vec::new()));
         }
@@ -198,7 +197,7 @@ impl LlmDataDist {
         force: bool,
     ) -> Result<(LlmStatusCode, Vec<LlmStatusCode>)> {
         let core = self.core()?;
-        let timeout = Self::check_batch(clusters, timeout_ms)?;
+        let timeout = Self::check_timeout(timeout_ms)?;
         if clusters.is_empty() {
             return Ok((LlmStatusCode::LlmParamInvalid, Vec::new()));
         }
