@@ -4,9 +4,8 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
-use crate::par::SyncPtr;
+use crate::par::{for_each_task, SyncPtr};
 
 /// Element type of the KV pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,7 +167,8 @@ pub fn paged_attention(
         dst,
     };
     let simd = crate::simd::active() >= crate::simd::SimdLevel::Avx2;
-    tasks.par_iter().for_each(|&(si, g, c)| {
+    for_each_task(tasks.len(), |t| {
+        let (si, g, c) = tasks[t];
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: AVX2 and FMA were detected at run time (SimdLevel::Avx2 requires both).

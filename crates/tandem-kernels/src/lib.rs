@@ -12,6 +12,7 @@ pub mod dot;
 pub mod dtype;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 mod par;
 pub mod simd;
 
@@ -19,6 +20,8 @@ pub use attention::{paged_attention, write_kv, AttnSeq, KvDType, KvMut, KvRef, P
 pub use dtype::DType;
 pub use matmul::{matmul, MatRef, Precision};
 pub use ops::RopeStyle;
+pub use packed::PackedMat;
+pub use par::ThreadPool;
 pub use simd::SimdLevel;
 
 /// Errors from checking tensor shapes against their storage.

@@ -5,13 +5,11 @@
 //! weight byte is read once per call whatever the batch size. Float weights and the exact path
 //! dequantize a tile of weight rows to f32 and hand it to `gemm`.
 
-use rayon::prelude::*;
-
 use crate::act::{quantize_q8, quantize_q8k, BlockQ8, BlockQ8K};
 use crate::dequant::dequantize_row;
 use crate::dot::{kernel, DotKernel};
 use crate::dtype::{DType, QK, QK_K};
-use crate::par::{chunk_rows, SyncPtr};
+use crate::par::{chunk_rows, for_each_task, SyncPtr};
 use crate::simd::SimdLevel;
 use crate::KernelError;
 
@@ -102,20 +100,36 @@ pub fn matmul(
     match (precision, kernel(w.dtype, level)) {
         (Precision::Fast, Some(DotKernel::Q8(dot, dot4))) => {
             let mut act = vec![BlockQ8::default(); m * k / QK];
-            act.par_chunks_mut(k / QK)
-                .zip(x.par_chunks(k))
-                .for_each(|(a, xr)| quantize_q8(xr, a));
+            quantize_rows(x, k, &mut act, k / QK, quantize_q8);
             quantized(w, &act, k / QK, m, out, dot, dot4);
         }
         (Precision::Fast, Some(DotKernel::Q8K(dot))) => {
             let mut act = vec![BlockQ8K::default(); m * k / QK_K];
-            act.par_chunks_mut(k / QK_K)
-                .zip(x.par_chunks(k))
-                .for_each(|(a, xr)| quantize_q8k(xr, a));
+            quantize_rows(x, k, &mut act, k / QK_K, quantize_q8k);
             quantized(w, &act, k / QK_K, m, out, dot, None);
         }
         _ => float(x, m, w, out),
     }
+}
+
+/// Quantizes each `k`-long row of `x` into its `per_row` blocks of `act`, rows in parallel.
+fn quantize_rows<A: Send>(
+    x: &[f32],
+    k: usize,
+    act: &mut [A],
+    per_row: usize,
+    q: fn(&[f32], &mut [A]),
+) {
+    let rows = x.len() / k;
+    let dst = SyncPtr(act.as_mut_ptr());
+    for_each_task(rows.div_ceil(8), |c| {
+        for r in c * 8..(c * 8 + 8).min(rows) {
+            // SAFETY: row r's blocks are written by this task only.
+            q(&x[r * k..(r + 1) * k], unsafe {
+                dst.slice_mut(r * per_row, per_row)
+            });
+        }
+    });
 }
 
 /// A four-activation-row dot kernel over activation blocks `A`.
@@ -136,7 +150,7 @@ fn quantized<A: Sync>(
     let chunk = chunk_rows(n, 8);
     let dst = SyncPtr(out.as_mut_ptr());
     let row_act = |i: usize| &act[i * blocks..(i + 1) * blocks];
-    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    for_each_task(n.div_ceil(chunk), |c| {
         let rows = c * chunk..((c + 1) * chunk).min(n);
         // Activation rows four at a time against this task's weight rows (which stay in cache).
         let mut i = 0;
@@ -180,45 +194,44 @@ fn float(x: &[f32], m: usize, w: &MatRef, out: &mut [f32]) {
     let chunk = chunk_rows(n, 16);
     let dst = SyncPtr(out.as_mut_ptr());
     let direct = as_f32(w);
-    (0..n.div_ceil(chunk))
-        .into_par_iter()
-        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, c| {
-            let rows = c * chunk..((c + 1) * chunk).min(n);
-            let nc = rows.len();
-            let tile: &[f32] = match direct {
-                Some(all) => &all[rows.start * k..rows.end * k],
-                None => {
-                    scratch.resize(nc * k, 0.0);
-                    for (r, o) in rows.clone().zip(scratch.chunks_exact_mut(k)) {
-                        w.row_f32(r, o);
-                    }
-                    scratch
+    for_each_task(n.div_ceil(chunk), |c| {
+        let mut scratch = Vec::new();
+        let rows = c * chunk..((c + 1) * chunk).min(n);
+        let nc = rows.len();
+        let tile: &[f32] = match direct {
+            Some(all) => &all[rows.start * k..rows.end * k],
+            None => {
+                scratch.resize(nc * k, 0.0);
+                for (r, o) in rows.clone().zip(scratch.chunks_exact_mut(k)) {
+                    w.row_f32(r, o);
                 }
-            };
-            // SAFETY: the destination is the m x nc sub-matrix at column rows.start, row stride n;
-            // only this task writes those columns. Sources are m x k and nc x k, read as k x nc.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    nc,
-                    k,
-                    dst.ptr().add(rows.start),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    tile.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                &scratch
             }
-        });
+        };
+        // SAFETY: the destination is the m x nc sub-matrix at column rows.start, row stride n;
+        // only this task writes those columns. Sources are m x k and nc x k, read as k x nc.
+        unsafe {
+            gemm::gemm(
+                m,
+                nc,
+                k,
+                dst.ptr().add(rows.start),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                tile.as_ptr(),
+                k as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
 }

@@ -1,32 +1,42 @@
 //! Element-wise and row-wise operations of the Llama block.
 
-use rayon::prelude::*;
+use crate::par::{for_each_task, SyncPtr};
 
 /// Row-wise RMSNorm: `out[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight`, rows of `weight.len()`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     assert_eq!(x.len(), out.len());
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(o, xr)| {
+    let rows = x.len() / d.max(1);
+    let per = rows.div_ceil(crate::par::current_threads() * 4).max(8);
+    let dst = SyncPtr(out.as_mut_ptr());
+    for_each_task(rows.div_ceil(per), |c| {
+        for r in c * per..((c + 1) * per).min(rows) {
+            let xr = &x[r * d..(r + 1) * d];
+            // SAFETY: row r is written by this task only.
+            let o = unsafe { dst.slice_mut(r * d, d) };
             let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
             let inv = 1.0 / (ss + eps).sqrt();
             for ((o, &v), &g) in o.iter_mut().zip(xr).zip(weight) {
                 *o = v * inv * g;
             }
-        });
+        }
+    });
 }
 
 /// SwiGLU's gate: `gate[i] = silu(gate[i]) * up[i]`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    gate.par_chunks_mut(4096)
-        .zip(up.par_chunks(4096))
-        .for_each(|(g, u)| {
-            for (g, &u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        });
+    const CHUNK: usize = 4096;
+    let n = gate.len();
+    let dst = SyncPtr(gate.as_mut_ptr());
+    for_each_task(n.div_ceil(CHUNK), |c| {
+        let range = c * CHUNK..((c + 1) * CHUNK).min(n);
+        // SAFETY: each task owns its chunk.
+        let g = unsafe { dst.slice_mut(range.start, range.len()) };
+        for (g, &u) in g.iter_mut().zip(&up[range]) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    });
 }
 
 /// `x += y`.

@@ -1,8 +1,274 @@
-//! Helpers for parallel loops that write disjoint parts of one output buffer.
+//! A persistent compute pool for the kernels' parallel loops.
+//!
+//! A decode step runs ~300 short parallel loops (a few microseconds each). Waking sleeping
+//! threads for each one costs more than the loop, so the pool's workers spin on an epoch
+//! counter between jobs and only park after [`SPIN_LIMIT`] of idleness (between requests).
+//! The thread that starts a job runs tasks too and returns when every worker has checked out,
+//! so the job's closure may borrow from the caller's stack.
+//!
+//! Kernels call [`for_each_task`], which uses the pool installed on the calling thread by
+//! [`ThreadPool::install`] and runs the tasks inline when there is none (or when called from
+//! inside a task).
 
-/// A raw pointer that may be shared across rayon tasks which write disjoint elements.
+use std::cell::Cell;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it parks.
+const SPIN_LIMIT: Duration = Duration::from_millis(2);
+
+/// A job: `f(task)` for every task index below `tasks`.
 #[derive(Clone, Copy)]
+struct Job {
+    /// The caller's closure with its lifetime erased; valid until every worker checked out.
+    f: *const (dyn Fn(usize) + Sync),
+    tasks: usize,
+}
+
+struct Shared {
+    /// Bumped (after `job` is set) to start a job.
+    epoch: AtomicU64,
+    job: Mutex<Option<Job>>,
+    /// Next task index to claim.
+    next: AtomicUsize,
+    /// Workers that have finished the current job.
+    done: AtomicUsize,
+    /// Workers parked (or about to park) waiting for a job.
+    parked: AtomicUsize,
+    /// A task of the current job panicked on a worker.
+    panicked: AtomicBool,
+    stop: AtomicBool,
+}
+
+// SAFETY: the job pointer is only dereferenced while the caller that owns the closure waits in
+// `ThreadPool::run`; the closure is `Sync`.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// A fixed set of compute threads (the calling thread counts as one of them).
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Serializes jobs from different calling threads.
+    busy: Mutex<()>,
+}
+
+thread_local! {
+    /// The pool installed on this thread, and whether the thread is inside a task.
+    static CURRENT: Cell<Option<*const ThreadPool>> = const { Cell::new(None) };
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+}
+
+impl ThreadPool {
+    /// A pool of `threads` threads in all (`threads - 1` are spawned).
+    pub fn new(threads: usize) -> std::io::Result<ThreadPool> {
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: Mutex::new(None),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let mut workers = Vec::new();
+        for i in 1..threads.max(1) {
+            let s = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tandem-compute-{i}"))
+                .spawn(move || worker(&s));
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    shutdown(&shared, &mut workers);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ThreadPool {
+            shared,
+            workers,
+            busy: Mutex::new(()),
+        })
+    }
+
+    /// A pool sized by `TANDEM_THREADS`, or one thread per available core.
+    pub fn with_default_threads() -> std::io::Result<ThreadPool> {
+        let threads = std::env::var("TANDEM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        ThreadPool::new(threads)
+    }
+
+    /// Threads in the pool, the caller included.
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `f` with this pool as the one [`for_each_task`] uses on this thread.
+    pub fn install<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<*const ThreadPool>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CURRENT.with(|c| c.replace(Some(self as *const ThreadPool))));
+        f()
+    }
+
+    /// Runs `f(0..tasks)` on all threads; returns when every task has run.
+    fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        let guard = match self.busy.try_lock() {
+            Ok(g) if !self.workers.is_empty() && tasks > 1 => g,
+            // Another thread is using the pool, or there is nothing to share: run here.
+            _ => return run_inline(tasks, f),
+        };
+        let s = &*self.shared;
+        // SAFETY (lifetime erasure): we do not return before every worker checked out below.
+        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(Job { f, tasks });
+        s.next.store(0, Ordering::SeqCst);
+        s.done.store(0, Ordering::SeqCst);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.parked.load(Ordering::SeqCst) > 0 {
+            for w in &self.workers {
+                w.thread().unpark();
+            }
+        }
+        // SAFETY: `f` is alive for this whole call. A panic is held until the workers are out.
+        let mine = catch_unwind(AssertUnwindSafe(|| claim_tasks(s, unsafe { &*f })));
+        let mut spins = 0u32;
+        while s.done.load(Ordering::Acquire) < self.workers.len() {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1 << 12) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        drop(guard);
+        if let Err(p) = mine {
+            resume_unwind(p);
+        }
+        if s.panicked.swap(false, Ordering::SeqCst) {
+            panic!("a compute task panicked on a pool thread");
+        }
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        shutdown(&self.shared, &mut self.workers);
+    }
+}
+
+fn shutdown(shared: &Shared, workers: &mut Vec<JoinHandle<()>>) {
+    shared.stop.store(true, Ordering::SeqCst);
+    shared.epoch.fetch_add(1, Ordering::SeqCst);
+    for w in workers.iter() {
+        w.thread().unpark();
+    }
+    for w in workers.drain(..) {
+        let _ = w.join();
+    }
+}
+
+/// Claims and runs tasks until none are left.
+fn claim_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    let tasks = s
+        .job
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .map_or(0, |j| j.tasks);
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            IN_TASK.with(|t| t.set(false));
+        }
+    }
+    IN_TASK.with(|t| t.set(true));
+    let _leave = Leave;
+    loop {
+        let i = s.next.fetch_add(1, Ordering::Relaxed);
+        if i >= tasks {
+            break;
+        }
+        f(i);
+    }
+}
+
+fn worker(s: &Shared) {
+    // The epoch the pool was created with: a job started before this thread ran is still seen.
+    let mut seen = 0;
+    loop {
+        let mut idle_since = Instant::now();
+        let mut spins = 0u32;
+        while s.epoch.load(Ordering::Acquire) == seen {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1 << 10) && idle_since.elapsed() > SPIN_LIMIT {
+                s.parked.fetch_add(1, Ordering::SeqCst);
+                if s.epoch.load(Ordering::SeqCst) == seen {
+                    std::thread::park_timeout(Duration::from_millis(100));
+                }
+                s.parked.fetch_sub(1, Ordering::SeqCst);
+                idle_since = Instant::now();
+            }
+        }
+        seen = s.epoch.load(Ordering::Acquire);
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(job) = job {
+            // SAFETY: the caller waits for our `done` below before its closure goes away.
+            let ran = catch_unwind(AssertUnwindSafe(|| claim_tasks(s, unsafe { &*job.f })));
+            if ran.is_err() {
+                s.panicked.store(true, Ordering::SeqCst);
+            }
+        }
+        s.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+fn run_inline(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+    (0..tasks).for_each(f);
+}
+
+/// Runs `f(i)` for every `i < tasks`, on the installed pool's threads when there is one.
+pub(crate) fn for_each_task(tasks: usize, f: impl Fn(usize) + Sync) {
+    let pool = CURRENT.with(|c| c.get());
+    match pool {
+        Some(p) if !IN_TASK.with(|t| t.get()) => {
+            // SAFETY: `install` keeps the pool alive while it is current on this thread.
+            unsafe { &*p }.run(tasks, &f)
+        }
+        _ => run_inline(tasks, &f),
+    }
+}
+
+/// Threads of the installed pool (1 without one).
+pub(crate) fn current_threads() -> usize {
+    let pool = CURRENT.with(|c| c.get());
+    // SAFETY: as in `for_each_task`.
+    pool.map_or(1, |p| unsafe { &*p }.threads())
+}
+
+/// A raw pointer that may be shared across tasks which write disjoint elements.
 pub(crate) struct SyncPtr<T>(pub *mut T);
+
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
 
 // SAFETY: users only write disjoint index sets from different tasks (checked at each use).
 unsafe impl<T> Send for SyncPtr<T> {}
@@ -33,7 +299,83 @@ impl<T> SyncPtr<T> {
 /// How many output rows each parallel task takes: enough tasks to balance the pool, each a
 /// multiple of `align` rows.
 pub(crate) fn chunk_rows(n: usize, align: usize) -> usize {
-    let tasks = rayon::current_num_threads() * 4;
+    let tasks = current_threads() * 4;
     let per = n.div_ceil(tasks.max(1)).max(align);
     per.div_ceil(align) * align
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_task_runs_once_and_nested_loops_run_inline() {
+        let pool = ThreadPool::new(3).unwrap();
+        for tasks in [0, 1, 2, 7, 100] {
+            let hits: Vec<AtomicU32> = (0..tasks).map(|_| AtomicU32::new(0)).collect();
+            pool.install(|| {
+                for_each_task(tasks, |i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                    for_each_task(2, |_| {
+                        hits[i].fetch_add(10, Ordering::Relaxed);
+                    });
+                })
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 21));
+        }
+    }
+
+    #[test]
+    fn a_panicking_task_panics_the_caller_and_the_pool_still_works() {
+        let pool = ThreadPool::new(2).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.install(|| for_each_task(8, |i| assert!(i != 5, "task 5")))
+        }));
+        assert!(r.is_err());
+        let n = AtomicU32::new(0);
+        pool.install(|| {
+            for_each_task(8, |_| {
+                n.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn parked_workers_wake_for_the_next_job() {
+        let pool = ThreadPool::new(2).unwrap();
+        std::thread::sleep(SPIN_LIMIT * 3);
+        let n = AtomicU32::new(0);
+        pool.install(|| {
+            for_each_task(64, |_| {
+                n.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 64);
+    }
+
+    #[test]
+    fn concurrent_callers_share_one_pool() {
+        let pool = Arc::new(ThreadPool::new(2).unwrap());
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let p = pool.clone();
+                std::thread::spawn(move || {
+                    let n = AtomicU32::new(0);
+                    for _ in 0..200 {
+                        p.install(|| {
+                            for_each_task(16, |_| {
+                                n.fetch_add(1, Ordering::Relaxed);
+                            })
+                        });
+                    }
+                    n.load(Ordering::Relaxed)
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), 200 * 16);
+        }
+    }
 }

@@ -4,8 +4,10 @@
 
 use std::collections::HashSet;
 
+use tandem_kernels::packed::{matmul_packed, worth_packing};
 use tandem_kernels::{
-    matmul, ops, paged_attention, write_kv, AttnSeq, Precision, RopeStyle, SimdLevel,
+    matmul, ops, paged_attention, write_kv, AttnSeq, PackedMat, Precision, RopeStyle, SimdLevel,
+    ThreadPool,
 };
 
 use crate::config::{LlamaConfig, RopeParams};
@@ -63,13 +65,55 @@ impl Logits {
     }
 }
 
+// Indices into [`layer_mats`].
+const WQ: usize = 0;
+const WK: usize = 1;
+const WV: usize = 2;
+const WO: usize = 3;
+const W_GATE: usize = 4;
+const W_UP: usize = 5;
+const W_DOWN: usize = 6;
+
+/// The matrices of one layer repacked for the wide SIMD kernels, in [`layer_mats`] order.
+type PackedLayer = [PackedMat; 7];
+
+/// The seven matrices of a layer.
+fn layer_mats(w: &crate::weights::LayerWeights) -> [&Linear; 7] {
+    [&w.wq, &w.wk, &w.wv, &w.wo, &w.w_gate, &w.w_up, &w.w_down]
+}
+
+/// Weights repacked at load time for the CPU's widest kernels (`None` where it has none, or
+/// for formats without packed kernels).
+struct PackedWeights {
+    layers: Vec<PackedLayer>,
+    lm_head: PackedMat,
+}
+
+impl PackedWeights {
+    fn new(w: &LlamaWeights) -> Option<PackedWeights> {
+        let pack = |l: &Linear| PackedMat::pack(&l.weight.mat());
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| {
+                let [a, b, c, d, e, f, g] = layer_mats(l).map(pack);
+                Some([a?, b?, c?, d?, e?, f?, g?])
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(PackedWeights {
+            layers,
+            lm_head: PackedMat::pack(&w.lm_head.mat())?,
+        })
+    }
+}
+
 /// A loaded Llama model ready to run.
 pub struct LlamaModel {
-    /// The forward runs inside this pool, so its ~10 parallel kernels per layer are forked
-    /// from a worker thread (no sleeping hand-off to the pool and back for each one).
-    pool: std::sync::Arc<rayon::ThreadPool>,
+    /// The compute threads every kernel of a forward runs on (spinning between kernels).
+    pool: std::sync::Arc<ThreadPool>,
     config: LlamaConfig,
     weights: LlamaWeights,
+    packed: Option<PackedWeights>,
     rope: RopeParams,
     style: RopeStyle,
     precision: Precision,
@@ -104,20 +148,24 @@ impl LlamaModel {
             WeightLayout::Gguf => RopeStyle::Interleaved,
             WeightLayout::Hf => RopeStyle::Half,
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|i| format!("tandem-compute-{i}"))
-            .build()
-            .map_err(|e| {
-                crate::error::ConfigError::Unsupported(format!("cannot start compute threads: {e}"))
-            })?;
+        let pool = ThreadPool::with_default_threads().map_err(|e| {
+            crate::error::ConfigError::Unsupported(format!("cannot start compute threads: {e}"))
+        })?;
+        let level = tandem_kernels::simd::active();
+        let packed = if worth_packing(level) {
+            PackedWeights::new(&weights)
+        } else {
+            None
+        };
         Ok(LlamaModel {
             pool: std::sync::Arc::new(pool),
             config,
             weights,
+            packed,
             rope,
             style,
             precision: Precision::Fast,
-            level: tandem_kernels::simd::active(),
+            level,
         })
     }
 
@@ -148,8 +196,20 @@ impl LlamaModel {
         self.config.max_positions()
     }
 
-    fn linear(&self, x: &[f32], rows: usize, l: &Linear, out: &mut [f32]) {
-        matmul(x, rows, &l.weight.mat(), out, self.precision, self.level);
+    /// The packed weights, when this model's precision and SIMD level use them.
+    fn packed(&self) -> Option<&PackedWeights> {
+        self.packed
+            .as_ref()
+            .filter(|_| self.precision == Precision::Fast && worth_packing(self.level))
+    }
+
+    /// `out = x · wᵀ (+ bias)` for matrix `which` of layer `layer` (see [`layer_mats`]).
+    fn linear(&self, x: &[f32], rows: usize, layer: usize, which: usize, out: &mut [f32]) {
+        let l = layer_mats(&self.weights.layers[layer])[which];
+        match self.packed() {
+            Some(p) => matmul_packed(x, rows, &p.layers[layer][which], out, self.level),
+            None => matmul(x, rows, &l.weight.mat(), out, self.precision, self.level),
+        }
         if let Some(b) = &l.bias {
             ops::add_bias(out, b);
         }
@@ -268,9 +328,9 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, w) in self.weights.layers.iter().enumerate() {
             ops::rms_norm(&b.x, &w.attn_norm, eps, &mut b.h);
-            self.linear(&b.h, t, &w.wq, &mut b.q);
-            self.linear(&b.h, t, &w.wk, &mut b.k);
-            self.linear(&b.h, t, &w.wv, &mut b.v);
+            self.linear(&b.h, t, l, WQ, &mut b.q);
+            self.linear(&b.h, t, l, WK, &mut b.k);
+            self.linear(&b.h, t, l, WV, &mut b.v);
             ops::rope(&mut b.q, nh, hd, &cos, &sin, self.style);
             ops::rope(&mut b.k, nkv, hd, &cos, &sin, self.style);
             {
@@ -279,13 +339,13 @@ impl LlamaModel {
             }
             let (kr, vr) = kv.layer(l);
             paged_attention(&layout, &attn_seqs, &b.q, nh, scale, kr, vr, &mut b.att);
-            self.linear(&b.att, t, &w.wo, &mut b.o);
+            self.linear(&b.att, t, l, WO, &mut b.o);
             ops::add_assign(&mut b.x, &b.o);
             ops::rms_norm(&b.x, &w.ffn_norm, eps, &mut b.h);
-            self.linear(&b.h, t, &w.w_gate, &mut b.gate);
-            self.linear(&b.h, t, &w.w_up, &mut b.up);
+            self.linear(&b.h, t, l, W_GATE, &mut b.gate);
+            self.linear(&b.h, t, l, W_UP, &mut b.up);
             ops::silu_mul(&mut b.gate, &b.up);
-            self.linear(&b.gate, t, &w.w_down, &mut b.o);
+            self.linear(&b.gate, t, l, W_DOWN, &mut b.o);
             ops::add_assign(&mut b.x, &b.o);
         }
         // Final norm and LM head only on the rows that need logits.
@@ -308,14 +368,17 @@ impl LlamaModel {
         ops::rms_norm(&picked, &self.weights.norm, eps, &mut normed);
         let vocab = c.vocab_size;
         let mut values = vec![0f32; rows.len() * vocab];
-        matmul(
-            &normed,
-            rows.len(),
-            &self.weights.lm_head.mat(),
-            &mut values,
-            self.precision,
-            self.level,
-        );
+        match self.packed() {
+            Some(p) => matmul_packed(&normed, rows.len(), &p.lm_head, &mut values, self.level),
+            None => matmul(
+                &normed,
+                rows.len(),
+                &self.weights.lm_head.mat(),
+                &mut values,
+                self.precision,
+                self.level,
+            ),
+        }
         Logits {
             vocab,
             rows,

@@ -1,0 +1,129 @@
+//! AVX-512 VNNI kernels on packed weights: a whole group (four blocks, 128 weights) per step,
+//! two `vpdpbusd` per activation row; a row's last, partial group is read with masked loads.
+//!
+//! [`kernels`] is only called after the level was checked as supported, which is what makes
+//! calling these `target_feature` functions sound.
+
+use std::arch::x86_64::*;
+
+use super::{ActGroup, DotRows, PackedFormat, PackedKernels, GROUP_BLOCKS};
+
+/// One packed weight group, unpacked into registers.
+struct WeightGroup {
+    /// Low and high value halves (see the module docs of `packed`).
+    lo: __m512i,
+    hi: __m512i,
+    /// Scales, each repeated over its block's four 32-bit lanes.
+    d16: __m512,
+    /// Minimums, one lane per block.
+    m4: __m128,
+}
+
+/// Loads group `g` at `p`; `tb` blocks (masked loads when fewer than four).
+#[inline(always)]
+unsafe fn load_group<const F: u8>(p: *const u8, tb: usize) -> WeightGroup {
+    let format = format_of(F);
+    let scale_mask: __mmask8 = (1u8 << tb) - 1;
+    let d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(scale_mask, p as *const i16));
+    let (m4, q) = if format.stores_min() {
+        let m = _mm_maskz_loadu_epi16(scale_mask, p.add(2 * tb) as *const i16);
+        (_mm_cvtph_ps(m), p.add(4 * tb))
+    } else {
+        (
+            _mm_mul_ps(d4, _mm_set1_ps(format.implied_min())),
+            p.add(2 * tb),
+        )
+    };
+    let bytes: __mmask64 = if tb == GROUP_BLOCKS {
+        !0
+    } else {
+        (1u64 << (16 * tb)) - 1
+    };
+    let (lo, hi) = if format.bits() == 4 {
+        let raw = _mm512_maskz_loadu_epi8(bytes, q as *const i8);
+        let mask = _mm512_set1_epi8(0x0f);
+        (
+            _mm512_and_si512(raw, mask),
+            _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
+        )
+    } else {
+        (
+            _mm512_maskz_loadu_epi8(bytes, q as *const i8),
+            _mm512_maskz_loadu_epi8(bytes, q.add(16 * tb) as *const i8),
+        )
+    };
+    let lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    WeightGroup {
+        lo,
+        hi,
+        d16: _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(d4)),
+        m4,
+    }
+}
+
+const fn format_of(f: u8) -> PackedFormat {
+    match f {
+        0 => PackedFormat::Q4_0,
+        1 => PackedFormat::Q4_1,
+        _ => PackedFormat::Q8_0,
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows<const R: usize, const F: u8>(
+    w: &[u8],
+    acts: [&[ActGroup]; R],
+    nb: usize,
+) -> [f32; R] {
+    let format = format_of(F);
+    let groups = nb.div_ceil(GROUP_BLOCKS);
+    debug_assert!(acts.iter().all(|a| a.len() == groups));
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut macc = [_mm_setzero_ps(); R];
+    let mut p = w.as_ptr();
+    let end = p.add(w.len());
+    for g in 0..groups {
+        let tb = (nb - g * GROUP_BLOCKS).min(GROUP_BLOCKS);
+        debug_assert!(p.add(format.group_bytes(tb)) <= end);
+        _mm_prefetch::<_MM_HINT_T0>(p.add(640) as *const i8);
+        let wg = load_group::<F>(p, tb);
+        for r in 0..R {
+            let a = acts[r].get_unchecked(g);
+            let qs = a.qs.as_ptr() as *const __m512i;
+            let i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wg.lo, _mm512_load_si512(qs));
+            let i = _mm512_dpbusd_epi32(i, wg.hi, _mm512_load_si512(qs.add(1)));
+            let scale = _mm512_mul_ps(wg.d16, _mm512_load_ps(a.d.as_ptr()));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), scale, acc[r]);
+            macc[r] = _mm_fmadd_ps(wg.m4, _mm_load_ps(a.s.as_ptr()), macc[r]);
+        }
+        p = p.add(format.group_bytes(tb));
+    }
+    let _ = end;
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let m = macc[r];
+        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(m);
+    }
+    out
+}
+
+macro_rules! vnni_set {
+    ($f:literal) => {
+        PackedKernels {
+            one: rows::<1, $f> as DotRows<1>,
+            two: rows::<2, $f> as DotRows<2>,
+            four: rows::<4, $f> as DotRows<4>,
+            eight: rows::<8, $f> as DotRows<8>,
+        }
+    };
+}
+
+pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
+    match format {
+        PackedFormat::Q4_0 => vnni_set!(0),
+        PackedFormat::Q4_1 => vnni_set!(1),
+        PackedFormat::Q8_0 => vnni_set!(2),
+    }
+}
