@@ -6,6 +6,10 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::par::{for_each_task, SyncPtr};
+use crate::simd::SimdLevel;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Element type of the KV pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,17 +170,26 @@ pub fn paged_attention(
         v,
         dst,
     };
-    let simd = crate::simd::active() >= crate::simd::SimdLevel::Avx2;
+    let level = crate::simd::active();
+    #[cfg(target_arch = "x86_64")]
+    let wide = level >= SimdLevel::Avx512Vnni
+        && layout.block_size <= x86::LANES
+        && layout.head_dim.is_multiple_of(16);
     for_each_task(tasks.len(), |t| {
         let (si, g, c) = tasks[t];
         #[cfg(target_arch = "x86_64")]
-        if simd {
+        if wide {
+            // SAFETY: AVX-512F was detected (SimdLevel::Avx512Vnni); the block and head sizes
+            // were checked above.
+            unsafe { task.run_avx512(si, g, c) };
+            return;
+        } else if level >= SimdLevel::Avx2 {
             // SAFETY: AVX2 and FMA were detected at run time (SimdLevel::Avx2 requires both).
             unsafe { task.run_avx2(si, g, c) };
             return;
         }
-        let _ = simd;
-        task.run(si, g, c);
+        let _ = level;
+        task.run::<false>(si, g, c);
     });
 }
 
@@ -219,16 +232,37 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Copies the first `nb` keys of `kb` (`[nb][hd]`) into `kt` as `[hd][16]`, zeroing keys
+/// `nb..16` so stale lanes stay finite.
+#[cfg(target_arch = "x86_64")]
+fn transpose_keys(kb: &mut [f32], kt: &mut [f32], nb: usize, hd: usize) {
+    kb[nb * hd..16 * hd].fill(0.0);
+    for d in 0..hd {
+        for j in 0..16 {
+            kt[d * 16 + j] = kb[j * hd + d];
+        }
+    }
+}
+
 impl Task<'_> {
     /// The task compiled for AVX2 + FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, si: usize, g: usize, c: usize) {
-        self.run(si, g, c)
+        self.run::<false>(si, g, c)
     }
 
+    /// The task with the AVX-512 block step (transposed keys, vectorized softmax).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn run_avx512(&self, si: usize, g: usize, c: usize) {
+        self.run::<true>(si, g, c)
+    }
+
+    /// `WIDE`: keys are stored transposed in 16-lane blocks and each row's block step is
+    /// [`x86::update_row`] (only instantiated behind the AVX-512 check in `paged_attention`).
     #[inline(always)]
-    fn run(&self, si: usize, g: usize, c: usize) {
+    fn run<const WIDE: bool>(&self, si: usize, g: usize, c: usize) {
         let (seqs, layout, q, k, v, dst) =
             (self.seqs, self.layout, self.q, self.k, self.v, self.dst);
         let (n_heads, n_rep, scale, hd) = (self.n_heads, self.n_rep, self.scale, layout.head_dim);
@@ -239,9 +273,14 @@ impl Task<'_> {
         let mut m = vec![f32::NEG_INFINITY; nq];
         let mut l = vec![0f32; nq];
         let mut acc = vec![0f32; nq * hd];
-        let mut kb = vec![0f32; layout.block_size * hd];
+        let mut kb = vec![0f32; layout.block_size.max(16) * hd];
         let mut vb = vec![0f32; layout.block_size * hd];
         let mut scores = vec![0f32; layout.block_size];
+        let mut kt = if WIDE {
+            vec![0f32; 16 * hd]
+        } else {
+            Vec::new()
+        };
         let end = s.context_len + queries.end;
         for blk in 0..end.div_ceil(layout.block_size) {
             let p0 = blk * layout.block_size;
@@ -250,6 +289,10 @@ impl Task<'_> {
                 let off = layout.slot(s.block_table, p0 + j) + g * hd;
                 k.read(off, &mut kb[j * hd..(j + 1) * hd]);
                 v.read(off, &mut vb[j * hd..(j + 1) * hd]);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if WIDE {
+                transpose_keys(&mut kb, &mut kt, nb, hd);
             }
             for (qi, t) in queries.clone().enumerate() {
                 let pos = s.context_len + t;
@@ -262,6 +305,16 @@ impl Task<'_> {
                     let h = g * n_rep + r;
                     let qv = &q[row + h * hd..row + (h + 1) * hd];
                     let st = qi * n_rep + r;
+                    #[cfg(target_arch = "x86_64")]
+                    if WIDE {
+                        let a = &mut acc[st * hd..(st + 1) * hd];
+                        // SAFETY: WIDE is only instantiated after the checks in
+                        // `paged_attention` (AVX-512F, block <= 16, head_dim % 16 == 0).
+                        unsafe {
+                            x86::update_row(qv, &kt, &vb, valid, scale, &mut m[st], &mut l[st], a)
+                        };
+                        continue;
+                    }
                     let mut mx = m[st];
                     for j in 0..valid {
                         let kr = &kb[j * hd..(j + 1) * hd];
