@@ -52,7 +52,7 @@ pub(super) unsafe fn update_row(
     acc: &mut [f32],
 ) {
     let hd = q.len();
-    debug_assert!(hd % 16 == 0 && (1..=LANES).contains(&valid));
+    debug_assert!(hd.is_multiple_of(16) && (1..=LANES).contains(&valid));
     debug_assert!(kt.len() >= hd * LANES && vb.len() >= valid * hd && acc.len() == hd);
     let mut s = [_mm512_setzero_ps(); 4];
     let kp = kt.as_ptr();
