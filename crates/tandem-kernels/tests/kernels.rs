@@ -215,6 +215,25 @@ proptest! {
     /// Packed weights (every format, ragged last groups): each level's result equals the
     /// stored-format fast path within float rounding, and a row's result is bitwise the same
     /// whether it runs alone or among 1..13 rows (8-, 4-, 2- and 1-row kernels).
+    /// The SIMD activation quantizer equals the scalar one bit for bit (ragged last groups too).
+    #[test]
+    fn packed_act_quantizers_agree(seed in any::<u64>(), blocks in 1usize..11) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x = random_vec(&mut rng, blocks * 32);
+        let groups = blocks.div_ceil(4);
+        let mut want = vec![packed::ActGroup::default(); groups];
+        packed::quantize_act(&x, &mut want);
+        for level in SimdLevel::supported() {
+            let mut got = vec![packed::ActGroup::default(); groups];
+            packed::act_quantizer(level)(&x, &mut got);
+            for (a, b) in got.iter().zip(&want) {
+                prop_assert_eq!(a.qs, b.qs);
+                prop_assert_eq!(a.d, b.d);
+                prop_assert_eq!(a.s, b.s);
+            }
+        }
+    }
+
     #[test]
     fn packed_matmul_matches_stored(seed in any::<u64>(), which in 0usize..3, blocks in 1usize..11, m in 1usize..14, n in 1usize..20) {
         let d = [DType::Q4_0, DType::Q4_1, DType::Q8_0][which];

@@ -189,7 +189,8 @@ pub fn quantize_act(x: &[f32], out: &mut [ActGroup]) {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (e, &v) in blk.iter().enumerate() {
-                let q = (v * id).round() as i32;
+                // Ties to even, as the SIMD twin's conversion rounds.
+                let q = (v * id).round_ties_even() as i32;
                 sum += q;
                 g.qs[(e / 16) * 64 + 16 * b + e % 16] = q as i8;
             }
@@ -225,6 +226,17 @@ fn kernels(format: PackedFormat, level: SimdLevel) -> PackedKernels {
     scalar::kernels(format)
 }
 
+/// The activation quantizer for `level` ([`quantize_act`] or its SIMD twin).
+pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActGroup]) {
+    #[cfg(target_arch = "x86_64")]
+    if worth_packing(level) {
+        // SAFETY: worth_packing checked AVX-512 F/BW/VL support.
+        return |x, out| unsafe { x86::quantize_act(x, out) };
+    }
+    let _ = level;
+    quantize_act
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` with packed weights. Each task takes a slice of weight rows
 /// and runs the activation rows against it eight at a time, so a weight group is unpacked once
 /// per eight rows; a row's result does not depend on how many rows run with it.
@@ -238,11 +250,12 @@ pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMat, out: &mut [f32], level:
     let groups = k.div_ceil(GROUP_LEN);
     let mut act = vec![ActGroup::default(); m * groups];
     let act_ptr = SyncPtr(act.as_mut_ptr());
+    let quantize = act_quantizer(level);
     for_each_task(m.div_ceil(8), |c| {
         for i in c * 8..(c * 8 + 8).min(m) {
             // SAFETY: row i's groups are written by this task only.
             let dst = unsafe { act_ptr.slice_mut(i * groups, groups) };
-            quantize_act(&x[i * k..(i + 1) * k], dst);
+            quantize(&x[i * k..(i + 1) * k], dst);
         }
     });
     let kern = kernels(w.format, level);

@@ -132,3 +132,36 @@ pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
         PackedFormat::Q8_0 => vnni_set!(2),
     }
 }
+
+/// [`super::quantize_act`] with AVX-512 (same rounding: to nearest, ties to even).
+///
+/// # Safety
+/// AVX-512F/BW must be available.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActGroup]) {
+    debug_assert_eq!(out.len(), x.len().div_ceil(super::GROUP_LEN));
+    let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+    for (g, xs) in out.iter_mut().zip(x.chunks(super::GROUP_LEN)) {
+        *g = ActGroup::default();
+        for (b, blk) in xs.chunks_exact(32).enumerate() {
+            let lo = _mm512_loadu_ps(blk.as_ptr());
+            let hi = _mm512_loadu_ps(blk.as_ptr().add(16));
+            let abs =
+                |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, id));
+            let qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, id));
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+            let qs = g.qs.as_mut_ptr();
+            _mm_storeu_si128(qs.add(16 * b) as *mut __m128i, _mm512_cvtepi32_epi8(qlo));
+            _mm_storeu_si128(
+                qs.add(64 + 16 * b) as *mut __m128i,
+                _mm512_cvtepi32_epi8(qhi),
+            );
+            g.d[4 * b..4 * b + 4].fill(d);
+            g.s[b] = d * sum as f32;
+        }
+    }
+}
