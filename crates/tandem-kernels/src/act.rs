@@ -1,5 +1,6 @@
 //! Activation quantization: each row of activations is quantized once per matmul to int8
-//! blocks, so the weight dot products run on integers.
+//! blocks, so the weight dot products run on integers. Rounding is to nearest, ties to even,
+//! in every quantizer (as SIMD conversions round), so all paths see the same integers.
 
 use crate::dtype::{QK, QK_K};
 
@@ -52,7 +53,7 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         let (d, id) = scale_of(xs);
         let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(xs) {
-            let r = (v * id).round() as i32;
+            let r = (v * id).round_ties_even() as i32;
             *q = r as i8;
             sum += r;
         }
@@ -67,7 +68,7 @@ pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
         let (d, id) = scale_of(xs);
         for (q, &v) in b.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
         }
         for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = g.iter().map(|&q| q as i16).sum();

@@ -287,8 +287,18 @@ impl Task<'_> {
             let nb = (end - p0).min(layout.block_size);
             for j in 0..nb {
                 let off = layout.slot(s.block_table, p0 + j) + g * hd;
-                k.read(off, &mut kb[j * hd..(j + 1) * hd]);
-                v.read(off, &mut vb[j * hd..(j + 1) * hd]);
+                let (kd, vd) = (&mut kb[j * hd..(j + 1) * hd], &mut vb[j * hd..(j + 1) * hd]);
+                #[cfg(target_arch = "x86_64")]
+                if let (true, KvRef::F16(ks), KvRef::F16(vs)) = (WIDE, k, v) {
+                    // SAFETY: WIDE runs only with AVX-512F present and head_dim % 16 == 0.
+                    unsafe {
+                        x86::f16_to_f32(&ks[off..off + hd], kd);
+                        x86::f16_to_f32(&vs[off..off + hd], vd);
+                    }
+                    continue;
+                }
+                k.read(off, kd);
+                v.read(off, vd);
             }
             #[cfg(target_arch = "x86_64")]
             if WIDE {
