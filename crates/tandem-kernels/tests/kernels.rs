@@ -320,9 +320,11 @@ proptest! {
 
     /// Paged attention over shuffled blocks equals dense attention, for f32 and f16 pools.
     #[test]
-    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..40, n_new in 1usize..40, bs in 1usize..9, f16_pool in any::<bool>()) {
+    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..40, n_new in 1usize..40, bs in 1usize..9, f16_pool in any::<bool>(), hd_sel in 0usize..3, pooled in any::<bool>()) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (nh, nkv, hd) = (6, 2, 8);
+        // head_dim 16 and 64 take the AVX-512 block step where present; inside a pool, short
+        // query chunks over long contexts are split over tasks and merged.
+        let (nh, nkv, hd) = (6, 2, [8, 16, 64][hd_sel]);
         let layout = PagedLayout { block_size: bs, n_kv_heads: nkv, head_dim: hd };
         let total = ctx0 + n_new;
         let nblocks = total.div_ceil(bs) + 3;
@@ -346,7 +348,8 @@ proptest! {
         let (kr, vr) = if f16_pool { (KvRef::F16(&k16), KvRef::F16(&v16)) } else { (KvRef::F32(&k32), KvRef::F32(&v32)) };
         let seqs = [AttnSeq { row_start: 0, n_new, context_len: ctx0, block_table: table }];
         let mut out = vec![0f32; q.len()];
-        paged_attention(&layout, &seqs, &q, nh, 1.0 / (hd as f32).sqrt(), kr, vr, &mut out);
+        let mut run = || paged_attention(&layout, &seqs, &q, nh, 1.0 / (hd as f32).sqrt(), kr, vr, &mut out);
+        if pooled { ThreadPool::new(3).unwrap().install(run) } else { run() }
         let want = dense_attention(&q, &k_ref, &v_ref, ctx0, n_new, nh, nkv, hd);
         for (a, b) in out.iter().zip(&want) {
             prop_assert!((a - b).abs() <= 1e-4, "{} vs {}", a, b);

@@ -8,8 +8,11 @@ use half::slice::HalfFloatSliceExt;
 use crate::par::{for_each_task, SyncPtr};
 use crate::simd::SimdLevel;
 
+mod split;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+use split::{merge_parts, plan, Work};
 
 /// Element type of the KV pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,14 +153,16 @@ pub fn paged_attention(
     let n_rep = n_heads / layout.n_kv_heads;
     assert_eq!(q.len(), out.len());
     assert_eq!(k.len(), v.len());
-    let tasks: Vec<(usize, usize, usize)> = seqs
+    let works = plan(layout, seqs, n_rep, crate::par::current_threads());
+    let partial_len = works
         .iter()
-        .enumerate()
-        .flat_map(|(si, s)| {
-            (0..layout.n_kv_heads)
-                .flat_map(move |g| (0..s.n_new.div_ceil(Q_CHUNK)).map(move |c| (si, g, c)))
+        .filter_map(|w| {
+            w.partial
+                .map(|o| o + w.partial_len(seqs, n_rep, layout.head_dim))
         })
-        .collect();
+        .max()
+        .unwrap_or(0);
+    let mut partial = vec![0f32; partial_len];
     let dst = SyncPtr(out.as_mut_ptr());
     let task = Task {
         layout,
@@ -169,28 +174,30 @@ pub fn paged_attention(
         k,
         v,
         dst,
+        partial: SyncPtr(partial.as_mut_ptr()),
     };
     let level = crate::simd::active();
     #[cfg(target_arch = "x86_64")]
     let wide = level >= SimdLevel::Avx512Vnni
         && layout.block_size <= x86::LANES
         && layout.head_dim.is_multiple_of(16);
-    for_each_task(tasks.len(), |t| {
-        let (si, g, c) = tasks[t];
+    for_each_task(works.len(), |t| {
+        let w = &works[t];
         #[cfg(target_arch = "x86_64")]
         if wide {
             // SAFETY: AVX-512F was detected (SimdLevel::Avx512Vnni); the block and head sizes
             // were checked above.
-            unsafe { task.run_avx512(si, g, c) };
+            unsafe { task.run_avx512(w) };
             return;
         } else if level >= SimdLevel::Avx2 {
             // SAFETY: AVX2 and FMA were detected at run time (SimdLevel::Avx2 requires both).
-            unsafe { task.run_avx2(si, g, c) };
+            unsafe { task.run_avx2(w) };
             return;
         }
         let _ = level;
-        task.run::<false>(si, g, c);
+        task.run::<false>(w);
     });
+    merge_parts(&works, seqs, n_heads, n_rep, layout.head_dim, &partial, out);
 }
 
 /// Queries per task: enough work per task, and enough tasks to balance the pool.
@@ -207,6 +214,8 @@ struct Task<'a> {
     k: KvRef<'a>,
     v: KvRef<'a>,
     dst: SyncPtr<f32>,
+    /// Softmax states of split tasks (see [`Work`]).
+    partial: SyncPtr<f32>,
 }
 
 // SAFETY: tasks write disjoint output slices through `dst` (see `run`).
@@ -248,21 +257,22 @@ impl Task<'_> {
     /// The task compiled for AVX2 + FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run_avx2(&self, si: usize, g: usize, c: usize) {
-        self.run::<false>(si, g, c)
+    unsafe fn run_avx2(&self, w: &Work) {
+        self.run::<false>(w)
     }
 
     /// The task with the AVX-512 block step (transposed keys, vectorized softmax).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-    unsafe fn run_avx512(&self, si: usize, g: usize, c: usize) {
-        self.run::<true>(si, g, c)
+    unsafe fn run_avx512(&self, w: &Work) {
+        self.run::<true>(w)
     }
 
     /// `WIDE`: keys are stored transposed in 16-lane blocks and each row's block step is
     /// [`x86::update_row`] (only instantiated behind the AVX-512 check in `paged_attention`).
     #[inline(always)]
-    fn run<const WIDE: bool>(&self, si: usize, g: usize, c: usize) {
+    fn run<const WIDE: bool>(&self, w: &Work) {
+        let (si, g, c) = (w.si, w.g, w.c);
         let (seqs, layout, q, k, v, dst) =
             (self.seqs, self.layout, self.q, self.k, self.v, self.dst);
         let (n_heads, n_rep, scale, hd) = (self.n_heads, self.n_rep, self.scale, layout.head_dim);
@@ -282,7 +292,7 @@ impl Task<'_> {
             Vec::new()
         };
         let end = s.context_len + queries.end;
-        for blk in 0..end.div_ceil(layout.block_size) {
+        for blk in w.blocks.start..w.blocks.end.min(end.div_ceil(layout.block_size)) {
             let p0 = blk * layout.block_size;
             let nb = (end - p0).min(layout.block_size);
             for j in 0..nb {
@@ -349,6 +359,16 @@ impl Task<'_> {
                     l[st] = sum;
                 }
             }
+        }
+        if let Some(off) = w.partial {
+            for st in 0..nq {
+                // SAFETY: this task's partial slot is [off, off + nq * (2 + hd)), written by it only.
+                let o = unsafe { self.partial.slice_mut(off + st * (2 + hd), 2 + hd) };
+                o[0] = m[st];
+                o[1] = l[st];
+                o[2..].copy_from_slice(&acc[st * hd..(st + 1) * hd]);
+            }
+            return;
         }
         for (qi, t) in queries.clone().enumerate() {
             let row = (s.row_start + t) * n_heads * hd;
