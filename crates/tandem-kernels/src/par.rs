@@ -142,7 +142,7 @@ impl ThreadPool {
             }
         }
         // SAFETY: `f` is alive for this whole call. A panic is held until the workers are out.
-        let mine = catch_unwind(AssertUnwindSafe(|| claim_tasks(s, unsafe { &*f })));
+        let mine = catch_unwind(AssertUnwindSafe(|| claim_tasks(s, tasks, unsafe { &*f })));
         let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) < self.workers.len() {
             spins = spins.wrapping_add(1);
@@ -180,12 +180,7 @@ fn shutdown(shared: &Shared, workers: &mut Vec<JoinHandle<()>>) {
 }
 
 /// Claims and runs tasks until none are left.
-fn claim_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
-    let tasks = s
-        .job
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .map_or(0, |j| j.tasks);
+fn claim_tasks(s: &Shared, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     struct Leave;
     impl Drop for Leave {
         fn drop(&mut self) {
@@ -228,7 +223,9 @@ fn worker(s: &Shared) {
         let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(job) = job {
             // SAFETY: the caller waits for our `done` below before its closure goes away.
-            let ran = catch_unwind(AssertUnwindSafe(|| claim_tasks(s, unsafe { &*job.f })));
+            let ran = catch_unwind(AssertUnwindSafe(|| {
+                claim_tasks(s, job.tasks, unsafe { &*job.f })
+            }));
             if ran.is_err() {
                 s.panicked.store(true, Ordering::SeqCst);
             }

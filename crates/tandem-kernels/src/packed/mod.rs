@@ -41,6 +41,15 @@ pub enum PackedFormat {
 }
 
 impl PackedFormat {
+    /// The format of a kernel's const parameter (0, 1, 2: Q4_0, Q4_1, Q8_0).
+    pub(crate) const fn from_id(id: u8) -> PackedFormat {
+        match id {
+            0 => PackedFormat::Q4_0,
+            1 => PackedFormat::Q4_1,
+            _ => PackedFormat::Q8_0,
+        }
+    }
+
     fn of(dtype: DType) -> Option<PackedFormat> {
         match dtype {
             DType::Q4_0 => Some(PackedFormat::Q4_0),
@@ -211,6 +220,28 @@ pub(crate) struct PackedKernels {
     pub four: DotRows<4>,
     pub eight: DotRows<8>,
 }
+
+/// The 1/2/4/8-row instances of a kernel `$rows::<R, FORMAT_ID>` for `$format`.
+macro_rules! kernel_set {
+    ($rows:ident, $format:expr) => {{
+        macro_rules! set {
+            ($f:literal) => {
+                PackedKernels {
+                    one: $rows::<1, $f>,
+                    two: $rows::<2, $f>,
+                    four: $rows::<4, $f>,
+                    eight: $rows::<8, $f>,
+                }
+            };
+        }
+        match $format {
+            PackedFormat::Q4_0 => set!(0),
+            PackedFormat::Q4_1 => set!(1),
+            PackedFormat::Q8_0 => set!(2),
+        }
+    }};
+}
+use kernel_set;
 
 /// Whether packed kernels faster than the stored-format ones exist at `level`.
 pub fn worth_packing(level: SimdLevel) -> bool {

@@ -1,6 +1,6 @@
 //! The reference dot product on packed weights, which the SIMD kernels are tested against.
 
-use super::{f16_at, ActGroup, DotRows, PackedFormat, PackedKernels, GROUP_BLOCKS};
+use super::{f16_at, ActGroup, PackedFormat, PackedKernels, GROUP_BLOCKS};
 
 /// Dot product of packed row `w` (`nb` blocks) with one activation row.
 pub fn dot(format: PackedFormat, w: &[u8], act: &[ActGroup], nb: usize) -> f32 {
@@ -37,29 +37,9 @@ pub fn dot(format: PackedFormat, w: &[u8], act: &[ActGroup], nb: usize) -> f32 {
 }
 
 fn rows<const R: usize, const F: u8>(w: &[u8], acts: [&[ActGroup]; R], nb: usize) -> [f32; R] {
-    let format = match F {
-        0 => PackedFormat::Q4_0,
-        1 => PackedFormat::Q4_1,
-        _ => PackedFormat::Q8_0,
-    };
-    acts.map(|a| dot(format, w, a, nb))
-}
-
-macro_rules! scalar_set {
-    ($f:literal) => {
-        PackedKernels {
-            one: rows::<1, $f> as DotRows<1>,
-            two: rows::<2, $f> as DotRows<2>,
-            four: rows::<4, $f> as DotRows<4>,
-            eight: rows::<8, $f> as DotRows<8>,
-        }
-    };
+    acts.map(|a| dot(PackedFormat::from_id(F), w, a, nb))
 }
 
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
-    match format {
-        PackedFormat::Q4_0 => scalar_set!(0),
-        PackedFormat::Q4_1 => scalar_set!(1),
-        PackedFormat::Q8_0 => scalar_set!(2),
-    }
+    super::kernel_set!(rows, format)
 }

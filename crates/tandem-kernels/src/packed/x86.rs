@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{ActGroup, DotRows, PackedFormat, PackedKernels, GROUP_BLOCKS};
+use super::{ActGroup, PackedFormat, PackedKernels, GROUP_BLOCKS};
 
 /// How far ahead of the weight stream to prefetch (tuned on the reference model: decode
 /// went 137 -> 206 tok/s from 640 B to 8 KiB).
@@ -26,7 +26,7 @@ struct WeightGroup {
 /// Loads group `g` at `p`; `tb` blocks (masked loads when fewer than four).
 #[inline(always)]
 unsafe fn load_group<const F: u8>(p: *const u8, tb: usize) -> WeightGroup {
-    let format = format_of(F);
+    let format = PackedFormat::from_id(F);
     let scale_mask: __mmask8 = (1u8 << tb) - 1;
     let d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(scale_mask, p as *const i16));
     let (m4, q) = if format.stores_min() {
@@ -65,30 +65,21 @@ unsafe fn load_group<const F: u8>(p: *const u8, tb: usize) -> WeightGroup {
     }
 }
 
-const fn format_of(f: u8) -> PackedFormat {
-    match f {
-        0 => PackedFormat::Q4_0,
-        1 => PackedFormat::Q4_1,
-        _ => PackedFormat::Q8_0,
-    }
-}
-
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows<const R: usize, const F: u8>(
     w: &[u8],
     acts: [&[ActGroup]; R],
     nb: usize,
 ) -> [f32; R] {
-    let format = format_of(F);
+    let format = PackedFormat::from_id(F);
     let groups = nb.div_ceil(GROUP_BLOCKS);
     debug_assert!(acts.iter().all(|a| a.len() == groups));
     let mut acc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm_setzero_ps(); R];
     let mut p = w.as_ptr();
-    let end = p.add(w.len());
     for g in 0..groups {
         let tb = (nb - g * GROUP_BLOCKS).min(GROUP_BLOCKS);
-        debug_assert!(p.add(format.group_bytes(tb)) <= end);
+        debug_assert!(p.add(format.group_bytes(tb)) <= w.as_ptr().add(w.len()));
         // (May point past the matrix: a prefetch never faults.)
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
         let wg = load_group::<F>(p, tb);
@@ -103,7 +94,6 @@ unsafe fn rows<const R: usize, const F: u8>(
         }
         p = p.add(format.group_bytes(tb));
     }
-    let _ = end;
     let mut out = [0f32; R];
     for r in 0..R {
         let m = macc[r];
@@ -114,23 +104,8 @@ unsafe fn rows<const R: usize, const F: u8>(
     out
 }
 
-macro_rules! vnni_set {
-    ($f:literal) => {
-        PackedKernels {
-            one: rows::<1, $f> as DotRows<1>,
-            two: rows::<2, $f> as DotRows<2>,
-            four: rows::<4, $f> as DotRows<4>,
-            eight: rows::<8, $f> as DotRows<8>,
-        }
-    };
-}
-
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
-    match format {
-        PackedFormat::Q4_0 => vnni_set!(0),
-        PackedFormat::Q4_1 => vnni_set!(1),
-        PackedFormat::Q8_0 => vnni_set!(2),
-    }
+    super::kernel_set!(rows, format)
 }
 
 /// [`super::quantize_act`] with AVX-512 (same rounding: to nearest, ties to even).
