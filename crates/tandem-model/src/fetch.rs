@@ -4,8 +4,9 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
@@ -112,6 +113,14 @@ fn download_and_extract(work: &Path, dest: &Path, progress: bool) -> Result<(), 
     } else {
         cmd.arg("--quiet");
     }
+    // pip reports on stdout; ours carries results (`generate --json`), so pip's goes to stderr.
+    let to_stderr = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| FetchError::Pip {
+            why: format!("cannot duplicate stderr for pip: {e}"),
+        })?;
+    cmd.stdout(Stdio::from(to_stderr));
     let status = cmd.status().map_err(|e| FetchError::Pip {
         why: format!("cannot run `{python} -m pip`: {e}"),
     })?;
