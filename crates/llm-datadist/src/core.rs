@@ -25,15 +25,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// connections cannot pile up threads).
 const MAX_PENDING_HANDSHAKES: usize = 64;
 
-struct Listener {
-    addr: SocketAddr,
+/// A bound socket accepting handshakes on its own thread.
+pub(crate) struct Listener {
+    pub addr: SocketAddr,
     fd: i32,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Listener {
-    fn stop(mut self) {
+    /// Stops accepting and joins the thread.
+    pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
         // SAFETY: shutting down our own listening socket wakes the blocked accept.
         unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
@@ -59,6 +61,9 @@ pub(crate) struct Core {
     pub device_pool: Option<MemoryPool>,
     pub host_pool: Option<MemoryPool>,
     listener: Mutex<Option<Listener>>,
+    /// Two-sided link domains by comm id.
+    pub(crate) domains: Mutex<HashMap<u64, crate::comm::Domain>>,
+    pub(crate) next_comm_id: AtomicU64,
     host: Option<[u8; 16]>,
     nonce: AtomicU64,
 }
@@ -79,6 +84,8 @@ impl Core {
             device_pool,
             host_pool,
             listener: Mutex::new(None),
+            domains: Mutex::new(HashMap::new()),
+            next_comm_id: AtomicU64::new(1),
             host: host_id(),
             nonce: AtomicU64::new(seed),
             opts,
@@ -105,7 +112,20 @@ impl Core {
         if let Some(old) = guard.take() {
             old.stop();
         }
-        let listener = TcpListener::bind(wanted.as_slice()).map_err(|e| {
+        let listener = self.bind_listener(host, port, wanted.as_slice())?;
+        tracing::info!(cluster_id = self.cluster_id, addr = %listener.addr, "llm-datadist listening");
+        *guard = Some(listener);
+        Ok(())
+    }
+
+    /// Binds `wanted` and accepts handshakes there on a thread of its own until stopped.
+    pub(crate) fn bind_listener(
+        self: &Arc<Self>,
+        host: &str,
+        port: u16,
+        wanted: &[SocketAddr],
+    ) -> Result<Listener> {
+        let listener = TcpListener::bind(wanted).map_err(|e| {
             LlmException::new(
                 LlmStatusCode::LlmFailed,
                 format!("cannot listen on {host}:{port}: {e}"),
@@ -120,14 +140,12 @@ impl Core {
             .name(format!("llm-datadist-listen-{}", addr.port()))
             .spawn(move || accept_loop(weak, listener, stop2))
             .map_err(|e| LlmException::new(LlmStatusCode::LlmFailed, e.to_string()))?;
-        *guard = Some(Listener {
+        Ok(Listener {
             addr,
             fd,
             stop,
             thread: Some(thread),
-        });
-        tracing::info!(cluster_id = self.cluster_id, %addr, "llm-datadist listening");
-        Ok(())
+        })
     }
 
     /// Stops listening (a pure client from now on).
@@ -165,6 +183,7 @@ impl Core {
 
     /// Tears down every link and the listener (finalize).
     pub fn shutdown(&self) {
+        self.stop_domains();
         self.stop_listening();
         let links: Vec<_> = self.links.lock().expect("links lock").drain().collect();
         for (_, l) in links {

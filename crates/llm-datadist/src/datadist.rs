@@ -12,7 +12,7 @@ use crate::core::Core;
 use crate::keys::LlmClusterInfo;
 use crate::options::{parse_listen, InitOptions};
 use crate::status::{param_invalid, LlmException, LlmStatusCode, Result};
-use crate::types::LlmRole;
+use crate::types::{LlmRole, RegisterMemStatus};
 
 /// At most one initialized instance per process, as in the reference.
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
@@ -206,6 +206,32 @@ impl LlmDataDist {
             .map(|c| core.unlink_from(c, timeout, force))
             .collect();
         Ok(Self::gather(results))
+    }
+
+    /// Two-sided link: joins communication domain `comm_name` with the other members of
+    /// `cluster_rank_info` (cluster id -> rank in `rank_table`, ranks ascending), who call it
+    /// at about the same time. Returns the comm id at once; poll
+    /// [`query_register_mem_status`](Self::query_register_mem_status) until `Ok` before
+    /// transferring. How ranks are addressed: [`crate::comm`].
+    pub fn link(
+        &self,
+        comm_name: &str,
+        cluster_rank_info: &[(u64, u32)],
+        rank_table: &str,
+    ) -> Result<u64> {
+        self.core()?
+            .comm_link(comm_name, cluster_rank_info, rank_table)
+    }
+
+    /// Leaves the domain `comm_id` (every member calls it), dropping its links on this side.
+    pub fn unlink(&self, comm_id: u64) -> Result<()> {
+        self.core()?.comm_unlink(comm_id)
+    }
+
+    /// `Ok` once every member of domain `comm_id` is linked, `Preparing` before, `Failed` when
+    /// a member could not be reached within `llm.LinkTotalTime`.
+    pub fn query_register_mem_status(&self, comm_id: u64) -> Result<RegisterMemStatus> {
+        self.core()?.comm_status(comm_id)
     }
 
     /// Switches role under the seed's rules: needs `enable_switch_role` at init

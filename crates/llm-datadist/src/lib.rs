@@ -21,6 +21,7 @@
 
 mod cache;
 mod cache_manager;
+pub mod comm;
 pub mod config;
 mod core;
 mod datadist;

@@ -9,6 +9,8 @@ use crate::transport::TransportKind;
 
 /// Default `sync_kv_timeout` (ms), as the native layer has it.
 pub const DEFAULT_SYNC_KV_TIMEOUT_MS: u64 = 1000;
+/// HCCL's default link-establishment budget (s), used when `llm.LinkTotalTime` is 0 or unset.
+pub const DEFAULT_LINK_TOTAL_TIME_S: u64 = 120;
 /// Default parallel TCP streams per link direction.
 pub const DEFAULT_TCP_STREAMS: usize = 2;
 
@@ -25,6 +27,9 @@ pub(crate) struct InitOptions {
     pub transport: TransportKind,
     pub auth_token: String,
     pub tcp_streams: usize,
+    /// How long two-sided links may take to come up (`llm.LinkTotalTime`, seconds; 0 or unset:
+    /// HCCL's default of 120 s).
+    pub link_total_time: Duration,
 }
 
 /// Parses `"ip:port"` (exactly one colon, numeric port).
@@ -103,8 +108,18 @@ impl InitOptions {
                 _ => param_invalid!("{} must be in [1, 16], got {v:?}", keys::TCP_STREAMS),
             },
         };
+        let link_total_time = match o.get(keys::LINK_TOTAL_TIME) {
+            None => 0,
+            Some(v) => v.parse::<u32>().map_err(|_| {
+                LlmException::param(format!("llm.LinkTotalTime {v:?} is not a uint32"))
+            })?,
+        };
         Ok(Self {
             device_id,
+            link_total_time: Duration::from_secs(match link_total_time {
+                0 => DEFAULT_LINK_TOTAL_TIME_S,
+                s => s as u64,
+            }),
             listen,
             sync_kv_timeout: Duration::from_millis(sync_kv_timeout),
             remote_cache_accessible: remote.unwrap_or(false),
