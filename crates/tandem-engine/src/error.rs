@@ -12,9 +12,23 @@ pub enum ParamError {
         prompt_len: usize,
         max_length: usize,
     },
-    /// An option is out of range.
+    /// An option is out of range or of the wrong type.
     #[error("invalid {name}: {why}")]
     Invalid { name: &'static str, why: String },
+    /// An option the API does not have.
+    #[error("unknown option {0:?}")]
+    Unknown(String),
+}
+
+impl ParamError {
+    /// The option at fault, if one is.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ParamError::Invalid { name, .. } => Some(name),
+            ParamError::Unknown(name) => Some(name),
+            ParamError::EmptyPrompt | ParamError::PromptTooLong { .. } => None,
+        }
+    }
 }
 
 /// Errors from the engine and pipeline.
@@ -42,6 +56,9 @@ pub enum EngineError {
     /// A KV handoff could not complete.
     #[error("KV handoff failed: {0}")]
     Handoff(String),
+    /// The caller cancelled the call; its requests were aborted.
+    #[error("cancelled")]
+    Cancelled,
     /// Engine configuration is invalid.
     #[error("invalid engine configuration: {0}")]
     Config(String),

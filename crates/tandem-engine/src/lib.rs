@@ -8,6 +8,7 @@ pub mod block_pool;
 mod engine;
 mod error;
 mod handoff;
+pub mod mii_options;
 pub mod params;
 mod pipeline;
 mod request;

@@ -2,6 +2,7 @@
 //! together by the engine), stream one prompt, tear down.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tandem_model::LoadedModel;
 
@@ -67,12 +68,24 @@ impl Pipeline {
         prompts: &[S],
         params: &GenerateParams,
     ) -> Result<Vec<Response>, EngineError> {
+        self.generate_cancellable(prompts, params, &AtomicBool::new(false))
+    }
+
+    /// Like [`generate`](Self::generate), and once `cancel` is set (from another thread) the
+    /// requests are aborted at the next engine step, their KV freed, and the call returns
+    /// [`EngineError::Cancelled`].
+    pub fn generate_cancellable<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        params: &GenerateParams,
+        cancel: &AtomicBool,
+    ) -> Result<Vec<Response>, EngineError> {
         let ids = prompts
             .iter()
             .map(|p| self.tokenize(p.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         let texts: Vec<&str> = prompts.iter().map(|p| p.as_ref()).collect();
-        self.generate_ids(ids, Some(&texts), params)
+        self.generate_ids(ids, Some(&texts), params, cancel)
     }
 
     /// Like [`generate`](Self::generate), for prompts given as token ids.
@@ -81,7 +94,7 @@ impl Pipeline {
         prompts: Vec<Vec<u32>>,
         params: &GenerateParams,
     ) -> Result<Vec<Response>, EngineError> {
-        self.generate_ids(prompts, None, params)
+        self.generate_ids(prompts, None, params, &AtomicBool::new(false))
     }
 
     fn generate_ids(
@@ -89,6 +102,7 @@ impl Pipeline {
         prompts: Vec<Vec<u32>>,
         texts: Option<&[&str]>,
         params: &GenerateParams,
+        cancel: &AtomicBool,
     ) -> Result<Vec<Response>, EngineError> {
         let engine = self.engine()?;
         for p in &prompts {
@@ -99,13 +113,14 @@ impl Pipeline {
             .map(|p| engine.submit(p.clone(), params.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(prompts.len());
+        // Dropping the streams left (when one fails or the call is cancelled) aborts them.
         for (i, (p, s)) in prompts.into_iter().zip(streams).enumerate() {
             let prefix = match (params.return_full_text, texts) {
                 (true, Some(t)) => t[i].to_string(),
                 (true, None) => engine.tokenizer().decode(&p, true)?,
                 _ => String::new(),
             };
-            out.push(collect(p, s, prefix, params.logprobs.is_some()));
+            out.push(collect(p, s, prefix, params.logprobs.is_some(), cancel)?);
         }
         Ok(out)
     }
@@ -127,8 +142,14 @@ impl Pipeline {
     }
 }
 
-/// Drains a stream into a response (blocking).
-fn collect(prompt: Vec<u32>, mut s: EventStream, prefix: String, want_logprobs: bool) -> Response {
+/// Drains a stream into a response (blocking), checking `cancel` at every event.
+fn collect(
+    prompt: Vec<u32>,
+    mut s: EventStream,
+    prefix: String,
+    want_logprobs: bool,
+    cancel: &AtomicBool,
+) -> Result<Response, EngineError> {
     let mut text = prefix;
     let mut ids = Vec::new();
     let mut lps = Vec::new();
@@ -142,6 +163,9 @@ fn collect(prompt: Vec<u32>, mut s: EventStream, prefix: String, want_logprobs: 
         usage: u,
     }) = s.blocking_recv()
     {
+        if cancel.load(Ordering::Acquire) {
+            return Err(EngineError::Cancelled);
+        }
         text.push_str(&piece);
         ids.extend(token);
         lps.extend(logprobs);
@@ -151,7 +175,7 @@ fn collect(prompt: Vec<u32>, mut s: EventStream, prefix: String, want_logprobs: 
             break;
         }
     }
-    Response {
+    Ok(Response {
         generated_text: text,
         prompt_length: prompt.len(),
         generated_length: ids.len(),
@@ -160,5 +184,5 @@ fn collect(prompt: Vec<u32>, mut s: EventStream, prefix: String, want_logprobs: 
         token_ids: ids,
         logprobs: want_logprobs.then_some(lps),
         usage,
-    }
+    })
 }

@@ -53,6 +53,25 @@ pub fn is_default_name(spec: &str) -> bool {
     ["smollm2-135m-instruct", "default"].contains(&spec.to_ascii_lowercase().as_str())
 }
 
+/// The name a model is known by (the model part of MII's `<model>-mii-deployment`): the
+/// canonical name when `spec` names a known model, else the file stem of a model file or the
+/// name of a model directory.
+pub fn model_name(spec: Option<&str>, path: &Path) -> String {
+    match spec {
+        None => DEFAULT_MODEL_NAME.into(),
+        Some(s) if is_default_name(s) && !Path::new(s).exists() => DEFAULT_MODEL_NAME.into(),
+        _ => {
+            let name = if path.is_dir() {
+                path.file_name()
+            } else {
+                path.file_stem()
+            };
+            name.map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        }
+    }
+}
+
 /// Where the default model lives once fetched.
 pub fn default_model_path() -> PathBuf {
     tandem_home().join("models").join(FILE_NAME)

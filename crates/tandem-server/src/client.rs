@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::grpc::proto::model_response_client::ModelResponseClient;
-use crate::grpc::proto::{value::OneofValues, MultiStringRequest, SingleGenerationReply, Value};
-use crate::registry::{lookup, DeploymentRecord, RegistryError};
+use crate::grpc::proto::{
+    value::OneofValues, MultiGenerationReply, MultiStringRequest, SingleGenerationReply, Value,
+};
+use crate::registry::{find, DeploymentRecord, RegistryError};
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -17,9 +19,15 @@ pub enum ClientError {
     /// The connection failed.
     #[error("cannot reach deployment at {addr}: {why}")]
     Connect { addr: String, why: String },
-    /// The server answered with an error status.
+    /// The server answered with an error status (boxed: a status is large).
     #[error("{}", .0.message())]
-    Status(#[from] tonic::Status),
+    Status(Box<tonic::Status>),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status(Box::new(s))
+    }
 }
 
 /// A generation option as MII sends it over gRPC.
@@ -43,9 +51,10 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to deployment `name` registered under `home`.
+    /// Connects to deployment `name` registered under `home` (or to the default deployment of
+    /// a model named `name`, as MII's `mii.client`).
     pub async fn connect(home: &Path, name: &str) -> Result<Client, ClientError> {
-        let record = lookup(home, name)?;
+        let record = find(home, name)?;
         let addr = format!("http://{}", record.grpc);
         let inner = ModelResponseClient::connect(addr.clone())
             .await
@@ -96,6 +105,20 @@ impl Client {
             .response)
     }
 
+    /// Streams one prompt: MII's replies as they come (dropping the stream cancels the
+    /// request on the server).
+    pub async fn generate_stream_replies(
+        &mut self,
+        prompt: &str,
+        kwargs: &[(String, KwValue)],
+    ) -> Result<tonic::Streaming<MultiGenerationReply>, ClientError> {
+        Ok(self
+            .inner
+            .generator_reply_stream(Self::request(&[prompt.to_string()], kwargs))
+            .await?
+            .into_inner())
+    }
+
     /// Streams one prompt, calling `on_piece` with each text piece; returns the final reply.
     pub async fn generate_stream(
         &mut self,
@@ -103,11 +126,7 @@ impl Client {
         kwargs: &[(String, KwValue)],
         mut on_piece: impl FnMut(&str),
     ) -> Result<SingleGenerationReply, ClientError> {
-        let mut s = self
-            .inner
-            .generator_reply_stream(Self::request(&[prompt.to_string()], kwargs))
-            .await?
-            .into_inner();
+        let mut s = self.generate_stream_replies(prompt, kwargs).await?;
         let mut last = None;
         while let Some(m) = s.message().await? {
             if let Some(r) = m.response.into_iter().next() {
@@ -116,7 +135,7 @@ impl Client {
             }
         }
         last.ok_or_else(|| {
-            ClientError::Status(tonic::Status::internal("the stream ended without a reply"))
+            ClientError::from(tonic::Status::internal("the stream ended without a reply"))
         })
     }
 

@@ -7,60 +7,11 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use serde::Deserialize;
 use serde_json::json;
 use tandem_engine::GenerateParams;
 
 use crate::error::ApiError;
-use crate::params::{parse_body, StopInput};
 use crate::state::AppState;
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Prompts {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// MII's `GenerateParamsConfig` plus Tandem's extensions, with MII's defaults.
-#[derive(Debug, Deserialize)]
-struct MiiRequest {
-    prompts: Prompts,
-    #[serde(default)]
-    stream: bool,
-    max_length: Option<usize>,
-    max_new_tokens: Option<usize>,
-    #[serde(default)]
-    min_new_tokens: usize,
-    #[serde(default)]
-    ignore_eos: bool,
-    top_p: Option<f32>,
-    top_k: Option<usize>,
-    temperature: Option<f32>,
-    do_sample: Option<bool>,
-    #[serde(default)]
-    return_full_text: bool,
-    stop: Option<StopInput>,
-    repetition_penalty: Option<f32>,
-    seed: Option<u64>,
-}
-
-const FIELDS: &[&str] = &[
-    "prompts",
-    "stream",
-    "max_length",
-    "max_new_tokens",
-    "min_new_tokens",
-    "ignore_eos",
-    "top_p",
-    "top_k",
-    "temperature",
-    "do_sample",
-    "return_full_text",
-    "stop",
-    "repetition_penalty",
-    "seed",
-];
 
 /// A validated MII call: prompts, their token ids, and the options.
 pub(crate) struct MiiCall {
@@ -69,35 +20,68 @@ pub(crate) struct MiiCall {
     pub params: GenerateParams,
 }
 
+/// A MII body split into its prompts, `stream`, and the generate options (parsed by the
+/// engine's MII option parser, shared with the Python API).
+struct MiiBody {
+    prompts: Vec<String>,
+    stream: bool,
+    params: GenerateParams,
+}
+
+fn split_body(body: serde_json::Value) -> Result<MiiBody, ApiError> {
+    let serde_json::Value::Object(mut obj) = body else {
+        return Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
+    };
+    let prompts = match obj.remove("prompts") {
+        Some(serde_json::Value::String(p)) => vec![p],
+        Some(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .map(|p| match p {
+                serde_json::Value::String(s) => Ok(s),
+                _ => Err(ApiError::invalid(
+                    "prompts must be a string or a list of strings",
+                    Some("prompts"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "prompts must be a string or a list of strings",
+                Some("prompts"),
+            ))
+        }
+        None => return Err(ApiError::invalid("prompts is required", Some("prompts"))),
+    };
+    let stream = match obj.remove("stream") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(b)) => b,
+        Some(_) => return Err(ApiError::invalid("stream must be a bool", Some("stream"))),
+    };
+    let params = GenerateParams::from_mii_options(&obj)
+        .map_err(|e| ApiError::invalid(e.to_string(), e.param()))?;
+    Ok(MiiBody {
+        prompts,
+        stream,
+        params,
+    })
+}
+
 /// Parses MII options given as a JSON object with `prompts` (the REST body, or gRPC's
 /// `request` + `query_kwargs` converted to JSON).
 pub(crate) fn parse_call(state: &AppState, body: serde_json::Value) -> Result<MiiCall, ApiError> {
-    let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::invalid(e.to_string(), None))?;
-    prepare(state, parse_body(&bytes, &[FIELDS])?)
+    let b = split_body(body)?;
+    prepare(state, b.prompts, b.params)
 }
 
-/// MII's defaults applied, prompts tokenized and validated against the engine's limits.
-fn prepare(state: &AppState, req: MiiRequest) -> Result<MiiCall, ApiError> {
-    let d = GenerateParams::default();
-    let params = GenerateParams {
-        max_length: req.max_length,
-        max_new_tokens: req.max_new_tokens,
-        min_new_tokens: req.min_new_tokens,
-        ignore_eos: req.ignore_eos,
-        top_p: req.top_p.unwrap_or(d.top_p),
-        top_k: req.top_k,
-        temperature: req.temperature,
-        do_sample: req.do_sample.unwrap_or(d.do_sample),
-        return_full_text: req.return_full_text,
-        stop: req.stop.map(StopInput::into_vec).unwrap_or_default(),
-        repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
-        seed: req.seed,
-        logprobs: None,
-    };
-    let prompts = match req.prompts {
-        Prompts::One(p) => vec![p],
-        Prompts::Many(v) => v,
-    };
+/// Prompts tokenized and validated against the engine's limits.
+fn prepare(
+    state: &AppState,
+    prompts: Vec<String>,
+    params: GenerateParams,
+) -> Result<MiiCall, ApiError> {
     if prompts.is_empty() {
         return Err(ApiError::invalid(
             "prompts is an empty list",
@@ -113,7 +97,7 @@ fn prepare(state: &AppState, req: MiiRequest) -> Result<MiiCall, ApiError> {
             .map_err(|e| ApiError::invalid(e.to_string(), Some("prompts")))?;
         params
             .validate(t.len(), max_length)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("prompts")))?;
+            .map_err(|e| ApiError::invalid(e.to_string(), e.param().or(Some("prompts"))))?;
         ids.push(t);
     }
     Ok(MiiCall {
@@ -135,9 +119,14 @@ pub async fn generate(
             state.deployment_name
         )));
     }
-    let req: MiiRequest = parse_body(&body, &[FIELDS])?;
-    let stream = req.stream;
-    let call = prepare(&state, req)?;
+    let body: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}"), None))?;
+    let MiiBody {
+        prompts,
+        stream,
+        params,
+    } = split_body(body)?;
+    let call = prepare(&state, prompts, params)?;
     if stream {
         let prompt_length = call.ids[0].len();
         let mut generated = 0usize;

@@ -91,6 +91,27 @@ pub fn lookup(home: &Path, name: &str) -> Result<DeploymentRecord, RegistryError
     Ok(rec)
 }
 
+/// Finds a deployment as MII's `mii.client(name)` does: by deployment name, else as the
+/// default deployment of a model named `name` (`<name>-mii-deployment`).
+pub fn find(
+    home: &Path,
+    model_or_deployment_name: &str,
+) -> Result<DeploymentRecord, RegistryError> {
+    match lookup(home, model_or_deployment_name) {
+        Err(RegistryError::NotFound { .. } | RegistryError::Stale { .. }) => {
+            let fallback = format!("{model_or_deployment_name}-mii-deployment");
+            lookup(home, &fallback).map_err(|e| match e {
+                RegistryError::NotFound { dir, .. } => RegistryError::NotFound {
+                    name: model_or_deployment_name.into(),
+                    dir,
+                },
+                other => other,
+            })
+        }
+        other => other,
+    }
+}
+
 /// A registration that removes its record when dropped (the deployment stopped).
 pub struct Registration {
     path: PathBuf,
@@ -169,6 +190,18 @@ mod tests {
             ),
             Err(RegistryError::NameTaken { .. })
         ));
+        // The model name finds its default deployment.
+        let by_model = DeploymentRecord {
+            name: "m-mii-deployment".into(),
+            ..me.clone()
+        };
+        let reg2 = register(&home, &by_model).unwrap();
+        assert_eq!(find(&home, "m").unwrap(), by_model);
+        assert_eq!(find(&home, "d1").unwrap(), me);
+        drop(reg2);
+        assert!(
+            matches!(find(&home, "m"), Err(RegistryError::NotFound { name, .. }) if name == "m")
+        );
         drop(reg);
         assert!(matches!(
             lookup(&home, "d1"),
