@@ -426,6 +426,86 @@ impl LlmConfig {
         Ok(())
     }
 
+    /// `local_comm_res`, if set.
+    pub fn local_comm_res(&self) -> Option<&str> {
+        self.local_comm_res.as_deref()
+    }
+
+    /// `mem_pool_cfg` ("" when unset).
+    pub fn mem_pool_cfg(&self) -> &str {
+        &self.mem_pool_cfg
+    }
+
+    /// `host_mem_pool_cfg` ("" when unset).
+    pub fn host_mem_pool_cfg(&self) -> &str {
+        &self.host_mem_pool_cfg
+    }
+
+    /// `rdma_traffic_class`, if set.
+    pub fn rdma_traffic_class(&self) -> Option<u32> {
+        self.rdma_traffic_class
+    }
+
+    /// `rdma_service_level`, if set.
+    pub fn rdma_service_level(&self) -> Option<u32> {
+        self.rdma_service_level
+    }
+
+    /// `transfer_backend`, if set.
+    pub fn transfer_backend(&self) -> Option<&str> {
+        self.transfer_backend.as_deref()
+    }
+
+    /// `global_resource_config`, if set.
+    pub fn global_resource_config(&self) -> Option<&str> {
+        self.global_resource_config.as_deref()
+    }
+
+    /// Extra GE options.
+    pub fn ge_options(&self) -> &Options {
+        &self.ge_options
+    }
+
+    /// `buf_pool_cfg` ("" when unset).
+    pub fn buf_pool_cfg(&self) -> &str {
+        &self.buf_pool_cfg
+    }
+
+    /// `mem_utilization` (0.95 by default).
+    pub fn mem_utilization(&self) -> f64 {
+        self.mem_utilization
+    }
+
+    /// `deploy_res_path` ("" when unset).
+    pub fn deploy_res_path(&self) -> &str {
+        &self.deploy_res_path
+    }
+
+    /// `cluster_info` ("" when unset).
+    pub fn cluster_info(&self) -> &str {
+        &self.cluster_info
+    }
+
+    /// `output_max_size`, if set.
+    pub fn output_max_size(&self) -> Option<i64> {
+        self.output_max_size
+    }
+
+    /// Tandem: the transport, if set.
+    pub fn transport(&self) -> Option<&str> {
+        self.transport.as_deref()
+    }
+
+    /// Tandem: the link token, if set.
+    pub fn auth_token(&self) -> Option<&str> {
+        self.auth_token.as_deref()
+    }
+
+    /// Tandem: parallel TCP streams, if set.
+    pub fn tcp_streams(&self) -> Option<u32> {
+        self.tcp_streams
+    }
+
     /// The accumulated options.
     pub fn options(&self) -> &Options {
         &self.options

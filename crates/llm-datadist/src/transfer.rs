@@ -115,6 +115,11 @@ impl CacheTask {
         Some(g)
     }
 
+    /// Whether the task has finished, waiting at most `timeout_in_millis` (None: until it has).
+    pub fn wait_done(&self, timeout_in_millis: Option<u64>) -> bool {
+        self.wait(timeout_in_millis).is_some()
+    }
+
     /// Waits for the task: the first failure, `LLM_SUCCESS`, or `LLM_TIMEOUT` if still running.
     pub fn synchronize(&self, timeout_in_millis: Option<u64>) -> LlmStatusCode {
         match self.wait(timeout_in_millis) {

@@ -16,6 +16,8 @@ pub enum BenchCommand {
     Serve(crate::bench_serve::ServeBenchArgs),
     /// KV-cache transfer between two processes with llm-datadist (GB/s vs a raw baseline).
     Datadist(crate::bench_datadist::DataDistBenchArgs),
+    /// The in-process pipeline on a list of prompts: generated tokens per second.
+    Pipeline(crate::bench_pipeline::PipelineBenchArgs),
 }
 
 /// Arguments of `tandem bench model`.
@@ -83,6 +85,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Engine(a) => return crate::bench_engine::run(a),
         BenchCommand::Serve(a) => return crate::bench_serve::run(a),
         BenchCommand::Datadist(a) => return crate::bench_datadist::run(a),
+        BenchCommand::Pipeline(a) => return crate::bench_pipeline::run(a),
     };
     anyhow::ensure!(
         a.prompt_tokens > 0 && a.gen_tokens > 0 && a.repeats > 0,

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -162,7 +162,7 @@ pub fn run(args: DataDistBenchArgs) -> anyhow::Result<()> {
     if args.request_blocks == 0 || args.request_blocks > args.pool_blocks {
         bail!("--request-blocks must be in 1..={}", args.pool_blocks);
     }
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = crate::self_command()?
         .args([
             "bench",
             "datadist",

@@ -1,15 +1,17 @@
-//! `tandem`: run Llama-family models.
+//! The `tandem` command as a library: the binary and the Python wheel (`python -m tandem`)
+//! both run [`main_with_args`].
 
 mod bench;
 mod bench_datadist;
 mod bench_engine;
+mod bench_pipeline;
 mod bench_serve;
 mod bench_stats;
 mod client;
-mod engine_args;
+pub mod engine_args;
 mod generate;
 mod pd_worker;
-mod serve;
+pub mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -40,17 +42,57 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-fn main() {
-    tracing_subscriber::fmt()
+/// How worker processes re-run this program: the binary re-executes itself; an embedder (the
+/// Python wheel) sets its own command line with [`set_self_command`].
+static SELF_COMMAND: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+/// Sets the command line that starts this program again (e.g. `python -m tandem`), used to
+/// spawn worker processes. Only the first call counts.
+pub fn set_self_command(argv: Vec<std::ffi::OsString>) {
+    let _ = SELF_COMMAND.set(argv);
+}
+
+/// A command that runs this program again, with its own arguments to be appended.
+pub(crate) fn self_command() -> std::io::Result<std::process::Command> {
+    match SELF_COMMAND.get().and_then(|v| v.split_first()) {
+        Some((program, args)) => {
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args);
+            Ok(cmd)
+        }
+        None => Ok(std::process::Command::new(std::env::current_exe()?)),
+    }
+}
+
+/// Logs go to stderr: Tandem's own startup facts (KV pool size) at info, dependencies only
+/// when they warn; `RUST_LOG` overrides. A second call (an embedder that already set up
+/// logging) changes nothing.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            // Tandem's own startup facts (KV pool size) at info; dependencies only when they warn.
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "warn,tandem=info,tandem_engine=info,tandem_server=info".into()
+                "warn,tandem=info,tandem_cli=info,tandem_engine=info,tandem_server=info".into()
             }),
         )
         .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .try_init();
+}
+
+/// Runs `tandem` with `args` (the first is the program name); returns the exit code. Help,
+/// version and usage errors print as clap prints them.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    init_logging();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(a),
@@ -58,9 +100,12 @@ fn main() {
         Command::Bench(b) => bench::run(b),
         Command::PdWorker(a) => pd_worker::run(a),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 
 use clap::Args;
@@ -110,7 +110,7 @@ pub fn spawn(
     for i in 0..n_prefill + n_decode {
         let role = if i < n_prefill { "prefill" } else { "decode" };
         let cluster_id = FIRST_CLUSTER_ID + i as u64;
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut child = crate::self_command()?
             .arg("pd-worker")
             .args(["--model", &model.to_string_lossy(), "--role", role])
             .args(["--cluster-id", &cluster_id.to_string()])

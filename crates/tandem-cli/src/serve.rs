@@ -54,6 +54,13 @@ pub struct ServeArgs {
     engine: EngineArgs,
 }
 
+/// MII's default deployment name for a `--model` spec: `<model>-mii-deployment`.
+pub fn default_deployment_name(model_spec: Option<&str>) -> String {
+    let path = std::path::Path::new(model_spec.unwrap_or(""));
+    let model = tandem_model::fetch::model_name(model_spec, path);
+    format!("{model}-mii-deployment")
+}
+
 /// Runs `tandem serve` until Ctrl-C.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -63,14 +70,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(a.replica_num >= 1, "--replica-num must be at least 1");
     let path = tandem_model::fetch::resolve_model(a.model.as_deref(), true)?;
-    let model_name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let model_name = tandem_model::fetch::model_name(a.model.as_deref(), &path);
     let deployment = a
         .deployment_name
         .clone()
-        .unwrap_or_else(|| format!("{model_name}-mii-deployment"));
+        .unwrap_or_else(|| default_deployment_name(a.model.as_deref()));
     let disaggregated = a.prefill_workers > 0 || a.decode_workers > 0;
     anyhow::ensure!(
         !disaggregated || (a.prefill_workers > 0 && a.decode_workers > 0),
