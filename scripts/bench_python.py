@@ -67,9 +67,13 @@ def python_pipeline(pipe, max_new: int, repeats: int) -> float:
 def bench_pipeline(rounds: int, max_new: int, repeats: int) -> None:
     pipe = tandem.pipeline("SmolLM2-135M-Instruct")
     rust, py = [], []
-    for _ in range(rounds):
-        rust.append(rust_pipeline(max_new, repeats))
-        py.append(python_pipeline(pipe, max_new, repeats))
+    for i in range(rounds):
+        if i % 2 == 0:
+            rust.append(rust_pipeline(max_new, repeats))
+            py.append(python_pipeline(pipe, max_new, repeats))
+        else:
+            py.append(python_pipeline(pipe, max_new, repeats))
+            rust.append(rust_pipeline(max_new, repeats))
     pipe.destroy()
     r, p = statistics.median(rust), statistics.median(py)
     print(f"pipeline, {len(PROMPTS)} prompts x {max_new} new tokens, greedy ({rounds} rounds, medians)")
@@ -80,7 +84,7 @@ def bench_pipeline(rounds: int, max_new: int, repeats: int) -> None:
 
 # The reference model's KV shape, as `tandem bench datadist` has it by default.
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 3, 64, 16
-POOL_BLOCKS, REQUEST_BLOCKS, REQUESTS = 1024, 128, 20
+POOL_BLOCKS, REQUEST_BLOCKS, REQUESTS = 1024, 128, 50
 SERVER_ID, CLIENT_ID = 2, 1
 
 
@@ -149,12 +153,17 @@ def python_datadist(transport: str) -> float:
         server.wait()
 
 
-def bench_datadist(rounds: int) -> None:
-    for transport in ("shm", "tcp"):
+def bench_datadist(rounds: int, transports) -> None:
+    for transport in transports:
         rust, py = [], []
-        for _ in range(rounds):
-            rust.append(rust_datadist(transport))
-            py.append(python_datadist(transport))
+        for i in range(rounds):
+            # A B B A: neither side always runs first.
+            if i % 2 == 0:
+                rust.append(rust_datadist(transport))
+                py.append(python_datadist(transport))
+            else:
+                py.append(python_datadist(transport))
+                rust.append(rust_datadist(transport))
         r, p = statistics.median(rust), statistics.median(py)
         print(f"pull_blocks over {transport}, {REQUEST_BLOCKS} blocks x {2 * LAYERS} tensors ({rounds} rounds, medians of p50)")
         print(f"  Rust client      {r:6.2f} GB/s   {['%.2f' % x for x in rust]}")
@@ -168,11 +177,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=["pipeline", "datadist"])
+    ap.add_argument("--transport", choices=["shm", "tcp"], action="append", help="default: both")
     a = ap.parse_args()
     if a.only != "datadist":
         bench_pipeline(a.rounds, a.max_new_tokens, a.repeats)
     if a.only != "pipeline":
-        bench_datadist(a.rounds)
+        bench_datadist(a.rounds, a.transport or ["shm", "tcp"])
 
 
 if __name__ == "__main__":
