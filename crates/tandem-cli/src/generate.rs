@@ -108,6 +108,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         seed: a.seed,
         logprobs: a.logprobs,
         max_length: None,
+        ..GenerateParams::default()
     };
     // Check the options before loading anything.
     params.validate(1, usize::MAX)?;

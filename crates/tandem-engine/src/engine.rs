@@ -9,6 +9,7 @@ use std::time::Duration;
 use tandem_model::{KvCache, KvDType, LoadedModel, Precision, Tokenizer};
 
 use crate::error::{EngineError, ParamError};
+use crate::grammar::GrammarCompiler;
 use crate::handoff::{HeldKv, KvRegion, Reservation};
 use crate::params::GenerateParams;
 use crate::request::{EventStream, Request};
@@ -77,7 +78,26 @@ impl EngineInfo {
     /// how many tokens it may generate.
     pub fn check(&self, prompt: &[u32], params: &GenerateParams) -> Result<usize, EngineError> {
         let max_new = params.validate(prompt.len(), self.max_length)?;
-        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+        let outside = |t: u32| t as usize >= self.vocab_size;
+        for (name, ids) in [
+            (
+                "logit_bias",
+                params.logit_bias.iter().map(|b| b.0).collect::<Vec<_>>(),
+            ),
+            ("stop_token_ids", params.stop_token_ids.clone()),
+        ] {
+            if let Some(t) = ids.into_iter().find(|&t| outside(t)) {
+                return Err(ParamError::Invalid {
+                    name,
+                    why: format!(
+                        "token id {t} is outside the vocabulary of {}",
+                        self.vocab_size
+                    ),
+                }
+                .into());
+            }
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| outside(t)) {
             return Err(ParamError::Invalid {
                 name: "prompt",
                 why: format!(
@@ -153,6 +173,7 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     stats: Arc<Mutex<EngineStats>>,
     kv_regions: Vec<KvRegion>,
+    grammars: Arc<GrammarCompiler>,
 }
 
 fn physical_memory() -> usize {
@@ -232,6 +253,7 @@ impl Engine {
             })
             .map_err(|e| EngineError::Config(format!("cannot start the engine thread: {e}")))?;
         let kv_regions = regions_rx.recv().map_err(|_| EngineError::Closed)?;
+        let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size));
         Ok(Engine {
             tx,
             join: Some(join),
@@ -239,6 +261,7 @@ impl Engine {
             tokenizer,
             stats,
             kv_regions,
+            grammars,
         })
     }
 
@@ -343,6 +366,11 @@ impl Engine {
         hold: Option<tokio::sync::oneshot::Sender<HeldKv>>,
     ) -> Result<(Request, EventStream), EngineError> {
         let max_new = self.info.check(&prompt, &params)?;
+        let constraint = params
+            .grammar
+            .as_ref()
+            .map(|g| self.grammars.compile(g))
+            .transpose()?;
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let req = Request {
             prompt,
@@ -350,8 +378,14 @@ impl Engine {
             max_new,
             events,
             hold,
+            constraint,
         };
         Ok((req, rx))
+    }
+
+    /// Compiles grammars for this engine's tokenizer (to check a grammar before submitting).
+    pub fn grammars(&self) -> &Arc<GrammarCompiler> {
+        &self.grammars
     }
 
     /// The model's tokenizer.

@@ -7,6 +7,7 @@
 pub mod block_pool;
 mod engine;
 mod error;
+pub mod grammar;
 mod handoff;
 pub mod mii_options;
 pub mod params;
@@ -20,6 +21,7 @@ mod worker;
 
 pub use engine::{Engine, EngineConfig, EngineInfo, EngineStats};
 pub use error::{EngineError, ParamError};
+pub use grammar::{Constraint, Grammar, GrammarCompiler};
 pub use handoff::{HeldKv, KvRegion, Reservation};
 pub use params::GenerateParams;
 pub use pipeline::{Pipeline, Response};

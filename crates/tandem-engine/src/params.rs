@@ -1,7 +1,10 @@
-//! Generation options: MII's `GenerateParamsConfig` with MII's defaults, plus
-//! `repetition_penalty`, `seed` and top-n `logprobs`. Invalid values are typed errors.
+//! Generation options: MII's `GenerateParamsConfig` with MII's defaults, plus what the
+//! OpenAI API and vLLM add (`repetition_penalty`, `seed`, top-n `logprobs`, presence and
+//! frequency penalties, `logit_bias`, `stop_token_ids`, constrained output, prompt
+//! log-probabilities). Invalid values are typed errors.
 
 use crate::error::ParamError;
+use crate::grammar::Grammar;
 
 /// Per-request generation options.
 ///
@@ -37,6 +40,27 @@ pub struct GenerateParams {
     pub seed: Option<u64>,
     /// Also return the log-probabilities of this many most likely tokens per step (0..=20).
     pub logprobs: Option<usize>,
+    /// OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit of every token
+    /// already generated.
+    #[serde(default)]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: subtracted from a token's logit once per time
+    /// it was generated.
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`, in [-100, 100]).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Generation stops at any of these tokens, which are not part of the text (vLLM).
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    /// The output must match this grammar.
+    #[serde(default)]
+    pub grammar: Option<Grammar>,
+    /// Also return each prompt token's log-probability and this many alternatives (the first
+    /// token has none). With it, `max_new_tokens` may be 0: the prompt is only scored.
+    #[serde(default)]
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for GenerateParams {
@@ -55,6 +79,12 @@ impl Default for GenerateParams {
             repetition_penalty: 1.0,
             seed: None,
             logprobs: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            stop_token_ids: Vec::new(),
+            grammar: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -94,10 +124,10 @@ impl GenerateParams {
                 max_length,
             });
         }
-        if self.max_new_tokens == Some(0) {
+        if self.max_new_tokens == Some(0) && self.prompt_logprobs.is_none() {
             return Err(ParamError::Invalid {
                 name: "max_new_tokens",
-                why: "must be at least 1".into(),
+                why: "must be at least 1 (0 only when scoring the prompt)".into(),
             });
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -126,10 +156,36 @@ impl GenerateParams {
                 why: format!("{} is not a number above 0", self.repetition_penalty),
             });
         }
-        if self.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+        for (name, n) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if n.is_some_and(|n| n > MAX_LOGPROBS) {
+                return Err(ParamError::Invalid {
+                    name,
+                    why: format!("at most {MAX_LOGPROBS}"),
+                });
+            }
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ParamError::Invalid {
+                    name,
+                    why: format!("{v} is outside [-2, 2]"),
+                });
+            }
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
             return Err(ParamError::Invalid {
-                name: "logprobs",
-                why: format!("at most {MAX_LOGPROBS}"),
+                name: "logit_bias",
+                why: format!("the bias {b} of token {t} is outside [-100, 100]"),
             });
         }
         if self.stop.iter().any(String::is_empty) {

@@ -161,6 +161,7 @@ fn collect(
         logprobs,
         finish: f,
         usage: u,
+        ..
     }) = s.blocking_recv()
     {
         if cancel.load(Ordering::Acquire) {

@@ -43,6 +43,10 @@ pub struct Event {
     pub finish: Option<FinishReason>,
     /// Time to first token and other timing, filled on the last event.
     pub usage: Option<Usage>,
+    /// With `prompt_logprobs`, on the first event: each prompt token's log-probability and
+    /// alternatives (None for the first token, which has no context).
+    #[serde(default)]
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
 }
 
 /// Token counts of a finished request.
@@ -69,6 +73,8 @@ pub struct Request {
     pub events: UnboundedSender<Event>,
     /// Prefill-only requests: keep the prompt's KV after finishing and say where it is.
     pub hold: Option<tokio::sync::oneshot::Sender<crate::handoff::HeldKv>>,
+    /// The compiled grammar of `params.grammar`.
+    pub constraint: Option<crate::grammar::Constraint>,
 }
 
 /// The receiving end of a request's events.

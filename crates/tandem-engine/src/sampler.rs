@@ -1,9 +1,11 @@
 //! Turning a row of logits into the next token.
 //!
-//! Processor order (MII's, not HF's): repetition penalty → min-tokens EOS suppression → top-k →
-//! top-p → temperature → sample (or argmax when `do_sample` is false). Log-probabilities are
+//! Processor order: repetition penalty → presence / frequency penalties → logit bias → the
+//! grammar's mask → min-tokens EOS suppression → top-k → top-p → temperature (MII's order for
+//! the last three) → sample (or argmax when `do_sample` is false). Log-probabilities are
 //! reported from the model's raw distribution (before any processor), as vLLM does.
 
+use llguidance::toktrie::SimpleVob;
 use rand::distributions::{Distribution, WeightedIndex};
 use rand::rngs::StdRng;
 
@@ -44,17 +46,53 @@ fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, logits[i as usize])).collect()
 }
 
+/// The log-probability of `token` under `logits` (raw log-softmax) and the `n` most likely
+/// tokens' (for scoring prompt tokens).
+pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
+    let (mx, lz) = log_softmax_denominator(logits);
+    TokenLogprobs {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - mx - lz),
+        top: top_n(logits, n)
+            .into_iter()
+            .map(|(i, l)| (i, l - mx - lz))
+            .collect(),
+    }
+}
+
+/// What a step knows of its sequence besides the logits.
+pub struct SampleContext<'a> {
+    /// The sequence so far: prompt, then generated tokens.
+    pub history: &'a [u32],
+    /// How many of `history` are the prompt.
+    pub prompt_len: usize,
+    /// Ids that must not be chosen now (EOS before `min_new_tokens`).
+    pub suppress: &'a [u32],
+    /// The grammar's allowed tokens, if the output is constrained.
+    pub allowed: Option<&'a SimpleVob>,
+}
+
+/// OpenAI's presence and frequency penalties over the generated tokens:
+/// `logit -= count * frequency + (count > 0) * presence`.
+fn apply_penalties(logits: &mut [f32], generated: &[u32], presence: f32, frequency: f32) {
+    let mut seen = generated.to_vec();
+    seen.sort_unstable();
+    for run in seen.chunk_by(|a, b| a == b) {
+        if let Some(l) = logits.get_mut(run[0] as usize) {
+            *l -= run.len() as f32 * frequency + presence;
+        }
+    }
+}
+
 /// Chooses the next token from `logits` (modified in place by the processors).
-///
-/// `history` is the sequence so far (prompt and generated), `suppress` the ids that must not be
-/// chosen now (EOS before `min_new_tokens`).
 pub fn sample(
     logits: &mut [f32],
     params: &GenerateParams,
-    history: &[u32],
-    suppress: &[u32],
+    ctx: &SampleContext,
     rng: &mut StdRng,
 ) -> (u32, Option<TokenLogprobs>) {
+    let history = ctx.history;
     let raw = params.logprobs.map(|n| {
         let (mx, lz) = log_softmax_denominator(logits);
         let top = top_n(logits, n)
@@ -77,7 +115,28 @@ pub fn sample(
             }
         }
     }
-    for &t in suppress {
+    if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+        let generated = &history[ctx.prompt_len.min(history.len())..];
+        apply_penalties(
+            logits,
+            generated,
+            params.presence_penalty,
+            params.frequency_penalty,
+        );
+    }
+    for &(t, b) in &params.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
+    if let Some(allowed) = ctx.allowed {
+        for (t, l) in logits.iter_mut().enumerate() {
+            if t >= allowed.len() || !allowed.is_allowed(t as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for &t in ctx.suppress {
         if let Some(l) = logits.get_mut(t as usize) {
             *l = f32::NEG_INFINITY;
         }
@@ -137,6 +196,91 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
+    fn ctx(history: &[u32], prompt_len: usize) -> SampleContext<'_> {
+        SampleContext {
+            history,
+            prompt_len,
+            suppress: &[],
+            allowed: None,
+        }
+    }
+
+    #[test]
+    fn presence_and_frequency_follow_openai() {
+        // Token 1 was generated twice, token 2 once; token 0 only in the prompt.
+        let p = GenerateParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..GenerateParams::greedy()
+        };
+        let mut l = vec![1.0, 1.0, 1.0, 1.0];
+        sample(
+            &mut l,
+            &p,
+            &ctx(&[0, 1, 2, 1], 1),
+            &mut StdRng::seed_from_u64(0),
+        );
+        assert_eq!(l, vec![1.0, 1.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25, 1.0]);
+        // Negative values encourage repetition.
+        let p = GenerateParams {
+            presence_penalty: -2.0,
+            ..GenerateParams::greedy()
+        };
+        let (t, _) = sample(
+            &mut [1.0, 0.0],
+            &p,
+            &ctx(&[1], 0),
+            &mut StdRng::seed_from_u64(0),
+        );
+        assert_eq!(t, 1);
+    }
+
+    #[test]
+    fn logit_bias_adds_and_bans() {
+        let p = GenerateParams {
+            logit_bias: vec![(0, -100.0), (2, 5.0)],
+            ..GenerateParams::greedy()
+        };
+        let mut l = vec![9.0, 1.0, 0.0];
+        let (t, _) = sample(&mut l, &p, &ctx(&[], 0), &mut StdRng::seed_from_u64(0));
+        assert_eq!((t, l[0], l[2]), (2, -91.0, 5.0));
+        // Sampling with -100 on every token but one never picks the others.
+        let p = GenerateParams {
+            logit_bias: vec![(0, -100.0), (1, -100.0)],
+            top_p: 1.0,
+            ..Default::default()
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..50 {
+            assert_eq!(
+                sample(&mut [5.0, 5.0, 0.0], &p, &ctx(&[], 0), &mut rng).0,
+                2
+            );
+        }
+    }
+
+    #[test]
+    fn grammar_mask_excludes_tokens() {
+        let mut allowed = SimpleVob::alloc(4);
+        allowed.allow_token(3);
+        allowed.allow_token(1);
+        let c = SampleContext {
+            allowed: Some(&allowed),
+            ..ctx(&[], 0)
+        };
+        let mut rng = StdRng::seed_from_u64(4);
+        for _ in 0..50 {
+            let t = sample(
+                &mut [9.0, 0.0, 8.0, 0.5],
+                &GenerateParams::default(),
+                &c,
+                &mut rng,
+            )
+            .0;
+            assert!(t == 1 || t == 3);
+        }
+    }
+
     #[test]
     fn greedy_takes_argmax_after_penalty() {
         let p = GenerateParams {
@@ -144,7 +288,7 @@ mod tests {
             ..GenerateParams::greedy()
         };
         let mut l = vec![1.0, 3.0, 2.0];
-        let (t, _) = sample(&mut l, &p, &[1], &[], &mut StdRng::seed_from_u64(0));
+        let (t, _) = sample(&mut l, &p, &ctx(&[1], 0), &mut StdRng::seed_from_u64(0));
         assert_eq!(t, 2, "token 1 (3.0) is penalized to 0.75");
     }
 
@@ -156,8 +300,23 @@ mod tests {
         };
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..20 {
-            assert_eq!(sample(&mut [0.0, 5.0, 4.9], &p, &[], &[], &mut rng).0, 1);
-            assert_eq!(sample(&mut [0.0, 5.0, 4.9], &p, &[], &[1], &mut rng).0, 2);
+            assert_eq!(
+                sample(&mut [0.0, 5.0, 4.9], &p, &ctx(&[], 0), &mut rng).0,
+                1
+            );
+            assert_eq!(
+                sample(
+                    &mut [0.0, 5.0, 4.9],
+                    &p,
+                    &SampleContext {
+                        suppress: &[1],
+                        ..ctx(&[], 0)
+                    },
+                    &mut rng
+                )
+                .0,
+                2
+            );
         }
     }
 
@@ -170,7 +329,10 @@ mod tests {
         };
         let mut rng = StdRng::seed_from_u64(2);
         for _ in 0..50 {
-            assert_eq!(sample(&mut [3.0, 1.0, 1.0], &p, &[], &[], &mut rng).0, 0);
+            assert_eq!(
+                sample(&mut [3.0, 1.0, 1.0], &p, &ctx(&[], 0), &mut rng).0,
+                0
+            );
         }
         let p = GenerateParams {
             top_p: 1.0,
@@ -180,7 +342,7 @@ mod tests {
         let draw = |seed| {
             let mut r = StdRng::seed_from_u64(seed);
             (0..30)
-                .map(|_| sample(&mut [1.0, 1.2, 0.8, 1.1], &p, &[], &[], &mut r).0)
+                .map(|_| sample(&mut [1.0, 1.2, 0.8, 1.1], &p, &ctx(&[], 0), &mut r).0)
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
@@ -196,8 +358,7 @@ mod tests {
         let (t, lp) = sample(
             &mut [0.0, (2f32).ln()],
             &p,
-            &[],
-            &[],
+            &ctx(&[], 0),
             &mut StdRng::seed_from_u64(0),
         );
         let lp = lp.unwrap();

@@ -27,6 +27,10 @@ pub struct Sequence {
     pub cached_tokens: usize,
     /// The sampling RNG (seeded from `seed` when given).
     pub rng: StdRng,
+    /// Prompt tokens' log-probabilities so far (with `prompt_logprobs`), sent on the first
+    /// event.
+    pub prompt_lps: Vec<Option<TokenLogprobs>>,
+    prompt_lps_sent: bool,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
 }
@@ -47,7 +51,24 @@ impl Sequence {
             computed: 0,
             blocks: None,
             cached_tokens: 0,
+            prompt_lps: Vec::new(),
+            prompt_lps_sent: false,
         }
+    }
+
+    /// Whether the prompt's own log-probabilities are wanted (its KV is then computed, never
+    /// taken from the prefix cache).
+    pub fn scores_prompt(&self) -> bool {
+        self.req.params.prompt_logprobs.is_some()
+    }
+
+    /// The prompt log-probabilities, once, for the first event.
+    fn first_extras(&mut self) -> Option<Vec<Option<TokenLogprobs>>> {
+        if !self.scores_prompt() || self.prompt_lps_sent {
+            return None;
+        }
+        self.prompt_lps_sent = true;
+        Some(std::mem::take(&mut self.prompt_lps))
     }
 
     /// Tokens generated so far.
@@ -101,8 +122,17 @@ impl Sequence {
         eos: &[u32],
     ) -> Option<Event> {
         let p = &self.req.params;
-        if !p.ignore_eos && eos.contains(&token) {
+        if (!p.ignore_eos && eos.contains(&token)) || p.stop_token_ids.contains(&token) {
             return Some(self.final_event(FinishReason::Stop));
+        }
+        let mut grammar_done = false;
+        if let Some(c) = self.req.constraint.as_mut() {
+            if let Err(why) = c.consume(token) {
+                return Some(self.final_event(FinishReason::Error(format!(
+                    "the grammar refused token {token}: {why}"
+                ))));
+            }
+            grammar_done = c.is_finished();
         }
         self.tokens.push(token);
         let piece = self.decoder.push(tok, token).unwrap_or_default();
@@ -110,6 +140,7 @@ impl Sequence {
             StopCheck::Continue(t) => (t, false),
             StopCheck::Stopped(t) => (t, true),
         };
+        let prompt_logprobs = self.first_extras();
         if stopped {
             let usage = Some(self.usage());
             return Some(Event {
@@ -118,13 +149,19 @@ impl Sequence {
                 logprobs,
                 finish: Some(FinishReason::Stop),
                 usage,
+                prompt_logprobs,
             });
         }
-        if self.generated() >= self.req.max_new {
+        if grammar_done || self.generated() >= self.req.max_new {
             // Release what the decoder and the stop matcher held back.
             let rest = self.decoder.flush(tok).unwrap_or_default();
+            let done = if grammar_done {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
             let (more, reason) = match self.stop.push(&rest) {
-                StopCheck::Continue(t) => (t + &self.stop.flush(), FinishReason::Length),
+                StopCheck::Continue(t) => (t + &self.stop.flush(), done),
                 StopCheck::Stopped(t) => (t, FinishReason::Stop),
             };
             text.push_str(&more);
@@ -135,6 +172,7 @@ impl Sequence {
                 logprobs,
                 finish: Some(reason),
                 usage,
+                prompt_logprobs,
             });
         }
         self.send(Event {
@@ -143,6 +181,7 @@ impl Sequence {
             logprobs,
             finish: None,
             usage: None,
+            prompt_logprobs,
         });
         None
     }
@@ -156,6 +195,7 @@ impl Sequence {
             logprobs: None,
             finish: Some(reason),
             usage: Some(self.usage()),
+            prompt_logprobs: self.first_extras(),
         }
     }
 

@@ -12,7 +12,7 @@ use crate::engine::{EngineConfig, EngineStats};
 use crate::error::EngineError;
 use crate::handoff::{HeldKv, KvRegion};
 use crate::request::{FinishReason, Request};
-use crate::sampler::sample;
+use crate::sampler::{logprobs_of, sample, SampleContext};
 use crate::scheduler::{blocks_for, schedule, Limits, Running, Waiting};
 use crate::sequence::Sequence;
 
@@ -287,7 +287,11 @@ impl Worker {
                 .iter()
                 .take(self.limits.max_batch_seqs)
                 .map(|s| {
-                    let usable = (s.tokens.len() - 1) / bs;
+                    let usable = if s.scores_prompt() {
+                        0
+                    } else {
+                        (s.tokens.len() - 1) / bs
+                    };
                     let mut cached_free = 0;
                     let cached = s.keys[..usable.min(s.keys.len())]
                         .iter()
@@ -343,7 +347,11 @@ impl Worker {
                 .expect("planned id is waiting");
             let mut s = self.waiting.remove(k).expect("index valid");
             let mut table = self.blocks.table();
-            let usable = ((s.tokens.len() - 1) / bs).min(s.keys.len());
+            let usable = if s.scores_prompt() {
+                0
+            } else {
+                ((s.tokens.len() - 1) / bs).min(s.keys.len())
+            };
             let hit = table.match_prefix(&s.keys[..usable]);
             s.computed = hit * bs;
             if s.generated() == 0 && s.cached_tokens == 0 {
@@ -400,11 +408,7 @@ impl Worker {
                     n_tokens: n,
                     context_len: s.computed,
                     block_table: s.blocks.as_ref().expect("held").ids(),
-                    logits: if s.computed + n == s.tokens.len() {
-                        LogitsMode::Last
-                    } else {
-                        LogitsMode::None
-                    },
+                    logits: logits_mode(s, n),
                 }
             })
             .collect();
@@ -430,22 +434,56 @@ impl Worker {
         let mut row = 0;
         for &(k, n) in &order {
             let s = &mut self.running[k];
+            let mode = logits_mode(s, n);
+            if mode == LogitsMode::All {
+                score_prompt(s, n, |j| logits.row(row + j));
+                row += n - 1;
+            }
             s.computed += n;
             s.register_computed_blocks(bs);
             if s.computed < s.tokens.len() {
+                if mode == LogitsMode::All {
+                    row += 1;
+                }
                 continue;
             }
             let mut l = logits.row(row).to_vec();
             row += 1;
+            if s.generated() == 0 && s.req.max_new == 0 {
+                // Scoring only: the prompt's log-probabilities are the result.
+                finished.push((k, s.final_event(FinishReason::Length)));
+                continue;
+            }
+            let mask = match s.req.constraint.as_mut().map(|c| c.mask()) {
+                Some(Err(why)) => {
+                    let ev = s.final_event(FinishReason::Error(format!("grammar: {why}")));
+                    finished.push((k, ev));
+                    continue;
+                }
+                Some(Ok(m)) => Some(m),
+                None => None,
+            };
             let suppress: &[u32] = if s.generated() < s.req.params.min_new_tokens {
                 &self.eos
             } else {
                 &[]
             };
             let params = s.req.params.clone();
-            let (token, lp) = sample(&mut l, &params, &s.tokens, suppress, &mut s.rng);
-            if let Some(ev) = s.accept(&self.tok, token, lp, &self.eos) {
-                finished.push((k, ev));
+            let ctx = SampleContext {
+                history: &s.tokens,
+                prompt_len: s.req.prompt.len(),
+                suppress,
+                allowed: mask.as_ref(),
+            };
+            let (token, lp) = sample(&mut l, &params, &ctx, &mut s.rng);
+            match s.accept(&self.tok, token, lp, &self.eos) {
+                Some(ev) => finished.push((k, ev)),
+                // The next mask is computed while the next forward pass runs.
+                None => {
+                    if let Some(c) = s.req.constraint.as_mut() {
+                        c.prefetch_mask();
+                    }
+                }
             }
         }
         // Free finished sequences and publish the counters before telling their clients.
@@ -467,6 +505,36 @@ impl Worker {
         self.publish();
         for (tx, ev) in finals {
             let _ = tx.send(ev);
+        }
+    }
+}
+
+/// Which logits a chunk of `n` tokens of `s` needs: every position while scoring the prompt,
+/// the last one when the chunk completes the sequence, else none.
+fn logits_mode(s: &Sequence, n: usize) -> LogitsMode {
+    if s.scores_prompt() && s.computed < s.req.prompt.len() {
+        LogitsMode::All
+    } else if s.computed + n == s.tokens.len() {
+        LogitsMode::Last
+    } else {
+        LogitsMode::None
+    }
+}
+
+/// Records the log-probabilities of the prompt tokens that the chunk's logits predict: row
+/// `j` (the chunk's `j`-th position) scores the token after it.
+fn score_prompt<'a>(s: &mut Sequence, n: usize, row: impl Fn(usize) -> &'a [f32]) {
+    let top = s.req.params.prompt_logprobs.unwrap_or(0);
+    let prompt_len = s.req.prompt.len();
+    if s.computed == 0 && s.prompt_lps.is_empty() {
+        s.prompt_lps.push(None);
+    }
+    for j in 0..n {
+        let next = s.computed + j + 1;
+        // Positions recomputed after a preemption are already scored.
+        if next < prompt_len && next == s.prompt_lps.len() {
+            let lp = logprobs_of(row(j), s.req.prompt[next], top);
+            s.prompt_lps.push(Some(lp));
         }
     }
 }

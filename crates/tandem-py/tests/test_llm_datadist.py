@@ -36,6 +36,19 @@ PEER = os.path.join(os.path.dirname(__file__), "datadist_peer.py")
 PROMPT_ID, DECODER_ID = 100, 200
 
 
+def wait_stopped(pid: int) -> None:
+    """Waits until every thread of ``pid`` is stopped (SIGSTOP is delivered asynchronously)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        states = []
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(s in ("T", "t") for s in states):
+            return
+        time.sleep(0.001)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -339,6 +352,7 @@ def test_status_codes_and_argument_checks(prompt, decoder_factory):
     assert code_of(e) == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
     # Timeout: the peer stops answering; the link is then unusable until relinked.
     os.kill(peer.proc.pid, signal.SIGSTOP)
+    wait_stopped(peer.proc.pid)
     try:
         with pytest.raises(LLMException) as e:
             d.cm.pull_blocks(BlocksCacheKey(PROMPT_ID, 0), cache, [1], [1])

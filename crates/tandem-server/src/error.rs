@@ -39,7 +39,7 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Param(p) => ApiError::invalid(p.to_string(), None),
+            EngineError::Param(p) => ApiError::invalid(p.to_string(), p.param()),
             EngineError::KvTooSmall { .. } => ApiError::invalid(e.to_string(), Some("prompt")),
             EngineError::Model(m) => ApiError::invalid(m.to_string(), None),
             other => ApiError {

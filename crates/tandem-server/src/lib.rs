@@ -15,6 +15,7 @@ pub mod pd;
 pub mod registry;
 pub mod replicas;
 mod state;
+mod tokenize;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header;
@@ -37,6 +38,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/mii/{deployment}", post(mii::generate))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/admin/workers", get(admin::workers))
         .route("/admin/workers/role", post(admin::switch_role))
         .route_layer(middleware::from_fn_with_state(

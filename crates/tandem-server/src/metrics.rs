@@ -199,6 +199,8 @@ impl Metrics {
 /// A request's event stream that records its latencies and tokens as it is consumed.
 pub struct Metered {
     inner: EventStream,
+    /// An event already received by [`wait_started`](Self::wait_started).
+    pending: Option<Event>,
     _load: crate::replicas::LoadGuard,
     metrics: std::sync::Arc<Metrics>,
     start: Instant,
@@ -219,6 +221,7 @@ impl Metered {
             .fetch_add(prompt_tokens as u64, Relaxed);
         Metered {
             inner,
+            pending: None,
             _load: load,
             metrics,
             start: Instant::now(),
@@ -226,8 +229,23 @@ impl Metered {
         }
     }
 
+    /// Waits for the request's first event (its prompt is computed by then); the event is
+    /// kept for [`recv`](Self::recv).
+    pub async fn wait_started(&mut self) {
+        if self.pending.is_none() {
+            self.pending = self.next().await;
+        }
+    }
+
     /// The next event, recorded.
     pub async fn recv(&mut self) -> Option<Event> {
+        match self.pending.take() {
+            Some(ev) => Some(ev),
+            None => self.next().await,
+        }
+    }
+
+    async fn next(&mut self) -> Option<Event> {
         let ev = self.inner.recv().await?;
         let now = Instant::now();
         if ev.token.is_some() {

@@ -149,18 +149,31 @@ impl Replicas {
         prompt: Vec<u32>,
         params: GenerateParams,
     ) -> Result<(EventStream, LoadGuard), EngineError> {
+        self.submit_preferring(prompt, params, None)
+            .map(|(s, g, _)| (s, g))
+    }
+
+    /// Like [`submit`](Self::submit), to replica `prefer` while it is live (requests that
+    /// share a prompt meet its KV in that replica's prefix cache); returns the replica used.
+    pub fn submit_preferring(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        prefer: Option<usize>,
+    ) -> Result<(EventStream, LoadGuard, usize), EngineError> {
         let weight = (prompt.len()
             + params
                 .max_new_tokens
                 .unwrap_or(self.info().max_length - prompt.len().min(self.info().max_length)))
             as i64;
-        let mut order: Vec<&Replica> = self
+        let mut order: Vec<(usize, &Replica)> = self
             .replicas
             .iter()
-            .filter(|r| r.up.load(Relaxed))
+            .enumerate()
+            .filter(|(_, r)| r.up.load(Relaxed))
             .collect();
-        order.sort_by_key(|r| r.outstanding.load(Relaxed));
-        for (i, r) in order.iter().enumerate() {
+        order.sort_by_key(|(i, r)| (Some(*i) != prefer, r.outstanding.load(Relaxed)));
+        for (i, r) in order {
             match r.engine.submit(prompt.clone(), params.clone()) {
                 Ok(stream) => {
                     r.outstanding.fetch_add(weight, Relaxed);
@@ -171,6 +184,7 @@ impl Replicas {
                             counter: r.outstanding.clone(),
                             amount: weight,
                         },
+                        i,
                     ));
                 }
                 Err(EngineError::Closed) => {

@@ -51,9 +51,23 @@ impl AppState {
     /// Submits a tokenized prompt to the least-loaded replica; the stream records metrics and
     /// holds the replica's load until it is dropped.
     pub fn submit(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<Metered, ApiError> {
+        self.submit_preferring(prompt, params, None).map(|(m, _)| m)
+    }
+
+    /// Like [`submit`](Self::submit), to replica `prefer` while it is live; returns the
+    /// replica used.
+    pub fn submit_preferring(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        prefer: Option<usize>,
+    ) -> Result<(Metered, usize), ApiError> {
         let n = prompt.len();
-        let (stream, guard) = self.replicas.submit(prompt, params)?;
-        Ok(Metered::new(stream, self.metrics.clone(), n, guard))
+        let (stream, guard, replica) = self.replicas.submit_preferring(prompt, params, prefer)?;
+        Ok((
+            Metered::new(stream, self.metrics.clone(), n, guard),
+            replica,
+        ))
     }
 
     /// A disaggregated deployment: requests go through `router`.

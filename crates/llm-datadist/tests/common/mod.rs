@@ -9,6 +9,28 @@ use std::sync::{Mutex, MutexGuard};
 
 use llm_datadist::*;
 
+/// Waits until every thread of process `pid` is stopped (state `T`).
+pub fn wait_stopped(pid: u32) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                        s.rsplit_once(')')
+                            .and_then(|(_, rest)| rest.trim_start().chars().next())
+                            .is_some_and(|c| c == 'T' || c == 't')
+                    })
+                })
+            })
+            .unwrap_or(true);
+        if stopped || t0.elapsed() > std::time::Duration::from_secs(5) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// One initialized instance per process: tests in this binary take turns.
 static ONE_INSTANCE: Mutex<()> = Mutex::new(());
 
@@ -164,6 +186,10 @@ impl Peer {
             .unwrap()
             .success();
         assert!(ok);
+        if sig == "-STOP" {
+            // `kill` returns once the signal is sent; the peer's threads stop a moment later.
+            wait_stopped(self.child.id());
+        }
     }
 
     pub fn kill(&mut self) {

@@ -177,8 +177,28 @@ impl Tokenizer {
         let t = self.chat_template.as_ref().ok_or_else(|| {
             ModelError::ChatTemplate(format!("{} has no chat template", self.path.display()))
         })?;
-        t.render(messages, add_generation_prompt)
+        t.render(messages, None, add_generation_prompt)
             .map_err(ModelError::ChatTemplate)
+    }
+
+    /// Like [`apply_chat_template`](Self::apply_chat_template), with OpenAI's `tools` given to
+    /// the template (templates with tool support render them in the model's own format).
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            ModelError::ChatTemplate(format!("{} has no chat template", self.path.display()))
+        })?;
+        t.render(messages, Some(tools), add_generation_prompt)
+            .map_err(ModelError::ChatTemplate)
+    }
+
+    /// The chat template's source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.chat_template.as_ref().map(|t| t.source())
     }
 
     /// Whether the model has a chat template.

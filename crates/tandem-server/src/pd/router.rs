@@ -130,6 +130,7 @@ fn error_event(msg: String) -> Event {
         logprobs: None,
         finish: Some(FinishReason::Error(msg)),
         usage: None,
+        prompt_logprobs: None,
     }
 }
 
