@@ -4,7 +4,8 @@
 Installs `openai` into a venv under $TANDEM_HOME (default ~/.cache/tandem/compat-venv) the
 first time, builds and starts `tandem serve` on a free 127.0.0.1 port with an API key, then
 drives it through the client: models, completions and chat (plain and streamed, with usage),
-stop lists, seeds, logprobs, and typed errors for bad requests and a bad key.
+stop lists, seeds, logprobs in the completions shape, n, structured output parsed into a
+pydantic model, a tool call, and typed errors for bad requests and a bad key.
 Usage: python3 scripts/compat_openai.py        (exits non-zero on the first failure)
 """
 import os, pathlib, socket, subprocess, sys, time, venv
@@ -19,7 +20,7 @@ def ensure_openai():
     if not py.exists():
         venv.create(VENV, with_pip=True)
     if subprocess.run([py, "-c", "import openai"], capture_output=True).returncode != 0:
-        subprocess.check_call([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai>=1.40"])
+        subprocess.check_call([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai>=1.40", "pydantic>=2"])
     return py
 
 
@@ -83,14 +84,34 @@ def run_checks(port):
     b = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=7)
     assert a.choices[0].text == b.choices[0].text, "same seed, same text"
     lp = client.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
-    assert lp.choices[0].logprobs is not None
+    assert len(lp.choices[0].logprobs.token_logprobs) == 3 and len(lp.choices[0].logprobs.text_offset) == 3
+    many = client.completions.create(model=model, prompt="Hello", max_tokens=3, n=2, temperature=1.0)
+    assert [c.index for c in many.choices] == [0, 1]
+
+    # Structured output through the client's pydantic helper, and a tool call.
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        answer: int
+        explanation: str = Field(max_length=80)
+
+    parse = getattr(getattr(client, "beta", client).chat.completions, "parse", None) or client.chat.completions.parse
+    parsed = parse(model=model, messages=msgs, response_format=Answer, temperature=0, max_tokens=200)
+    assert isinstance(parsed.choices[0].message.parsed, Answer), parsed
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+    call = client.chat.completions.create(model=model, messages=msgs, tools=tools, tool_choice="required", temperature=0)
+    assert call.choices[0].finish_reason == "tool_calls", call
+    assert call.choices[0].message.tool_calls[0].function.name == "add"
+    print("tool call:", call.choices[0].message.tool_calls[0].function.arguments)
 
     # Extensions through extra_body, as vLLM users pass them.
     e = client.completions.create(model=model, prompt="Hi", max_tokens=5, temperature=0,
                                   extra_body={"ignore_eos": True, "top_k": 5, "min_tokens": 5, "repetition_penalty": 1.1})
     assert e.usage.completion_tokens == 5
 
-    for bad in [dict(top_p=2.0), dict(n=2), dict(max_tokens=0), dict(extra_body={"bogus": 1})]:
+    for bad in [dict(top_p=2.0), dict(n=0), dict(max_tokens=0), dict(extra_body={"bogus": 1}),
+                dict(extra_body={"guided_regex": "(unclosed"})]:
         try:
             client.completions.create(model=model, prompt="x", **bad)
         except openai.BadRequestError as err:

@@ -53,6 +53,14 @@ pub struct ServeBenchArgs {
     /// Seed for prompts and lengths.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A `response_format` (JSON) added to every request, to measure constrained decoding,
+    /// e.g. '{"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}}'.
+    #[arg(long, value_parser = parse_json)]
+    response_format: Option<serde_json::Value>,
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
 struct Outcome {
@@ -74,6 +82,9 @@ async fn one(
     });
     if let Some(m) = &a.model {
         body["model"] = m.clone().into();
+    }
+    if let Some(f) = &a.response_format {
+        body["response_format"] = f.clone();
     }
     let mut req = client
         .post(format!("{}/v1/completions", a.url.trim_end_matches('/')))

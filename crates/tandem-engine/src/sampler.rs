@@ -85,6 +85,21 @@ fn apply_penalties(logits: &mut [f32], generated: &[u32], presence: f32, frequen
     }
 }
 
+/// Keeps only the allowed tokens' logits: the allowed ones are saved, everything is set to
+/// -inf in one pass, and they are put back (a grammar usually allows few tokens).
+fn apply_mask(logits: &mut [f32], allowed: &SimpleVob) {
+    let mut keep = Vec::with_capacity(allowed.num_set().min(logits.len()));
+    allowed.iter_set_entries(|t| {
+        if let Some(&l) = logits.get(t) {
+            keep.push((t, l));
+        }
+    });
+    logits.fill(f32::NEG_INFINITY);
+    for (t, l) in keep {
+        logits[t] = l;
+    }
+}
+
 /// Chooses the next token from `logits` (modified in place by the processors).
 pub fn sample(
     logits: &mut [f32],
@@ -130,11 +145,7 @@ pub fn sample(
         }
     }
     if let Some(allowed) = ctx.allowed {
-        for (t, l) in logits.iter_mut().enumerate() {
-            if t >= allowed.len() || !allowed.is_allowed(t as u32) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+        apply_mask(logits, allowed);
     }
     for &t in ctx.suppress {
         if let Some(l) = logits.get_mut(t as usize) {

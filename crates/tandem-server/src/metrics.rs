@@ -154,6 +154,24 @@ impl Metrics {
             rate,
         );
         put(
+            "tandem_prefix_cache_hits_total",
+            "counter",
+            "Prompt KV blocks found in the prefix cache.",
+            e.prefix_hits as f64,
+        );
+        put(
+            "tandem_prefix_cache_lookups_total",
+            "counter",
+            "Prompt KV blocks looked up in the prefix cache.",
+            e.prefix_lookups as f64,
+        );
+        put(
+            "tandem_tokens_computed_total",
+            "counter",
+            "Tokens run through the model (prompt chunks and decodes).",
+            e.tokens_computed as f64,
+        );
+        put(
             "tandem_preemptions_total",
             "counter",
             "Sequences preempted for recompute.",

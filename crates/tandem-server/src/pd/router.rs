@@ -93,6 +93,8 @@ pub struct PdRouter {
     local_prefill_max: usize,
     stats: Arc<Mutex<EngineStats>>,
     rt: tokio::runtime::Handle,
+    /// Checks requests' grammars up front (the workers compile their own).
+    grammars: tandem_engine::GrammarCompiler,
 }
 
 async fn post_json<B: Serialize, R: DeserializeOwned>(
@@ -162,6 +164,7 @@ impl PdRouter {
             prefill: RwLock::new(prefill),
             decode: RwLock::new(decode),
             http,
+            grammars: tandem_engine::GrammarCompiler::new(tokenizer.clone(), first.info.vocab_size),
             tokenizer,
             info: first.info,
             local_prefill_max,
@@ -374,13 +377,18 @@ struct Plan {
 impl Generator for PdRouter {
     fn submit(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<EventStream, EngineError> {
         let max_new = self.info.check(&prompt, &params)?;
+        if let Some(g) = &params.grammar {
+            self.grammars.compile(g)?;
+        }
         let weight = (prompt.len() + max_new) as i64;
         let take = |w: Arc<WorkerHandle>| {
             w.outstanding.fetch_add(weight, Relaxed);
             (w.clone(), Load(w, weight))
         };
         let decode = least_loaded(&self.decode).ok_or(EngineError::Closed)?;
-        let prefill = if prompt.len() > self.local_prefill_max {
+        // A scored prompt's log-probabilities are computed where it is prefilled: locally.
+        let handoff = prompt.len() > self.local_prefill_max && params.prompt_logprobs.is_none();
+        let prefill = if handoff {
             Some(least_loaded(&self.prefill).ok_or(EngineError::Closed)?)
         } else {
             None
