@@ -48,19 +48,50 @@ fn greedy(n: usize) -> GenerateParams {
     }
 }
 
+/// A request's greedy tokens are the same alone and inside a batch, on 1, 2 and 3 compute
+/// threads: the reference prompts, and two long ones whose keys span several attention chunks.
 #[test]
-fn batch_invariance_on_reference_prompts() {
-    let p = pipeline(EngineConfig {
-        max_batch_tokens: 64,
-        ..Default::default()
-    });
-    let prompts = golden_prompts();
-    let together = p.generate_tokens(prompts.clone(), &greedy(12)).unwrap();
-    for (prompt, t) in prompts.into_iter().zip(&together) {
-        let alone = p.generate_tokens(vec![prompt], &greedy(12)).unwrap();
-        assert_eq!(alone[0].token_ids, t.token_ids);
-        assert_eq!(t.finish_reason, FinishReason::Length);
-        assert_eq!(t.generated_length, 12);
+fn tokens_do_not_depend_on_batch_or_thread_count() {
+    let mut prompts = golden_prompts();
+    let tok = model().tokenizer;
+    for text in [
+        "In a quiet town by the river there lived an old clockmaker who repaired every kind of clock. ",
+        "The history of mathematics spans many centuries and cultures, from counting to calculus. ",
+    ] {
+        prompts.push(tok.encode(&text.repeat(8), true).unwrap());
+    }
+    let mut reference: Option<Vec<Vec<u32>>> = None;
+    for threads in [1, 2, 3] {
+        let mut loaded = model();
+        loaded.model = loaded.model.with_threads(threads).unwrap();
+        let p = Pipeline::from_loaded(
+            loaded,
+            EngineConfig {
+                max_batch_tokens: 64,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let together: Vec<Vec<u32>> = p
+            .generate_tokens(prompts.clone(), &greedy(12))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.token_ids)
+            .collect();
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|pr| {
+                p.generate_tokens(vec![pr.clone()], &greedy(12)).unwrap()[0]
+                    .token_ids
+                    .clone()
+            })
+            .collect();
+        assert!(alone.iter().all(|t| t.len() == 12));
+        assert_eq!(together, alone, "{threads} threads: in a batch vs alone");
+        match &reference {
+            None => reference = Some(alone),
+            Some(r) => assert_eq!(&alone, r, "{threads} threads vs 1"),
+        }
     }
 }
 

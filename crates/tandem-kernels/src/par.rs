@@ -41,6 +41,21 @@ struct Shared {
     /// A task of the current job panicked on a worker.
     panicked: AtomicBool,
     stop: AtomicBool,
+    /// More threads than cores: waiting threads yield their core instead of spinning on it
+    /// (a spinning thread would hold the core a working one needs).
+    oversubscribed: bool,
+}
+
+impl Shared {
+    /// One step of a busy wait.
+    #[inline]
+    fn wait_step(&self, spins: u32) {
+        if self.oversubscribed || spins.is_multiple_of(1 << 12) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 // SAFETY: the job pointer is only dereferenced while the caller that owns the closure waits in
@@ -73,6 +88,8 @@ impl ThreadPool {
             parked: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            oversubscribed: threads
+                > std::thread::available_parallelism().map_or(usize::MAX, |n| n.get()),
         });
         let mut workers = Vec::new();
         for i in 1..threads.max(1) {
@@ -146,11 +163,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) < self.workers.len() {
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(1 << 12) {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
+            s.wait_step(spins);
         }
         drop(guard);
         if let Err(p) = mine {
@@ -205,8 +218,8 @@ fn worker(s: &Shared) {
         let mut idle_since = Instant::now();
         let mut spins = 0u32;
         while s.epoch.load(Ordering::Acquire) == seen {
-            std::hint::spin_loop();
             spins = spins.wrapping_add(1);
+            s.wait_step(spins);
             if spins.is_multiple_of(1 << 10) && idle_since.elapsed() > SPIN_LIMIT {
                 s.parked.fetch_add(1, Ordering::SeqCst);
                 if s.epoch.load(Ordering::SeqCst) == seen {

@@ -320,10 +320,11 @@ proptest! {
 
     /// Paged attention over shuffled blocks equals dense attention, for f32 and f16 pools.
     #[test]
-    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..40, n_new in 1usize..40, bs in 1usize..9, f16_pool in any::<bool>(), hd_sel in 0usize..3, pooled in any::<bool>()) {
+    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..300, n_new in 1usize..40, bs in 1usize..9, f16_pool in any::<bool>(), hd_sel in 0usize..3, pooled in any::<bool>()) {
         let mut rng = StdRng::seed_from_u64(seed);
-        // head_dim 16 and 64 take the AVX-512 block step where present; inside a pool, short
-        // query chunks over long contexts are split over tasks and merged.
+        // head_dim 16 and 64 take the AVX-512 block step where present; contexts past 128 keys
+        // are merged from key chunks, and inside a pool a short query chunk's key chunks are
+        // spread over tasks.
         let (nh, nkv, hd) = (6, 2, [8, 16, 64][hd_sel]);
         let layout = PagedLayout { block_size: bs, n_kv_heads: nkv, head_dim: hd };
         let total = ctx0 + n_new;
@@ -353,6 +354,110 @@ proptest! {
         let want = dense_attention(&q, &k_ref, &v_ref, ctx0, n_new, nh, nkv, hd);
         for (a, b) in out.iter().zip(&want) {
             prop_assert!((a - b).abs() <= 1e-4, "{} vs {}", a, b);
+        }
+    }
+}
+
+/// A random K/V pool holding `lens` sequences' keys, with shuffled block tables.
+struct Pool {
+    layout: PagedLayout,
+    k: Vec<f16>,
+    v: Vec<f16>,
+    tables: Vec<Vec<u32>>,
+}
+
+fn random_pool(rng: &mut StdRng, lens: &[usize], bs: usize, nkv: usize, hd: usize) -> Pool {
+    let layout = PagedLayout {
+        block_size: bs,
+        n_kv_heads: nkv,
+        head_dim: hd,
+    };
+    let nblocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
+    let mut ids: Vec<u32> = (0..nblocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.gen_range(0..=i));
+    }
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for l in lens {
+        tables.push(ids[next..next + l.div_ceil(bs)].to_vec());
+        next += l.div_ceil(bs);
+    }
+    let size = nblocks * bs * nkv * hd;
+    let mut k = vec![f16::ZERO; size];
+    let mut v = vec![f16::ZERO; size];
+    for (i, l) in lens.iter().enumerate() {
+        let seq = [AttnSeq {
+            row_start: 0,
+            n_new: *l,
+            context_len: 0,
+            block_table: &tables[i],
+        }];
+        let (ka, va) = (random_vec(rng, l * nkv * hd), random_vec(rng, l * nkv * hd));
+        write_kv(
+            &layout,
+            &seq,
+            &ka,
+            &va,
+            &mut KvMut::F16(&mut k),
+            &mut KvMut::F16(&mut v),
+        );
+    }
+    Pool {
+        layout,
+        k,
+        v,
+        tables,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// A sequence's attention output is bitwise the same alone, inside any batch, with its new
+    /// tokens in one call or two, and on 1, 2 or 3 threads.
+    #[test]
+    fn attention_is_batch_chunk_and_thread_invariant(seed in any::<u64>(), ctx in 0usize..600, n_new in 1usize..24, others in 0usize..3, bs_sel in 0usize..2) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (nh, nkv, hd, bs) = (6, 2, 64, [16, 8][bs_sel]);
+        let mut lens = vec![ctx + n_new];
+        let other_new: Vec<usize> = (0..others).map(|_| rng.gen_range(1..9)).collect();
+        for n in &other_new {
+            lens.push(rng.gen_range(0..500) + n);
+        }
+        let pool = random_pool(&mut rng, &lens, bs, nkv, hd);
+        let (kr, vr) = (KvRef::F16(&pool.k), KvRef::F16(&pool.v));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let w = nh * hd;
+        let q = random_vec(&mut rng, n_new * w);
+        let attend = |seqs: &[AttnSeq], q: &[f32], threads: usize| {
+            let mut out = vec![0f32; q.len()];
+            let mut run = || paged_attention(&pool.layout, seqs, q, nh, scale, kr, vr, &mut out);
+            if threads > 1 { ThreadPool::new(threads).unwrap().install(run) } else { run() }
+            out
+        };
+        let alone = attend(&[AttnSeq { row_start: 0, n_new, context_len: ctx, block_table: &pool.tables[0] }], &q, 1);
+        // In a batch: other sequences' rows first, then this one's.
+        let mut batch_q = Vec::new();
+        let mut seqs = Vec::new();
+        let mut row = 0;
+        for (i, n) in other_new.iter().enumerate() {
+            batch_q.extend(random_vec(&mut rng, n * w));
+            seqs.push(AttnSeq { row_start: row, n_new: *n, context_len: lens[i + 1] - n, block_table: &pool.tables[i + 1] });
+            row += n;
+        }
+        seqs.push(AttnSeq { row_start: row, n_new, context_len: ctx, block_table: &pool.tables[0] });
+        batch_q.extend_from_slice(&q);
+        for threads in [1, 2, 3] {
+            let out = attend(&seqs, &batch_q, threads);
+            prop_assert!(out[row * w..] == alone[..], "batch of {} on {} threads differs", seqs.len(), threads);
+        }
+        // The new tokens in two calls (as a chunked prefill runs them).
+        if n_new > 1 {
+            let half = n_new / 2;
+            let first = attend(&[AttnSeq { row_start: 0, n_new: half, context_len: ctx, block_table: &pool.tables[0] }], &q[..half * w], 2);
+            let second = attend(&[AttnSeq { row_start: 0, n_new: n_new - half, context_len: ctx + half, block_table: &pool.tables[0] }], &q[half * w..], 3);
+            prop_assert!(first[..] == alone[..half * w] && second[..] == alone[half * w..], "chunked differs");
         }
     }
 }

@@ -175,6 +175,12 @@ impl LlamaModel {
         self
     }
 
+    /// Runs on `threads` compute threads (the caller included) instead of one per core.
+    pub fn with_threads(mut self, threads: usize) -> std::io::Result<Self> {
+        self.pool = std::sync::Arc::new(ThreadPool::new(threads)?);
+        Ok(self)
+    }
+
     /// Uses SIMD `level` (capped at what the CPU supports).
     pub fn with_simd(mut self, level: SimdLevel) -> Self {
         self.level = level.min(SimdLevel::best());

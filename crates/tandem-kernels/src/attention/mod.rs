@@ -12,7 +12,7 @@ mod split;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use split::{merge_parts, plan, Work};
+use split::{chunk_blocks, merge_chunks, plan, Work};
 
 /// Element type of the KV pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,15 +153,7 @@ pub fn paged_attention(
     let n_rep = n_heads / layout.n_kv_heads;
     assert_eq!(q.len(), out.len());
     assert_eq!(k.len(), v.len());
-    let works = plan(layout, seqs, n_rep, crate::par::current_threads());
-    let partial_len = works
-        .iter()
-        .filter_map(|w| {
-            w.partial
-                .map(|o| o + w.partial_len(seqs, n_rep, layout.head_dim))
-        })
-        .max()
-        .unwrap_or(0);
+    let (works, partial_len) = plan(layout, seqs, n_rep, crate::par::current_threads());
     let mut partial = vec![0f32; partial_len];
     let dst = SyncPtr(out.as_mut_ptr());
     let task = Task {
@@ -197,13 +189,13 @@ pub fn paged_attention(
         let _ = level;
         task.run::<false>(w);
     });
-    merge_parts(&works, seqs, n_heads, n_rep, layout.head_dim, &partial, out);
+    merge_chunks(&works, seqs, n_heads, n_rep, layout.head_dim, &partial, out);
 }
 
 /// Queries per task: enough work per task, and enough tasks to balance the pool.
 const Q_CHUNK: usize = 8;
 
-/// One attention work item's inputs: a (sequence, KV head, query chunk) triple is one task.
+/// One attention work item's inputs: a (sequence, KV head, query chunk, key chunks) is one task.
 struct Task<'a> {
     layout: &'a PagedLayout,
     seqs: &'a [AttnSeq<'a>],
@@ -214,7 +206,7 @@ struct Task<'a> {
     k: KvRef<'a>,
     v: KvRef<'a>,
     dst: SyncPtr<f32>,
-    /// Softmax states of split tasks (see [`Work`]).
+    /// Chunk softmax states of queries that see several key chunks (see [`Work`]).
     partial: SyncPtr<f32>,
 }
 
@@ -279,7 +271,7 @@ impl Task<'_> {
         let s = &seqs[si];
         let queries = c * Q_CHUNK..((c + 1) * Q_CHUNK).min(s.n_new);
         let nq = queries.len() * n_rep;
-        // Online-softmax state per (query token, head of the group).
+        // Online-softmax state per (query token, head of the group), fresh for each key chunk.
         let mut m = vec![f32::NEG_INFINITY; nq];
         let mut l = vec![0f32; nq];
         let mut acc = vec![0f32; nq * hd];
@@ -292,82 +284,94 @@ impl Task<'_> {
             Vec::new()
         };
         let end = s.context_len + queries.end;
-        for blk in w.blocks.start..w.blocks.end.min(end.div_ceil(layout.block_size)) {
-            let p0 = blk * layout.block_size;
-            let nb = (end - p0).min(layout.block_size);
-            for j in 0..nb {
-                let off = layout.slot(s.block_table, p0 + j) + g * hd;
-                let (kd, vd) = (&mut kb[j * hd..(j + 1) * hd], &mut vb[j * hd..(j + 1) * hd]);
-                #[cfg(target_arch = "x86_64")]
-                if let (true, KvRef::F16(ks), KvRef::F16(vs)) = (WIDE, k, v) {
-                    // SAFETY: WIDE runs only with AVX-512F present and head_dim % 16 == 0.
-                    unsafe {
-                        x86::f16_to_f32(&ks[off..off + hd], kd);
-                        x86::f16_to_f32(&vs[off..off + hd], vd);
-                    }
-                    continue;
-                }
-                k.read(off, kd);
-                v.read(off, vd);
-            }
-            #[cfg(target_arch = "x86_64")]
-            if WIDE {
-                transpose_keys(&mut kb, &mut kt, nb, hd);
-            }
-            for (qi, t) in queries.clone().enumerate() {
-                let pos = s.context_len + t;
-                if pos < p0 {
-                    continue;
-                }
-                let valid = (pos + 1 - p0).min(nb);
-                let row = (s.row_start + t) * n_heads * hd;
-                for r in 0..n_rep {
-                    let h = g * n_rep + r;
-                    let qv = &q[row + h * hd..row + (h + 1) * hd];
-                    let st = qi * n_rep + r;
+        let end_blk = end.div_ceil(layout.block_size);
+        let cb = chunk_blocks(layout.block_size);
+        for (ci, chunk) in w.chunks.clone().enumerate() {
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            acc.fill(0.0);
+            for blk in chunk * cb..((chunk + 1) * cb).min(end_blk) {
+                let p0 = blk * layout.block_size;
+                let nb = (end - p0).min(layout.block_size);
+                for j in 0..nb {
+                    let off = layout.slot(s.block_table, p0 + j) + g * hd;
+                    let (kd, vd) = (&mut kb[j * hd..(j + 1) * hd], &mut vb[j * hd..(j + 1) * hd]);
                     #[cfg(target_arch = "x86_64")]
-                    if WIDE {
-                        let a = &mut acc[st * hd..(st + 1) * hd];
-                        // SAFETY: WIDE is only instantiated after the checks in
-                        // `paged_attention` (AVX-512F, block <= 16, head_dim % 16 == 0).
+                    if let (true, KvRef::F16(ks), KvRef::F16(vs)) = (WIDE, k, v) {
+                        // SAFETY: WIDE runs only with AVX-512F present and head_dim % 16 == 0.
                         unsafe {
-                            x86::update_row(qv, &kt, &vb, valid, scale, &mut m[st], &mut l[st], a)
-                        };
+                            x86::f16_to_f32(&ks[off..off + hd], kd);
+                            x86::f16_to_f32(&vs[off..off + hd], vd);
+                        }
                         continue;
                     }
-                    let mut mx = m[st];
-                    for j in 0..valid {
-                        let kr = &kb[j * hd..(j + 1) * hd];
-                        let d = dot(qv, kr);
-                        scores[j] = d * scale;
-                        mx = mx.max(scores[j]);
+                    k.read(off, kd);
+                    v.read(off, vd);
+                }
+                #[cfg(target_arch = "x86_64")]
+                if WIDE {
+                    transpose_keys(&mut kb, &mut kt, nb, hd);
+                }
+                for (qi, t) in queries.clone().enumerate() {
+                    let pos = s.context_len + t;
+                    if pos < p0 {
+                        continue;
                     }
-                    let corr = (m[st] - mx).exp();
-                    let a = &mut acc[st * hd..(st + 1) * hd];
-                    let mut sum = l[st] * corr;
-                    for x in a.iter_mut() {
-                        *x *= corr;
-                    }
-                    for j in 0..valid {
-                        let p = (scores[j] - mx).exp();
-                        sum += p;
-                        for (x, &vv) in a.iter_mut().zip(&vb[j * hd..(j + 1) * hd]) {
-                            *x += p * vv;
+                    let valid = (pos + 1 - p0).min(nb);
+                    let row = (s.row_start + t) * n_heads * hd;
+                    for r in 0..n_rep {
+                        let h = g * n_rep + r;
+                        let qv = &q[row + h * hd..row + (h + 1) * hd];
+                        let st = qi * n_rep + r;
+                        #[cfg(target_arch = "x86_64")]
+                        if WIDE {
+                            let a = &mut acc[st * hd..(st + 1) * hd];
+                            // SAFETY: WIDE is only instantiated after the checks in
+                            // `paged_attention` (AVX-512F, block <= 16, head_dim % 16 == 0).
+                            unsafe {
+                                x86::update_row(
+                                    qv, &kt, &vb, valid, scale, &mut m[st], &mut l[st], a,
+                                )
+                            };
+                            continue;
                         }
+                        let mut mx = m[st];
+                        for j in 0..valid {
+                            let kr = &kb[j * hd..(j + 1) * hd];
+                            let d = dot(qv, kr);
+                            scores[j] = d * scale;
+                            mx = mx.max(scores[j]);
+                        }
+                        let corr = (m[st] - mx).exp();
+                        let a = &mut acc[st * hd..(st + 1) * hd];
+                        let mut sum = l[st] * corr;
+                        for x in a.iter_mut() {
+                            *x *= corr;
+                        }
+                        for j in 0..valid {
+                            let p = (scores[j] - mx).exp();
+                            sum += p;
+                            for (x, &vv) in a.iter_mut().zip(&vb[j * hd..(j + 1) * hd]) {
+                                *x += p * vv;
+                            }
+                        }
+                        m[st] = mx;
+                        l[st] = sum;
                     }
-                    m[st] = mx;
-                    l[st] = sum;
+                }
+            }
+            if let Some(first) = w.partial {
+                let off = first + ci * nq * (2 + hd);
+                for st in 0..nq {
+                    // SAFETY: this task's chunk slots are its own (see `plan`).
+                    let o = unsafe { self.partial.slice_mut(off + st * (2 + hd), 2 + hd) };
+                    o[0] = m[st];
+                    o[1] = l[st];
+                    o[2..].copy_from_slice(&acc[st * hd..(st + 1) * hd]);
                 }
             }
         }
-        if let Some(off) = w.partial {
-            for st in 0..nq {
-                // SAFETY: this task's partial slot is [off, off + nq * (2 + hd)), written by it only.
-                let o = unsafe { self.partial.slice_mut(off + st * (2 + hd), 2 + hd) };
-                o[0] = m[st];
-                o[1] = l[st];
-                o[2..].copy_from_slice(&acc[st * hd..(st + 1) * hd]);
-            }
+        if w.partial.is_some() {
             return;
         }
         for (qi, t) in queries.clone().enumerate() {

@@ -1,82 +1,105 @@
-//! Task planning for paged attention, and flash-decoding: a lone decode has one task per KV
-//! head (3 tasks on 2 threads here), so its keys are split into parts whose online-softmax
-//! states are merged after the parallel loop (decode after 1,024 tokens: +12%).
+//! Task planning for paged attention, with numerics that do not depend on the batch or the
+//! thread count. A sequence's keys are cut into fixed chunks of [`CHUNK_KEYS`] positions (whole
+//! blocks); each chunk's online-softmax state starts fresh, and a query's output is its chunks'
+//! states merged in chunk order. Which task computes which chunks (one task all of them, or
+//! several in parallel: flash-decoding, for a lone decode whose one task per KV head would
+//! leave threads idle) changes the speed, never the numbers. So a request's tokens are the same
+//! alone, in any batch, and on any number of threads.
+
+use std::ops::Range;
 
 use super::{AttnSeq, PagedLayout, Q_CHUNK};
 
-/// One task: query chunk `c` of sequence `si` against KV head `g` over `blocks`; a sequence
-/// whose keys are split over several tasks writes unnormalized state at `partial`.
+/// Keys per chunk (rounded to whole blocks).
+pub(super) const CHUNK_KEYS: usize = 128;
+/// Most tasks one (sequence, KV head, query chunk) is spread over.
+const MAX_PARTS: usize = 4;
+
+/// Blocks per key chunk for `block_size`-token blocks.
+pub(super) fn chunk_blocks(block_size: usize) -> usize {
+    (CHUNK_KEYS / block_size).max(1)
+}
+
+/// One task: query chunk `c` of sequence `si` against KV head `g` over key `chunks`. When the
+/// queries see more than one chunk, each chunk's unnormalized state is written to `partial`
+/// (consecutive chunks at consecutive places) and merged after the parallel loop.
 pub(super) struct Work {
     pub si: usize,
     pub g: usize,
     pub c: usize,
-    pub blocks: std::ops::Range<usize>,
+    pub chunks: Range<usize>,
     pub partial: Option<usize>,
 }
 
 impl Work {
-    /// Floats of partial state: per row of the chunk, its max, its sum and `head_dim` values.
-    pub fn partial_len(&self, seqs: &[AttnSeq], n_rep: usize, hd: usize) -> usize {
+    /// Query rows of the task.
+    fn rows(&self, seqs: &[AttnSeq]) -> usize {
         let s = &seqs[self.si];
-        let rows = ((self.c + 1) * Q_CHUNK).min(s.n_new) - self.c * Q_CHUNK;
-        rows * n_rep * (2 + hd)
+        ((self.c + 1) * Q_CHUNK).min(s.n_new) - self.c * Q_CHUNK
+    }
+
+    /// Floats of one chunk's state: per row and head of the group, its max, its sum and
+    /// `head_dim` values.
+    pub fn chunk_len(&self, seqs: &[AttnSeq], n_rep: usize, hd: usize) -> usize {
+        self.rows(seqs) * n_rep * (2 + hd)
     }
 }
 
-/// Blocks a key range must have before it is split (flash-decoding).
-const SPLIT_BLOCKS: usize = 8;
-/// Most parts one sequence's keys are split into.
-const MAX_PARTS: usize = 4;
+/// Key chunks that query chunk `c` of `s` can see.
+fn visible_chunks(layout: &PagedLayout, s: &AttnSeq, c: usize) -> usize {
+    let end = s.context_len + ((c + 1) * Q_CHUNK).min(s.n_new);
+    end.div_ceil(layout.block_size)
+        .div_ceil(chunk_blocks(layout.block_size))
+}
 
-/// The tasks of a batch: one per (sequence, KV head, query chunk). When that leaves too few
-/// tasks for the pool (a lone decode: one task per KV head), the keys of short-query
-/// sequences are split into parts whose softmax states are merged afterwards.
+/// The tasks of a batch: one per (sequence, KV head, query chunk); when that leaves too few
+/// tasks for the pool, the key chunks of short-query sequences are spread over several tasks.
+/// Returns the tasks and the floats of partial state they need.
 pub(super) fn plan(
     layout: &PagedLayout,
     seqs: &[AttnSeq],
     n_rep: usize,
     threads: usize,
-) -> Vec<Work> {
+) -> (Vec<Work>, usize) {
     let base: usize = seqs
         .iter()
         .map(|s| layout.n_kv_heads * s.n_new.div_ceil(Q_CHUNK))
         .sum();
-    let split = base < 2 * threads;
+    let spread = base < 2 * threads;
     let mut works = Vec::new();
     let mut offset = 0;
     for (si, s) in seqs.iter().enumerate() {
-        let blocks = (s.context_len + s.n_new).div_ceil(layout.block_size);
-        let parts = if split && s.n_new <= Q_CHUNK {
-            (blocks / SPLIT_BLOCKS).clamp(1, MAX_PARTS)
-        } else {
-            1
-        };
         for g in 0..layout.n_kv_heads {
             for c in 0..s.n_new.div_ceil(Q_CHUNK) {
+                let n_ch = visible_chunks(layout, s, c);
+                let parts = if spread && s.n_new <= Q_CHUNK {
+                    n_ch.clamp(1, MAX_PARTS)
+                } else {
+                    1
+                };
                 for p in 0..parts {
-                    let range = blocks * p / parts..blocks * (p + 1) / parts;
                     let mut w = Work {
                         si,
                         g,
                         c,
-                        blocks: range,
+                        chunks: n_ch * p / parts..n_ch * (p + 1) / parts,
                         partial: None,
                     };
-                    if parts > 1 {
+                    if n_ch > 1 {
                         w.partial = Some(offset);
-                        offset += w.partial_len(seqs, n_rep, layout.head_dim);
+                        offset += w.chunk_len(seqs, n_rep, layout.head_dim) * w.chunks.len();
                     }
                     works.push(w);
                 }
             }
         }
     }
-    works
+    (works, offset)
 }
 
-/// Combines split tasks' softmax states: with `M` the largest part maximum,
-/// `out = Σ e^(m_p - M) acc_p / Σ e^(m_p - M) l_p`.
-pub(super) fn merge_parts(
+/// Combines the chunk states of queries that see several chunks, in chunk order: with `M` the
+/// largest chunk maximum, `out = Σ e^(m_k - M) acc_k / Σ e^(m_k - M) l_k`.
+pub(super) fn merge_chunks(
     works: &[Work],
     seqs: &[AttnSeq],
     n_heads: usize,
@@ -94,25 +117,26 @@ pub(super) fn merge_parts(
         };
         let parts = works[i..]
             .iter()
-            .take_while(|x| (x.si, x.g, x.c) == (w.si, w.g, w.c) && x.partial.is_some())
+            .take_while(|x| (x.si, x.g, x.c) == (w.si, w.g, w.c))
             .count();
-        let len = w.partial_len(seqs, n_rep, hd);
+        let chunks: usize = works[i..i + parts].iter().map(|x| x.chunks.len()).sum();
+        let len = w.chunk_len(seqs, n_rep, hd);
         let s = &seqs[w.si];
         let queries = w.c * Q_CHUNK..((w.c + 1) * Q_CHUNK).min(s.n_new);
         for (qi, t) in queries.enumerate() {
             let row = (s.row_start + t) * n_heads * hd;
             for r in 0..n_rep {
                 let st = (qi * n_rep + r) * (2 + hd);
-                let state = |p: usize| &partial[first + p * len + st..][..2 + hd];
-                let mx = (0..parts)
-                    .map(|p| state(p)[0])
+                let state = |k: usize| &partial[first + k * len + st..][..2 + hd];
+                let mx = (0..chunks)
+                    .map(|k| state(k)[0])
                     .fold(f32::NEG_INFINITY, f32::max);
                 let h = w.g * n_rep + r;
                 let o = &mut out[row + h * hd..row + (h + 1) * hd];
                 o.fill(0.0);
                 let mut sum = 0f32;
-                for p in 0..parts {
-                    let st = state(p);
+                for k in 0..chunks {
+                    let st = state(k);
                     if st[0] == f32::NEG_INFINITY {
                         continue;
                     }
