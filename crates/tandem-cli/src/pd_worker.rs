@@ -5,12 +5,14 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use llm_datadist::LlmRole;
 use tandem_engine::Engine;
-use tandem_server::pd::router::WorkerHandle;
+use tandem_server::pd::router::{PdRole, PdRouter, WorkerHandle};
 use tandem_server::pd::worker::PdWorker;
 
 use crate::engine_args::EngineArgs;
@@ -71,23 +73,188 @@ pub fn run(a: PdWorkerArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Worker processes, killed when dropped.
+/// One worker process slot: what it is, and how to start it again.
+struct Slot {
+    role: PdRole,
+    cluster_id: u64,
+    child: Option<Child>,
+    url: String,
+    /// When the current process started (a worker that ran long enough resets the backoff).
+    started: Instant,
+    /// Delay before the next restart, doubling up to [`MAX_BACKOFF`].
+    backoff: Duration,
+    /// When the dead worker is due to start again.
+    restart_at: Option<Instant>,
+}
+
+/// First delay before restarting a dead worker.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest delay between restarts of a worker that keeps dying.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that ran this long before dying restarts after [`FIRST_BACKOFF`] again.
+const STABLE: Duration = Duration::from_secs(60);
+/// How often the supervisor looks at its workers.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The worker processes of a disaggregated deployment, supervised: a worker that exits is
+/// reaped at once (no zombie), taken out of the router's rotation, and started again with
+/// backoff, then linked back. All are stopped when this is dropped.
 pub struct Workers {
-    children: Vec<Child>,
+    slots: Arc<Mutex<Vec<Slot>>>,
+    spec: Arc<Spec>,
+    stop: Arc<AtomicBool>,
+    monitor: Option<std::thread::JoinHandle<()>>,
     /// Prefill workers.
     pub prefill: Vec<Arc<WorkerHandle>>,
     /// Decode workers.
     pub decode: Vec<Arc<WorkerHandle>>,
 }
 
+/// How to start a worker.
+struct Spec {
+    model: std::path::PathBuf,
+    engine: EngineArgs,
+}
+
+impl Spec {
+    /// Starts a worker process and waits for it to be ready; returns it and its control URL.
+    fn start(&self, role: PdRole, cluster_id: u64) -> anyhow::Result<(Child, String)> {
+        let name = match role {
+            PdRole::Prefill => "prefill",
+            PdRole::Decode => "decode",
+        };
+        let mut child = crate::self_command()?
+            .arg("pd-worker")
+            .args(["--model", &self.model.to_string_lossy(), "--role", name])
+            .args(["--cluster-id", &cluster_id.to_string()])
+            .args(self.engine.to_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            BufReader::new(out).read_line(&mut line)?;
+        }
+        let port: Option<u16> = line
+            .trim()
+            .strip_prefix("PD-WORKER-READY ")
+            .and_then(|p| p.parse().ok());
+        match port {
+            Some(port) => Ok((child, format!("http://127.0.0.1:{port}"))),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("{name} worker {cluster_id} did not start")
+            }
+        }
+    }
+}
+
+fn stop_child(c: &mut Child) {
+    drop(c.stdin.take());
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            drop(c.stdin.take());
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
         }
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for s in slots.iter_mut() {
+            if let Some(c) = s.child.as_mut() {
+                drop(c.stdin.take());
+            }
+        }
+        for s in slots.iter_mut() {
+            if let Some(mut c) = s.child.take() {
+                stop_child(&mut c);
+            }
+        }
+    }
+}
+
+impl Workers {
+    /// Starts watching the workers on behalf of `router` (on a thread of its own).
+    pub fn supervise(&mut self, router: Arc<PdRouter>, rt: tokio::runtime::Handle) {
+        let (slots, spec, stop) = (self.slots.clone(), self.spec.clone(), self.stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("tandem-pd-supervisor".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    check(&slots, &spec, &router, &rt);
+                    std::thread::sleep(POLL);
+                }
+            });
+        match spawned {
+            Ok(h) => self.monitor = Some(h),
+            Err(e) => tracing::error!("cannot start the worker supervisor: {e}"),
+        }
+    }
+}
+
+/// One supervision round: reaps workers that exited, restarts those that are due.
+fn check(slots: &Mutex<Vec<Slot>>, spec: &Spec, router: &PdRouter, rt: &tokio::runtime::Handle) {
+    let mut due = Vec::new();
+    {
+        let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, s) in slots.iter_mut().enumerate() {
+            if let Some(c) = s.child.as_mut() {
+                match c.try_wait() {
+                    Ok(Some(status)) => {
+                        let why = format!("process exited ({status})");
+                        tracing::error!(url = s.url, cluster_id = s.cluster_id, "worker {why}");
+                        router.mark_down(&s.url, &why);
+                        s.child = None;
+                        if s.started.elapsed() > STABLE {
+                            s.backoff = FIRST_BACKOFF;
+                        }
+                        s.restart_at = Some(Instant::now() + s.backoff);
+                        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cannot check worker {}: {e}", s.url),
+                }
+            }
+            if s.child.is_none() && s.restart_at.is_some_and(|t| Instant::now() >= t) {
+                s.restart_at = None;
+                due.push((i, s.role, s.cluster_id));
+            }
+        }
+    }
+    // Start outside the lock: loading the model takes a moment.
+    for (i, role, cluster_id) in due {
+        match spec.start(role, cluster_id) {
+            Ok((child, url)) => {
+                let handle = WorkerHandle::new(url.clone(), cluster_id);
+                let added = rt.block_on(router.add_worker(role, handle));
+                let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+                let s = &mut slots[i];
+                match added {
+                    Ok(()) => {
+                        tracing::info!(url, cluster_id, "worker restarted");
+                        s.child = Some(child);
+                        s.url = url;
+                        s.started = Instant::now();
+                    }
+                    Err(e) => {
+                        tracing::error!("restarted worker {url} could not be linked: {e}");
+                        let mut child = child;
+                        stop_child(&mut child);
+                        s.restart_at = Some(Instant::now() + s.backoff);
+                        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("restarting worker {cluster_id}: {e}");
+                let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+                let s = &mut slots[i];
+                s.restart_at = Some(Instant::now() + s.backoff);
+                s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+            }
         }
     }
 }
@@ -100,40 +267,45 @@ pub fn spawn(
     n_decode: usize,
     engine: &EngineArgs,
 ) -> anyhow::Result<Workers> {
+    let mut args = engine.clone();
+    args.kv_memory_fraction /= (n_prefill + n_decode) as f64;
+    let spec = Arc::new(Spec {
+        model: model.to_path_buf(),
+        engine: args,
+    });
     let mut workers = Workers {
-        children: Vec::new(),
+        slots: Arc::new(Mutex::new(Vec::new())),
+        spec: spec.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        monitor: None,
         prefill: Vec::new(),
         decode: Vec::new(),
     };
-    let mut args = engine.clone();
-    args.kv_memory_fraction /= (n_prefill + n_decode) as f64;
     for i in 0..n_prefill + n_decode {
-        let role = if i < n_prefill { "prefill" } else { "decode" };
-        let cluster_id = FIRST_CLUSTER_ID + i as u64;
-        let mut child = crate::self_command()?
-            .arg("pd-worker")
-            .args(["--model", &model.to_string_lossy(), "--role", role])
-            .args(["--cluster-id", &cluster_id.to_string()])
-            .args(args.to_args())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take();
-        workers.children.push(child);
-        let mut line = String::new();
-        if let Some(out) = stdout {
-            BufReader::new(out).read_line(&mut line)?;
-        }
-        let port: u16 = line
-            .trim()
-            .strip_prefix("PD-WORKER-READY ")
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("{role} worker {i} did not start"))?;
-        let handle = WorkerHandle::new(format!("http://127.0.0.1:{port}"), cluster_id);
-        if i < n_prefill {
-            workers.prefill.push(handle);
+        let role = if i < n_prefill {
+            PdRole::Prefill
         } else {
-            workers.decode.push(handle);
+            PdRole::Decode
+        };
+        let cluster_id = FIRST_CLUSTER_ID + i as u64;
+        let (child, url) = spec.start(role, cluster_id)?;
+        let handle = WorkerHandle::new(url.clone(), cluster_id);
+        workers
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Slot {
+                role,
+                cluster_id,
+                child: Some(child),
+                url,
+                started: Instant::now(),
+                backoff: FIRST_BACKOFF,
+                restart_at: None,
+            });
+        match role {
+            PdRole::Prefill => workers.prefill.push(handle),
+            PdRole::Decode => workers.decode.push(handle),
         }
     }
     tracing::info!(

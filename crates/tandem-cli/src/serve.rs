@@ -90,7 +90,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     let mut _workers = None;
     let state = if disaggregated {
-        let workers =
+        let mut workers =
             crate::pd_worker::spawn(&path, a.prefill_workers, a.decode_workers, &a.engine)?;
         let tokenizer = Arc::new(tandem_model::load(&path)?.tokenizer);
         let router = rt
@@ -101,6 +101,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 a.local_prefill_max,
             ))
             .map_err(|e| anyhow::anyhow!("cannot wire the disaggregated deployment: {e}"))?;
+        workers.supervise(router.clone(), rt.handle().clone());
         _workers = Some(workers);
         AppState::disaggregated(router, model_name.clone(), deployment.clone())
     } else {

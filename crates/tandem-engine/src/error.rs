@@ -56,6 +56,9 @@ pub enum EngineError {
     /// A KV handoff could not complete.
     #[error("KV handoff failed: {0}")]
     Handoff(String),
+    /// The deployment cannot take requests right now (its workers are down); try again.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The caller cancelled the call; its requests were aborted.
     #[error("cancelled")]
     Cancelled,

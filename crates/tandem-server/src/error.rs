@@ -26,6 +26,40 @@ impl ApiError {
         }
     }
 
+    /// A 503: the deployment could not serve the request (a worker or engine failed).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// The error a request that ended with `finish` is answered with, if it failed.
+    pub fn from_finish(finish: &tandem_engine::FinishReason) -> Option<Self> {
+        match finish {
+            tandem_engine::FinishReason::Error(msg) => {
+                Some(Self::unavailable(format!("generation failed: {msg}")))
+            }
+            tandem_engine::FinishReason::Abort => Some(Self::unavailable(
+                "the request was aborted: its engine stopped",
+            )),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI-style error object (the body of a response, or an SSE error event).
+    pub fn body(&self) -> serde_json::Value {
+        let kind = if self.status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        };
+        serde_json::json!({
+            "error": { "message": self.message, "type": kind, "param": self.param, "code": self.status.as_u16() }
+        })
+    }
+
     /// A 404.
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError {
@@ -53,14 +87,7 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let kind = if self.status.is_client_error() {
-            "invalid_request_error"
-        } else {
-            "server_error"
-        };
-        let body = serde_json::json!({
-            "error": { "message": self.message, "type": kind, "param": self.param, "code": self.status.as_u16() }
-        });
-        (self.status, Json(body)).into_response()
+        tracing::warn!(status = self.status.as_u16(), "{}", self.message);
+        (self.status, Json(self.body())).into_response()
     }
 }

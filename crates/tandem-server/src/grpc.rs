@@ -132,6 +132,10 @@ impl ModelResponse for GrpcService {
         let events = stream_one(&self.state, call).map_err(status)?;
         let mut generated = 0usize;
         let out = events.flat_map(move |ev| {
+            // A failed request ends its stream with UNAVAILABLE.
+            if let Some(e) = ev.finish.as_ref().and_then(ApiError::from_finish) {
+                return futures_util::stream::iter(vec![Err(status(e))]);
+            }
             generated += ev.token.is_some() as usize;
             let mut msgs = Vec::with_capacity(2);
             if ev.token.is_some() || !ev.text.is_empty() {

@@ -7,6 +7,7 @@ mod auth;
 pub mod client;
 mod error;
 pub mod grpc;
+pub mod health;
 pub mod metrics;
 mod mii;
 mod openai;
@@ -47,10 +48,7 @@ pub fn router(state: AppState) -> Router {
             auth::require_key,
         ));
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -59,11 +57,26 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `GET /healthz`: `{"status": "ok" | "degraded" | "down", "reason", "workers", ...}`; 503
+/// when the deployment cannot serve.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let h = state.replicas.health();
+    let code = if h.status == health::HealthStatus::Down {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        axum::http::StatusCode::OK
+    };
+    (code, Json(h)).into_response()
+}
+
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let (stats, blocks) = state.replicas.stats();
-    let body = state
-        .metrics
-        .render(&stats, blocks, state.replicas.counts());
+    let body = state.metrics.render(
+        &stats,
+        blocks,
+        state.replicas.counts(),
+        &state.replicas.health(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

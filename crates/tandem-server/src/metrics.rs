@@ -86,7 +86,13 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The Prometheus text exposition, with the engines' current gauges.
-    pub fn render(&self, e: &EngineStats, total_blocks: usize, replicas: (usize, usize)) -> String {
+    pub fn render(
+        &self,
+        e: &EngineStats,
+        total_blocks: usize,
+        replicas: (usize, usize),
+        health: &crate::health::Health,
+    ) -> String {
         let mut out = String::new();
         let mut put = |name: &str, kind: &str, help: &str, v: f64| {
             let _ = writeln!(
@@ -195,6 +201,44 @@ impl Metrics {
             "Replicas in rotation.",
             replicas.1 as f64,
         );
+        put(
+            "tandem_worker_restarts_total",
+            "counter",
+            "Workers restarted after a failure.",
+            health.restarts as f64,
+        );
+        put(
+            "tandem_requests_retried_total",
+            "counter",
+            "Requests moved to another worker after one failed.",
+            health.retried as f64,
+        );
+        put(
+            "tandem_requests_failed_total",
+            "counter",
+            "Requests that failed in the deployment (the client got an error).",
+            health.failed as f64,
+        );
+        let status = match health.status {
+            crate::health::HealthStatus::Ok => 0.0,
+            crate::health::HealthStatus::Degraded => 1.0,
+            crate::health::HealthStatus::Down => 2.0,
+        };
+        put(
+            "tandem_health_status",
+            "gauge",
+            "0 ok, 1 degraded (serving with workers missing), 2 down.",
+            status,
+        );
+        if !health.workers.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP tandem_workers_up Workers in rotation, by role.\n# TYPE tandem_workers_up gauge"
+            );
+            for w in &health.workers {
+                let _ = writeln!(out, "tandem_workers_up{{role=\"{}\"}} {}", w.role, w.up);
+            }
+        }
         self.ttft.render(
             "tandem_time_to_first_token_seconds",
             "Time to first token.",

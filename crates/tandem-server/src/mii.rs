@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
 use serde_json::json;
-use tandem_engine::GenerateParams;
+use tandem_engine::{FinishReason, GenerateParams};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -131,6 +131,9 @@ pub async fn generate(
         let prompt_length = call.ids[0].len();
         let mut generated = 0usize;
         let events = stream_one(&state, call)?.map(move |ev| {
+            if let Some(e) = ev.finish.as_ref().and_then(ApiError::from_finish) {
+                return Ok(SseEvent::default().data(e.body().to_string()));
+            }
             generated += ev.token.is_some() as usize;
             let finish = ev.finish.as_ref().map_or("none", |f| f.as_str());
             let body = json!([{ "generated_text": ev.text, "prompt_length": prompt_length, "generated_length": generated, "finish_reason": finish }]);
@@ -172,15 +175,20 @@ pub(crate) async fn complete(state: &AppState, call: MiiCall) -> Result<Vec<Fini
         } else {
             String::new()
         };
-        let (mut n, mut finish) = (0usize, "abort");
+        let (mut n, mut finish) = (0usize, None);
         while let Some(ev) = s.recv().await {
             text.push_str(&ev.text);
             n += ev.token.is_some() as usize;
             if let Some(f) = ev.finish {
-                finish = f.as_str();
+                finish = Some(f);
                 break;
             }
         }
+        let finish = finish.unwrap_or(FinishReason::Abort);
+        if let Some(e) = ApiError::from_finish(&finish) {
+            return Err(e);
+        }
+        let finish = finish.as_str();
         out.push(Finished {
             text,
             prompt_tokens: ids.len(),

@@ -19,6 +19,10 @@ pub trait Generator: Send + Sync {
     fn info(&self) -> EngineInfo;
     /// Live counters.
     fn stats(&self) -> EngineStats;
+    /// Whether it can serve, and what is missing.
+    fn health(&self) -> crate::health::Health {
+        crate::health::Health::ok()
+    }
 }
 
 impl Generator for Engine {
@@ -117,6 +121,36 @@ impl Replicas {
             self.replicas.len(),
             self.replicas.iter().filter(|r| r.up.load(Relaxed)).count(),
         )
+    }
+
+    /// The deployment's health: a single generator's own (a disaggregated deployment's
+    /// workers), or the replicas in rotation.
+    pub fn health(&self) -> crate::health::Health {
+        use crate::health::{Health, HealthStatus, RoleCount};
+        let (total, up) = self.counts();
+        if total == 1 && up == 1 {
+            return self.replicas[0].engine.health();
+        }
+        let status = match up {
+            0 => HealthStatus::Down,
+            n if n < total => HealthStatus::Degraded,
+            _ => HealthStatus::Ok,
+        };
+        let reason = if up < total {
+            format!("{} of {total} replicas stopped", total - up)
+        } else {
+            String::new()
+        };
+        Health {
+            status,
+            reason,
+            workers: vec![RoleCount {
+                role: "replica",
+                up,
+                expected: total,
+            }],
+            ..Health::ok()
+        }
     }
 
     /// Requests each replica has been given.

@@ -26,11 +26,11 @@ use request::{
 };
 use tools::Tools;
 
+/// OpenAI's finish reason (failures never reach a response: they are errors).
 fn finish_str(f: &FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Abort | FinishReason::Error(_) => "abort",
+        FinishReason::Length | FinishReason::Abort | FinishReason::Error(_) => "length",
     }
 }
 
@@ -225,6 +225,9 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
     let (mut out, mut completion_tokens) = (vec![], 0);
     for mut c in choices {
         let got = collect(&mut c.stream).await;
+        if let Some(e) = ApiError::from_finish(&got.finish) {
+            return Err(e);
+        }
         completion_tokens += got.tokens;
         let echo = c.echo.unwrap_or_default();
         let logprobs = req.logprobs.map(|_| {
@@ -370,6 +373,9 @@ pub async fn chat_completions(
     let (mut out, mut completion_tokens) = (vec![], 0);
     for mut c in choices {
         let got = collect(&mut c.stream).await;
+        if let Some(e) = ApiError::from_finish(&got.finish) {
+            return Err(e);
+        }
         completion_tokens += got.tokens;
         let (content, calls) = match &tools {
             Some(t) => t.parse(&got.text),

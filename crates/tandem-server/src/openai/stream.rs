@@ -15,6 +15,7 @@ use tandem_model::Tokenizer;
 use super::logprobs::{chat_entry, CompletionLogprobs};
 use super::tools::{Delta, ToolStream, Tools};
 use super::{finish_str, prompt_tokens, request_id, usage, Choice};
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Which route's chunks to write.
@@ -42,8 +43,11 @@ struct ChoiceState {
 }
 
 impl ChoiceState {
-    /// The choice objects for one engine event.
+    /// The choice objects for one engine event; a failure is an `{"error": ...}` object.
     fn chunks(&mut self, ev: Event) -> Vec<Value> {
+        if let Some(e) = ev.finish.as_ref().and_then(ApiError::from_finish) {
+            return vec![e.body()];
+        }
         let first = std::mem::replace(&mut self.first, false);
         let finish = ev.finish.as_ref();
         if self.chat {
@@ -184,6 +188,10 @@ pub(crate) fn sse(
     let (model, created) = (state.model_name.clone(), state.created);
     let envelope_id = id.clone();
     let body = stream::select_all(per_choice).map(move |choice| {
+        // A failed choice is an OpenAI error event, which the `openai` package raises.
+        if choice.get("error").is_some() {
+            return Ok(SseEvent::default().data(choice.to_string()));
+        }
         let chunk = json!({"id": envelope_id, "object": object, "created": created, "model": model, "choices": [choice]});
         Ok(SseEvent::default().data(chunk.to_string()))
     });

@@ -3,9 +3,9 @@
 //! streams; short prompts go straight to a decode worker. It presents itself as one
 //! [`Generator`], so the HTTP and gRPC front ends serve it like a local engine.
 
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
@@ -17,6 +17,7 @@ use tandem_model::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::wire::*;
+use crate::health::{Health, HealthStatus, RoleCount};
 use crate::replicas::Generator;
 
 /// One worker as the router sees it.
@@ -27,6 +28,8 @@ pub struct WorkerHandle {
     pub cluster_id: u64,
     outstanding: AtomicI64,
     datadist_port: Mutex<Option<u16>>,
+    /// Health probes failed in a row.
+    failed_probes: AtomicU32,
 }
 
 impl WorkerHandle {
@@ -37,9 +40,22 @@ impl WorkerHandle {
             cluster_id,
             outstanding: AtomicI64::new(0),
             datadist_port: Mutex::new(None),
+            failed_probes: AtomicU32::new(0),
         })
     }
 }
+
+/// A worker out of rotation, until it is back (restarted or re-registered).
+struct DownWorker {
+    role: PdRole,
+    cluster_id: u64,
+    url: String,
+    why: String,
+    since: Instant,
+}
+
+/// Health probes a worker may fail in a row (at the stats period) before it leaves rotation.
+const MAX_FAILED_PROBES: u32 = 2;
 
 /// Holds a request's weight on a worker until dropped.
 struct Load(Arc<WorkerHandle>, i64);
@@ -95,6 +111,12 @@ pub struct PdRouter {
     rt: tokio::runtime::Handle,
     /// Checks requests' grammars up front (the workers compile their own).
     grammars: tandem_engine::GrammarCompiler,
+    /// This router, for the tasks that run requests (they move them between workers).
+    me: Weak<PdRouter>,
+    down: Mutex<Vec<DownWorker>>,
+    restarts: AtomicU64,
+    retried: AtomicU64,
+    failed: AtomicU64,
 }
 
 async fn post_json<B: Serialize, R: DeserializeOwned>(
@@ -160,7 +182,12 @@ impl PdRouter {
             .json()
             .await
             .map_err(|e| e.to_string())?;
-        let router = Arc::new(Self {
+        let router = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            down: Mutex::new(Vec::new()),
+            restarts: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
             prefill: RwLock::new(prefill),
             decode: RwLock::new(decode),
             http,
@@ -265,6 +292,8 @@ impl PdRouter {
         Ok(())
     }
 
+    /// Sums the workers' counters; a worker that fails [`MAX_FAILED_PROBES`] probes in a row
+    /// leaves rotation.
     async fn refresh_stats(&self) {
         let mut sum = EngineStats::default();
         for w in self
@@ -272,11 +301,149 @@ impl PdRouter {
             .iter()
             .chain(&self.snapshot(PdRole::Decode))
         {
-            if let Ok(i) = self.worker_info(w).await {
-                sum += i.stats;
+            let probe = tokio::time::timeout(Duration::from_secs(1), self.worker_info(w)).await;
+            match probe {
+                Ok(Ok(i)) => {
+                    w.failed_probes.store(0, Relaxed);
+                    sum += i.stats;
+                }
+                Ok(Err(e)) => self.probe_failed(w, e),
+                Err(_) => self.probe_failed(w, "no answer within 1 s".into()),
             }
         }
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = sum;
+    }
+
+    fn probe_failed(&self, w: &WorkerHandle, why: String) {
+        if w.failed_probes.fetch_add(1, Relaxed) + 1 >= MAX_FAILED_PROBES {
+            self.mark_down(&w.url, &format!("health probe failed: {why}"));
+        }
+    }
+
+    /// Takes the worker at `url` out of rotation (it died, or stopped answering); decode
+    /// workers drop their links to a lost prefill worker so that its restart can relink.
+    /// Unknown URLs (already down) are ignored.
+    pub fn mark_down(&self, url: &str, why: &str) {
+        let mut found = None;
+        for role in [PdRole::Prefill, PdRole::Decode] {
+            let mut list = self.list(role).write().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = list.iter().position(|w| w.url == url) {
+                found = Some((role, list.remove(i)));
+            }
+        }
+        let Some((role, w)) = found else {
+            return;
+        };
+        tracing::error!(url, role = ?role, "worker out of rotation: {why}");
+        self.down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(DownWorker {
+                role,
+                cluster_id: w.cluster_id,
+                url: url.to_string(),
+                why: why.to_string(),
+                since: Instant::now(),
+            });
+        if role == PdRole::Prefill {
+            let (http, decode) = (self.http.clone(), self.snapshot(PdRole::Decode));
+            let peer = Peer {
+                cluster_id: w.cluster_id,
+                host: "127.0.0.1".into(),
+                port: 0,
+            };
+            self.rt.spawn(async move {
+                for d in decode {
+                    let body = LinkRequest {
+                        peers: vec![peer.clone()],
+                        force: true,
+                    };
+                    let url = format!("{}/pd/unlink", d.url);
+                    if let Err(e) = post_json::<_, StatusReply>(&http, &url, &body).await {
+                        tracing::warn!("{url}: {e}");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Puts a (restarted) worker into rotation in `role`, linked: a prefill worker to every
+    /// decode worker, a decode worker to every prefill worker.
+    pub async fn add_worker(&self, role: PdRole, w: Arc<WorkerHandle>) -> Result<(), String> {
+        match role {
+            PdRole::Prefill => {
+                for d in self.snapshot(PdRole::Decode) {
+                    self.link(&d, std::slice::from_ref(&w), false).await?;
+                }
+            }
+            PdRole::Decode => {
+                self.link(&w, &self.snapshot(PdRole::Prefill), false)
+                    .await?
+            }
+        }
+        let replaced = {
+            let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+            let before = down.len();
+            down.retain(|d| !(d.role == role && d.cluster_id == w.cluster_id));
+            down.len() < before
+        };
+        if replaced {
+            self.restarts.fetch_add(1, Relaxed);
+        }
+        tracing::info!(url = w.url, role = ?role, "worker in rotation");
+        self.list(role)
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(w);
+        Ok(())
+    }
+
+    /// Whether the deployment can serve, and what is missing.
+    pub fn health(&self) -> Health {
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let count = |role: PdRole, name: &'static str| {
+            let up = self.snapshot(role).len();
+            RoleCount {
+                role: name,
+                up,
+                expected: up + down.iter().filter(|d| d.role == role).count(),
+            }
+        };
+        let workers = vec![
+            count(PdRole::Prefill, "prefill"),
+            count(PdRole::Decode, "decode"),
+        ];
+        let reasons: Vec<String> = down
+            .iter()
+            .map(|d| {
+                format!(
+                    "{:?} worker {} down for {:.1} s: {}",
+                    d.role,
+                    d.url,
+                    d.since.elapsed().as_secs_f64(),
+                    d.why
+                )
+            })
+            .collect();
+        let status = if workers[1].up == 0 {
+            HealthStatus::Down
+        } else if !down.is_empty() || workers[0].up == 0 {
+            HealthStatus::Degraded
+        } else {
+            HealthStatus::Ok
+        };
+        let mut reason = reasons.join("; ");
+        if status == HealthStatus::Down && reason.is_empty() {
+            reason = "no decode worker".into();
+        }
+        Health {
+            status,
+            reason,
+            workers,
+            restarts: self.restarts.load(Relaxed),
+            retried: self.retried.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+        }
     }
 
     /// Every worker with its role and live facts.
@@ -367,11 +534,52 @@ impl PdRouter {
     }
 }
 
-/// What one request does: which workers, and how much of its budget remains after one token.
-struct Plan {
-    prefill: Option<(Arc<WorkerHandle>, Load)>,
-    decode: (Arc<WorkerHandle>, Load),
-    max_new: usize,
+/// How a call to a worker failed: the worker is unreachable (dead or dying: the request may
+/// move elsewhere), or it answered with an error (the request fails).
+enum CallError {
+    Unreachable(String),
+    Refused(String),
+}
+
+impl CallError {
+    fn message(self) -> String {
+        match self {
+            CallError::Unreachable(m) | CallError::Refused(m) => m,
+        }
+    }
+}
+
+/// `post_json` that tells a transport failure from an error answer.
+async fn call<B: Serialize, R: DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    body: &B,
+) -> Result<R, CallError> {
+    let resp = http
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| CallError::Unreachable(format!("{url}: {e}")))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        return Err(CallError::Refused(format!("{url}: {status}: {text}")));
+    }
+    resp.json()
+        .await
+        .map_err(|e| CallError::Unreachable(format!("{url}: {e}")))
+}
+
+/// A request's hold on one worker: its load, released when dropped.
+type Assigned = (Arc<WorkerHandle>, Load);
+
+impl PdRouter {
+    fn assign(&self, role: PdRole, weight: i64) -> Option<Assigned> {
+        let w = least_loaded(self.list(role))?;
+        w.outstanding.fetch_add(weight, Relaxed);
+        Some((w.clone(), Load(w, weight)))
+    }
 }
 
 impl Generator for PdRouter {
@@ -381,34 +589,35 @@ impl Generator for PdRouter {
             self.grammars.compile(g)?;
         }
         let weight = (prompt.len() + max_new) as i64;
-        let take = |w: Arc<WorkerHandle>| {
-            w.outstanding.fetch_add(weight, Relaxed);
-            (w.clone(), Load(w, weight))
-        };
-        let decode = least_loaded(&self.decode).ok_or(EngineError::Closed)?;
+        let decode = self.assign(PdRole::Decode, weight).ok_or_else(|| {
+            EngineError::Unavailable("no decode worker is up (restarting)".into())
+        })?;
         // A scored prompt's log-probabilities are computed where it is prefilled: locally.
         let handoff = prompt.len() > self.local_prefill_max && params.prompt_logprobs.is_none();
         let prefill = if handoff {
-            Some(least_loaded(&self.prefill).ok_or(EngineError::Closed)?)
+            self.assign(PdRole::Prefill, weight)
         } else {
             None
         };
-        let plan = Plan {
-            prefill: prefill.map(take),
-            decode: take(decode),
-            max_new,
-        };
+        let router = self.me.upgrade().ok_or(EngineError::Closed)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let http = self.http.clone();
         self.rt.spawn(async move {
+            let req = Request {
+                router: &router,
+                prompt,
+                params,
+                max_new,
+                weight,
+                tx: &tx,
+            };
             let outcome = tokio::select! {
-                r = run(&http, &plan, prompt, params, &tx) => r,
+                r = req.run(prefill, decode) => r,
                 _ = tx.closed() => Ok(()), // client gone: dropping `run` cancels everything
             };
             if let Err(msg) = outcome {
+                router.failed.fetch_add(1, Relaxed);
                 let _ = tx.send(error_event(msg));
             }
-            drop(plan);
         });
         Ok(rx)
     }
@@ -424,97 +633,185 @@ impl Generator for PdRouter {
     fn stats(&self) -> EngineStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn health(&self) -> Health {
+        PdRouter::health(self)
+    }
 }
 
-async fn run(
-    http: &reqwest::Client,
-    plan: &Plan,
+/// One request on its way through the workers.
+struct Request<'a> {
+    router: &'a PdRouter,
     prompt: Vec<u32>,
     params: GenerateParams,
-    tx: &UnboundedSender<Event>,
-) -> Result<(), String> {
-    let decode = &plan.decode.0;
-    let mut release = None;
-    let resp = match &plan.prefill {
-        None => {
-            let body = GenerateRequest { prompt, params };
-            http.post(format!("{}/pd/generate", decode.url))
-                .json(&body)
-                .send()
-                .await
-        }
-        Some((p, _)) => {
+    max_new: usize,
+    weight: i64,
+    tx: &'a UnboundedSender<Event>,
+}
+
+/// Where the decode worker gets the prompt's KV: its own prefill, or a prefill worker's.
+enum Source {
+    Local,
+    Held {
+        first_token: u32,
+        cluster: u64,
+        blocks: Vec<u32>,
+        /// Frees the producer's KV: dropped once the consumer has pulled it.
+        release: Mutex<Option<Release>>,
+    },
+}
+
+impl Request<'_> {
+    /// Prefills (moving to another prefill worker, or to the decode worker, when one turns
+    /// out dead), then decodes and streams (moving to another decode worker when one is found
+    /// dead before anything was streamed).
+    async fn run(self, mut prefill: Option<Assigned>, mut decode: Assigned) -> Result<(), String> {
+        let r = self.router;
+        let source = loop {
+            let Some((p, _load)) = prefill.take() else {
+                break Source::Local;
+            };
             let body = PrefillRequest {
-                prompt: prompt.clone(),
-                params: params.clone(),
+                prompt: self.prompt.clone(),
+                params: self.params.clone(),
             };
             let reply: PrefillReply =
-                post_json(http, &format!("{}/pd/prefill", p.url), &body).await?;
-            if let Some(h) = &reply.held {
-                release = Some(Release {
-                    http: http.clone(),
-                    url: p.url.clone(),
-                    handle: h.handle,
-                });
-            }
+                match call(&r.http, &format!("{}/pd/prefill", p.url), &body).await {
+                    Ok(reply) => reply,
+                    Err(CallError::Unreachable(why)) => {
+                        r.mark_down(&p.url, &why);
+                        r.retried.fetch_add(1, Relaxed);
+                        tracing::warn!("prefill moved off {}: {why}", p.url);
+                        prefill = r.assign(PdRole::Prefill, self.weight);
+                        continue;
+                    }
+                    Err(e) => return Err(e.message()),
+                };
+            let release = reply.held.as_ref().map(|h| Release {
+                http: r.http.clone(),
+                url: p.url.clone(),
+                handle: h.handle,
+            });
             let ev = reply.event;
+            if let Some(f @ (FinishReason::Abort | FinishReason::Error(_))) = &ev.finish {
+                return Err(format!("prefill on {} failed: {}", p.url, f.as_str()));
+            }
             // The request may end at its first token: EOS, a stop string, or a budget of one.
             let ended =
-                ev.token.is_none() || ev.finish != Some(FinishReason::Length) || plan.max_new <= 1;
-            if ended
-                || matches!(
-                    ev.finish,
-                    Some(FinishReason::Abort | FinishReason::Error(_))
-                )
-            {
-                let _ = tx.send(ev);
+                ev.token.is_none() || ev.finish != Some(FinishReason::Length) || self.max_new <= 1;
+            if ended {
+                let _ = self.tx.send(ev);
                 return Ok(());
             }
-            let (first, held) = match (ev.token, reply.held) {
-                (Some(t), Some(h)) => (t, h),
-                _ => return Err("prefill worker returned no KV".into()),
+            let (Some(first_token), Some(held), Some(release)) = (ev.token, reply.held, release)
+            else {
+                return Err("prefill worker returned no KV".into());
             };
-            let body = DecodeRequest {
-                prompt,
-                params,
-                first_token: first,
-                source_cluster: p.cluster_id,
+            break Source::Held {
+                first_token,
+                cluster: p.cluster_id,
                 blocks: held.blocks,
+                release: Mutex::new(Some(release)),
             };
-            http.post(format!("{}/pd/decode", decode.url))
-                .json(&body)
-                .send()
-                .await
-        }
-    }
-    .map_err(|e| format!("{}: {e}", decode.url))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        return Err(format!(
-            "{}: {status}: {}",
-            decode.url,
-            resp.text().await.unwrap_or_default()
-        ));
-    }
-    let mut body = resp.bytes_stream();
-    let mut buf = Vec::new();
-    while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk.map_err(|e| format!("{}: {e}", decode.url))?);
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            let line: StreamLine =
-                serde_json::from_slice(&line).map_err(|e| format!("bad worker line: {e}"))?;
-            match line {
-                StreamLine::Pulled => drop(release.take()),
-                StreamLine::Error(msg) => return Err(msg),
-                StreamLine::Event(ev) => {
-                    let done = ev.finish.is_some();
-                    if tx.send(ev).is_err() || done {
-                        return Ok(());
+        };
+        loop {
+            let d = decode.0.clone();
+            match self.stream_from(&d, &source).await {
+                Ok(()) => return Ok(()),
+                Err((streamed, why)) => {
+                    r.mark_down(&d.url, &why);
+                    if streamed {
+                        return Err(format!("decode worker {} failed mid-stream: {why}", d.url));
+                    }
+                    match r.assign(PdRole::Decode, self.weight) {
+                        Some(other) => {
+                            r.retried.fetch_add(1, Relaxed);
+                            tracing::warn!("decode moved off {}: {why}", d.url);
+                            decode = other;
+                        }
+                        None => return Err(format!("no decode worker is up: {why}")),
                     }
                 }
             }
         }
     }
-    Err(format!("{} ended the stream early", decode.url))
+
+    /// Streams the request from decode worker `d`; on failure, whether anything was streamed
+    /// and why.
+    async fn stream_from(&self, d: &WorkerHandle, source: &Source) -> Result<(), (bool, String)> {
+        let http = &self.router.http;
+        let sent = match source {
+            Source::Local => {
+                let body = GenerateRequest {
+                    prompt: self.prompt.clone(),
+                    params: self.params.clone(),
+                };
+                http.post(format!("{}/pd/generate", d.url))
+                    .json(&body)
+                    .send()
+                    .await
+            }
+            Source::Held {
+                first_token,
+                cluster,
+                blocks,
+                ..
+            } => {
+                let body = DecodeRequest {
+                    prompt: self.prompt.clone(),
+                    params: self.params.clone(),
+                    first_token: *first_token,
+                    source_cluster: *cluster,
+                    blocks: blocks.clone(),
+                };
+                http.post(format!("{}/pd/decode", d.url))
+                    .json(&body)
+                    .send()
+                    .await
+            }
+        };
+        let resp = sent.map_err(|e| (false, format!("{}: {e}", d.url)))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            // An answer with an error is the request's failure, not the worker's.
+            let _ = self
+                .tx
+                .send(error_event(format!("{}: {status}: {text}", d.url)));
+            return Ok(());
+        }
+        let mut streamed = false;
+        let mut body = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| (streamed, format!("{}: {e}", d.url)))?;
+            buf.extend_from_slice(&chunk);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let line: StreamLine = serde_json::from_slice(&line)
+                    .map_err(|e| (streamed, format!("bad worker line: {e}")))?;
+                match line {
+                    StreamLine::Pulled => {
+                        // The producer's KV is free now; from here the request cannot move.
+                        streamed = true;
+                        if let Source::Held { release, .. } = source {
+                            drop(release.lock().unwrap_or_else(|p| p.into_inner()).take());
+                        }
+                    }
+                    StreamLine::Error(msg) => {
+                        let _ = self.tx.send(error_event(msg));
+                        return Ok(());
+                    }
+                    StreamLine::Event(ev) => {
+                        streamed = true;
+                        let done = ev.finish.is_some();
+                        if self.tx.send(ev).is_err() || done {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        Err((streamed, format!("{} ended the stream early", d.url)))
+    }
 }

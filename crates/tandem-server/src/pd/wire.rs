@@ -79,6 +79,9 @@ pub struct WorkerInfo {
     pub stats: EngineStats,
     /// Linked clusters.
     pub links: Vec<u64>,
+    /// The worker's process id.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// A peer to link to or unlink from.

@@ -113,6 +113,7 @@ impl PdWorker {
             info: self.engine.info(),
             stats: self.engine.stats(),
             links: dd.linked_clusters(),
+            pid: std::process::id(),
         }
     }
 
