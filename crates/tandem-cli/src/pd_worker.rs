@@ -1,6 +1,7 @@
 //! Prefill/decode disaggregation from the command line: `tandem pd-worker` (a worker process:
-//! one engine, its KV pool registered with llm-datadist, control routes on loopback HTTP) and
-//! the spawning of workers for `tandem serve --prefill-workers N --decode-workers M`.
+//! one engine, its KV pool registered with llm-datadist, control routes on loopback HTTP), the
+//! spawning and supervision of workers for `tandem serve --prefill-workers N --decode-workers
+//! M`, and a worker on its own host (`tandem serve --role R --etcd ...`), registered in etcd.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -27,7 +28,7 @@ pub struct PdWorkerArgs {
     #[arg(long)]
     model: Option<String>,
     /// `prefill` (llm-datadist Prompt, listening) or `decode` (Decoder).
-    #[arg(long, value_parser = ["prefill", "decode"])]
+    #[arg(long, value_parser = ["prefill", "decode", "replica"])]
     role: String,
     /// llm-datadist cluster id.
     #[arg(long)]
@@ -36,18 +37,39 @@ pub struct PdWorkerArgs {
     engine: EngineArgs,
 }
 
+/// Starts a worker's engine and llm-datadist instance; a prefill worker's llm-datadist
+/// listens on `host`.
+fn start_worker(
+    path: &Path,
+    role: PdRole,
+    cluster_id: u64,
+    host: &str,
+    token: Option<&str>,
+    engine: &EngineArgs,
+) -> anyhow::Result<Arc<PdWorker>> {
+    let engine = Arc::new(Engine::start(tandem_model::load(path)?, engine.config())?);
+    let listen = format!("{host}:0");
+    let (role, listen) = match role {
+        PdRole::Prefill => (LlmRole::Prompt, Some(listen.as_str())),
+        PdRole::Decode | PdRole::Replica => (LlmRole::Decoder, None),
+    };
+    Ok(Arc::new(PdWorker::start(
+        engine, cluster_id, role, listen, token,
+    )?))
+}
+
+pub(crate) fn parse_role(name: &str) -> anyhow::Result<PdRole> {
+    PdRole::ALL
+        .into_iter()
+        .find(|r| r.name() == name)
+        .ok_or_else(|| anyhow::anyhow!("unknown role {name:?} (prefill, decode or replica)"))
+}
+
 /// Runs a worker until its parent closes stdin.
 pub fn run(a: PdWorkerArgs) -> anyhow::Result<()> {
     let path = tandem_model::fetch::resolve_model(a.model.as_deref(), false)?;
-    let engine = Arc::new(Engine::start(
-        tandem_model::load(&path)?,
-        a.engine.config(),
-    )?);
-    let (role, listen) = match a.role.as_str() {
-        "prefill" => (LlmRole::Prompt, Some("127.0.0.1:0")),
-        _ => (LlmRole::Decoder, None),
-    };
-    let worker = Arc::new(PdWorker::start(engine, a.cluster_id, role, listen)?);
+    let role = parse_role(&a.role)?;
+    let worker = start_worker(&path, role, a.cluster_id, "127.0.0.1", None, &a.engine)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -116,13 +138,127 @@ struct Spec {
     engine: EngineArgs,
 }
 
+/// A worker on a host of its own, as `tandem serve --role` starts it.
+pub struct RemoteWorker<'a> {
+    /// The model's files.
+    pub model: &'a Path,
+    /// Its role.
+    pub role: PdRole,
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// The deployment it joins.
+    pub deployment: String,
+    /// Address to listen on (HTTP control and llm-datadist).
+    pub host: String,
+    /// HTTP control port (0: any free port).
+    pub port: u16,
+    /// Address the router and the other workers reach it at (default: `host`).
+    pub advertise_host: Option<String>,
+    /// llm-datadist cluster id (default: random).
+    pub cluster_id: Option<u64>,
+    /// The deployment's token.
+    pub token: Option<String>,
+    /// Engine flags.
+    pub engine: &'a EngineArgs,
+}
+
+/// Whether `host` is a loopback address (or name).
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+/// A cluster id unlikely to collide with another worker's (ids are u64, chosen by each
+/// worker on its own).
+fn random_cluster_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    // Below 2^53 so that every JSON reader keeps it exact; never the reserved all-ones.
+    h.finish() >> 11
+}
+
+impl RemoteWorker<'_> {
+    /// Runs the worker, registered in etcd, until Ctrl-C or SIGTERM (then deregisters).
+    pub fn run(self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.token.is_some() || is_loopback(&self.host),
+            "a worker listening on {} needs the deployment's token (--auth-token or TANDEM_AUTH_TOKEN)",
+            self.host
+        );
+        let advertise = self
+            .advertise_host
+            .clone()
+            .unwrap_or_else(|| self.host.clone());
+        anyhow::ensure!(
+            advertise != "0.0.0.0" && advertise != "::",
+            "listening on {} needs --advertise-host (the address others reach this worker at)",
+            self.host
+        );
+        let cluster_id = self.cluster_id.unwrap_or_else(random_cluster_id);
+        let worker = start_worker(
+            self.model,
+            self.role,
+            cluster_id,
+            &self.host,
+            self.token.as_deref(),
+            self.engine,
+        )?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", self.host, self.port))?;
+            let url = format!("http://{advertise}:{}", listener.local_addr()?.port());
+            let started_as = self.role;
+            let w = worker.clone();
+            let record_url = url.clone();
+            // The record follows the worker's role (the router may switch it).
+            let record = move || tandem_server::pd::discovery::WorkerRecord {
+                role: match (started_as, w.role()) {
+                    (PdRole::Replica, _) => PdRole::Replica,
+                    (_, "prompt") => PdRole::Prefill,
+                    _ => PdRole::Decode,
+                },
+                url: record_url.clone(),
+                cluster_id,
+            };
+            let registration =
+                tandem_server::pd::discovery::Registration::start(self.etcd.clone(), &self.deployment, record)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot register in etcd at {:?}: {e}", self.etcd))?;
+            tracing::info!(url, cluster_id, role = self.role.name(), deployment = self.deployment, "worker ready");
+            let stop = async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+            };
+            worker.clone().serve(listener, stop).await?;
+            registration.revoke().await;
+            tracing::info!(url, "worker stopped");
+            anyhow::Ok(())
+        })
+    }
+}
+
 impl Spec {
     /// Starts a worker process and waits for it to be ready; returns it and its control URL.
     fn start(&self, role: PdRole, cluster_id: u64) -> anyhow::Result<(Child, String)> {
-        let name = match role {
-            PdRole::Prefill => "prefill",
-            PdRole::Decode => "decode",
-        };
+        let name = role.name();
         let mut child = crate::self_command()?
             .arg("pd-worker")
             .args(["--model", &self.model.to_string_lossy(), "--role", name])
@@ -305,7 +441,7 @@ pub fn spawn(
             });
         match role {
             PdRole::Prefill => workers.prefill.push(handle),
-            PdRole::Decode => workers.decode.push(handle),
+            PdRole::Decode | PdRole::Replica => workers.decode.push(handle),
         }
     }
     tracing::info!(

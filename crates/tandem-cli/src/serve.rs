@@ -2,6 +2,9 @@
 //! (OpenAI-compatible `/v1/*`, MII's `/mii/{deployment}`, `/healthz`, `/metrics`) on
 //! `--restful-api-port`, bound to 127.0.0.1 unless `--host` says otherwise. gRPC `Terminate`
 //! or Ctrl-C stops the whole deployment.
+//!
+//! Across hosts: `--etcd` alone makes this process the router of the deployment's workers
+//! registered in etcd; `--role prefill|decode|replica --etcd ...` runs one such worker.
 
 use std::sync::Arc;
 
@@ -50,6 +53,26 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <KEY>` on /v1 and /mii routes (also from TANDEM_API_KEY).
     #[arg(long, env = "TANDEM_API_KEY")]
     api_key: Option<String>,
+    /// etcd endpoints (comma-separated, e.g. http://10.0.0.2:2379): without --role, route to
+    /// the deployment's workers registered there; with --role, register there.
+    #[arg(long, env = "TANDEM_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Run one worker of a multi-host deployment (needs --etcd) instead of a front end.
+    #[arg(long, value_parser = ["prefill", "decode", "replica"])]
+    role: Option<String>,
+    /// The deployment's shared secret: required on worker HTTP calls and llm-datadist links
+    /// (workers listening off loopback refuse to start without it).
+    #[arg(long, env = "TANDEM_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Worker only: the HTTP control port (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    worker_port: u16,
+    /// Worker only: the address the router and other workers reach it at (default: --host).
+    #[arg(long)]
+    advertise_host: Option<String>,
+    /// Worker only: its llm-datadist cluster id (default: random).
+    #[arg(long)]
+    cluster_id: Option<u64>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -75,7 +98,31 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .deployment_name
         .clone()
         .unwrap_or_else(|| default_deployment_name(a.model.as_deref()));
+    if let Some(role) = &a.role {
+        anyhow::ensure!(
+            !a.etcd.is_empty(),
+            "--role needs --etcd (where the router finds workers)"
+        );
+        return crate::pd_worker::RemoteWorker {
+            model: &path,
+            role: crate::pd_worker::parse_role(role)?,
+            etcd: a.etcd.clone(),
+            deployment,
+            host: a.host.clone(),
+            port: a.worker_port,
+            advertise_host: a.advertise_host.clone(),
+            cluster_id: a.cluster_id,
+            token: a.auth_token.clone(),
+            engine: &a.engine,
+        }
+        .run();
+    }
+    let discovered = !a.etcd.is_empty();
     let disaggregated = a.prefill_workers > 0 || a.decode_workers > 0;
+    anyhow::ensure!(
+        !(discovered && (disaggregated || a.replica_num > 1)),
+        "--etcd (workers found in etcd) cannot be combined with --prefill-workers, --decode-workers or --replica-num"
+    );
     anyhow::ensure!(
         !disaggregated || (a.prefill_workers > 0 && a.decode_workers > 0),
         "a disaggregated deployment needs --prefill-workers and --decode-workers both at least 1"
@@ -89,7 +136,46 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut _workers = None;
-    let state = if disaggregated {
+    let router_opts = tandem_server::pd::router::RouterOptions {
+        local_prefill_max: a.local_prefill_max,
+        token: a.auth_token.clone(),
+        info: None,
+    };
+    let state = if discovered {
+        let loaded = tandem_model::load(&path)?;
+        let cfg = loaded.model.config();
+        // The model's limits until the first worker reports its own.
+        let info = tandem_engine::EngineInfo {
+            num_blocks: 0,
+            block_size: a.engine.block_size,
+            kv_bytes: 0,
+            max_length: a
+                .engine
+                .max_length
+                .unwrap_or(cfg.seq_length)
+                .min(loaded.model.max_context()),
+            vocab_size: cfg.vocab_size,
+        };
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let opts = tandem_server::pd::router::RouterOptions {
+            info: Some(info),
+            ..router_opts
+        };
+        let router = rt
+            .block_on(tandem_server::pd::router::PdRouter::new(
+                Vec::new(),
+                Vec::new(),
+                tokenizer,
+                opts,
+            ))
+            .map_err(|e| anyhow::anyhow!("cannot start the router: {e}"))?;
+        {
+            let _in_rt = rt.enter();
+            tandem_server::pd::discovery::watch(&router, a.etcd.clone(), &deployment);
+        }
+        tracing::info!(etcd = ?a.etcd, deployment, "routing to the workers registered in etcd");
+        AppState::disaggregated(router, model_name.clone(), deployment.clone())
+    } else if disaggregated {
         let mut workers =
             crate::pd_worker::spawn(&path, a.prefill_workers, a.decode_workers, &a.engine)?;
         let tokenizer = Arc::new(tandem_model::load(&path)?.tokenizer);
@@ -98,7 +184,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 workers.prefill.clone(),
                 workers.decode.clone(),
                 tokenizer,
-                a.local_prefill_max,
+                router_opts,
             ))
             .map_err(|e| anyhow::anyhow!("cannot wire the disaggregated deployment: {e}"))?;
         workers.supervise(router.clone(), rt.handle().clone());

@@ -17,13 +17,6 @@ fn router_of(state: &AppState) -> Result<&std::sync::Arc<crate::pd::router::PdRo
         .ok_or_else(|| ApiError::not_found("this deployment is not disaggregated"))
 }
 
-fn role_str(r: PdRole) -> &'static str {
-    match r {
-        PdRole::Prefill => "prefill",
-        PdRole::Decode => "decode",
-    }
-}
-
 /// `GET /admin/workers`: each worker's role, URL and live facts (or why they are missing).
 pub async fn workers(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let pd = router_of(&state)?;
@@ -32,8 +25,8 @@ pub async fn workers(State(state): State<AppState>) -> Result<Json<serde_json::V
         .await
         .into_iter()
         .map(|(role, url, info)| match info {
-            Ok(i) => serde_json::json!({ "role": role_str(role), "url": url, "worker": i }),
-            Err(e) => serde_json::json!({ "role": role_str(role), "url": url, "error": e }),
+            Ok(i) => serde_json::json!({ "role": role.name(), "url": url, "worker": i }),
+            Err(e) => serde_json::json!({ "role": role.name(), "url": url, "error": e }),
         })
         .collect();
     Ok(Json(serde_json::json!({ "workers": list })))
@@ -67,6 +60,6 @@ pub async fn switch_role(
         .await
         .map_err(|e| ApiError::invalid(e, None))?;
     Ok(Json(
-        serde_json::json!({ "url": req.url, "role": role_str(to) }),
+        serde_json::json!({ "url": req.url, "role": to.name() }),
     ))
 }

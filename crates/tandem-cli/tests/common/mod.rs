@@ -104,22 +104,34 @@ pub fn start(name: &str, extra: &[&str]) -> Deployment {
 
 /// A plain HTTP/1.1 request; returns the status and the body.
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
+    try_http(addr, method, path, body).unwrap_or_else(|e| panic!("{method} {addr}{path}: {e}"))
+}
+
+/// [`http`], with a connection failure as an error (a server that is not up yet).
+pub fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    )?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp[9..12].parse().unwrap();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {resp:?}")))?;
     let body = resp
         .split_once("\r\n\r\n")
         .map(|x| x.1.to_string())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 pub fn complete(d: &Deployment, prompt: &[u32]) -> String {

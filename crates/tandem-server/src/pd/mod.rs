@@ -6,8 +6,10 @@
 //! pulls the prompt's blocks with llm-datadist's `pull_blocks` (block ids only in the request),
 //! and decodes and streams. The router releases the producer's blocks once the consumer has
 //! them, or when the request is aborted. Short prompts may prefill on the decode worker
-//! (conditional disaggregation).
+//! (conditional disaggregation). Workers may live on other hosts, registered in etcd
+//! ([`discovery`]).
 
+pub mod discovery;
 pub mod router;
 pub mod wire;
 pub mod worker;

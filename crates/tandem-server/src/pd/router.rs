@@ -1,7 +1,9 @@
 //! The router in front of disaggregation workers: each request goes to the least-loaded
 //! prefill worker, then to the least-loaded decode worker, which pulls the prompt's KV and
-//! streams; short prompts go straight to a decode worker. It presents itself as one
-//! [`Generator`], so the HTTP and gRPC front ends serve it like a local engine.
+//! streams; short prompts go straight to a decode worker, and colocated replicas serve whole
+//! requests. It presents itself as one [`Generator`], so the HTTP and gRPC front ends serve it
+//! like a local engine. Workers join and leave while it runs (restarted local workers, or
+//! workers discovered through etcd: see [`super::discovery`]).
 
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -91,21 +93,53 @@ impl Drop for Release {
 }
 
 /// A worker's role in the router.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PdRole {
     /// Prefill (llm-datadist Prompt, listening).
     Prefill,
     /// Decode (llm-datadist Decoder, linked to every prefill worker).
     Decode,
+    /// A colocated engine serving whole requests (not linked to anyone).
+    Replica,
+}
+
+impl PdRole {
+    /// Every role.
+    pub const ALL: [PdRole; 3] = [PdRole::Prefill, PdRole::Decode, PdRole::Replica];
+
+    /// Its name in flags, etcd records and health reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            PdRole::Prefill => "prefill",
+            PdRole::Decode => "decode",
+            PdRole::Replica => "replica",
+        }
+    }
+}
+
+/// How a router is set up.
+#[derive(Clone, Debug, Default)]
+pub struct RouterOptions {
+    /// Prompts of at most this many tokens are prefilled on the decode worker.
+    pub local_prefill_max: usize,
+    /// The deployment's token, sent to the workers (`Authorization: Bearer`).
+    pub token: Option<String>,
+    /// What the model allows, for a router that starts before any worker answered.
+    pub info: Option<EngineInfo>,
 }
 
 /// The disaggregated deployment behind one front end.
 pub struct PdRouter {
     prefill: RwLock<Vec<Arc<WorkerHandle>>>,
     decode: RwLock<Vec<Arc<WorkerHandle>>>,
+    replica: RwLock<Vec<Arc<WorkerHandle>>>,
     http: reqwest::Client,
     tokenizer: Arc<Tokenizer>,
-    info: EngineInfo,
+    /// The model's limits: the first worker's once one answered.
+    info: RwLock<EngineInfo>,
+    /// Whether `info` came from a worker.
+    info_from_worker: std::sync::atomic::AtomicBool,
     local_prefill_max: usize,
     stats: Arc<Mutex<EngineStats>>,
     rt: tokio::runtime::Handle,
@@ -138,6 +172,37 @@ async fn post_json<B: Serialize, R: DeserializeOwned>(
     resp.json().await.map_err(|e| format!("{url}: {e}"))
 }
 
+/// A worker's `/pd/info`.
+async fn fetch_info(http: &reqwest::Client, url: &str) -> Result<WorkerInfo, String> {
+    let resp = http
+        .get(format!("{url}/pd/info"))
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        return Err(format!("{url}: {status}: {text}"));
+    }
+    resp.json().await.map_err(|e| format!("{url}: {e}"))
+}
+
+/// The IPv4 address of a worker URL's host (llm-datadist links name IPv4 addresses).
+fn ipv4_of(url: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| format!("{url} has no host"))?;
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{host}: {e}"))?
+        .find(|a| a.is_ipv4())
+        .map(|a| a.ip().to_string())
+        .ok_or_else(|| format!("{host} has no IPv4 address"))
+}
+
 fn least_loaded(list: &RwLock<Vec<Arc<WorkerHandle>>>) -> Option<Arc<WorkerHandle>> {
     list.read()
         .unwrap_or_else(|p| p.into_inner())
@@ -159,29 +224,33 @@ fn error_event(msg: String) -> Event {
 }
 
 impl PdRouter {
-    /// A router over linked workers. `info` and `tokenizer` describe the model they serve;
-    /// prompts of at most `local_prefill_max` tokens are prefilled on the decode worker.
+    /// A router over workers, which it links. `tokenizer` is the model's; without
+    /// `opts.info` the first decode worker is asked for the model's limits.
     pub async fn new(
         prefill: Vec<Arc<WorkerHandle>>,
         decode: Vec<Arc<WorkerHandle>>,
         tokenizer: Arc<Tokenizer>,
-        local_prefill_max: usize,
+        opts: RouterOptions,
     ) -> Result<Arc<Self>, String> {
-        if prefill.is_empty() || decode.is_empty() {
-            return Err("disaggregation needs at least one prefill and one decode worker".into());
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = &opts.token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .map_err(|e| format!("deployment token: {e}"))?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
         }
         let http = reqwest::Client::builder()
             .no_proxy()
+            .default_headers(headers)
             .build()
             .map_err(|e| e.to_string())?;
-        let first: WorkerInfo = http
-            .get(format!("{}/pd/info", decode[0].url))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
+        let (info, from_worker) = match (opts.info, decode.first()) {
+            (_, Some(d)) => (fetch_info(&http, &d.url).await?.info, true),
+            (Some(info), None) => (info, false),
+            (None, None) => {
+                return Err("a router needs a decode worker or the model's limits".into())
+            }
+        };
         let router = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             down: Mutex::new(Vec::new()),
@@ -190,11 +259,13 @@ impl PdRouter {
             failed: AtomicU64::new(0),
             prefill: RwLock::new(prefill),
             decode: RwLock::new(decode),
+            replica: RwLock::new(Vec::new()),
             http,
-            grammars: tandem_engine::GrammarCompiler::new(tokenizer.clone(), first.info.vocab_size),
+            grammars: tandem_engine::GrammarCompiler::new(tokenizer.clone(), info.vocab_size),
             tokenizer,
-            info: first.info,
-            local_prefill_max,
+            info: RwLock::new(info),
+            info_from_worker: std::sync::atomic::AtomicBool::new(from_worker),
+            local_prefill_max: opts.local_prefill_max,
             stats: Arc::default(),
             rt: tokio::runtime::Handle::current(),
         });
@@ -214,7 +285,15 @@ impl PdRouter {
         match role {
             PdRole::Prefill => &self.prefill,
             PdRole::Decode => &self.decode,
+            PdRole::Replica => &self.replica,
         }
+    }
+
+    /// The role of the worker at `url` if it is in rotation.
+    pub fn role_of(&self, url: &str) -> Option<PdRole> {
+        PdRole::ALL
+            .into_iter()
+            .find(|&r| self.snapshot(r).iter().any(|w| w.url == url))
     }
 
     fn snapshot(&self, role: PdRole) -> Vec<Arc<WorkerHandle>> {
@@ -225,15 +304,7 @@ impl PdRouter {
     }
 
     async fn worker_info(&self, w: &WorkerHandle) -> Result<WorkerInfo, String> {
-        let info: WorkerInfo = self
-            .http
-            .get(format!("{}/pd/info", w.url))
-            .send()
-            .await
-            .map_err(|e| format!("{}: {e}", w.url))?
-            .json()
-            .await
-            .map_err(|e| format!("{}: {e}", w.url))?;
+        let info = fetch_info(&self.http, &w.url).await?;
         *w.datadist_port.lock().unwrap_or_else(|p| p.into_inner()) = info.datadist_port;
         Ok(info)
     }
@@ -246,7 +317,7 @@ impl PdRouter {
             .ok_or_else(|| format!("prefill worker {} is not listening", w.url))?;
         Ok(Peer {
             cluster_id: w.cluster_id,
-            host: "127.0.0.1".into(),
+            host: ipv4_of(&w.url)?,
             port,
         })
     }
@@ -296,11 +367,11 @@ impl PdRouter {
     /// leaves rotation.
     async fn refresh_stats(&self) {
         let mut sum = EngineStats::default();
-        for w in self
-            .snapshot(PdRole::Prefill)
-            .iter()
-            .chain(&self.snapshot(PdRole::Decode))
-        {
+        let all: Vec<_> = PdRole::ALL
+            .into_iter()
+            .flat_map(|r| self.snapshot(r))
+            .collect();
+        for w in &all {
             let probe = tokio::time::timeout(Duration::from_secs(1), self.worker_info(w)).await;
             match probe {
                 Ok(Ok(i)) => {
@@ -325,7 +396,7 @@ impl PdRouter {
     /// Unknown URLs (already down) are ignored.
     pub fn mark_down(&self, url: &str, why: &str) {
         let mut found = None;
-        for role in [PdRole::Prefill, PdRole::Decode] {
+        for role in PdRole::ALL {
             let mut list = self.list(role).write().unwrap_or_else(|p| p.into_inner());
             if let Some(i) = list.iter().position(|w| w.url == url) {
                 found = Some((role, list.remove(i)));
@@ -367,9 +438,27 @@ impl PdRouter {
         }
     }
 
-    /// Puts a (restarted) worker into rotation in `role`, linked: a prefill worker to every
-    /// decode worker, a decode worker to every prefill worker.
+    /// Removes the worker at `url` for good (it left the deployment: its etcd lease expired
+    /// or it deregistered), unlinking it like a dead one.
+    pub fn remove_worker(&self, url: &str, why: &str) {
+        self.mark_down(url, why);
+        self.down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d| d.url != url);
+    }
+
+    /// Puts a (restarted or discovered) worker into rotation in `role`, linked: a prefill
+    /// worker to every decode worker, a decode worker to every prefill worker. A worker that
+    /// does not answer (or refuses the deployment's token) stays out.
     pub async fn add_worker(&self, role: PdRole, w: Arc<WorkerHandle>) -> Result<(), String> {
+        if let Some(r) = self.role_of(&w.url) {
+            return Err(format!("{} is already in rotation as {}", w.url, r.name()));
+        }
+        let info = self.worker_info(&w).await?;
+        if !self.info_from_worker.swap(true, Relaxed) {
+            *self.info.write().unwrap_or_else(|p| p.into_inner()) = info.info;
+        }
         match role {
             PdRole::Prefill => {
                 for d in self.snapshot(PdRole::Decode) {
@@ -380,6 +469,7 @@ impl PdRouter {
                 self.link(&w, &self.snapshot(PdRole::Prefill), false)
                     .await?
             }
+            PdRole::Replica => {}
         }
         let replaced = {
             let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
@@ -409,10 +499,11 @@ impl PdRouter {
                 expected: up + down.iter().filter(|d| d.role == role).count(),
             }
         };
-        let workers = vec![
-            count(PdRole::Prefill, "prefill"),
-            count(PdRole::Decode, "decode"),
-        ];
+        let workers: Vec<RoleCount> = PdRole::ALL
+            .into_iter()
+            .map(|r| count(r, r.name()))
+            .filter(|c| c.expected > 0 || c.role != "replica")
+            .collect();
         let reasons: Vec<String> = down
             .iter()
             .map(|d| {
@@ -425,16 +516,28 @@ impl PdRouter {
                 )
             })
             .collect();
-        let status = if workers[1].up == 0 {
+        let up = |role: &str| {
+            workers
+                .iter()
+                .filter(|c| c.role == role)
+                .map(|c| c.up)
+                .sum::<usize>()
+        };
+        let serving = up("decode") + up("replica");
+        let status = if serving == 0 {
             HealthStatus::Down
-        } else if !down.is_empty() || workers[0].up == 0 {
+        } else if !down.is_empty() || (up("decode") > 0 && up("prefill") == 0) {
             HealthStatus::Degraded
         } else {
             HealthStatus::Ok
         };
         let mut reason = reasons.join("; ");
-        if status == HealthStatus::Down && reason.is_empty() {
-            reason = "no decode worker".into();
+        if reason.is_empty() && status != HealthStatus::Ok {
+            reason = if serving == 0 {
+                "no decode worker or replica".into()
+            } else {
+                "no prefill worker: long prompts prefill on the decode workers".into()
+            };
         }
         Health {
             status,
@@ -449,7 +552,7 @@ impl PdRouter {
     /// Every worker with its role and live facts.
     pub async fn workers(&self) -> Vec<(PdRole, String, Result<WorkerInfo, String>)> {
         let mut out = Vec::new();
-        for role in [PdRole::Prefill, PdRole::Decode] {
+        for role in PdRole::ALL {
             for w in self.snapshot(role) {
                 out.push((role, w.url.clone(), self.worker_info(&w).await));
             }
@@ -460,10 +563,10 @@ impl PdRouter {
     /// Moves the worker at `url` to `to`: drains it, unlinks it, calls llm-datadist's
     /// `switch_role` on it (which enforces the seed's rules), and links it in its new role.
     pub async fn switch_role(&self, url: &str, to: PdRole) -> Result<(), String> {
-        let from = if to == PdRole::Prefill {
-            PdRole::Decode
-        } else {
-            PdRole::Prefill
+        let from = match to {
+            PdRole::Prefill => PdRole::Decode,
+            PdRole::Decode => PdRole::Prefill,
+            PdRole::Replica => return Err("replicas are started as such, not switched to".into()),
         };
         let w = {
             let mut list = self.list(from).write().unwrap_or_else(|p| p.into_inner());
@@ -524,12 +627,15 @@ impl PdRouter {
             }
             PdRole::Prefill => {
                 self.link(w, &self.snapshot(PdRole::Prefill), true).await?;
-                ok(switch("prompt", Some("127.0.0.1:0".into())).await?)?;
+                // It listens on the address the router reaches it at.
+                let listen = format!("{}:0", ipv4_of(&w.url)?);
+                ok(switch("prompt", Some(listen)).await?)?;
                 for d in self.snapshot(PdRole::Decode) {
                     self.link(&d, std::slice::from_ref(w), false).await?;
                 }
                 Ok(())
             }
+            PdRole::Replica => Err("replicas are not switched".into()),
         }
     }
 }
@@ -580,20 +686,36 @@ impl PdRouter {
         w.outstanding.fetch_add(weight, Relaxed);
         Some((w.clone(), Load(w, weight)))
     }
+
+    /// The least-loaded worker that can stream a whole request (a decode worker or a
+    /// replica), and whether it is a replica.
+    fn assign_streaming(&self, weight: i64) -> Option<(Assigned, bool)> {
+        let d = least_loaded(&self.decode);
+        let r = least_loaded(&self.replica);
+        let replica = match (&d, &r) {
+            (Some(d), Some(r)) => r.outstanding.load(Relaxed) < d.outstanding.load(Relaxed),
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        let w = if replica { r? } else { d? };
+        w.outstanding.fetch_add(weight, Relaxed);
+        Some(((w.clone(), Load(w, weight)), replica))
+    }
 }
 
 impl Generator for PdRouter {
     fn submit(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<EventStream, EngineError> {
-        let max_new = self.info.check(&prompt, &params)?;
+        let max_new = self.info().check(&prompt, &params)?;
         if let Some(g) = &params.grammar {
             self.grammars.compile(g)?;
         }
         let weight = (prompt.len() + max_new) as i64;
-        let decode = self.assign(PdRole::Decode, weight).ok_or_else(|| {
-            EngineError::Unavailable("no decode worker is up (restarting)".into())
-        })?;
+        let (decode, replica) = self
+            .assign_streaming(weight)
+            .ok_or_else(|| EngineError::Unavailable("no decode worker or replica is up".into()))?;
         // A scored prompt's log-probabilities are computed where it is prefilled: locally.
-        let handoff = prompt.len() > self.local_prefill_max && params.prompt_logprobs.is_none();
+        let handoff =
+            !replica && prompt.len() > self.local_prefill_max && params.prompt_logprobs.is_none();
         let prefill = if handoff {
             self.assign(PdRole::Prefill, weight)
         } else {
@@ -627,7 +749,7 @@ impl Generator for PdRouter {
     }
 
     fn info(&self) -> EngineInfo {
-        self.info
+        *self.info.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn stats(&self) -> EngineStats {
@@ -667,7 +789,7 @@ impl Request<'_> {
     /// dead before anything was streamed).
     async fn run(self, mut prefill: Option<Assigned>, mut decode: Assigned) -> Result<(), String> {
         let r = self.router;
-        let source = loop {
+        let mut source = loop {
             let Some((p, _load)) = prefill.take() else {
                 break Source::Local;
             };
@@ -723,13 +845,25 @@ impl Request<'_> {
                     if streamed {
                         return Err(format!("decode worker {} failed mid-stream: {why}", d.url));
                     }
-                    match r.assign(PdRole::Decode, self.weight) {
+                    // KV held elsewhere can only be pulled by a decode worker; without one,
+                    // the request starts over on a replica (the held KV is released).
+                    let other = match source {
+                        Source::Held { .. } => {
+                            r.assign(PdRole::Decode, self.weight).or_else(|| {
+                                let (a, _) = r.assign_streaming(self.weight)?;
+                                source = Source::Local;
+                                Some(a)
+                            })
+                        }
+                        Source::Local => r.assign_streaming(self.weight).map(|(a, _)| a),
+                    };
+                    match other {
                         Some(other) => {
                             r.retried.fetch_add(1, Relaxed);
                             tracing::warn!("decode moved off {}: {why}", d.url);
                             decode = other;
                         }
-                        None => return Err(format!("no decode worker is up: {why}")),
+                        None => return Err(format!("no decode worker or replica is up: {why}")),
                     }
                 }
             }

@@ -1,5 +1,6 @@
 //! A disaggregation worker: one engine whose KV pool is registered with llm-datadist as a
-//! blocks cache, served to the router over loopback HTTP.
+//! blocks cache, served to the router over HTTP (loopback for local workers; with the
+//! deployment's token required on both HTTP and llm-datadist links otherwise).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,8 @@ pub struct PdWorker {
     cache: Cache,
     engine: Arc<Engine>,
     cluster_id: u64,
+    /// The deployment's token, required on every route when set.
+    token: Option<Arc<str>>,
 }
 
 fn role_name(r: LlmRole) -> &'static str {
@@ -52,14 +55,19 @@ fn role_name(r: LlmRole) -> &'static str {
 
 impl PdWorker {
     /// Initializes llm-datadist as `cluster_id` with `role` (listening on `listen`, an
-    /// `ip:port`, when given) and registers the engine's KV pool.
+    /// `ip:port`, when given) and registers the engine's KV pool. With `token`, links and
+    /// HTTP calls must present it (`llm.Tandem.AuthToken`, `Authorization: Bearer`).
     pub fn start(
         engine: Arc<Engine>,
         cluster_id: u64,
         role: LlmRole,
         listen: Option<&str>,
+        token: Option<&str>,
     ) -> Result<Self, llm_datadist::LlmException> {
         let mut cfg = LlmConfig::new();
+        if let Some(t) = token {
+            cfg.set_auth_token(t);
+        }
         cfg.set_device_id(0)?;
         cfg.set_enable_cache_manager(true);
         cfg.set_enable_switch_role(true);
@@ -96,7 +104,18 @@ impl PdWorker {
             cache,
             engine,
             cluster_id,
+            token: token.map(Arc::from),
         })
+    }
+
+    /// The llm-datadist role it has now (`prompt`, `decoder`).
+    pub fn role(&self) -> &'static str {
+        role_name(
+            self.datadist
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .role(),
+        )
     }
 
     /// The engine.
@@ -130,7 +149,8 @@ impl PdWorker {
 
     /// The worker's routes.
     pub fn router(self: Arc<Self>) -> Router {
-        Router::new()
+        let token = self.token.clone();
+        let routes = Router::new()
             .route("/pd/info", get(info))
             .route("/pd/prefill", post(prefill))
             .route("/pd/release", post(release))
@@ -139,7 +159,11 @@ impl PdWorker {
             .route("/pd/link", post(link))
             .route("/pd/unlink", post(unlink))
             .route("/pd/switch_role", post(switch_role))
-            .with_state(self)
+            .with_state(self);
+        match token {
+            Some(t) => routes.layer(axum::middleware::from_fn_with_state(t, require_token)),
+            None => routes,
+        }
     }
 }
 
@@ -151,6 +175,21 @@ impl Drop for PdWorker {
             .unwrap_or_else(|p| p.into_inner())
             .finalize();
     }
+}
+
+/// Refuses a call without the deployment's token: 401 with a JSON error body, logged.
+async fn require_token(
+    State(token): State<Arc<str>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if crate::auth::bearer(req.headers()) == Some(&*token) {
+        return next.run(req).await;
+    }
+    tracing::warn!(path = %req.uri().path(), "refused a call without the deployment's token");
+    let body = serde_json::json!({"error": {"message": "missing or wrong deployment token", "type": "unauthorized"}});
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
 async fn info(State(w): State<Arc<PdWorker>>) -> Json<WorkerInfo> {
