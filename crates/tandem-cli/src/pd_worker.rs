@@ -163,7 +163,7 @@ pub struct RemoteWorker<'a> {
 }
 
 /// Whether `host` is a loopback address (or name).
-fn is_loopback(host: &str) -> bool {
+pub(crate) fn is_loopback(host: &str) -> bool {
     host == "localhost"
         || host
             .parse::<std::net::IpAddr>()

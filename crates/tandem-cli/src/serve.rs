@@ -118,6 +118,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .run();
     }
     let discovered = !a.etcd.is_empty();
+    anyhow::ensure!(
+        !discovered || a.auth_token.is_some() || crate::pd_worker::is_loopback(&a.host),
+        "a router listening on {} needs the deployment's token (--auth-token or TANDEM_AUTH_TOKEN)",
+        a.host
+    );
     let disaggregated = a.prefill_workers > 0 || a.decode_workers > 0;
     anyhow::ensure!(
         !(discovered && (disaggregated || a.replica_num > 1)),
@@ -202,8 +207,14 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             )?));
         }
         tracing::info!(replicas = a.replica_num, "engines started");
+        let (path, cfg) = (path.clone(), cfg.clone());
+        let restart: tandem_server::replicas::Restart = Arc::new(move |_| {
+            let model = tandem_model::load(&path).map_err(|e| e.to_string())?;
+            let engine = Engine::start(model, cfg.clone()).map_err(|e| e.to_string())?;
+            Ok(Arc::new(engine) as Arc<dyn tandem_server::replicas::Generator>)
+        });
         AppState::new(
-            tandem_server::replicas::Replicas::new(engines),
+            tandem_server::replicas::Replicas::new(engines).with_restart(restart),
             model_name.clone(),
             deployment.clone(),
         )

@@ -1,7 +1,8 @@
 //! A disaggregated deployment across hosts, each host a network namespace of its own joined by
 //! a bridge (addresses the test creates): etcd on one, the router on another, workers on the
 //! rest, all found through etcd. Shows: the same greedy outputs as a colocated deployment; a
-//! worker added while serving is picked up; a `kill -9`ed worker leaves rotation (probes, then
+//! worker added while serving is picked up, and moved between roles by the router; a
+//! `kill -9`ed worker leaves rotation (probes, then
 //! its lease) while traffic goes on; a worker with the wrong token is refused; a colocated
 //! replica on its own host takes requests when the decode worker is gone.
 //!
@@ -197,6 +198,22 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
+/// (role, url) of each worker in rotation.
+fn worker_urls(router: &str) -> Vec<(String, String)> {
+    let v: Value = serde_json::from_str(&http(router, "GET", "/admin/workers", None).1).unwrap();
+    v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["role"].as_str().unwrap().to_string(),
+                w["url"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn complete_at(addr: &str, prompt: &[u32]) -> Result<String, String> {
     let body = serde_json::json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
     let (status, text) =
@@ -306,6 +323,37 @@ fn workers_on_other_hosts_are_found_through_etcd_and_survive_failures() {
     wait_for(&net, 60, "the added worker was not picked up", || {
         up(&health(&router), "prefill") == 2
     });
+
+    // The router moves it to decode and back (llm-datadist's switch_role on a remote host);
+    // its etcd record follows.
+    let p2_url = worker_urls(&router)
+        .into_iter()
+        .find(|(_, u)| u.contains(&format!("{}.6:", net.subnet)))
+        .unwrap()
+        .1;
+    for (i, (to, prefill, decode)) in [("decode", 1, 2), ("prefill", 2, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let body = serde_json::json!({"url": p2_url, "role": to});
+        let (status, text) = http(&router, "POST", "/admin/workers/role", Some(&body));
+        assert_eq!(status, 200, "{text}");
+        let h = health(&router);
+        assert_eq!(
+            (up(&h, "prefill"), up(&h, "decode")),
+            (prefill, decode),
+            "{h}"
+        );
+        for (p, want) in prompts.iter().zip(&expected).take(3) {
+            assert_eq!(&complete_at(&router, p).unwrap(), want);
+        }
+        wait_for(
+            &net,
+            10,
+            "the switched worker's record was not updated",
+            || net.log("prefill-2").matches("registration updated").count() > i,
+        );
+    }
 
     // kill -9 of the first: out of rotation, traffic goes on with the same outputs.
     let killed = Instant::now();

@@ -1,9 +1,11 @@
 //! Replicas behind a load balancer: each request goes to the live replica with the fewest
 //! outstanding tokens (prompt plus generation budget of the requests it is serving), not round
-//! robin. A replica whose engine has stopped is taken out of rotation and reported.
+//! robin. A replica whose engine has stopped is taken out of rotation and reported, and, when
+//! the deployment knows how to build one, started again with backoff.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tandem_engine::{Engine, EngineError, EngineInfo, EngineStats, EventStream, GenerateParams};
 use tandem_model::Tokenizer;
@@ -41,15 +43,37 @@ impl Generator for Engine {
 }
 
 struct Replica {
-    engine: Arc<dyn Generator>,
+    engine: RwLock<Arc<dyn Generator>>,
     outstanding: Arc<AtomicI64>,
     up: AtomicBool,
     served: AtomicU64,
+    /// A restart is under way.
+    restarting: AtomicBool,
 }
+
+impl Replica {
+    fn engine(&self) -> Arc<dyn Generator> {
+        self.engine
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Builds replica `i`'s engine again after it stopped.
+pub type Restart = Arc<dyn Fn(usize) -> Result<Arc<dyn Generator>, String> + Send + Sync>;
+
+/// First delay before restarting a stopped replica; doubles per failed attempt.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest delay between restart attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The engines serving one deployment.
 pub struct Replicas {
-    replicas: Vec<Replica>,
+    replicas: Vec<Arc<Replica>>,
+    tokenizer: Arc<Tokenizer>,
+    restart: Option<Restart>,
+    restarts: Arc<AtomicU64>,
 }
 
 /// Holds a request's share of its replica's load; released when dropped (request over).
@@ -93,26 +117,83 @@ impl Replicas {
             !engines.is_empty(),
             "a deployment needs at least one replica"
         );
+        let tokenizer = engines[0].tokenizer().clone();
         let replicas = engines
             .into_iter()
-            .map(|engine| Replica {
-                engine,
-                outstanding: Arc::default(),
-                up: AtomicBool::new(true),
-                served: AtomicU64::new(0),
+            .map(|engine| {
+                Arc::new(Replica {
+                    engine: RwLock::new(engine),
+                    outstanding: Arc::default(),
+                    up: AtomicBool::new(true),
+                    served: AtomicU64::new(0),
+                    restarting: AtomicBool::new(false),
+                })
             })
             .collect();
-        Replicas { replicas }
+        Replicas {
+            replicas,
+            tokenizer,
+            restart: None,
+            restarts: Arc::default(),
+        }
+    }
+
+    /// Restarts stopped replicas with `restart` (with backoff, on a thread of their own).
+    pub fn with_restart(mut self, restart: Restart) -> Self {
+        self.restart = Some(restart);
+        self
     }
 
     /// The tokenizer (the same model on every replica).
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
-        self.replicas[0].engine.tokenizer()
+        &self.tokenizer
     }
 
     /// Engine facts (the same configuration on every replica).
     pub fn info(&self) -> EngineInfo {
-        self.replicas[0].engine.info()
+        self.replicas[0].engine().info()
+    }
+
+    /// Takes replica `i` out of rotation and, if the deployment can, starts it again.
+    fn take_out(&self, i: usize) {
+        let r = &self.replicas[i];
+        r.up.store(false, Relaxed);
+        tracing::error!(
+            replica = i,
+            "replica's engine has stopped; taken out of rotation"
+        );
+        let Some(restart) = self.restart.clone() else {
+            return;
+        };
+        if r.restarting.swap(true, Relaxed) {
+            return;
+        }
+        let (r, restarts) = (r.clone(), self.restarts.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("tandem-replica-restart-{i}"))
+            .spawn(move || {
+                let mut backoff = FIRST_BACKOFF;
+                loop {
+                    std::thread::sleep(backoff);
+                    match restart(i) {
+                        Ok(engine) => {
+                            *r.engine.write().unwrap_or_else(|p| p.into_inner()) = engine;
+                            r.up.store(true, Relaxed);
+                            r.restarting.store(false, Relaxed);
+                            restarts.fetch_add(1, Relaxed);
+                            tracing::info!(replica = i, "replica restarted");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(replica = i, "restarting the replica failed: {e}");
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a replica restart: {e}");
+        }
     }
 
     /// Number of replicas, and how many are in rotation.
@@ -128,8 +209,8 @@ impl Replicas {
     pub fn health(&self) -> crate::health::Health {
         use crate::health::{Health, HealthStatus, RoleCount};
         let (total, up) = self.counts();
-        if total == 1 && up == 1 {
-            return self.replicas[0].engine.health();
+        if total == 1 && up == 1 && self.restart.is_none() {
+            return self.replicas[0].engine().health();
         }
         let status = match up {
             0 => HealthStatus::Down,
@@ -149,6 +230,7 @@ impl Replicas {
                 up,
                 expected: total,
             }],
+            restarts: self.restarts.load(Relaxed),
             ..Health::ok()
         }
     }
@@ -165,13 +247,13 @@ impl Replicas {
     pub fn stats(&self) -> (EngineStats, usize) {
         let mut sum = EngineStats::default();
         for r in &self.replicas {
-            sum += r.engine.stats();
+            sum += r.engine().stats();
         }
         (
             sum,
             self.replicas
                 .iter()
-                .map(|r| r.engine.info().num_blocks)
+                .map(|r| r.engine().info().num_blocks)
                 .sum(),
         )
     }
@@ -200,7 +282,7 @@ impl Replicas {
                 .max_new_tokens
                 .unwrap_or(self.info().max_length - prompt.len().min(self.info().max_length)))
             as i64;
-        let mut order: Vec<(usize, &Replica)> = self
+        let mut order: Vec<(usize, &Arc<Replica>)> = self
             .replicas
             .iter()
             .enumerate()
@@ -208,7 +290,7 @@ impl Replicas {
             .collect();
         order.sort_by_key(|(i, r)| (Some(*i) != prefer, r.outstanding.load(Relaxed)));
         for (i, r) in order {
-            match r.engine.submit(prompt.clone(), params.clone()) {
+            match r.engine().submit(prompt.clone(), params.clone()) {
                 Ok(stream) => {
                     r.outstanding.fetch_add(weight, Relaxed);
                     r.served.fetch_add(1, Relaxed);
@@ -221,13 +303,7 @@ impl Replicas {
                         i,
                     ));
                 }
-                Err(EngineError::Closed) => {
-                    r.up.store(false, Relaxed);
-                    tracing::error!(
-                        replica = i,
-                        "replica's engine has stopped; taken out of rotation"
-                    );
-                }
+                Err(EngineError::Closed) => self.take_out(i),
                 Err(e) => return Err(e),
             }
         }

@@ -407,3 +407,100 @@ fn replicas_share_load_and_a_failed_one_is_taken_out() {
         assert!(m.lines().any(|l| l == "tandem_replicas_up 2"), "{m}");
     });
 }
+
+#[test]
+fn a_stopped_replica_is_restarted() {
+    let path = tandem_model::fetch::ensure_default_model(false).expect("default model");
+    let start_engine =
+        move || Engine::start(tandem_model::load(&path).unwrap(), EngineConfig::default()).unwrap();
+    let mut dead = start_engine();
+    dead.shutdown();
+    let builds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = builds.clone();
+    let restart: tandem_server::replicas::Restart = Arc::new(move |i| {
+        assert_eq!(i, 0, "only the stopped replica is rebuilt");
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Arc::new(start_engine()) as Arc<dyn tandem_server::replicas::Generator>)
+    });
+    let live = Arc::new(
+        Engine::start(
+            tandem_model::load(&tandem_model::fetch::ensure_default_model(false).unwrap()).unwrap(),
+            EngineConfig::default(),
+        )
+        .unwrap(),
+    );
+    let replicas =
+        tandem_server::replicas::Replicas::new(vec![Arc::new(dead), live]).with_restart(restart);
+    let state = AppState::new(replicas, "smol", "smol-mii-deployment");
+    let replicas = state.replicas.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(tandem_server::serve(
+            listener,
+            state,
+            std::future::pending(),
+        ));
+        let ask = || {
+            let base = base.clone();
+            async move {
+                let body = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
+                post(&base, "/v1/completions", body).await
+            }
+        };
+        // The stopped replica is found at the first request, which the live one serves.
+        let (st, r) = ask().await;
+        assert_eq!(st, 200, "{r}");
+        let health = |base: String| async move {
+            let r = client()
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        };
+        let (st, h) = health(base.clone()).await;
+        if replicas.counts() == (2, 1) {
+            assert_eq!((st, h["status"].as_str()), (200, Some("degraded")), "{h}");
+        }
+        let t = Instant::now();
+        while replicas.counts() != (2, 2) {
+            assert!(t.elapsed() < Duration::from_secs(60), "never restarted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (st, h) = health(base.clone()).await;
+        assert_eq!(
+            (st, h["status"].as_str(), h["restarts"].as_u64()),
+            (200, Some("ok"), Some(1)),
+            "{h}"
+        );
+        assert_eq!(builds.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Both serve again.
+        for _ in 0..4 {
+            let (st, r) = ask().await;
+            assert_eq!(st, 200, "{r}");
+        }
+        let served = replicas.served();
+        assert!(
+            served[0] >= 1,
+            "the restarted replica takes requests: {served:?}"
+        );
+        let m = client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            m.lines().any(|l| l == "tandem_worker_restarts_total 1"),
+            "{m}"
+        );
+    });
+}
