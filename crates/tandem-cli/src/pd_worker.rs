@@ -220,7 +220,9 @@ impl RemoteWorker<'_> {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind((self.host.as_str(), self.port))
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", self.host, self.port))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {}:{}: {e}", self.host, self.port)
+                })?;
             let url = format!("http://{advertise}:{}", listener.local_addr()?.port());
             let started_as = self.role;
             let w = worker.clone();
@@ -235,23 +237,41 @@ impl RemoteWorker<'_> {
                 url: record_url.clone(),
                 cluster_id,
             };
-            let registration =
-                tandem_server::pd::discovery::Registration::start(self.etcd.clone(), &self.deployment, record)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot register in etcd at {:?}: {e}", self.etcd))?;
-            tracing::info!(url, cluster_id, role = self.role.name(), deployment = self.deployment, "worker ready");
-            let stop = async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                }
-            };
-            worker.clone().serve(listener, stop).await?;
+            let registration = tandem_server::pd::discovery::Registration::start(
+                self.etcd.clone(),
+                &self.deployment,
+                record,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot register in etcd at {:?}: {e}", self.etcd))?;
+            tracing::info!(
+                url,
+                cluster_id,
+                role = self.role.name(),
+                deployment = self.deployment,
+                "worker ready"
+            );
+            worker.clone().serve(listener, shutdown_signal()).await?;
             registration.revoke().await;
             tracing::info!(url, "worker stopped");
             anyhow::Ok(())
         })
+    }
+}
+
+/// Resolves at Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -103,6 +103,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             !a.etcd.is_empty(),
             "--role needs --etcd (where the router finds workers)"
         );
+        anyhow::ensure!(
+            a.prefill_workers == 0 && a.decode_workers == 0 && a.replica_num == 1,
+            "--role runs one worker: --prefill-workers, --decode-workers and --replica-num are the router's"
+        );
         return crate::pd_worker::RemoteWorker {
             model: &path,
             role: crate::pd_worker::parse_role(role)?,
