@@ -33,6 +33,8 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
         }
         DType::Q4_0 => blocks(src, out, 18, QK, q4_0_block),
         DType::Q4_1 => blocks(src, out, 20, QK, q4_1_block),
+        DType::Q5_0 => blocks(src, out, 22, QK, q5_0_block),
+        DType::Q5_1 => blocks(src, out, 24, QK, q5_1_block),
         DType::Q8_0 => blocks(src, out, 34, QK, q8_0_block),
         DType::Q4_K => blocks(src, out, 144, QK_K, q4_k_block),
         DType::Q6_K => blocks(src, out, 210, QK_K, q6_k_block),
@@ -61,6 +63,33 @@ fn q4_1_block(b: &[u8], y: &mut [f32]) {
         let q = b[4 + j];
         y[j] = (q & 0x0f) as f32 * d + m;
         y[j + 16] = (q >> 4) as f32 * d + m;
+    }
+}
+
+/// The 5-bit values of a Q5_0 / Q5_1 block's 32 elements (unsigned, 0..32): low nibbles from
+/// `qs`, fifth bits from the little-endian `qh` word (bit j for element j).
+#[inline(always)]
+pub(crate) fn q5_values(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut v = [0u8; 32];
+    for j in 0..16 {
+        v[j] = (qs[j] & 0x0f) | ((((h >> j) & 1) as u8) << 4);
+        v[j + 16] = (qs[j] >> 4) | ((((h >> (j + 16)) & 1) as u8) << 4);
+    }
+    v
+}
+
+fn q5_0_block(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (o, &q) in y.iter_mut().zip(&q5_values(&b[2..6], &b[6..22])) {
+        *o = (q as i32 - 16) as f32 * d;
+    }
+}
+
+fn q5_1_block(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    for (o, &q) in y.iter_mut().zip(&q5_values(&b[4..8], &b[8..24])) {
+        *o = q as f32 * d + m;
     }
 }
 

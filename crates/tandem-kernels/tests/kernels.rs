@@ -9,9 +9,11 @@ use tandem_kernels::dequant::dequantize_row;
 use tandem_kernels::dot::{kernel, DotKernel};
 use tandem_kernels::*;
 
-const QUANTS: [DType; 5] = [
+const QUANTS: [DType; 7] = [
     DType::Q4_0,
     DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
     DType::Q8_0,
     DType::Q4_K,
     DType::Q6_K,
@@ -19,8 +21,8 @@ const QUANTS: [DType; 5] = [
 
 fn scale_offsets(d: DType) -> &'static [usize] {
     match d {
-        DType::Q4_0 | DType::Q8_0 => &[0],
-        DType::Q4_1 | DType::Q4_K => &[0, 2],
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K => &[0, 2],
         DType::Q6_K => &[208],
         _ => &[],
     }
@@ -93,7 +95,7 @@ proptest! {
 
     /// Every SIMD dot kernel equals the scalar one up to float summation order.
     #[test]
-    fn simd_dots_equal_scalar(seed in any::<u64>(), blocks in 1usize..6, which in 0usize..5) {
+    fn simd_dots_equal_scalar(seed in any::<u64>(), blocks in 1usize..6, which in 0usize..QUANTS.len()) {
         let d = QUANTS[which];
         let mut rng = StdRng::seed_from_u64(seed);
         let cols = blocks * d.block_len();
@@ -109,7 +111,7 @@ proptest! {
 
     /// The four-row kernels equal four single-row calls bitwise (batch invariance).
     #[test]
-    fn four_row_kernels_equal_single_rows(seed in any::<u64>(), blocks in 1usize..8, which in 0usize..3) {
+    fn four_row_kernels_equal_single_rows(seed in any::<u64>(), blocks in 1usize..8, which in 0usize..5) {
         let d = QUANTS[which];
         let mut rng = StdRng::seed_from_u64(seed);
         let cols = blocks * d.block_len();
@@ -132,7 +134,7 @@ proptest! {
 
     /// The integer dot product approximates the exact f32 one within quantization error.
     #[test]
-    fn quantized_dot_approximates_float(seed in any::<u64>(), which in 0usize..5) {
+    fn quantized_dot_approximates_float(seed in any::<u64>(), which in 0usize..QUANTS.len()) {
         let d = QUANTS[which];
         let mut rng = StdRng::seed_from_u64(seed);
         let cols = 2 * 256;

@@ -2,13 +2,15 @@
 
 use super::DotKernel;
 use crate::act::{BlockQ8, BlockQ8K};
-use crate::dequant::{q4_k_scale_min, q6_k_values};
+use crate::dequant::{q4_k_scale_min, q5_values, q6_k_values};
 use crate::dtype::{f16_at, DType, QK_K};
 
 pub(super) fn kernel(dtype: DType) -> Option<DotKernel> {
     Some(match dtype {
         DType::Q4_0 => DotKernel::Q8(q4_0, None),
         DType::Q4_1 => DotKernel::Q8(q4_1, None),
+        DType::Q5_0 => DotKernel::Q8(q5_0, None),
+        DType::Q5_1 => DotKernel::Q8(q5_1, None),
         DType::Q8_0 => DotKernel::Q8(q8_0, None),
         DType::Q4_K => DotKernel::Q8K(q4_k),
         DType::Q6_K => DotKernel::Q8K(q6_k),
@@ -39,6 +41,31 @@ fn q4_1(w: &[u8], a: &[BlockQ8]) -> f32 {
     for (b, y) in w.chunks_exact(20).zip(a) {
         let (d, m) = (f16_at(b, 0), f16_at(b, 2));
         acc += d * y.d * nibble_dot(&b[4..20], &y.qs) as f32 + m * y.s;
+    }
+    acc
+}
+
+#[inline(always)]
+fn q5_dot(v: &[u8; 32], y: &[i8; 32]) -> i32 {
+    v.iter().zip(y).map(|(&q, &y)| q as i32 * y as i32).sum()
+}
+
+fn q5_0(w: &[u8], a: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(22).zip(a) {
+        let d = f16_at(b, 0);
+        let v = q5_values(&b[2..6], &b[6..22]);
+        acc += d * (y.d * q5_dot(&v, &y.qs) as f32) - 16.0 * d * y.s;
+    }
+    acc
+}
+
+fn q5_1(w: &[u8], a: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(24).zip(a) {
+        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+        let v = q5_values(&b[4..8], &b[8..24]);
+        acc += d * y.d * q5_dot(&v, &y.qs) as f32 + m * y.s;
     }
     acc
 }

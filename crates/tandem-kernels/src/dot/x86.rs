@@ -23,6 +23,14 @@ pub(super) fn kernel(dtype: DType, level: SimdLevel) -> Option<DotKernel> {
             |w, a| unsafe { q4_1_avx2(w, a) },
             |w, a| unsafe { q4_1_avx2_x4(w, a) },
         ),
+        (SimdLevel::Avx2, DType::Q5_0) => (
+            |w, a| unsafe { q5_0_avx2(w, a) },
+            |w, a| unsafe { q5_0_avx2_x4(w, a) },
+        ),
+        (SimdLevel::Avx2, DType::Q5_1) => (
+            |w, a| unsafe { q5_1_avx2(w, a) },
+            |w, a| unsafe { q5_1_avx2_x4(w, a) },
+        ),
         (SimdLevel::Avx2, DType::Q8_0) => (
             |w, a| unsafe { q8_0_avx2(w, a) },
             |w, a| unsafe { q8_0_avx2_x4(w, a) },
@@ -34,6 +42,15 @@ pub(super) fn kernel(dtype: DType, level: SimdLevel) -> Option<DotKernel> {
         (SimdLevel::Avx512Vnni, DType::Q4_1) => (
             |w, a| unsafe { q4_1_vnni(w, a) },
             |w, a| unsafe { q4_1_vnni_x4(w, a) },
+        ),
+        // The AVX2 Q5 kernels on AVX-512 machines (AVX2 is a subset).
+        (SimdLevel::Avx512Vnni, DType::Q5_0) => (
+            |w, a| unsafe { q5_0_avx2(w, a) },
+            |w, a| unsafe { q5_0_avx2_x4(w, a) },
+        ),
+        (SimdLevel::Avx512Vnni, DType::Q5_1) => (
+            |w, a| unsafe { q5_1_avx2(w, a) },
+            |w, a| unsafe { q5_1_avx2_x4(w, a) },
         ),
         (SimdLevel::Avx512Vnni, DType::Q8_0) => (
             |w, a| unsafe { q8_0_vnni(w, a) },
@@ -66,6 +83,53 @@ unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
 }
 
+/// A Q4_0 block's 32 unsigned 4-bit values.
+#[inline(always)]
+unsafe fn unpack_q4_0(b: *const u8) -> __m256i {
+    unpack_nibbles(b.add(2))
+}
+
+/// A Q4_1 block's 32 unsigned 4-bit values.
+#[inline(always)]
+unsafe fn unpack_q4_1(b: *const u8) -> __m256i {
+    unpack_nibbles(b.add(4))
+}
+
+/// 32 bits as 32 bytes: 0xff where the bit is set (bit j -> byte j).
+#[inline(always)]
+unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+    let bits = i32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    // Every bit but the byte's own one set: the byte becomes all ones iff its bit was set.
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+}
+
+/// A Q5 block's 32 unsigned 5-bit values: nibbles at `qs`, fifth bits in the word at `qh`.
+#[inline(always)]
+unsafe fn unpack_q5(qh: *const u8, qs: *const u8) -> __m256i {
+    let high = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
+    _mm256_or_si256(unpack_nibbles(qs), high)
+}
+
+#[inline(always)]
+unsafe fn unpack_q5_0(b: *const u8) -> __m256i {
+    unpack_q5(b.add(2), b.add(6))
+}
+
+#[inline(always)]
+unsafe fn unpack_q5_1(b: *const u8) -> __m256i {
+    unpack_q5(b.add(4), b.add(8))
+}
+
 #[inline(always)]
 unsafe fn load_q8(b: &BlockQ8) -> __m256i {
     _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i)
@@ -78,7 +142,7 @@ unsafe fn dot_u8i8_avx2(u: __m256i, s: __m256i) -> __m256i {
 }
 
 macro_rules! nibble_kernel {
-    ($name:ident, $features:literal, $dot:ident, $bytes:expr, $qoff:expr, $min:expr) => {
+    ($name:ident, $features:literal, $dot:ident, $bytes:expr, $unpack:ident, $min:expr) => {
         #[target_feature(enable = $features)]
         unsafe fn $name(w: &[u8], a: &[BlockQ8]) -> f32 {
             debug_assert_eq!(w.len(), a.len() * $bytes);
@@ -91,7 +155,7 @@ macro_rules! nibble_kernel {
                 let b = p.add(i * $bytes);
                 _mm_prefetch::<_MM_HINT_T0>(b.add(512) as *const i8);
                 let d = f16_to_f32(b);
-                let qw = unpack_nibbles(b.add($qoff));
+                let qw = $unpack(b);
                 let dot = $dot(qw, load_q8(y));
                 acc[i & 1] =
                     _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(dot), acc[i & 1]);
@@ -103,7 +167,7 @@ macro_rules! nibble_kernel {
 }
 
 macro_rules! nibble_kernel_x4 {
-    ($name:ident, $features:literal, $dot:ident, $bytes:expr, $qoff:expr, $min:expr) => {
+    ($name:ident, $features:literal, $dot:ident, $bytes:expr, $unpack:ident, $min:expr) => {
         #[target_feature(enable = $features)]
         unsafe fn $name(w: &[u8], a: [&[BlockQ8]; 4]) -> [f32; 4] {
             let nb = a[0].len();
@@ -118,7 +182,7 @@ macro_rules! nibble_kernel_x4 {
                 _mm_prefetch::<_MM_HINT_T0>(b.add(512) as *const i8);
                 let d = f16_to_f32(b);
                 let m = $min(b, d);
-                let qw = unpack_nibbles(b.add($qoff));
+                let qw = $unpack(b);
                 for r in 0..4 {
                     let y = a[r].get_unchecked(i);
                     let dot = $dot(qw, load_q8(y));
@@ -195,15 +259,34 @@ unsafe fn q4_1_min(b: *const u8, _d: f32) -> f32 {
     f16_to_f32(b.add(2))
 }
 
-nibble_kernel!(q4_0_avx2, "avx2,fma,f16c", dot_u8i8_avx2, 18, 2, q4_0_min);
-nibble_kernel!(q4_1_avx2, "avx2,fma,f16c", dot_u8i8_avx2, 20, 4, q4_1_min);
+#[inline(always)]
+unsafe fn q5_0_min(_b: *const u8, d: f32) -> f32 {
+    -16.0 * d
+}
+
+nibble_kernel!(
+    q4_0_avx2,
+    "avx2,fma,f16c",
+    dot_u8i8_avx2,
+    18,
+    unpack_q4_0,
+    q4_0_min
+);
+nibble_kernel!(
+    q4_1_avx2,
+    "avx2,fma,f16c",
+    dot_u8i8_avx2,
+    20,
+    unpack_q4_1,
+    q4_1_min
+);
 q8_kernel!(q8_0_avx2, "avx2,fma,f16c", dot_u8i8_avx2);
 nibble_kernel_x4!(
     q4_0_avx2_x4,
     "avx2,fma,f16c",
     dot_u8i8_avx2,
     18,
-    2,
+    unpack_q4_0,
     q4_0_min
 );
 nibble_kernel_x4!(
@@ -211,10 +294,42 @@ nibble_kernel_x4!(
     "avx2,fma,f16c",
     dot_u8i8_avx2,
     20,
-    4,
+    unpack_q4_1,
     q4_1_min
 );
 q8_kernel_x4!(q8_0_avx2_x4, "avx2,fma,f16c", dot_u8i8_avx2);
+nibble_kernel!(
+    q5_0_avx2,
+    "avx2,fma,f16c",
+    dot_u8i8_avx2,
+    22,
+    unpack_q5_0,
+    q5_0_min
+);
+nibble_kernel!(
+    q5_1_avx2,
+    "avx2,fma,f16c",
+    dot_u8i8_avx2,
+    24,
+    unpack_q5_1,
+    q4_1_min
+);
+nibble_kernel_x4!(
+    q5_0_avx2_x4,
+    "avx2,fma,f16c",
+    dot_u8i8_avx2,
+    22,
+    unpack_q5_0,
+    q5_0_min
+);
+nibble_kernel_x4!(
+    q5_1_avx2_x4,
+    "avx2,fma,f16c",
+    dot_u8i8_avx2,
+    24,
+    unpack_q5_1,
+    q4_1_min
+);
 
 /// Sum of u8 x i8 products as 8 i32 lanes, with VNNI.
 #[inline(always)]
@@ -227,7 +342,7 @@ nibble_kernel!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     dot_u8i8_vnni,
     18,
-    2,
+    unpack_q4_0,
     q4_0_min
 );
 nibble_kernel!(
@@ -235,7 +350,7 @@ nibble_kernel!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     dot_u8i8_vnni,
     20,
-    4,
+    unpack_q4_1,
     q4_1_min
 );
 q8_kernel!(
@@ -248,7 +363,7 @@ nibble_kernel_x4!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     dot_u8i8_vnni,
     18,
-    2,
+    unpack_q4_0,
     q4_0_min
 );
 nibble_kernel_x4!(
@@ -256,7 +371,7 @@ nibble_kernel_x4!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     dot_u8i8_vnni,
     20,
-    4,
+    unpack_q4_1,
     q4_1_min
 );
 q8_kernel_x4!(
