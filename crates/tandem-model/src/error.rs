@@ -78,8 +78,9 @@ pub enum ModelError {
         actual: Vec<usize>,
     },
     /// The model's config is invalid or inconsistent.
-    #[error("{path}: {source}")]
-    Config { path: PathBuf, source: ConfigError },
+    /// (`error` is part of the message, not a `source`, so that error chains print it once.)
+    #[error("{path}: {error}")]
+    Config { path: PathBuf, error: ConfigError },
     /// The tokenizer could not be built or used.
     #[error("{path}: tokenizer: {why}")]
     Tokenizer { path: PathBuf, why: String },

@@ -70,15 +70,18 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
     let config =
-        LlamaConfig::from_gguf_metadata(&g.metadata).map_err(|source| ModelError::Config {
+        LlamaConfig::from_gguf_metadata(&g.metadata).map_err(|error| ModelError::Config {
             path: path.into(),
-            source,
+            error,
         })?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
-    let weights = LlamaWeights::load(&g, &config, WeightLayout::Gguf)?;
-    let model = LlamaModel::new(config, weights).map_err(|source| ModelError::Config {
+    let mut weights = LlamaWeights::load(&g, &config, WeightLayout::Gguf)?;
+    if LlamaConfig::gguf_neox_rope(&g.metadata) {
+        weights.rope_style = tandem_kernels::RopeStyle::Half;
+    }
+    let model = LlamaModel::new(config, weights).map_err(|error| ModelError::Config {
         path: path.into(),
-        source,
+        error,
     })?;
     Ok(LoadedModel {
         model,
@@ -94,16 +97,16 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         path: cfg_path.clone(),
         source,
     })?;
-    let config = LlamaConfig::from_hf_json(&text).map_err(|source| ModelError::Config {
+    let config = LlamaConfig::from_hf_json(&text).map_err(|error| ModelError::Config {
         path: cfg_path.clone(),
-        source,
+        error,
     })?;
     let files = SafetensorsFiles::open_dir(dir)?;
     let weights = LlamaWeights::load(&files, &config, WeightLayout::Hf)?;
     let tokenizer = Tokenizer::from_hf_dir(dir, &config.eos_ids())?;
-    let model = LlamaModel::new(config, weights).map_err(|source| ModelError::Config {
+    let model = LlamaModel::new(config, weights).map_err(|error| ModelError::Config {
         path: cfg_path,
-        source,
+        error,
     })?;
     Ok(LoadedModel {
         model,

@@ -13,7 +13,7 @@ use tandem_kernels::{
 use crate::config::{LlamaConfig, RopeParams};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::weights::{Linear, LlamaWeights, WeightLayout};
+use crate::weights::{Linear, LlamaWeights};
 
 /// Which of a sequence's new tokens need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,10 +144,7 @@ impl LlamaModel {
         if let Some(f) = &weights.rope_freqs {
             rope.apply_freq_factors(f);
         }
-        let style = match weights.layout {
-            WeightLayout::Gguf => RopeStyle::Interleaved,
-            WeightLayout::Hf => RopeStyle::Half,
-        };
+        let style = weights.rope_style;
         let pool = ThreadPool::with_default_threads().map_err(|e| {
             crate::error::ConfigError::Unsupported(format!("cannot start compute threads: {e}"))
         })?;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use memmap2::Mmap;
-use tandem_kernels::{dequant::dequantize_row, DType, MatRef};
+use tandem_kernels::{dequant::dequantize_row, DType, MatRef, RopeStyle};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -58,7 +58,7 @@ impl TensorData {
 /// Where the weights came from, which fixes names and the RoPE pairing of Q/K rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightLayout {
-    /// llama.cpp's names; Q/K rows permuted for interleaved RoPE.
+    /// llama.cpp's names.
     Gguf,
     /// HF transformers' names; rotate-half RoPE.
     Hf,
@@ -100,8 +100,11 @@ pub struct LlamaWeights {
     pub lm_head: TensorData,
     /// Per-dimension RoPE frequency divisors (GGUF `rope_freqs.weight`, Llama 3.1 style).
     pub rope_freqs: Option<Vec<f32>>,
-    /// Naming and RoPE pairing of the source.
+    /// Naming of the source.
     pub layout: WeightLayout,
+    /// How Q/K rows pair up under RoPE: interleaved for llama GGUFs (whose converter permutes
+    /// the rows), rotate-half for HF checkpoints and GGUFs of NEOX-rope architectures (qwen2).
+    pub rope_style: RopeStyle,
 }
 
 /// Something tensors can be looked up in by name.
@@ -270,6 +273,10 @@ impl LlamaWeights {
             lm_head,
             rope_freqs,
             layout,
+            rope_style: match layout {
+                WeightLayout::Gguf => RopeStyle::Interleaved,
+                WeightLayout::Hf => RopeStyle::Half,
+            },
         })
     }
 }

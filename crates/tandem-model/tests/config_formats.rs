@@ -124,6 +124,40 @@ fn gguf_metadata_round_trips() {
     );
 }
 
+/// Qwen2 GGUFs use their architecture's key prefix and have q/k/v biases; other
+/// architectures (the Gemma 3 GGUF people download, say) are refused by name.
+#[test]
+fn gguf_architectures_served_and_refused() {
+    let c = LlamaConfig::from_mindformers_yaml(LLAMA31_YAML).unwrap();
+    let as_arch = |arch: &str| -> BTreeMap<String, GgufValue> {
+        c.to_gguf_metadata()
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("llama.") {
+                Some(rest) => (format!("{arch}.{rest}"), v),
+                None if k == "general.architecture" => (k, GgufValue::String(arch.into())),
+                None => (k, v),
+            })
+            .collect()
+    };
+    let qwen = LlamaConfig::from_gguf_metadata(&as_arch("qwen2")).unwrap();
+    assert_eq!((qwen.hidden_size, qwen.kv_heads()), (4096, 8));
+    assert!(
+        qwen.qkv_has_bias
+            && !LlamaConfig::from_gguf_metadata(&as_arch("llama"))
+                .unwrap()
+                .qkv_has_bias
+    );
+    assert!(LlamaConfig::gguf_neox_rope(&as_arch("qwen2")));
+    assert!(!LlamaConfig::gguf_neox_rope(&as_arch("llama")));
+    let e = LlamaConfig::from_gguf_metadata(&as_arch("gemma3"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"gemma3\"") && e.contains("llama, qwen2"),
+        "{e}"
+    );
+}
+
 #[test]
 fn bad_configs_are_clear_errors() {
     let err = |t: &str| LlamaConfig::from_hf_json(t).unwrap_err().to_string();
@@ -173,4 +207,47 @@ fn rope_extend_methods_scale_frequencies() {
         ..base
     };
     assert_eq!(ntk.rope_params().unwrap(), want.rope_params().unwrap());
+}
+
+/// HF directories of the Llama-like families: Qwen2 gets its q/k/v biases, a sliding window
+/// (Mistral v0.1, Qwen2 with `use_sliding_window`) caps the served length to the window (where
+/// it equals full attention), and other model types are refused by name.
+#[test]
+fn hf_model_types_served_and_refused() {
+    let cfg = |extra: &str| {
+        format!(
+            r#"{{"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100,
+                "max_position_embeddings": 32768, {extra}}}"#
+        )
+    };
+    let qwen = LlamaConfig::from_hf_json(&cfg(
+        r#""model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false"#,
+    ))
+    .unwrap();
+    assert!(qwen.qkv_has_bias && !qwen.attn_proj_has_bias);
+    assert_eq!(qwen.seq_length, 32768);
+    let qwen_sw = LlamaConfig::from_hf_json(&cfg(
+        r#""model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": true, "max_window_layers": 2"#,
+    ))
+    .unwrap();
+    assert_eq!(qwen_sw.seq_length, 4096);
+    let mistral01 =
+        LlamaConfig::from_hf_json(&cfg(r#""model_type": "mistral", "sliding_window": 4096"#))
+            .unwrap();
+    assert_eq!(
+        (mistral01.seq_length, mistral01.qkv_has_bias),
+        (4096, false)
+    );
+    let mistral02 =
+        LlamaConfig::from_hf_json(&cfg(r#""model_type": "mistral", "sliding_window": null"#))
+            .unwrap();
+    assert_eq!(mistral02.seq_length, 32768);
+    let e = LlamaConfig::from_hf_json(&cfg(r#""model_type": "gemma3""#))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"gemma3\"") && e.contains("llama, mistral, qwen2"),
+        "{e}"
+    );
 }

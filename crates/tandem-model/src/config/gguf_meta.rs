@@ -6,22 +6,35 @@ use super::{ExtendMethod, LlamaConfig, ScalingFactor, TokenIds};
 use crate::error::ConfigError;
 use crate::gguf::GgufValue;
 
+/// GGUF architectures served: Llama's and Qwen2's (q/k/v biases, NEOX RoPE).
+pub const GGUF_ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
+fn architecture(meta: &BTreeMap<String, GgufValue>) -> &str {
+    meta.get("general.architecture")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("llama")
+}
+
 impl LlamaConfig {
-    /// Builds a config from GGUF metadata of a `llama` architecture model.
+    /// Whether a GGUF's architecture pairs Q/K rows rotate-half (NEOX) style: its converter
+    /// does not permute them as it does for `llama`.
+    pub fn gguf_neox_rope(meta: &BTreeMap<String, GgufValue>) -> bool {
+        architecture(meta) == "qwen2"
+    }
+
+    /// Builds a config from GGUF metadata of a model of one of [`GGUF_ARCHITECTURES`].
     pub fn from_gguf_metadata(
         meta: &BTreeMap<String, GgufValue>,
     ) -> Result<LlamaConfig, ConfigError> {
-        let arch = meta
-            .get("general.architecture")
-            .and_then(GgufValue::as_str)
-            .unwrap_or("llama");
-        if arch != "llama" {
+        let arch = architecture(meta);
+        if !GGUF_ARCHITECTURES.contains(&arch) {
             return Err(ConfigError::Unsupported(format!(
-                "GGUF architecture {arch:?} (Tandem serves llama)"
+                "GGUF architecture {arch:?} (Tandem serves {})",
+                GGUF_ARCHITECTURES.join(", ")
             )));
         }
         let req = |k: &str| -> Result<usize, ConfigError> {
-            let key = format!("llama.{k}");
+            let key = format!("{arch}.{k}");
             meta.get(&key)
                 .ok_or(ConfigError::Missing(key.clone()))?
                 .as_u64()
@@ -31,35 +44,46 @@ impl LlamaConfig {
                     why: "expected an unsigned integer".into(),
                 })
         };
-        let opt_u = |k: &str| meta.get(k).and_then(GgufValue::as_u64).map(|v| v as usize);
-        let opt_f = |k: &str| meta.get(k).and_then(GgufValue::as_f64);
+        let opt_u = |k: &str| {
+            meta.get(&format!("{arch}.{k}"))
+                .or_else(|| meta.get(k))
+                .and_then(GgufValue::as_u64)
+                .map(|v| v as usize)
+        };
+        let opt_f = |k: &str| {
+            meta.get(&format!("{arch}.{k}"))
+                .or_else(|| meta.get(k))
+                .and_then(GgufValue::as_f64)
+        };
         let ctx = req("context_length")?;
         let heads = req("attention.head_count")?;
         let hidden = req("embedding_length")?;
-        let vocab = opt_u("llama.vocab_size")
+        let vocab = opt_u("vocab_size")
             .or_else(|| {
                 meta.get("tokenizer.ggml.tokens")
                     .and_then(GgufValue::as_array)
                     .map(<[_]>::len)
             })
-            .ok_or(ConfigError::Missing("llama.vocab_size".into()))?;
+            .ok_or(ConfigError::Missing(format!("{arch}.vocab_size")))?;
         let mut c = LlamaConfig {
             seq_length: ctx,
             max_position_embedding: Some(ctx),
             hidden_size: hidden,
             num_layers: req("block_count")?,
             num_heads: heads,
-            n_kv_heads: opt_u("llama.attention.head_count_kv"),
+            n_kv_heads: opt_u("attention.head_count_kv"),
             intermediate_size: Some(req("feed_forward_length")?),
             vocab_size: vocab,
-            rms_norm_eps: opt_f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            theta: opt_f("llama.rope.freq_base").unwrap_or(10000.0),
+            rms_norm_eps: opt_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            theta: opt_f("rope.freq_base").unwrap_or(10000.0),
             use_past: true,
+            // Qwen2 has q/k/v biases (MindFormers' `qkv_has_bias`) and an untied LM head.
+            qkv_has_bias: arch == "qwen2",
             ..LlamaConfig::default()
         };
-        if let Some(rd) = opt_u("llama.rope.dimension_count") {
+        if let Some(rd) = opt_u("rope.dimension_count") {
             if rd != hidden / heads.max(1) {
-                if opt_u("llama.attention.key_length").is_some_and(|k| k == rd) {
+                if opt_u("attention.key_length").is_some_and(|k| k == rd) {
                     c.head_dim = Some(rd);
                 } else {
                     return Err(ConfigError::Unsupported(format!(
@@ -78,19 +102,18 @@ impl LlamaConfig {
             c.pad_token_id = p as i64;
         }
         match meta
-            .get("llama.rope.scaling.type")
+            .get(&format!("{arch}.rope.scaling.type"))
             .and_then(GgufValue::as_str)
         {
             None | Some("none") => {}
             Some("linear") => {
                 c.extend_method = ExtendMethod::Pi;
                 c.scaling_factor =
-                    ScalingFactor::Float(opt_f("llama.rope.scaling.factor").unwrap_or(1.0));
+                    ScalingFactor::Float(opt_f("rope.scaling.factor").unwrap_or(1.0));
             }
             Some("yarn") => {
-                let factor = opt_f("llama.rope.scaling.factor").unwrap_or(1.0);
-                let orig =
-                    opt_f("llama.rope.scaling.original_context_length").unwrap_or(ctx as f64);
+                let factor = opt_f("rope.scaling.factor").unwrap_or(1.0);
+                let orig = opt_f("rope.scaling.original_context_length").unwrap_or(ctx as f64);
                 c.extend_method = ExtendMethod::Yarn;
                 c.scaling_factor = ScalingFactor::Dict(
                     [

@@ -50,6 +50,29 @@ fn token_ids(m: &Map<String, Value>, key: &str) -> Result<Option<TokenIds>, Conf
     }
 }
 
+/// HF `model_type`s served: Llama's and the Llama-like families (Mistral, Qwen2).
+pub const HF_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+/// The attention window a config asks for, if any layer uses one: Mistral's `sliding_window`
+/// (null from v0.2 on), Qwen2's when `use_sliding_window` is set (layers from
+/// `max_window_layers` on).
+fn sliding_window(
+    m: &Map<String, Value>,
+    model_type: &str,
+    num_layers: usize,
+) -> Result<Option<usize>, ConfigError> {
+    let window = get_usize(m, "sliding_window")?;
+    Ok(match model_type {
+        "mistral" => window,
+        "qwen2" => {
+            let used = get_bool(m, "use_sliding_window")?.unwrap_or(false);
+            let from = get_usize(m, "max_window_layers")?.unwrap_or(num_layers);
+            window.filter(|_| used && from < num_layers)
+        }
+        _ => None,
+    })
+}
+
 impl LlamaConfig {
     /// Builds a config from an HF `config.json` document (HF's own defaults for missing keys).
     pub fn from_hf_json(text: &str) -> Result<LlamaConfig, ConfigError> {
@@ -61,12 +84,15 @@ impl LlamaConfig {
             format: "HF config.json",
             why: "not a JSON object".into(),
         })?;
-        if let Some(t) = m.get("model_type").and_then(Value::as_str) {
-            if t != "llama" {
-                return Err(ConfigError::Unsupported(format!(
-                    "model_type {t:?} (Tandem serves the Llama architecture)"
-                )));
-            }
+        let model_type = m
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama");
+        if !HF_MODEL_TYPES.contains(&model_type) {
+            return Err(ConfigError::Unsupported(format!(
+                "model_type {model_type:?} (Tandem serves {})",
+                HF_MODEL_TYPES.join(", ")
+            )));
         }
         if let Some(act) = m.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
@@ -97,13 +123,25 @@ impl LlamaConfig {
             max_position_embedding: Some(max_pos),
             seq_length: max_pos,
             tie_word_embeddings: get_bool(m, "tie_word_embeddings")?.unwrap_or(false),
-            qkv_has_bias: get_bool(m, "attention_bias")?.unwrap_or(false),
+            // Qwen2's attention always has q/k/v biases (and none on o_proj).
+            qkv_has_bias: model_type == "qwen2" || get_bool(m, "attention_bias")?.unwrap_or(false),
             attn_proj_has_bias: get_bool(m, "attention_bias")?.unwrap_or(false),
             init_method_std: get_f64(m, "initializer_range")?.unwrap_or(0.02),
             head_dim: get_usize(m, "head_dim")?,
             use_past: true,
             ..LlamaConfig::default()
         };
+        if let Some(w) = sliding_window(m, model_type, c.num_layers)? {
+            // Within the window, sliding-window attention is full attention: serving at most
+            // `w` tokens gives the reference's outputs exactly.
+            if w < c.seq_length {
+                tracing::warn!(
+                    "{model_type}: sliding-window attention (window {w}) is served as full \
+                     attention over at most {w} tokens"
+                );
+                c.seq_length = w;
+            }
+        }
         // HF's head_dim is only an extension when it differs from hidden_size / num_heads.
         if c.head_dim == Some(c.hidden_size / c.num_heads.max(1)) {
             c.head_dim = None;

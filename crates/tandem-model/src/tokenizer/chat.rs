@@ -66,6 +66,73 @@ fn strftime_now(fmt: String) -> Result<String, Error> {
     Ok(out)
 }
 
+/// A `serde_json` formatter writing what Python's `json.dumps` writes without `indent`: items
+/// separated by `", "` and keys by `": "`.
+struct PythonCompact;
+
+impl serde_json::ser::Formatter for PythonCompact {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+/// HF transformers' `tojson` (Python's `json.dumps(x, ensure_ascii=False, indent=indent,
+/// sort_keys=sort_keys)`), which chat templates use to print tool schemas: keys in the order
+/// given, `", "` / `": "` separators, non-ASCII as is. (minijinja's own sorts keys, writes
+/// compact JSON and escapes HTML characters, so prompts would differ from the reference.)
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+    use serde::Serialize;
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let bad = |e: serde_json::Error| Error::new(ErrorKind::InvalidOperation, e.to_string());
+    let mut json = serde_json::to_value(&value).map_err(bad)?;
+    if sort_keys == Some(true) {
+        json.sort_all_objects();
+    }
+    let mut out = Vec::new();
+    match indent {
+        Some(n) => {
+            let pad = " ".repeat(n);
+            let f = serde_json::ser::PrettyFormatter::with_indent(pad.as_bytes());
+            json.serialize(&mut serde_json::Serializer::with_formatter(&mut out, f))
+        }
+        None => json.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PythonCompact,
+        )),
+    }
+    .map_err(bad)?;
+    Ok(Value::from_safe_string(
+        String::from_utf8(out).unwrap_or_default(),
+    ))
+}
+
 impl ChatTemplate {
     /// Compiles `source` with HF's Jinja settings (`trim_blocks`, `lstrip_blocks`) and Python
     /// string methods (`.strip()`, `.startswith()`, ...).
@@ -76,6 +143,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat".to_string(), source.to_string())
             .map_err(|e| e.to_string())?;
         Ok(ChatTemplate {

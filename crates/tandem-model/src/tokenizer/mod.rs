@@ -44,6 +44,18 @@ fn token_content(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Token texts llama.cpp treats as end of generation wherever a vocabulary has them.
+const END_OF_GENERATION_TEXTS: [&str; 8] = [
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+];
+
 impl Tokenizer {
     /// Loads `dir/tokenizer.json`, with `tokenizer_config.json` (chat template, BOS/EOS) when present.
     pub fn from_hf_dir(dir: &Path, eos_from_config: &[u32]) -> Result<Tokenizer> {
@@ -111,10 +123,20 @@ impl Tokenizer {
         let inner = gguf_vocab::from_gguf(g).map_err(err)?;
         let id = |k: &str| g.get(k).and_then(GgufValue::as_u64).map(|v| v as u32);
         let bos_id = id("tokenizer.ggml.bos_token_id");
-        let eos_ids: Vec<u32> = id("tokenizer.ggml.eos_token_id")
+        let mut eos_ids: Vec<u32> = id("tokenizer.ggml.eos_token_id")
             .into_iter()
             .chain(id("tokenizer.ggml.eot_token_id"))
+            .chain(id("tokenizer.ggml.eom_token_id"))
             .collect();
+        // Like llama.cpp, every end-of-turn marker the vocabulary has ends generation (Qwen2.5
+        // declares `<|im_end|>` but also ends base-style output with `<|endoftext|>`).
+        for t in END_OF_GENERATION_TEXTS {
+            if let Some(i) = inner.token_to_id(t) {
+                if !eos_ids.contains(&i) {
+                    eos_ids.push(i);
+                }
+            }
+        }
         let add_bos = g
             .get("tokenizer.ggml.add_bos_token")
             .and_then(GgufValue::as_bool)
