@@ -15,7 +15,9 @@
 #
 # Usage: scripts/bench_vs_llamacpp.sh
 # Env: TANDEM_HOME (model + venv location), LLAMACPP_VENV, ROUNDS (2), PROMPT_LEN (128),
-#      GEN_LEN (128), PARTS ("engine serve")
+#      GEN_LEN (128), PARTS ("engine serve"), MODEL_NAME (a named model, default
+#      SmolLM2-135M-Instruct; the roofline column is for it unless ROOF_PREFILL / ROOF_DECODE /
+#      ROOF_DECODE_512 are given)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOME_DIR=${TANDEM_HOME:-$HOME/.cache/tandem}
@@ -26,9 +28,12 @@ GEN_LEN=${GEN_LEN:-128}
 PARTS=${PARTS:-engine serve}
 # Roofline (BENCHMARKS.md): int8 VNNI compute for prefill and batched work, memory bandwidth
 # over the weights (+ KV) read per token for single-stream decode.
-ROOF_PREFILL=2500
-ROOF_DECODE=267
-ROOF_DECODE_512=238
+MODEL_NAME=${MODEL_NAME:-SmolLM2-135M-Instruct}
+if [ "$MODEL_NAME" = SmolLM2-135M-Instruct ]; then
+  ROOF_PREFILL=${ROOF_PREFILL:-2500}; ROOF_DECODE=${ROOF_DECODE:-267}; ROOF_DECODE_512=${ROOF_DECODE_512:-238}
+else
+  ROOF_PREFILL=${ROOF_PREFILL:--}; ROOF_DECODE=${ROOF_DECODE:--}; ROOF_DECODE_512=${ROOF_DECODE_512:--}
+fi
 
 cmake_args() {
   local flags="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
@@ -61,8 +66,11 @@ BIN=$(bin_dir)
 
 cargo build --release -q --bin tandem --manifest-path "$ROOT/Cargo.toml"
 TANDEM="$ROOT/target/release/tandem"
-"$TANDEM" generate --prompt warmup --max-new-tokens 1 --greedy >/dev/null # fetches the model
-MODEL="$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+"$TANDEM" generate --model "$MODEL_NAME" --prompt warmup --max-new-tokens 1 --greedy >/dev/null # fetches it
+case "$MODEL_NAME" in
+  SmolLM2-135M-Instruct) MODEL="$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+  *) MODEL="$HOME_DIR/models/$MODEL_NAME.gguf" ;;
+esac
 LOGS=$(mktemp -d)
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 # row <figure> <llama.cpp> <tandem> <higher|lower is better> <roofline or ->
@@ -83,7 +91,7 @@ if [[ " $PARTS " == *" engine "* ]]; then
 import json, sys
 r = {(j["n_prompt"], j["n_gen"], j["n_depth"]): j["avg_ts"] for j in map(json.loads, sys.stdin)}
 print(r[(512, 0, 0)], r[(0, 128, 0)], r[(0, 128, 512)])' >>"$LOGS/lb"
-    "$TANDEM" bench model --prompt-tokens 512 --gen-tokens 128 --repeats 3 | awk '
+    "$TANDEM" bench model --model "$MODEL" --prompt-tokens 512 --gen-tokens 128 --repeats 3 | awk '
       /^prefill, 512/ {p=$4} /^decode, empty/ {e=$4} /^decode, after 512/ {a=$5}
       END {print p, e, a}' >>"$LOGS/tb"
   done

@@ -1,6 +1,9 @@
-//! The reference model (SmolLM2-135M-Instruct, Q4_1 GGUF) against HF transformers loading the
-//! same GGUF (goldens from `scripts/gen_real_golden.py`): tokenization, the float reference
-//! path's logits, the fast path's greedy tokens, chunking and batch invariance, bad input.
+//! Real models against HF transformers loading the same GGUF (goldens from
+//! `scripts/gen_real_golden.py`): tokenization and chat templates, the float reference path's
+//! logits, the fast path's greedy tokens, chunking and batch invariance, bad input. Each test
+//! runs on the reference model (SmolLM2-135M-Instruct, Q4_1, llama) and on
+//! Qwen2.5-Coder-0.5B-Instruct (qwen2: q/k/v biases, NEOX RoPE, untied LM head, GQA 14/2,
+//! Q5_0 / Q8_0 / Q4_K / Q6_K tensors, 151,936-token byte-level BPE).
 
 use std::sync::OnceLock;
 
@@ -12,13 +15,34 @@ struct Fixture {
     golden: serde_json::Value,
 }
 
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let path = tandem_model::fetch::ensure_default_model(false).expect("default model");
+/// The models these tests run on.
+#[derive(Clone, Copy)]
+enum Which {
+    SmolLm2,
+    Qwen25Coder05,
+}
+
+fn fixture(which: Which) -> &'static Fixture {
+    static SMOL: OnceLock<Fixture> = OnceLock::new();
+    static QWEN: OnceLock<Fixture> = OnceLock::new();
+    let (cell, name, golden) = match which {
+        Which::SmolLm2 => (
+            &SMOL,
+            "SmolLM2-135M-Instruct",
+            include_str!("data/real_golden.json"),
+        ),
+        Which::Qwen25Coder05 => (
+            &QWEN,
+            "Qwen2.5-Coder-0.5B-Instruct",
+            include_str!("data/qwen2.5-coder-0.5b_golden.json"),
+        ),
+    };
+    cell.get_or_init(|| {
+        let model = fetch::named_model(name).expect("a named model");
+        let path = fetch::ensure_model(model, false).expect("model fetched");
         let fast = load(&path).unwrap();
         let exact = load(&path).unwrap().model.with_precision(Precision::Exact);
-        let golden = serde_json::from_str(include_str!("data/real_golden.json")).unwrap();
+        let golden = serde_json::from_str(golden).unwrap();
         Fixture {
             fast,
             exact,
@@ -26,6 +50,28 @@ fn fixture() -> &'static Fixture {
         }
     })
 }
+
+/// Each test, once per model.
+macro_rules! on_each_model {
+    ($($test:ident),* $(,)?) => {
+        mod smollm2_135m {
+            $(#[test] fn $test() { super::$test(super::fixture(super::Which::SmolLm2)) })*
+        }
+        mod qwen2_5_coder_0_5b {
+            $(#[test] fn $test() { super::$test(super::fixture(super::Which::Qwen25Coder05)) })*
+        }
+    };
+}
+
+on_each_model!(
+    tokenization_equals_transformers,
+    float_path_logits_match_transformers,
+    fast_path_greedy_agrees_except_near_ties,
+    chunking_invariance,
+    ragged_batch_equals_each_alone,
+    bad_batches_are_errors,
+    incremental_decoding_is_utf8_safe,
+);
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
@@ -35,8 +81,18 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-fn cases() -> &'static [serde_json::Value] {
-    fixture().golden["cases"].as_array().unwrap()
+/// The golden cases that have a greedy continuation.
+fn cases(f: &Fixture) -> Vec<&serde_json::Value> {
+    f.golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c.get("greedy_ids").is_some())
+        .collect()
+}
+
+fn messages(v: &serde_json::Value) -> Vec<ChatMessage> {
+    serde_json::from_value(v.clone()).unwrap()
 }
 
 fn argmax(x: &[f32]) -> u32 {
@@ -75,17 +131,24 @@ fn run_chunks(
     out
 }
 
-#[test]
-fn tokenization_equals_transformers() {
-    let tok = &fixture().fast.tokenizer;
-    for c in cases() {
+fn tokenization_equals_transformers(f: &Fixture) {
+    let tok = &f.fast.tokenizer;
+    for c in f.golden["cases"].as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
-        if c["kind"] == "chat" {
-            let user = c["user"].as_str().unwrap();
-            let rendered = tok
-                .apply_chat_template(&[ChatMessage::new("user", user)], true)
-                .unwrap();
-            assert_eq!(rendered, text, "chat template rendering");
+        let msgs = match c.get("user") {
+            Some(u) => vec![ChatMessage::new("user", u.as_str().unwrap())],
+            None => c.get("messages").map(messages).unwrap_or_default(),
+        };
+        let rendered = match c["kind"].as_str().unwrap() {
+            "chat" => Some(tok.apply_chat_template(&msgs, true).unwrap()),
+            "tools" => Some(
+                tok.apply_chat_template_with_tools(&msgs, &c["tools"], true)
+                    .unwrap(),
+            ),
+            _ => None,
+        };
+        if let Some(r) = rendered {
+            assert_eq!(r, text, "chat template rendering");
         }
         assert_eq!(
             tok.encode(text, false).unwrap(),
@@ -99,11 +162,9 @@ fn tokenization_equals_transformers() {
 
 /// The float reference path (weights dequantized to f32, f32 KV) against transformers' f32
 /// logits, teacher-forced along transformers' greedy continuation.
-#[test]
-fn float_path_logits_match_transformers() {
-    let f = fixture();
+fn float_path_logits_match_transformers(f: &Fixture) {
     let mut worst = 0f32;
-    for c in cases() {
+    for c in cases(f) {
         let mut tokens = ids(&c["prompt_ids"]);
         let greedy = ids(&c["greedy_ids"]);
         let p = tokens.len();
@@ -132,12 +193,10 @@ fn float_path_logits_match_transformers() {
 /// transformers, so the comparison isolates activation quantization; measured on these cases the
 /// fast path's top-1/top-2 margin differs from transformers' by p50 0.09 / p90 0.23 with f32 KV
 /// and p50 0.09 / p90 0.26 with f16 KV (max 0.55 / 0.66).
-#[test]
-fn fast_path_greedy_agrees_except_near_ties() {
-    let f = fixture();
+fn fast_path_greedy_agrees_except_near_ties(f: &Fixture) {
     let m = &f.fast.model;
     let mut diverged = 0;
-    for c in cases() {
+    for c in cases(f) {
         let prompt = ids(&c["prompt_ids"]);
         let greedy = ids(&c["greedy_ids"]);
         let mut kv = KvCache::new(m.config(), 64, 16, KvDType::F32);
@@ -173,15 +232,14 @@ fn fast_path_greedy_agrees_except_near_ties() {
     }
     println!(
         "fast path: {diverged} of {} continuations diverged (all at near-ties)",
-        cases().len()
+        cases(f).len()
     );
 }
 
 /// Whole, chunked and token-by-token prefill give the same logits (f32 KV, fast path).
-#[test]
-fn chunking_invariance() {
-    let m = &fixture().fast.model;
-    let c = &cases()[2];
+fn chunking_invariance(f: &Fixture) {
+    let m = &f.fast.model;
+    let c = &cases(f)[2];
     let mut tokens = ids(&c["prompt_ids"]);
     tokens.extend(ids(&c["greedy_ids"]));
     let whole = run_chunks(m, &tokens, &[tokens.len()], KvDType::F32);
@@ -204,10 +262,9 @@ fn chunking_invariance() {
 
 /// A ragged batch (prefills, a chunk continuation and decodes together) gives every sequence
 /// the logits it gets alone.
-#[test]
-fn ragged_batch_equals_each_alone() {
-    let m = &fixture().fast.model;
-    let seqs: Vec<Vec<u32>> = cases()
+fn ragged_batch_equals_each_alone(f: &Fixture) {
+    let m = &f.fast.model;
+    let seqs: Vec<Vec<u32>> = cases(f)
         .iter()
         .take(5)
         .map(|c| ids(&c["prompt_ids"]))
@@ -258,9 +315,9 @@ fn ragged_batch_equals_each_alone() {
     }
 }
 
-#[test]
-fn bad_batches_are_errors() {
-    let m = &fixture().fast.model;
+fn bad_batches_are_errors(f: &Fixture) {
+    let m = &f.fast.model;
+    let (vocab, max) = (m.config().vocab_size as u32, m.max_context());
     let mut kv = KvCache::new(m.config(), 4, 16, KvDType::F16);
     let t = [0u32, 1, 2, 3];
     let one = |n, ctx, table: &'static [u32]| SeqInput {
@@ -279,16 +336,16 @@ fn bad_batches_are_errors() {
         .to_string()
     };
     assert!(err(&t, one(3, 0, &[0])).contains("claim 3 tokens"));
-    assert!(err(&[49152], one(1, 0, &[0])).contains("outside the vocabulary"));
+    assert!(err(&[vocab], one(1, 0, &[0])).contains("outside the vocabulary"));
     assert!(err(&t, one(4, 14, &[0])).contains("cannot hold 18"));
     assert!(err(&t, one(4, 0, &[9])).contains("outside the pool"));
-    assert!(matches!(
-        m.forward(&t, &[one(4, 8190, &[0])], &mut kv).unwrap_err(),
-        ModelError::ContextOverflow {
-            len: 8194,
-            max: 8192
-        }
-    ));
+    let overflow = m
+        .forward(&t, &[one(4, max - 2, &[0])], &mut kv)
+        .unwrap_err();
+    assert!(
+        matches!(overflow, ModelError::ContextOverflow { len, max: m } if len == max + 2 && m == max),
+        "{overflow}"
+    );
     let shared: &'static [u32] = &[0];
     let two = [one(2, 0, shared), one(2, 0, shared)];
     assert!(m
@@ -300,9 +357,8 @@ fn bad_batches_are_errors() {
 
 /// Streaming detokenization never emits broken UTF-8 and reassembles the full text, even when
 /// characters span several byte-level tokens (CJK, emoji).
-#[test]
-fn incremental_decoding_is_utf8_safe() {
-    let tok = &fixture().fast.tokenizer;
+fn incremental_decoding_is_utf8_safe(f: &Fixture) {
+    let tok = &f.fast.tokenizer;
     for text in [
         "Les élèves — naïve café, 東京, emoji 🙂🙂!",
         "plain ascii",
