@@ -14,7 +14,9 @@ rng = np.random.default_rng(1234)
 # (type, block bytes, offsets of f16 scale fields)
 FORMATS = {"Q4_0": (T.Q4_0, 18, [0]), "Q4_1": (T.Q4_1, 20, [0, 2]), "Q8_0": (T.Q8_0, 34, [0]),
            "Q4_K": (T.Q4_K, 144, [0, 2]), "Q6_K": (T.Q6_K, 210, [208]),
-           "Q5_0": (T.Q5_0, 22, [0]), "Q5_1": (T.Q5_1, 24, [0, 2])}
+           "Q5_0": (T.Q5_0, 22, [0]), "Q5_1": (T.Q5_1, 24, [0, 2]),
+           "Q2_K": (T.Q2_K, 84, [80, 82]), "Q3_K": (T.Q3_K, 110, [108]),
+           "Q5_K": (T.Q5_K, 176, [0, 2])}
 out = {}
 for name, (t, bb, scales) in FORMATS.items():
     nblocks = 4

@@ -2,6 +2,7 @@
 //! against, and the way embeddings and the exact (float) matmul read quantized weights.
 
 use crate::dtype::{f16_at, DType, QK, QK_K};
+use crate::kquant;
 
 /// Dequantizes `out.len()` elements of `dtype` from `src` (which must hold exactly that many).
 ///
@@ -36,8 +37,14 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
         DType::Q5_0 => blocks(src, out, 22, QK, q5_0_block),
         DType::Q5_1 => blocks(src, out, 24, QK, q5_1_block),
         DType::Q8_0 => blocks(src, out, 34, QK, q8_0_block),
-        DType::Q4_K => blocks(src, out, 144, QK_K, q4_k_block),
-        DType::Q6_K => blocks(src, out, 210, QK_K, q6_k_block),
+        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+            for (b, o) in src
+                .chunks_exact(dtype.block_bytes())
+                .zip(out.chunks_exact_mut(QK_K))
+            {
+                kquant::dequantize(dtype, b, o);
+            }
+        }
     }
 }
 
@@ -97,63 +104,5 @@ fn q8_0_block(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for j in 0..32 {
         y[j] = b[2 + j] as i8 as f32 * d;
-    }
-}
-
-/// The 6-bit scale and min of sub-block `j` of a Q4_K block (ggml's `get_scale_min_k4`).
-#[inline(always)]
-pub(crate) fn q4_k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
-}
-
-fn q4_k_block(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
-    let qs = &b[16..144];
-    for (chunk, (q, yy)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
-        let (s1, m1) = q4_k_scale_min(2 * chunk, scales);
-        let (s2, m2) = q4_k_scale_min(2 * chunk + 1, scales);
-        let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-        let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
-        for l in 0..32 {
-            yy[l] = d1 * (q[l] & 0x0f) as f32 - m1;
-            yy[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
-        }
-    }
-}
-
-/// The signed 6-bit values of a Q6_K block, in element order, with their 16-element scales.
-#[inline(always)]
-pub(crate) fn q6_k_values(b: &[u8], out: &mut [i8; QK_K]) {
-    let (ql, qh) = (&b[0..128], &b[128..192]);
-    for half in 0..2 {
-        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
-        let o = &mut out[128 * half..];
-        for l in 0..32 {
-            o[l] = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i8 - 32;
-            o[l + 32] = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-            o[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-            o[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
-        }
-    }
-}
-
-fn q6_k_block(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 208);
-    let mut q = [0i8; QK_K];
-    q6_k_values(b, &mut q);
-    for (g, (qq, yy)) in q.chunks_exact(16).zip(y.chunks_exact_mut(16)).enumerate() {
-        let s = d * b[192 + g] as i8 as f32;
-        for (o, &v) in yy.iter_mut().zip(qq) {
-            *o = s * v as f32;
-        }
     }
 }

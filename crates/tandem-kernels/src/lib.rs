@@ -10,6 +10,7 @@ pub mod attention;
 pub mod dequant;
 pub mod dot;
 pub mod dtype;
+mod kquant;
 pub mod matmul;
 pub mod ops;
 pub mod packed;

@@ -103,10 +103,10 @@ pub fn matmul(
             quantize_rows(x, k, &mut act, k / QK, quantize_q8);
             quantized(w, &act, k / QK, m, out, dot, dot4);
         }
-        (Precision::Fast, Some(DotKernel::Q8K(dot))) => {
+        (Precision::Fast, Some(DotKernel::Q8K(dot, dot4))) => {
             let mut act = vec![BlockQ8K::default(); m * k / QK_K];
             quantize_rows(x, k, &mut act, k / QK_K, quantize_q8k);
-            quantized(w, &act, k / QK_K, m, out, dot, None);
+            quantized(w, &act, k / QK_K, m, out, dot, dot4);
         }
         _ => float(x, m, w, out),
     }

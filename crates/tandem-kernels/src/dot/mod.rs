@@ -6,6 +6,8 @@
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_k;
 
 use crate::act::{BlockQ8, BlockQ8K};
 use crate::dtype::DType;
@@ -18,6 +20,8 @@ pub type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
 pub type DotQ8x4 = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
 /// Dot product of a weight row (stored bytes) with int8 activations in 256-blocks.
 pub type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
+/// [`DotQ8K`] for four activation rows at once.
+pub type DotQ8Kx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [f32; 4];
 
 /// The activation format a quantized weight format is multiplied with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,8 +37,8 @@ pub enum ActFormat {
 pub enum DotKernel {
     /// Weights meet [`BlockQ8`] activations (with a four-row kernel where one exists).
     Q8(DotQ8, Option<DotQ8x4>),
-    /// Weights meet [`BlockQ8K`] activations.
-    Q8K(DotQ8K),
+    /// Weights meet [`BlockQ8K`] activations (with a four-row kernel where one exists).
+    Q8K(DotQ8K, Option<DotQ8Kx4>),
 }
 
 impl DotKernel {
@@ -42,7 +46,7 @@ impl DotKernel {
     pub fn act_format(&self) -> ActFormat {
         match self {
             DotKernel::Q8(..) => ActFormat::Q8,
-            DotKernel::Q8K(_) => ActFormat::Q8K,
+            DotKernel::Q8K(..) => ActFormat::Q8K,
         }
     }
 }

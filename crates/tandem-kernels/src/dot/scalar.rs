@@ -2,8 +2,9 @@
 
 use super::DotKernel;
 use crate::act::{BlockQ8, BlockQ8K};
-use crate::dequant::{q4_k_scale_min, q5_values, q6_k_values};
-use crate::dtype::{f16_at, DType, QK_K};
+use crate::dequant::q5_values;
+use crate::dtype::{f16_at, DType};
+use crate::kquant::{self, k_format, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6};
 
 pub(super) fn kernel(dtype: DType) -> Option<DotKernel> {
     Some(match dtype {
@@ -12,8 +13,11 @@ pub(super) fn kernel(dtype: DType) -> Option<DotKernel> {
         DType::Q5_0 => DotKernel::Q8(q5_0, None),
         DType::Q5_1 => DotKernel::Q8(q5_1, None),
         DType::Q8_0 => DotKernel::Q8(q8_0, None),
-        DType::Q4_K => DotKernel::Q8K(q4_k),
-        DType::Q6_K => DotKernel::Q8K(q6_k),
+        DType::Q2_K => DotKernel::Q8K(k_quant::<{ K_Q2 }>, None),
+        DType::Q3_K => DotKernel::Q8K(k_quant::<{ K_Q3 }>, None),
+        DType::Q4_K => DotKernel::Q8K(k_quant::<{ K_Q4 }>, None),
+        DType::Q5_K => DotKernel::Q8K(k_quant::<{ K_Q5 }>, None),
+        DType::Q6_K => DotKernel::Q8K(k_quant::<{ K_Q6 }>, None),
         DType::F32 | DType::F16 | DType::BF16 => return None,
     })
 }
@@ -83,45 +87,25 @@ fn q8_0(w: &[u8], a: &[BlockQ8]) -> f32 {
     acc
 }
 
-fn q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+/// A k-quant row against 256-element activation blocks, through the common decoded shape.
+fn k_quant<const F: u8>(w: &[u8], a: &[BlockQ8K]) -> f32 {
+    let dtype = k_format(F);
+    let off = kquant::offset(dtype);
     let mut acc = 0f32;
-    for (b, y) in w.chunks_exact(144).zip(a) {
-        let scales = &b[4..16];
-        let qs = &b[16..144];
+    for (b, y) in w.chunks_exact(dtype.block_bytes()).zip(a) {
+        let k = kquant::decode(dtype, b);
         let (mut sumi, mut summ) = (0i32, 0i32);
-        for j in 0..8 {
-            let (sc, m) = q4_k_scale_min(j, scales);
-            let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
-            let yq = &y.qs[32 * j..32 * j + 32];
-            let shift = 4 * (j % 2) as u32;
-            let isum: i32 = q
-                .iter()
-                .zip(yq)
-                .map(|(&q, &v)| ((q >> shift) & 0x0f) as i32 * v as i32)
-                .sum();
-            sumi += sc as i32 * isum;
-            summ += m as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
-        }
-        acc += f16_at(b, 0) * y.d * sumi as f32 - f16_at(b, 2) * y.d * summ as f32;
-    }
-    acc
-}
-
-fn q6_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
-    let mut acc = 0f32;
-    let mut q = [0i8; QK_K];
-    for (b, y) in w.chunks_exact(210).zip(a) {
-        q6_k_values(b, &mut q);
-        let mut sumi = 0i32;
         for g in 0..16 {
-            let isum: i32 = q[16 * g..16 * g + 16]
+            let isum: i32 = k.u[16 * g..16 * g + 16]
                 .iter()
                 .zip(&y.qs[16 * g..16 * g + 16])
-                .map(|(&q, &v)| q as i32 * v as i32)
+                .map(|(&u, &v)| u as i32 * v as i32)
                 .sum();
-            sumi += b[192 + g] as i8 as i32 * isum;
+            let bsum = y.bsums[g] as i32;
+            sumi += k.sc[g] as i32 * (isum - off * bsum);
+            summ += k.mn[g] as i32 * bsum;
         }
-        acc += f16_at(b, 208) * y.d * sumi as f32;
+        acc += y.d * (k.d * sumi as f32 - k.dmin * summ as f32);
     }
     acc
 }

@@ -14,6 +14,10 @@ pub(super) fn kernel(dtype: DType, level: SimdLevel) -> Option<DotKernel> {
     if !level.is_supported() {
         return None;
     }
+    // The k-quant kernels are AVX2 (a subset of the AVX-512 level).
+    if let Some(k) = super::x86_k::kernel(dtype) {
+        return Some(k);
+    }
     let (one, four): (super::DotQ8, super::DotQ8x4) = match (level, dtype) {
         (SimdLevel::Avx2, DType::Q4_0) => (
             |w, a| unsafe { q4_0_avx2(w, a) },
