@@ -16,9 +16,9 @@ pub(crate) struct KBlock {
     /// Super-block scale of the minimums (0 for formats without them).
     pub dmin: f32,
     /// Group scales.
-    pub sc: [i16; 16],
+    pub sc: [i8; 16],
     /// Group minimums.
-    pub mn: [i16; 16],
+    pub mn: [i8; 16],
     /// Unsigned values, element order.
     pub u: [u8; QK_K],
 }
@@ -54,62 +54,51 @@ pub(crate) const fn offset(dtype: DType) -> i32 {
     }
 }
 
-/// The 6-bit scale and min of 32-element sub-block `j` of a Q4_K / Q5_K block (ggml's
-/// `get_scale_min_k4`), from the 12 scale bytes `q`.
-#[inline(always)]
-pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
-}
-
 /// The super-block scales and the group scales and minimums of a k-quant block
-/// (`(d, dmin, sc, mn)`), without its values.
+/// (`(d, dmin, sc, mn)`), without its values. Every format's group scales and minimums fit
+/// in an `i8`.
 #[inline(always)]
-pub(crate) fn scales(dtype: DType, b: &[u8]) -> (f32, f32, [i16; 16], [i16; 16]) {
-    let mut sc = [0i16; 16];
-    let mut mn = [0i16; 16];
+pub(crate) fn scales(dtype: DType, b: &[u8]) -> (f32, f32, [i8; 16], [i8; 16]) {
+    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let bytes = |w: [u32; 4]| -> [i8; 16] {
+        let mut out = [0i8; 16];
+        for (o, v) in out.iter_mut().zip(w.iter().flat_map(|w| w.to_le_bytes())) {
+            *o = v as i8;
+        }
+        out
+    };
     match dtype {
         DType::Q2_K => {
-            for g in 0..16 {
-                sc[g] = (b[g] & 0x0f) as i16;
-                mn[g] = (b[g] >> 4) as i16;
-            }
+            let lo = 0x0f0f_0f0f;
+            let w = [word(0), word(4), word(8), word(12)];
+            let sc = bytes(w.map(|w| w & lo));
+            let mn = bytes(w.map(|w| (w >> 4) & lo));
             (f16_at(b, 80), f16_at(b, 82), sc, mn)
         }
         DType::Q3_K => {
-            let word = |i: usize| u32::from_le_bytes([b[96 + i], b[97 + i], b[98 + i], b[99 + i]]);
-            let (a0, a1, t) = (word(0), word(4), word(8));
+            let (a0, a1, t) = (word(96), word(100), word(104));
             let (lo, hi) = (0x0f0f_0f0f, 0x0303_0303);
-            let packed = [
+            let sc = bytes([
                 (a0 & lo) | ((t & hi) << 4),
                 (a1 & lo) | (((t >> 2) & hi) << 4),
                 ((a0 >> 4) & lo) | (((t >> 4) & hi) << 4),
                 ((a1 >> 4) & lo) | (((t >> 6) & hi) << 4),
-            ];
-            for (g, s) in packed.iter().flat_map(|w| w.to_le_bytes()).enumerate() {
-                sc[g] = s as i16 - 32;
-            }
-            (f16_at(b, 108), 0.0, sc, mn)
+            ]);
+            // Stored as 0..63 with +32.
+            (f16_at(b, 108), 0.0, sc.map(|v| v - 32), [0; 16])
         }
         DType::Q4_K | DType::Q5_K => {
-            for j in 0..8 {
-                let (s, m) = scale_min_k4(j, &b[4..16]);
-                sc[2 * j..2 * j + 2].fill(s as i16);
-                mn[2 * j..2 * j + 2].fill(m as i16);
-            }
-            (f16_at(b, 0), f16_at(b, 2), sc, mn)
+            // ggml's get_scale_min_k4 for all eight 32-element sub-blocks at once.
+            let (w0, w1, w2) = (word(4), word(8), word(12));
+            let (m6, m4, m2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+            let sc8 = bytes([w0 & m6, (w2 & m4) | (((w0 >> 6) & m2) << 4), 0, 0]);
+            let mn8 = bytes([w1 & m6, ((w2 >> 4) & m4) | (((w1 >> 6) & m2) << 4), 0, 0]);
+            let spread = |v: [i8; 16]| std::array::from_fn(|g| v[g / 2]);
+            (f16_at(b, 0), f16_at(b, 2), spread(sc8), spread(mn8))
         }
         DType::Q6_K => {
-            for g in 0..16 {
-                sc[g] = b[192 + g] as i8 as i16;
-            }
-            (f16_at(b, 208), 0.0, sc, mn)
+            let sc = std::array::from_fn(|g| b[192 + g] as i8);
+            (f16_at(b, 208), 0.0, sc, [0; 16])
         }
         _ => unreachable!("{dtype} is not a k-quant format"),
     }

@@ -17,6 +17,10 @@ use crate::kquant::{self, k_format, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6};
 
 use super::{DotKernel, DotQ8K, DotQ8Kx4};
 
+/// How far ahead of the weight stream to prefetch (Qwen2.5-Coder-1.5B decode: none 9.0 tok/s,
+/// 8 KiB 15.2, 16 KiB 16.0).
+const PREFETCH: usize = 16384;
+
 /// The kernels for a k-quant `dtype`, or `None` for other formats.
 pub(super) fn kernel(dtype: DType) -> Option<DotKernel> {
     macro_rules! pair {
@@ -131,14 +135,24 @@ unsafe fn rows<const R: usize, const F: u8>(w: &[u8], acts: [&[BlockQ8K]; R]) ->
     let off = kquant::offset(dtype);
     let mut acc = [_mm256_setzero_ps(); R];
     for (i, b) in w.chunks_exact(bb).enumerate() {
+        // (May point past the matrix: a prefetch never faults.)
+        let ahead = b.as_ptr().wrapping_add(PREFETCH);
+        for line in (0..bb).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+        }
         let (d, dmin, sc, mn) = kquant::scales(dtype, b);
         let u = unpack::<F>(b.as_ptr());
-        // Group scales as 16-bit lanes: register k covers groups 2k (low half) and 2k + 1.
+        let sc8 = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
+        // Even groups' scales in the low 128 bits, odd groups' in the high, as 16-bit lanes:
+        // register k needs group 2k in its low half and 2k + 1 in its high half.
+        let even_odd = _mm_set_epi8(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+        let split = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, even_odd));
         let scale: [__m256i; 8] = std::array::from_fn(|k| {
-            _mm256_set_m128i(_mm_set1_epi16(sc[2 * k + 1]), _mm_set1_epi16(sc[2 * k]))
+            let pick = (2 * k as i16) | ((2 * k as i16 + 1) << 8);
+            _mm256_shuffle_epi8(split, _mm256_set1_epi16(pick))
         });
-        let sc_v = _mm256_loadu_si256(sc.as_ptr() as *const __m256i);
-        let mn_v = _mm256_loadu_si256(mn.as_ptr() as *const __m256i);
+        let sc_v = _mm256_cvtepi8_epi16(sc8);
+        let mn_v = _mm256_cvtepi8_epi16(_mm_loadu_si128(mn.as_ptr() as *const __m128i));
         for r in 0..R {
             let y = acts[r].get_unchecked(i);
             let mut isum = _mm256_setzero_si256();
