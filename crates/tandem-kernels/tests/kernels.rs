@@ -261,8 +261,8 @@ proptest! {
     }
 
     #[test]
-    fn packed_matmul_matches_stored(seed in any::<u64>(), which in 0usize..3, blocks in 1usize..11, m in 1usize..14, n in 1usize..20) {
-        let d = [DType::Q4_0, DType::Q4_1, DType::Q8_0][which];
+    fn packed_matmul_matches_stored(seed in any::<u64>(), which in 0usize..5, blocks in 1usize..11, m in 1usize..14, n in 1usize..20) {
+        let d = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q5_0, DType::Q5_1][which];
         let mut rng = StdRng::seed_from_u64(seed);
         let k = blocks * 32;
         let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();

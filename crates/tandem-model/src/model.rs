@@ -74,36 +74,30 @@ const W_GATE: usize = 4;
 const W_UP: usize = 5;
 const W_DOWN: usize = 6;
 
-/// The matrices of one layer repacked for the wide SIMD kernels, in [`layer_mats`] order.
-type PackedLayer = [PackedMat; 7];
+/// The matrices of one layer repacked for the wide SIMD kernels, in [`layer_mats`] order
+/// (`None` for a matrix whose format has no packed kernels).
+type PackedLayer = [Option<PackedMat>; 7];
 
 /// The seven matrices of a layer.
 fn layer_mats(w: &crate::weights::LayerWeights) -> [&Linear; 7] {
     [&w.wq, &w.wk, &w.wv, &w.wo, &w.w_gate, &w.w_up, &w.w_down]
 }
 
-/// Weights repacked at load time for the CPU's widest kernels (`None` where it has none, or
-/// for formats without packed kernels).
+/// Weights repacked at load time for the CPU's widest kernels, matrix by matrix: files mix
+/// formats (Q4_K_M holds Q4_K, Q5_0, Q6_K and Q8_0 tensors), and each matrix whose format has
+/// packed kernels gets them.
 struct PackedWeights {
     layers: Vec<PackedLayer>,
-    lm_head: PackedMat,
+    lm_head: Option<PackedMat>,
 }
 
 impl PackedWeights {
-    fn new(w: &LlamaWeights) -> Option<PackedWeights> {
+    fn new(w: &LlamaWeights) -> PackedWeights {
         let pack = |l: &Linear| PackedMat::pack(&l.weight.mat());
-        let layers = w
-            .layers
-            .iter()
-            .map(|l| {
-                let [a, b, c, d, e, f, g] = layer_mats(l).map(pack);
-                Some([a?, b?, c?, d?, e?, f?, g?])
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(PackedWeights {
-            layers,
-            lm_head: PackedMat::pack(&w.lm_head.mat())?,
-        })
+        PackedWeights {
+            layers: w.layers.iter().map(|l| layer_mats(l).map(pack)).collect(),
+            lm_head: PackedMat::pack(&w.lm_head.mat()),
+        }
     }
 }
 
@@ -149,11 +143,7 @@ impl LlamaModel {
             crate::error::ConfigError::Unsupported(format!("cannot start compute threads: {e}"))
         })?;
         let level = tandem_kernels::simd::active();
-        let packed = if worth_packing(level) {
-            PackedWeights::new(&weights)
-        } else {
-            None
-        };
+        let packed = worth_packing(level).then(|| PackedWeights::new(&weights));
         Ok(LlamaModel {
             pool: std::sync::Arc::new(pool),
             config,
@@ -209,8 +199,8 @@ impl LlamaModel {
     /// `out = x · wᵀ (+ bias)` for matrix `which` of layer `layer` (see [`layer_mats`]).
     fn linear(&self, x: &[f32], rows: usize, layer: usize, which: usize, out: &mut [f32]) {
         let l = layer_mats(&self.weights.layers[layer])[which];
-        match self.packed() {
-            Some(p) => matmul_packed(x, rows, &p.layers[layer][which], out, self.level),
+        match self.packed().and_then(|p| p.layers[layer][which].as_ref()) {
+            Some(p) => matmul_packed(x, rows, p, out, self.level),
             None => matmul(x, rows, &l.weight.mat(), out, self.precision, self.level),
         }
         if let Some(b) = &l.bias {
@@ -371,8 +361,8 @@ impl LlamaModel {
         ops::rms_norm(&picked, &self.weights.norm, eps, &mut normed);
         let vocab = c.vocab_size;
         let mut values = vec![0f32; rows.len() * vocab];
-        match self.packed() {
-            Some(p) => matmul_packed(&normed, rows.len(), &p.lm_head, &mut values, self.level),
+        match self.packed().and_then(|p| p.lm_head.as_ref()) {
+            Some(p) => matmul_packed(&normed, rows.len(), p, &mut values, self.level),
             None => matmul(
                 &normed,
                 rows.len(),

@@ -11,7 +11,10 @@
 //! part holds elements 0..16 of each block (16 bytes per block), the second elements 16..32.
 //! For the nibble formats one byte carries both (low nibble: element `e`, high: `e + 16`, as
 //! in ggml); Q8_0 values are stored as `q + 128` so all weights are unsigned, and every format
-//! becomes `value = d * u + m` with `m` stored (Q4_1) or `-8d` / `-128d` (Q4_0 / Q8_0).
+//! becomes `value = d * u + m` with `m` stored (Q4_1, Q5_1) or `-8d` / `-16d` / `-128d`
+//! (Q4_0 / Q5_0 / Q8_0). The Q5 formats keep the nibbles as Q4 does and follow them with their
+//! fifth bits as two bit masks over the group's value bytes (the first part's, then the
+//! second's; 2 bytes per block each), so one mask register adds 16 to 64 values at once.
 
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -38,15 +41,21 @@ pub enum PackedFormat {
     Q4_1,
     /// 8-bit values stored with +128 (`m = -128d`).
     Q8_0,
+    /// 5-bit values, offset -16 (`m = -16d`).
+    Q5_0,
+    /// 5-bit values with a stored minimum.
+    Q5_1,
 }
 
 impl PackedFormat {
-    /// The format of a kernel's const parameter (0, 1, 2: Q4_0, Q4_1, Q8_0).
+    /// The format of a kernel's const parameter (0..4: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1).
     pub(crate) const fn from_id(id: u8) -> PackedFormat {
         match id {
             0 => PackedFormat::Q4_0,
             1 => PackedFormat::Q4_1,
-            _ => PackedFormat::Q8_0,
+            2 => PackedFormat::Q8_0,
+            3 => PackedFormat::Q5_0,
+            _ => PackedFormat::Q5_1,
         }
     }
 
@@ -55,29 +64,38 @@ impl PackedFormat {
             DType::Q4_0 => Some(PackedFormat::Q4_0),
             DType::Q4_1 => Some(PackedFormat::Q4_1),
             DType::Q8_0 => Some(PackedFormat::Q8_0),
+            DType::Q5_0 => Some(PackedFormat::Q5_0),
+            DType::Q5_1 => Some(PackedFormat::Q5_1),
             _ => None,
         }
     }
 
     /// Whether each block stores its minimum.
-    pub(crate) fn stores_min(self) -> bool {
-        self == PackedFormat::Q4_1
+    pub(crate) const fn stores_min(self) -> bool {
+        matches!(self, PackedFormat::Q4_1 | PackedFormat::Q5_1)
     }
 
     /// Bits per value.
-    pub(crate) fn bits(self) -> usize {
+    pub(crate) const fn bits(self) -> usize {
         match self {
             PackedFormat::Q8_0 => 8,
+            PackedFormat::Q5_0 | PackedFormat::Q5_1 => 5,
             _ => 4,
         }
+    }
+
+    /// Whether values are nibbles (with fifth bits for Q5) rather than bytes.
+    pub(crate) const fn nibbles(self) -> bool {
+        self.bits() < 8
     }
 
     /// `m / d` for formats whose minimum is implied by the scale.
     pub(crate) fn implied_min(self) -> f32 {
         match self {
             PackedFormat::Q4_0 => -8.0,
+            PackedFormat::Q5_0 => -16.0,
             PackedFormat::Q8_0 => -128.0,
-            PackedFormat::Q4_1 => 0.0,
+            PackedFormat::Q4_1 | PackedFormat::Q5_1 => 0.0,
         }
     }
 
@@ -101,7 +119,7 @@ pub struct PackedMat {
 }
 
 impl PackedMat {
-    /// Repacks a Q4_0, Q4_1 or Q8_0 matrix; `None` for other formats.
+    /// Repacks a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix; `None` for other formats.
     pub fn pack(w: &MatRef) -> Option<PackedMat> {
         let format = PackedFormat::of(w.dtype)?;
         let mut data = Vec::with_capacity(w.data.len());
@@ -152,6 +170,17 @@ fn pack_group(format: PackedFormat, src: &[u8], bb: usize, out: &mut Vec<u8>) {
         PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
             for b in &blocks {
                 out.extend_from_slice(&b[values..values + 16]);
+            }
+        }
+        PackedFormat::Q5_0 | PackedFormat::Q5_1 => {
+            // Source blocks: scales, the 32-bit fifth-bit word (bit e for element e), nibbles.
+            for b in &blocks {
+                out.extend_from_slice(&b[values + 4..values + 20]);
+            }
+            for half in [0..2, 2..4] {
+                for b in &blocks {
+                    out.extend_from_slice(&b[values + half.start..values + half.end]);
+                }
             }
         }
         PackedFormat::Q8_0 => {
@@ -238,6 +267,8 @@ macro_rules! kernel_set {
             PackedFormat::Q4_0 => set!(0),
             PackedFormat::Q4_1 => set!(1),
             PackedFormat::Q8_0 => set!(2),
+            PackedFormat::Q5_0 => set!(3),
+            PackedFormat::Q5_1 => set!(4),
         }
     }};
 }

@@ -17,12 +17,22 @@ pub fn dot(format: PackedFormat, w: &[u8], act: &[ActGroup], nb: usize) -> f32 {
             } else {
                 format.implied_min() * d
             };
+            // Fifth bits (Q5): after the nibbles, 16 per block for each half.
+            let fifth = |half: usize, e: usize| {
+                let m = &values[16 * tb + 2 * tb * half + 2 * b..];
+                let bits = u16::from_le_bytes([m[0], m[1]]);
+                (((bits >> e) & 1) as u8) << 4
+            };
             let mut isum = 0i32;
             for e in 0..16 {
                 let (lo, hi) = match format.bits() {
                     4 => {
                         let v = values[16 * b + e];
                         (v & 0x0f, v >> 4)
+                    }
+                    5 => {
+                        let v = values[16 * b + e];
+                        ((v & 0x0f) | fifth(0, e), (v >> 4) | fifth(1, e))
                     }
                     _ => (values[16 * b + e], values[16 * tb + 16 * b + e]),
                 };

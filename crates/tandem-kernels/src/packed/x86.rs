@@ -43,13 +43,31 @@ unsafe fn load_group<const F: u8>(p: *const u8, tb: usize) -> WeightGroup {
     } else {
         (1u64 << (16 * tb)) - 1
     };
-    let (lo, hi) = if format.bits() == 4 {
+    let (lo, hi) = if format.nibbles() {
         let raw = _mm512_maskz_loadu_epi8(bytes, q as *const i8);
         let mask = _mm512_set1_epi8(0x0f);
-        (
-            _mm512_and_si512(raw, mask),
-            _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
-        )
+        let lo = _mm512_and_si512(raw, mask);
+        let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+        if format.bits() == 5 {
+            // Fifth bits: a 2-byte mask per block for each half, right after the nibbles.
+            let bits = q.add(16 * tb);
+            let read = |p: *const u8| {
+                if tb == GROUP_BLOCKS {
+                    u64::from_le((p as *const u64).read_unaligned())
+                } else {
+                    let mut m = [0u8; 8];
+                    std::ptr::copy_nonoverlapping(p, m.as_mut_ptr(), 2 * tb);
+                    u64::from_le_bytes(m)
+                }
+            };
+            let sixteen = _mm512_set1_epi8(0x10);
+            (
+                _mm512_mask_add_epi8(lo, read(bits), lo, sixteen),
+                _mm512_mask_add_epi8(hi, read(bits.add(2 * tb)), hi, sixteen),
+            )
+        } else {
+            (lo, hi)
+        }
     } else {
         (
             _mm512_maskz_loadu_epi8(bytes, q as *const i8),
