@@ -1,4 +1,4 @@
-//! The engine on the reference model: batch invariance, prefix reuse, preemption under a tiny
+//! The engine on the reference model (batch invariance on Qwen2.5-Coder-0.5B too): batch invariance, prefix reuse, preemption under a tiny
 //! KV pool, cancellation, stop strings, seeds, streaming and bad input.
 
 use std::sync::OnceLock;
@@ -18,12 +18,27 @@ fn pipeline(cfg: EngineConfig) -> Pipeline {
     Pipeline::from_loaded(model(), cfg).unwrap()
 }
 
+/// Qwen2.5-Coder-0.5B-Instruct (q/k/v biases, NeoX rope, a Q5_0 / Q8_0 / k-quant mix).
+fn qwen() -> LoadedModel {
+    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let p = PATH.get_or_init(|| {
+        let m = tandem_model::fetch::named_model("Qwen2.5-Coder-0.5B-Instruct").expect("named");
+        tandem_model::fetch::ensure_model(m, false).expect("Qwen2.5-Coder-0.5B fetched")
+    });
+    load(p).unwrap()
+}
+
 fn golden_prompts() -> Vec<Vec<u32>> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tandem-model/tests/data/real_golden.json"
-    ))
-    .unwrap();
+    golden_prompts_of("real_golden.json")
+}
+
+/// The prompts of a real-model golden file in `tandem-model/tests/data`.
+fn golden_prompts_of(file: &str) -> Vec<Vec<u32>> {
+    let path = format!(
+        "{}/../tandem-model/tests/data/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(path).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["cases"]
         .as_array()
@@ -52,7 +67,24 @@ fn greedy(n: usize) -> GenerateParams {
 /// threads: the reference prompts, and two long ones whose keys span several attention chunks.
 #[test]
 fn tokens_do_not_depend_on_batch_or_thread_count() {
-    let mut prompts = golden_prompts();
+    batch_and_thread_invariance(model, golden_prompts(), &[1, 2, 3]);
+}
+
+/// The same on Qwen2.5-Coder-0.5B (1 and 2 threads: its forward is ~4x the reference's).
+#[test]
+fn qwen_tokens_do_not_depend_on_batch_or_thread_count() {
+    batch_and_thread_invariance(
+        qwen,
+        golden_prompts_of("qwen2.5-coder-0.5b_golden.json"),
+        &[1, 2],
+    );
+}
+
+fn batch_and_thread_invariance(
+    model: fn() -> LoadedModel,
+    mut prompts: Vec<Vec<u32>>,
+    thread_counts: &[usize],
+) {
     let tok = model().tokenizer;
     for text in [
         "In a quiet town by the river there lived an old clockmaker who repaired every kind of clock. ",
@@ -61,7 +93,7 @@ fn tokens_do_not_depend_on_batch_or_thread_count() {
         prompts.push(tok.encode(&text.repeat(8), true).unwrap());
     }
     let mut reference: Option<Vec<Vec<u32>>> = None;
-    for threads in [1, 2, 3] {
+    for &threads in thread_counts {
         let mut loaded = model();
         loaded.model = loaded.model.with_threads(threads).unwrap();
         let p = Pipeline::from_loaded(

@@ -302,6 +302,7 @@ fn shape_errors_are_typed() {
 
 /// Dense causal attention over contiguous K/V, the textbook way.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn dense_attention(
     q: &[f32],
     k: &[f32],
@@ -311,6 +312,7 @@ fn dense_attention(
     nh: usize,
     nkv: usize,
     hd: usize,
+    window: Option<usize>,
 ) -> Vec<f32> {
     let mut out = vec![0f32; n_new * nh * hd];
     let rep = nh / nkv;
@@ -319,7 +321,8 @@ fn dense_attention(
         for h in 0..nh {
             let g = h / rep;
             let qv = &q[(t * nh + h) * hd..][..hd];
-            let s: Vec<f32> = (0..=pos)
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let s: Vec<f32> = (first..=pos)
                 .map(|p| {
                     qv.iter()
                         .zip(&k[(p * nkv + g) * hd..][..hd])
@@ -331,7 +334,7 @@ fn dense_attention(
             let mx = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
             let z: f32 = e.iter().sum();
-            for (p, w) in e.iter().enumerate() {
+            for (p, w) in (first..=pos).zip(&e) {
                 for i in 0..hd {
                     out[(t * nh + h) * hd + i] += w / z * v[(p * nkv + g) * hd + i];
                 }
@@ -344,9 +347,10 @@ fn dense_attention(
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// Paged attention over shuffled blocks equals dense attention, for f32 and f16 pools.
+    /// Paged attention over shuffled blocks equals dense attention, for f32 and f16 pools, with
+    /// and without a sliding window.
     #[test]
-    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..300, n_new in 1usize..40, bs in 1usize..9, f16_pool in any::<bool>(), hd_sel in 0usize..3, pooled in any::<bool>()) {
+    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..300, n_new in 1usize..40, bs in 1usize..9, f16_pool in any::<bool>(), hd_sel in 0usize..3, pooled in any::<bool>(), window in prop::option::of(1usize..200)) {
         let mut rng = StdRng::seed_from_u64(seed);
         // head_dim 16 and 64 take the AVX-512 block step where present; contexts past 128 keys
         // are merged from key chunks, and inside a pool a short query chunk's key chunks are
@@ -375,9 +379,9 @@ proptest! {
         let (kr, vr) = if f16_pool { (KvRef::F16(&k16), KvRef::F16(&v16)) } else { (KvRef::F32(&k32), KvRef::F32(&v32)) };
         let seqs = [AttnSeq { row_start: 0, n_new, context_len: ctx0, block_table: table }];
         let mut out = vec![0f32; q.len()];
-        let mut run = || paged_attention(&layout, &seqs, &q, nh, 1.0 / (hd as f32).sqrt(), kr, vr, &mut out);
+        let mut run = || paged_attention(&layout, &seqs, &q, nh, 1.0 / (hd as f32).sqrt(), window, kr, vr, &mut out);
         if pooled { ThreadPool::new(3).unwrap().install(run) } else { run() }
-        let want = dense_attention(&q, &k_ref, &v_ref, ctx0, n_new, nh, nkv, hd);
+        let want = dense_attention(&q, &k_ref, &v_ref, ctx0, n_new, nh, nkv, hd, window);
         for (a, b) in out.iter().zip(&want) {
             prop_assert!((a - b).abs() <= 1e-4, "{} vs {}", a, b);
         }
@@ -443,7 +447,7 @@ proptest! {
     /// A sequence's attention output is bitwise the same alone, inside any batch, with its new
     /// tokens in one call or two, and on 1, 2 or 3 threads.
     #[test]
-    fn attention_is_batch_chunk_and_thread_invariant(seed in any::<u64>(), ctx in 0usize..600, n_new in 1usize..24, others in 0usize..3, bs_sel in 0usize..2) {
+    fn attention_is_batch_chunk_and_thread_invariant(seed in any::<u64>(), ctx in 0usize..600, n_new in 1usize..24, others in 0usize..3, bs_sel in 0usize..2, window in prop::option::of(1usize..400)) {
         let mut rng = StdRng::seed_from_u64(seed);
         let (nh, nkv, hd, bs) = (6, 2, 64, [16, 8][bs_sel]);
         let mut lens = vec![ctx + n_new];
@@ -458,7 +462,7 @@ proptest! {
         let q = random_vec(&mut rng, n_new * w);
         let attend = |seqs: &[AttnSeq], q: &[f32], threads: usize| {
             let mut out = vec![0f32; q.len()];
-            let mut run = || paged_attention(&pool.layout, seqs, q, nh, scale, kr, vr, &mut out);
+            let mut run = || paged_attention(&pool.layout, seqs, q, nh, scale, window, kr, vr, &mut out);
             if threads > 1 { ThreadPool::new(threads).unwrap().install(run) } else { run() }
             out
         };

@@ -331,7 +331,10 @@ impl LlamaModel {
                 write_kv(&layout, &attn_seqs, &b.k, &b.v, &mut km, &mut vm);
             }
             let (kr, vr) = kv.layer(l);
-            paged_attention(&layout, &attn_seqs, &b.q, nh, scale, kr, vr, &mut b.att);
+            let window = self.config.attention_window(l);
+            paged_attention(
+                &layout, &attn_seqs, &b.q, nh, scale, window, kr, vr, &mut b.att,
+            );
             self.linear(&b.att, t, l, WO, &mut b.o);
             ops::add_assign(&mut b.x, &b.o);
             ops::rms_norm(&b.x, &w.ffn_norm, eps, &mut b.h);

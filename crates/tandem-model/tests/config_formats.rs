@@ -210,8 +210,9 @@ fn rope_extend_methods_scale_frequencies() {
 }
 
 /// HF directories of the Llama-like families: Qwen2 gets its q/k/v biases, a sliding window
-/// (Mistral v0.1, Qwen2 with `use_sliding_window`) caps the served length to the window (where
-/// it equals full attention), and other model types are refused by name.
+/// (Mistral v0.1 in every layer, Qwen2 with `use_sliding_window` from `max_window_layers` on)
+/// is kept for the attention without limiting the context, and other model types are refused
+/// by name.
 #[test]
 fn hf_model_types_served_and_refused() {
     let cfg = |extra: &str| {
@@ -227,22 +228,31 @@ fn hf_model_types_served_and_refused() {
     .unwrap();
     assert!(qwen.qkv_has_bias && !qwen.attn_proj_has_bias);
     assert_eq!(qwen.seq_length, 32768);
+    assert_eq!(qwen.attention_window(3), None);
     let qwen_sw = LlamaConfig::from_hf_json(&cfg(
         r#""model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": true, "max_window_layers": 2"#,
     ))
     .unwrap();
-    assert_eq!(qwen_sw.seq_length, 4096);
+    assert_eq!(qwen_sw.seq_length, 32768);
+    assert_eq!(
+        (0..4)
+            .map(|l| qwen_sw.attention_window(l))
+            .collect::<Vec<_>>(),
+        [None, None, Some(4096), Some(4096)]
+    );
     let mistral01 =
         LlamaConfig::from_hf_json(&cfg(r#""model_type": "mistral", "sliding_window": 4096"#))
             .unwrap();
     assert_eq!(
         (mistral01.seq_length, mistral01.qkv_has_bias),
-        (4096, false)
+        (32768, false)
     );
+    assert!((0..4).all(|l| mistral01.attention_window(l) == Some(4096)));
     let mistral02 =
         LlamaConfig::from_hf_json(&cfg(r#""model_type": "mistral", "sliding_window": null"#))
             .unwrap();
     assert_eq!(mistral02.seq_length, 32768);
+    assert_eq!(mistral02.attention_window(0), None);
     let e = LlamaConfig::from_hf_json(&cfg(r#""model_type": "gemma3""#))
         .unwrap_err()
         .to_string();

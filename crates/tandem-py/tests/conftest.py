@@ -13,6 +13,8 @@ import tandem
 from tandem import _native
 
 MODEL = "SmolLM2-135M-Instruct"
+# A model whose own chat template carries tool branches (Hermes-style <tool_call> blocks).
+QWEN = "Qwen2.5-Coder-0.5B-Instruct"
 
 
 def _private_home() -> None:
@@ -49,12 +51,12 @@ class Deployments:
     def __init__(self) -> None:
         self.clients: List[tandem.MIIClient] = []
 
-    def serve(self, **kwargs) -> tandem.MIIClient:
+    def serve(self, model: str = MODEL, **kwargs) -> tandem.MIIClient:
         kwargs.setdefault("deployment_name", unique_name("pytest"))
         kwargs.setdefault("port_number", 0)
         if kwargs.get("enable_restful_api"):
             kwargs.setdefault("restful_api_port", 0)
-        client = tandem.serve(MODEL, **kwargs)
+        client = tandem.serve(model, **kwargs)
         self.clients.append(client)
         return client
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from conftest import MODEL, Deployments
+from conftest import MODEL, QWEN, Deployments
 
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
@@ -46,14 +46,23 @@ WEATHER = [{"type": "function", "function": {
                    "required": ["city", "unit"], "additionalProperties": False}}}]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple]:
+def serve_openai(model: str) -> Iterator[tuple]:
     d = Deployments()
-    c = d.serve(enable_restful_api=True)
+    c = d.serve(model, enable_restful_api=True)
     port = c.mii_config.restful_api_port
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
     yield client, f"http://127.0.0.1:{port}"
     d.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple]:
+    yield from serve_openai(MODEL)
+
+
+@pytest.fixture(scope="module")
+def qwen_server() -> Iterator[tuple]:
+    yield from serve_openai(QWEN)
 
 
 def metric(base: str, name: str) -> float:
@@ -97,10 +106,14 @@ def test_json_schema_outputs_validate(server, i):
     jsonschema.validate(json.loads(text), schema)
 
 
-def test_tool_calling_round_trip(server):
-    client, _ = server
+@pytest.mark.parametrize("which", ["server", "qwen_server"])
+def test_tool_calling_round_trip(which, request):
+    """On the reference model (generic tool format) and on Qwen2.5 (its own template's tool
+    branches, Hermes-style <tool_call> output)."""
+    client, _ = request.getfixturevalue(which)
+    model = QWEN if which == "qwen_server" else MODEL
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        r = client.chat.completions.create(model=MODEL, messages=chat("What's the weather in Paris?"),
+        r = client.chat.completions.create(model=model, messages=chat("What's the weather in Paris?"),
                                            tools=WEATHER, tool_choice=choice, temperature=0)
         c = r.choices[0]
         assert c.finish_reason == "tool_calls", r
@@ -110,7 +123,7 @@ def test_tool_calling_round_trip(server):
         jsonschema.validate(args, WEATHER[0]["function"]["parameters"])
     # Streamed, the openai package assembles the tool_calls deltas.
     deltas = [ch.choices[0].delta for ch in client.chat.completions.create(
-        model=MODEL, messages=chat("Weather in Rome?"), tools=WEATHER, tool_choice="required", temperature=0, stream=True) if ch.choices]
+        model=model, messages=chat("Weather in Rome?"), tools=WEATHER, tool_choice="required", temperature=0, stream=True) if ch.choices]
     calls = [tc for d in deltas for tc in (d.tool_calls or [])]
     assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
     # The call and its result in the history; the final answer is text.
@@ -119,7 +132,7 @@ def test_tool_calling_round_trip(server):
             {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 22, "sky": "sunny"})},
     ]
-    final = client.chat.completions.create(model=MODEL, messages=messages, tools=WEATHER, temperature=0, max_tokens=40)
+    final = client.chat.completions.create(model=model, messages=messages, tools=WEATHER, temperature=0, max_tokens=40)
     assert final.choices[0].message.content
 
 

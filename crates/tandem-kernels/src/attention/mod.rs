@@ -137,8 +137,9 @@ pub fn write_kv(
 }
 
 /// Causal attention of the new tokens' queries (`q`: `[rows, n_heads * head_dim]`) over each
-/// sequence's cached positions `0..=own position`, into `out` (same shape as `q`). Query head
-/// `h` reads KV head `h / (n_heads / n_kv_heads)`.
+/// sequence's cached positions `0..=own position` (with a sliding `window`, only the last
+/// `window` of them: Mistral's and Qwen2's sliding-window attention), into `out` (same shape
+/// as `q`). Query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     layout: &PagedLayout,
@@ -146,10 +147,12 @@ pub fn paged_attention(
     q: &[f32],
     n_heads: usize,
     scale: f32,
+    window: Option<usize>,
     k: KvRef,
     v: KvRef,
     out: &mut [f32],
 ) {
+    assert!(window != Some(0), "an attention window of 0 keys");
     let n_rep = n_heads / layout.n_kv_heads;
     assert_eq!(q.len(), out.len());
     assert_eq!(k.len(), v.len());
@@ -163,6 +166,7 @@ pub fn paged_attention(
         n_heads,
         n_rep,
         scale,
+        window,
         k,
         v,
         dst,
@@ -203,6 +207,8 @@ struct Task<'a> {
     n_heads: usize,
     n_rep: usize,
     scale: f32,
+    /// Keys a query sees at most (its own included), if limited.
+    window: Option<usize>,
     k: KvRef<'a>,
     v: KvRef<'a>,
     dst: SyncPtr<f32>,
@@ -285,6 +291,10 @@ impl Task<'_> {
         };
         let end = s.context_len + queries.end;
         let end_blk = end.div_ceil(layout.block_size);
+        // The first key query position `pos` sees.
+        let first_key = |pos: usize| self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        // Keys before the first query's window are seen by none of this task's queries.
+        let seen_from = first_key(s.context_len + queries.start);
         let cb = chunk_blocks(layout.block_size);
         for (ci, chunk) in w.chunks.clone().enumerate() {
             m.fill(f32::NEG_INFINITY);
@@ -293,6 +303,9 @@ impl Task<'_> {
             for blk in chunk * cb..((chunk + 1) * cb).min(end_blk) {
                 let p0 = blk * layout.block_size;
                 let nb = (end - p0).min(layout.block_size);
+                if p0 + nb <= seen_from {
+                    continue;
+                }
                 for j in 0..nb {
                     let off = layout.slot(s.block_table, p0 + j) + g * hd;
                     let (kd, vd) = (&mut kb[j * hd..(j + 1) * hd], &mut vb[j * hd..(j + 1) * hd]);
@@ -318,6 +331,11 @@ impl Task<'_> {
                         continue;
                     }
                     let valid = (pos + 1 - p0).min(nb);
+                    // Keys of this block before the query's window.
+                    let skip = first_key(pos).saturating_sub(p0);
+                    if skip >= valid {
+                        continue;
+                    }
                     let row = (s.row_start + t) * n_heads * hd;
                     for r in 0..n_rep {
                         let h = g * n_rep + r;
@@ -330,13 +348,20 @@ impl Task<'_> {
                             // `paged_attention` (AVX-512F, block <= 16, head_dim % 16 == 0).
                             unsafe {
                                 x86::update_row(
-                                    qv, &kt, &vb, valid, scale, &mut m[st], &mut l[st], a,
+                                    qv,
+                                    &kt,
+                                    &vb,
+                                    skip..valid,
+                                    scale,
+                                    &mut m[st],
+                                    &mut l[st],
+                                    a,
                                 )
                             };
                             continue;
                         }
                         let mut mx = m[st];
-                        for j in 0..valid {
+                        for j in skip..valid {
                             let kr = &kb[j * hd..(j + 1) * hd];
                             let d = dot(qv, kr);
                             scores[j] = d * scale;
@@ -348,7 +373,7 @@ impl Task<'_> {
                         for x in a.iter_mut() {
                             *x *= corr;
                         }
-                        for j in 0..valid {
+                        for j in skip..valid {
                             let p = (scores[j] - mx).exp();
                             sum += p;
                             for (x, &vv) in a.iter_mut().zip(&vb[j * hd..(j + 1) * hd]) {

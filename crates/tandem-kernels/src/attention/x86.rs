@@ -47,26 +47,27 @@ pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
     }
 }
 
-/// Online-softmax update of one query row (`q`, `hd` values) with `valid` keys of a block:
-/// `kt` transposed keys (`hd * 16`), `vb` values (`valid * hd`, row-major); `m`, `l`, `acc`
+/// Online-softmax update of one query row (`q`, `hd` values) with the keys `keys` of a block:
+/// `kt` transposed keys (`hd * 16`), `vb` values (`keys.end * hd`, row-major); `m`, `l`, `acc`
 /// are the row's running maximum, denominator and weighted sum of values (`hd`).
 ///
 /// # Safety
-/// AVX-512F must be available; `hd` a multiple of 16; `1 <= valid <= 16`.
+/// AVX-512F must be available; `hd` a multiple of 16; `keys` non-empty, `keys.end <= 16`.
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn update_row(
     q: &[f32],
     kt: &[f32],
     vb: &[f32],
-    valid: usize,
+    keys: std::ops::Range<usize>,
     scale: f32,
     m: &mut f32,
     l: &mut f32,
     acc: &mut [f32],
 ) {
     let hd = q.len();
-    debug_assert!(hd.is_multiple_of(16) && (1..=LANES).contains(&valid));
+    let valid = keys.end;
+    debug_assert!(hd.is_multiple_of(16) && !keys.is_empty() && valid <= LANES);
     debug_assert!(kt.len() >= hd * LANES && vb.len() >= valid * hd && acc.len() == hd);
     let mut s = [_mm512_setzero_ps(); 4];
     let kp = kt.as_ptr();
@@ -76,11 +77,12 @@ pub(super) unsafe fn update_row(
     }
     let s = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
     let s = _mm512_mul_ps(s, _mm512_set1_ps(scale));
-    let live: __mmask16 = if valid == LANES {
+    let upto: __mmask16 = if valid == LANES {
         !0
     } else {
         (1u16 << valid) - 1
     };
+    let live = upto & !((1u16 << keys.start) - 1);
     let mx = _mm512_mask_reduce_max_ps(live, s).max(*m);
     let p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
     let corr = (*m - mx).exp();
@@ -92,7 +94,7 @@ pub(super) unsafe fn update_row(
     let (ap, vp) = (acc.as_mut_ptr(), vb.as_ptr());
     for c in (0..hd).step_by(16) {
         let mut a = _mm512_mul_ps(_mm512_loadu_ps(ap.add(c)), corr);
-        for (j, &w) in pj.iter().enumerate().take(valid) {
+        for (j, &w) in pj.iter().enumerate().take(valid).skip(keys.start) {
             a = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(vp.add(j * hd + c)), a);
         }
         _mm512_storeu_ps(ap.add(c), a);

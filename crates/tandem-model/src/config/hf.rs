@@ -53,21 +53,23 @@ fn token_ids(m: &Map<String, Value>, key: &str) -> Result<Option<TokenIds>, Conf
 /// HF `model_type`s served: Llama's and the Llama-like families (Mistral, Qwen2).
 pub const HF_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
 
-/// The attention window a config asks for, if any layer uses one: Mistral's `sliding_window`
-/// (null from v0.2 on), Qwen2's when `use_sliding_window` is set (layers from
-/// `max_window_layers` on).
+/// The attention window a config asks for and the first layer using it: Mistral's
+/// `sliding_window` (null from v0.2 on) in every layer, Qwen2's when `use_sliding_window` is
+/// set, in layers from `max_window_layers` on (as transformers applies it).
 fn sliding_window(
     m: &Map<String, Value>,
     model_type: &str,
     num_layers: usize,
-) -> Result<Option<usize>, ConfigError> {
-    let window = get_usize(m, "sliding_window")?;
+) -> Result<Option<(usize, usize)>, ConfigError> {
+    let window = get_usize(m, "sliding_window")?.filter(|&w| w > 0);
     Ok(match model_type {
-        "mistral" => window,
+        "mistral" => window.map(|w| (w, 0)),
         "qwen2" => {
             let used = get_bool(m, "use_sliding_window")?.unwrap_or(false);
             let from = get_usize(m, "max_window_layers")?.unwrap_or(num_layers);
-            window.filter(|_| used && from < num_layers)
+            window
+                .filter(|_| used && from < num_layers)
+                .map(|w| (w, from))
         }
         _ => None,
     })
@@ -131,16 +133,9 @@ impl LlamaConfig {
             use_past: true,
             ..LlamaConfig::default()
         };
-        if let Some(w) = sliding_window(m, model_type, c.num_layers)? {
-            // Within the window, sliding-window attention is full attention: serving at most
-            // `w` tokens gives the reference's outputs exactly.
-            if w < c.seq_length {
-                tracing::warn!(
-                    "{model_type}: sliding-window attention (window {w}) is served as full \
-                     attention over at most {w} tokens"
-                );
-                c.seq_length = w;
-            }
+        if let Some((w, from)) = sliding_window(m, model_type, c.num_layers)? {
+            c.sliding_window = Some(w);
+            c.window_from_layer = from;
         }
         // HF's head_dim is only an extension when it differs from hidden_size / num_heads.
         if c.head_dim == Some(c.hidden_size / c.num_heads.max(1)) {

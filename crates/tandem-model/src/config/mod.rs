@@ -114,6 +114,13 @@ pub struct LlamaConfig {
     /// Explicit head size (HF `head_dim`); `None` means `hidden_size / num_heads`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
+    /// Sliding-window attention (Mistral v0.1, Qwen2 with `use_sliding_window`): each query
+    /// sees at most this many keys, its own included, in layers from `window_from_layer` on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// First layer that uses `sliding_window` (Qwen2's `max_window_layers`; 0 for Mistral).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub window_from_layer: usize,
     /// Keys beyond the class signature (`**kwargs`), kept for round trips.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
@@ -186,6 +193,8 @@ impl Default for LlamaConfig {
             calculate_per_token_loss: false,
             pipeline_stage: None,
             head_dim: None,
+            sliding_window: None,
+            window_from_layer: 0,
             extra: BTreeMap::new(),
         }
     }
@@ -225,6 +234,12 @@ impl LlamaConfig {
         self.max_position_embedding
             .unwrap_or(self.seq_length)
             .max(self.seq_length)
+    }
+
+    /// The attention window of layer `layer`, if it uses sliding-window attention.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| layer >= self.window_from_layer)
     }
 
     /// EOS ids (all of them when the source listed several).
@@ -382,4 +397,8 @@ mod tests {
         );
         LlamaConfig::default().validate().unwrap();
     }
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
