@@ -302,7 +302,6 @@ fn shape_errors_are_typed() {
 
 /// Dense causal attention over contiguous K/V, the textbook way.
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
 fn dense_attention(
     q: &[f32],
     k: &[f32],
