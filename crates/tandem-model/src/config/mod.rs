@@ -341,6 +341,11 @@ impl LlamaConfig {
     }
 }
 
+/// Serde's skip test for zero counts.
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,8 +402,4 @@ mod tests {
         );
         LlamaConfig::default().validate().unwrap();
     }
-}
-
-fn is_zero(v: &usize) -> bool {
-    *v == 0
 }
