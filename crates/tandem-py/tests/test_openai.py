@@ -15,15 +15,17 @@ from pydantic import BaseModel
 
 from conftest import MODEL, QWEN, Deployments
 
+# Strings are bounded (maxLength), so a strict schema also bounds how long the small model can
+# ramble inside a string, whatever the kernels' rounding picks at near-ties.
 SCHEMAS = [
-    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0}},
      "required": ["name", "age"], "additionalProperties": False},
-    {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"},
-     "landmarks": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}, "population": {"type": "integer"},
+     "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 3}},
      "required": ["city", "population", "landmarks"], "additionalProperties": False},
     {"type": "object", "properties": {"answer": {"type": "number"}, "unit": {"enum": ["m", "km", "mi"]}},
      "required": ["answer", "unit"], "additionalProperties": False},
-    {"type": "object", "properties": {"ok": {"type": "boolean"}, "reason": {"type": ["string", "null"]}},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "reason": {"type": ["string", "null"], "maxLength": 80}},
      "required": ["ok", "reason"], "additionalProperties": False},
     {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 5},
 ]

@@ -54,7 +54,9 @@ def test_length_options(pipe):
 
 
 def test_eos_options(pipe):
-    chat = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+    # A question the model answers briefly and then ends at every SIMD level (open-ended
+    # prompts such as "Say hi." end or ramble depending on near-ties in the kernels' rounding).
+    chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     r = pipe(chat, max_new_tokens=64, **GREEDY)[0]
     assert r.finish_reason == "stop" and r.generated_length < 64
     stopped_at = r.generated_length
