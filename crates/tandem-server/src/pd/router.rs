@@ -153,23 +153,13 @@ pub struct PdRouter {
     failed: AtomicU64,
 }
 
+/// POSTs `body` as JSON and reads the JSON answer; any failure as text.
 async fn post_json<B: Serialize, R: DeserializeOwned>(
     http: &reqwest::Client,
     url: &str,
     body: &B,
 ) -> Result<R, String> {
-    let resp = http
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        return Err(format!("{url}: {status}: {text}"));
-    }
-    resp.json().await.map_err(|e| format!("{url}: {e}"))
+    call(http, url, body).await.map_err(CallError::message)
 }
 
 /// A worker's `/pd/info`.
