@@ -94,8 +94,9 @@ pub(super) unsafe fn update_row(
     let (ap, vp) = (acc.as_mut_ptr(), vb.as_ptr());
     for c in (0..hd).step_by(16) {
         let mut a = _mm512_mul_ps(_mm512_loadu_ps(ap.add(c)), corr);
-        for (j, &w) in pj.iter().enumerate().take(valid).skip(keys.start) {
-            a = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(vp.add(j * hd + c)), a);
+        for j in keys.clone() {
+            let w = _mm512_set1_ps(*pj.get_unchecked(j));
+            a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(j * hd + c)), a);
         }
         _mm512_storeu_ps(ap.add(c), a);
     }
