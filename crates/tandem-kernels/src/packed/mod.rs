@@ -1,151 +1,219 @@
-//! Weights repacked at load time for wide integer dot products.
+//! Weights repacked at load time into row tiles for wide integer dot products.
 //!
-//! ggml's 32-element blocks interleave each block's scale with its values, so a kernel handles
-//! one block (32 values) per step. Here each row is regrouped four blocks at a time: the four
-//! scales, then the four minimums (Q4_1 only), then the values of the four blocks, so one
-//! 64-byte load brings 128 weights and one `vpdpbusd` multiplies 64 of them. A group has
-//! exactly the bytes of its four source blocks, so a packed matrix reads as many bytes as the
-//! stored one. Activations are quantized into [`ActGroup`]s whose value order matches.
+//! ggml stores a matrix row by row, each 32- or 256-element block with its scales beside its
+//! values, so a kernel reading one row at a time spends a scale multiply (and its loads) on
+//! every 32 weights of every activation row. Here rows are interleaved [`TILE_ROWS`] at a
+//! time: one 64-byte register holds four consecutive values of sixteen rows, so one
+//! `vpdpbusd` with four broadcast activation bytes feeds sixteen row accumulators, and the
+//! float work (scale, minimum) is done once per 32-element block for sixteen rows at once.
+//! A tile's bytes are contiguous, read once per group of activation rows.
 //!
-//! Value order inside a group of `tb` blocks (4, or 1..3 for a row's last group): the first
-//! part holds elements 0..16 of each block (16 bytes per block), the second elements 16..32.
-//! For the nibble formats one byte carries both (low nibble: element `e`, high: `e + 16`, as
-//! in ggml); Q8_0 values are stored as `q + 128` so all weights are unsigned, and every format
-//! becomes `value = d * u + m` with `m` stored (Q4_1, Q5_1) or `-8d` / `-16d` / `-128d`
-//! (Q4_0 / Q5_0 / Q8_0). The Q5 formats keep the nibbles as Q4 does and follow them with their
-//! fifth bits as two bit masks over the group's value bytes (the first part's, then the
-//! second's; 2 bytes per block each), so one mask register adds 16 to 64 values at once.
+//! Every format becomes unsigned values `u` with, per 32-element block `b` of row `r`,
+//! `value = scale * u + min` (or, for Q6_K, a scale per 16 elements and a constant offset):
+//! see [`layout`] for the byte order. The repacking is lossless: scales stay in their stored
+//! f16 (or k-quant integer) form and are combined in f32 exactly as the dequantizer does.
+//! Activations are quantized per 32 elements ([`ActBlock`]), in element order.
 
+mod layout;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use half::f16;
-
-use crate::dtype::{DType, QK};
+use crate::dtype::{DType, QK, QK_K};
 use crate::matmul::MatRef;
 use crate::par::{chunk_rows, for_each_task, SyncPtr};
 use crate::simd::SimdLevel;
 
-/// Blocks per group.
-pub const GROUP_BLOCKS: usize = 4;
-/// Elements per group.
-pub const GROUP_LEN: usize = GROUP_BLOCKS * QK;
+pub use layout::TILE_ROWS;
 
 /// The source format of a packed matrix.
+#[allow(non_camel_case_types)] // ggml's names
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PackedFormat {
-    /// 4-bit values, offset -8 (`m = -8d`).
+    /// 4-bit values, offset -8 (`min = -8 d`).
     Q4_0,
     /// 4-bit values with a stored minimum.
     Q4_1,
-    /// 8-bit values stored with +128 (`m = -128d`).
-    Q8_0,
-    /// 5-bit values, offset -16 (`m = -16d`).
+    /// 5-bit values, offset -16.
     Q5_0,
     /// 5-bit values with a stored minimum.
     Q5_1,
+    /// 8-bit values stored with +128 (`min = -128 d`).
+    Q8_0,
+    /// 4-bit values, 6-bit block scales and minimums under f16 super-block scales.
+    Q4_K,
+    /// Q4_K with a fifth bit.
+    Q5_K,
+    /// 6-bit values offset by 32, an 8-bit scale per 16 elements under an f16 super-block scale.
+    Q6_K,
+}
+
+/// How a format's blocks are scaled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Scheme {
+    /// An f16 scale per 32-element block and an f16 minimum (`stored`) or `implied * scale`.
+    Block32 { stored_min: bool, implied: f32 },
+    /// f16 `d`, `dmin` per 256 elements; per 32-element block `scale = d * sc`,
+    /// `min = -dmin * mn` with 6-bit `sc`, `mn`.
+    K32,
+    /// f16 `d` per 256 elements; per 16 elements `scale = d * sc` with a signed 8-bit `sc`;
+    /// `value = scale * (u - 32)`.
+    K16,
 }
 
 impl PackedFormat {
-    /// The format of a kernel's const parameter (0..4: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1).
+    /// Every format, in const-parameter order.
+    pub(crate) const ALL: [PackedFormat; 8] = [
+        PackedFormat::Q4_0,
+        PackedFormat::Q4_1,
+        PackedFormat::Q5_0,
+        PackedFormat::Q5_1,
+        PackedFormat::Q8_0,
+        PackedFormat::Q4_K,
+        PackedFormat::Q5_K,
+        PackedFormat::Q6_K,
+    ];
+
+    /// The format of a kernel's const parameter (its index in [`Self::ALL`]).
     pub(crate) const fn from_id(id: u8) -> PackedFormat {
-        match id {
-            0 => PackedFormat::Q4_0,
-            1 => PackedFormat::Q4_1,
-            2 => PackedFormat::Q8_0,
-            3 => PackedFormat::Q5_0,
-            _ => PackedFormat::Q5_1,
-        }
+        Self::ALL[id as usize]
     }
 
-    fn of(dtype: DType) -> Option<PackedFormat> {
-        match dtype {
-            DType::Q4_0 => Some(PackedFormat::Q4_0),
-            DType::Q4_1 => Some(PackedFormat::Q4_1),
-            DType::Q8_0 => Some(PackedFormat::Q8_0),
-            DType::Q5_0 => Some(PackedFormat::Q5_0),
-            DType::Q5_1 => Some(PackedFormat::Q5_1),
-            _ => None,
-        }
+    /// The packed format of `dtype`, if it has one.
+    pub fn of(dtype: DType) -> Option<PackedFormat> {
+        Some(match dtype {
+            DType::Q4_0 => PackedFormat::Q4_0,
+            DType::Q4_1 => PackedFormat::Q4_1,
+            DType::Q5_0 => PackedFormat::Q5_0,
+            DType::Q5_1 => PackedFormat::Q5_1,
+            DType::Q8_0 => PackedFormat::Q8_0,
+            DType::Q4_K => PackedFormat::Q4_K,
+            DType::Q5_K => PackedFormat::Q5_K,
+            DType::Q6_K => PackedFormat::Q6_K,
+            _ => return None,
+        })
     }
 
-    /// Whether each block stores its minimum.
-    pub(crate) const fn stores_min(self) -> bool {
-        matches!(self, PackedFormat::Q4_1 | PackedFormat::Q5_1)
+    /// The stored format this one repacks.
+    pub fn dtype(self) -> DType {
+        match self {
+            PackedFormat::Q4_0 => DType::Q4_0,
+            PackedFormat::Q4_1 => DType::Q4_1,
+            PackedFormat::Q5_0 => DType::Q5_0,
+            PackedFormat::Q5_1 => DType::Q5_1,
+            PackedFormat::Q8_0 => DType::Q8_0,
+            PackedFormat::Q4_K => DType::Q4_K,
+            PackedFormat::Q5_K => DType::Q5_K,
+            PackedFormat::Q6_K => DType::Q6_K,
+        }
     }
 
     /// Bits per value.
     pub(crate) const fn bits(self) -> usize {
         match self {
+            PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4_K => 4,
+            PackedFormat::Q5_0 | PackedFormat::Q5_1 | PackedFormat::Q5_K => 5,
+            PackedFormat::Q6_K => 6,
             PackedFormat::Q8_0 => 8,
-            PackedFormat::Q5_0 | PackedFormat::Q5_1 => 5,
-            _ => 4,
         }
     }
 
-    /// Whether values are nibbles (with fifth bits for Q5) rather than bytes.
-    pub(crate) const fn nibbles(self) -> bool {
-        self.bits() < 8
-    }
-
-    /// `m / d` for formats whose minimum is implied by the scale.
-    pub(crate) fn implied_min(self) -> f32 {
+    /// The scaling scheme.
+    pub(crate) const fn scheme(self) -> Scheme {
         match self {
-            PackedFormat::Q4_0 => -8.0,
-            PackedFormat::Q5_0 => -16.0,
-            PackedFormat::Q8_0 => -128.0,
-            PackedFormat::Q4_1 | PackedFormat::Q5_1 => 0.0,
+            PackedFormat::Q4_0 => Scheme::Block32 {
+                stored_min: false,
+                implied: -8.0,
+            },
+            PackedFormat::Q5_0 => Scheme::Block32 {
+                stored_min: false,
+                implied: -16.0,
+            },
+            PackedFormat::Q8_0 => Scheme::Block32 {
+                stored_min: false,
+                implied: -128.0,
+            },
+            PackedFormat::Q4_1 | PackedFormat::Q5_1 => Scheme::Block32 {
+                stored_min: true,
+                implied: 0.0,
+            },
+            PackedFormat::Q4_K | PackedFormat::Q5_K => Scheme::K32,
+            PackedFormat::Q6_K => Scheme::K16,
         }
     }
 
-    /// Bytes of a group of `tb` blocks.
-    pub(crate) fn group_bytes(self, tb: usize) -> usize {
-        let scales = if self.stores_min() { 4 } else { 2 };
-        tb * (scales + QK * self.bits() / 8)
+    /// Elements per super-block (the span of one header).
+    pub(crate) const fn super_len(self) -> usize {
+        match self.scheme() {
+            Scheme::Block32 { .. } => QK,
+            _ => QK_K,
+        }
+    }
+
+    /// Bytes of a tile's header for one super-block.
+    pub(crate) const fn header_bytes(self) -> usize {
+        match self.scheme() {
+            Scheme::Block32 { stored_min, .. } => 2 * TILE_ROWS * if stored_min { 2 } else { 1 },
+            // d, dmin; sc and mn per block.
+            Scheme::K32 => 4 * TILE_ROWS + 2 * 8 * TILE_ROWS,
+            // d; sc per 16 elements.
+            Scheme::K16 => 2 * TILE_ROWS + 16 * TILE_ROWS,
+        }
+    }
+
+    /// Bytes of a tile's values for one 32-element block.
+    pub(crate) const fn block_value_bytes(self) -> usize {
+        // Nibbles (or bytes), then the fifth bits (one per value) or the top two bits.
+        let low = if self.bits() == 8 { 32 } else { 16 };
+        let extra = match self.bits() {
+            5 => 4,
+            6 => 8,
+            _ => 0,
+        };
+        TILE_ROWS * (low + extra)
+    }
+
+    /// Bytes of one tile of a matrix with rows of `cols` elements.
+    pub(crate) const fn tile_bytes(self, cols: usize) -> usize {
+        let supers = cols / self.super_len();
+        supers * (self.header_bytes() + self.super_len() / QK * self.block_value_bytes())
     }
 }
 
-/// A weight matrix in the packed layout (see the module docs).
+/// A weight matrix in the packed layout (see the module docs); rows are padded with zero rows
+/// to a whole number of tiles.
 #[derive(Clone, Debug)]
 pub struct PackedMat {
     /// Source format.
     pub format: PackedFormat,
     /// Rows (output features).
     pub rows: usize,
-    /// Elements per row (input features), a multiple of 32.
+    /// Elements per row (input features).
     pub cols: usize,
     data: Vec<u8>,
 }
 
 impl PackedMat {
-    /// Repacks a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix; `None` for other formats.
+    /// Repacks a matrix in a format with packed kernels; `None` for other formats.
     pub fn pack(w: &MatRef) -> Option<PackedMat> {
         let format = PackedFormat::of(w.dtype)?;
-        let mut data = Vec::with_capacity(w.data.len());
-        let bb = w.dtype.block_bytes();
-        for r in 0..w.rows {
-            for group in w.row(r).chunks(GROUP_BLOCKS * bb) {
-                pack_group(format, group, bb, &mut data);
-            }
-        }
-        debug_assert_eq!(data.len(), w.data.len());
         Some(PackedMat {
             format,
             rows: w.rows,
             cols: w.cols,
-            data,
+            data: layout::pack(format, w),
         })
     }
 
-    /// Blocks per row.
-    pub fn blocks(&self) -> usize {
-        self.cols / QK
+    /// Tiles (of [`TILE_ROWS`] rows).
+    pub fn tiles(&self) -> usize {
+        self.rows.div_ceil(TILE_ROWS)
     }
 
-    /// Bytes of one row.
-    pub fn row_bytes(&self) -> usize {
-        self.data.len() / self.rows.max(1)
+    /// The bytes of tile `t`.
+    pub fn tile(&self, t: usize) -> &[u8] {
+        let tb = self.format.tile_bytes(self.cols);
+        &self.data[t * tb..(t + 1) * tb]
     }
 
     /// The packed bytes.
@@ -154,100 +222,51 @@ impl PackedMat {
     }
 }
 
-/// Appends one group (the source blocks `src`, `bb` bytes each) in the packed layout.
-fn pack_group(format: PackedFormat, src: &[u8], bb: usize, out: &mut Vec<u8>) {
-    let blocks: Vec<&[u8]> = src.chunks_exact(bb).collect();
-    for b in &blocks {
-        out.extend_from_slice(&b[..2]);
-    }
-    if format.stores_min() {
-        for b in &blocks {
-            out.extend_from_slice(&b[2..4]);
+/// 32 activations quantized to int8, in element order, with what the kernels need besides.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C, align(16))]
+pub struct ActBlock {
+    /// Quantized values: activation `e` is `d * qs[e]`.
+    pub qs: [i8; QK],
+    /// Scale.
+    pub d: f32,
+    /// `d * sum(qs)` (for the weight minimums).
+    pub s: f32,
+    /// The sums of `qs[..16]` and `qs[16..]` (for Q6_K's offset under per-16 scales).
+    pub half_sums: [i32; 2],
+}
+
+/// Quantizes one activation row (a multiple of 32 long) into `out` (`len / 32` blocks),
+/// rounding to nearest, ties to even (as the SIMD twin's conversion rounds).
+pub fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
+    debug_assert_eq!(out.len(), x.len() / QK);
+    for (a, blk) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sums = [0i32; 2];
+        for (e, &v) in blk.iter().enumerate() {
+            let q = (v * id).round_ties_even() as i32;
+            sums[e / 16] += q;
+            a.qs[e] = q as i8;
         }
-    }
-    let values = if format.stores_min() { 4 } else { 2 };
-    match format {
-        PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
-            for b in &blocks {
-                out.extend_from_slice(&b[values..values + 16]);
-            }
-        }
-        PackedFormat::Q5_0 | PackedFormat::Q5_1 => {
-            // Source blocks: scales, the 32-bit fifth-bit word (bit e for element e), nibbles.
-            for b in &blocks {
-                out.extend_from_slice(&b[values + 4..values + 20]);
-            }
-            for half in [0..2, 2..4] {
-                for b in &blocks {
-                    out.extend_from_slice(&b[values + half.start..values + half.end]);
-                }
-            }
-        }
-        PackedFormat::Q8_0 => {
-            for half in [0..16, 16..32] {
-                for b in &blocks {
-                    out.extend(b[2 + half.start..2 + half.end].iter().map(|&q| q ^ 0x80));
-                }
-            }
-        }
+        a.d = d;
+        a.s = d * (sums[0] + sums[1]) as f32;
+        a.half_sums = sums;
     }
 }
 
-/// Four 32-element blocks of one activation row, quantized to int8, in the packed value order.
-#[derive(Clone, Copy, Debug)]
-#[repr(C, align(64))]
-pub struct ActGroup {
-    /// Values: element `e < 16` of block `b` at `16b + e`, element `16 + e` at `64 + 16b + e`.
-    pub qs: [i8; 2 * 64],
-    /// Each block's scale, repeated over the block's four 32-bit lanes.
-    pub d: [f32; 16],
-    /// Each block's `d * sum(qs)` (for the weight minimums).
-    pub s: [f32; 4],
-}
-
-impl Default for ActGroup {
-    fn default() -> Self {
-        ActGroup {
-            qs: [0; 128],
-            d: [0.0; 16],
-            s: [0.0; 4],
-        }
-    }
-}
-
-/// Quantizes one activation row (a multiple of 32 long) into `out` (`ceil(len / 128)` groups);
-/// blocks past the row's end are zero.
-pub fn quantize_act(x: &[f32], out: &mut [ActGroup]) {
-    debug_assert_eq!(out.len(), x.len().div_ceil(GROUP_LEN));
-    for (g, xs) in out.iter_mut().zip(x.chunks(GROUP_LEN)) {
-        *g = ActGroup::default();
-        for (b, blk) in xs.chunks_exact(QK).enumerate() {
-            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (e, &v) in blk.iter().enumerate() {
-                // Ties to even, as the SIMD twin's conversion rounds.
-                let q = (v * id).round_ties_even() as i32;
-                sum += q;
-                g.qs[(e / 16) * 64 + 16 * b + e % 16] = q as i8;
-            }
-            g.d[4 * b..4 * b + 4].fill(d);
-            g.s[b] = d * sum as f32;
-        }
-    }
-}
-
-/// Dot products of one packed weight row with `R` activation rows.
-pub(crate) type DotRows<const R: usize> = unsafe fn(&[u8], [&[ActGroup]; R], usize) -> [f32; R];
+/// Sixteen rows' dot products (one tile) with each of `R` activation rows.
+pub(crate) type TileRows<const R: usize> =
+    unsafe fn(&[u8], [&[ActBlock]; R], usize) -> [[f32; TILE_ROWS]; R];
 
 /// The kernels of one format at one SIMD level, for 1, 2, 4 and 8 activation rows.
 #[derive(Clone, Copy)]
 pub(crate) struct PackedKernels {
-    pub one: DotRows<1>,
-    pub two: DotRows<2>,
-    pub four: DotRows<4>,
-    pub eight: DotRows<8>,
+    pub one: TileRows<1>,
+    pub two: TileRows<2>,
+    pub four: TileRows<4>,
+    pub eight: TileRows<8>,
 }
 
 /// The 1/2/4/8-row instances of a kernel `$rows::<R, FORMAT_ID>` for `$format`.
@@ -266,9 +285,12 @@ macro_rules! kernel_set {
         match $format {
             PackedFormat::Q4_0 => set!(0),
             PackedFormat::Q4_1 => set!(1),
-            PackedFormat::Q8_0 => set!(2),
-            PackedFormat::Q5_0 => set!(3),
-            PackedFormat::Q5_1 => set!(4),
+            PackedFormat::Q5_0 => set!(2),
+            PackedFormat::Q5_1 => set!(3),
+            PackedFormat::Q8_0 => set!(4),
+            PackedFormat::Q4_K => set!(5),
+            PackedFormat::Q5_K => set!(6),
+            PackedFormat::Q6_K => set!(7),
         }
     }};
 }
@@ -289,7 +311,7 @@ fn kernels(format: PackedFormat, level: SimdLevel) -> PackedKernels {
 }
 
 /// The activation quantizer for `level` ([`quantize_act`] or its SIMD twin).
-pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActGroup]) {
+pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActBlock]) {
     #[cfg(target_arch = "x86_64")]
     if worth_packing(level) {
         // SAFETY: worth_packing checked AVX-512 F/BW/VL support.
@@ -299,9 +321,15 @@ pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActGroup]) {
     quantize_act
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ` with packed weights. Each task takes a slice of weight rows
-/// and runs the activation rows against it eight at a time, so a weight group is unpacked once
-/// per eight rows; a row's result does not depend on how many rows run with it.
+/// Bytes of weight tiles a task runs all activation rows against before moving on, so they
+/// are read from memory once and then from L2 (which holds 1-2 MiB per core on the x86 parts
+/// this targets).
+const TILE_GROUP_BYTES: usize = 256 << 10;
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` with packed weights. Each task takes a run of tiles, in
+/// groups that stay in L2, and runs the activation rows against each group eight at a time;
+/// every row's result is computed by the same sequence of operations whatever the number of
+/// rows beside it.
 pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMat, out: &mut [f32], level: SimdLevel) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
@@ -309,65 +337,68 @@ pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMat, out: &mut [f32], level:
     if m == 0 || n == 0 {
         return;
     }
-    let groups = k.div_ceil(GROUP_LEN);
-    let mut act = vec![ActGroup::default(); m * groups];
+    let nb = k / QK;
+    let mut act = vec![ActBlock::default(); m * nb];
     let act_ptr = SyncPtr(act.as_mut_ptr());
     let quantize = act_quantizer(level);
     for_each_task(m.div_ceil(8), |c| {
         for i in c * 8..(c * 8 + 8).min(m) {
-            // SAFETY: row i's groups are written by this task only.
-            let dst = unsafe { act_ptr.slice_mut(i * groups, groups) };
+            // SAFETY: row i's blocks are written by this task only.
+            let dst = unsafe { act_ptr.slice_mut(i * nb, nb) };
             quantize(&x[i * k..(i + 1) * k], dst);
         }
     });
     let kern = kernels(w.format, level);
-    let nb = w.blocks();
-    let rb = w.row_bytes();
-    let chunk = chunk_rows(n, 4);
+    let tiles = w.tiles();
+    let chunk = chunk_rows(tiles, 1);
+    let group = (TILE_GROUP_BYTES / w.format.tile_bytes(k).max(1)).max(1);
     let dst = SyncPtr(out.as_mut_ptr());
-    let row_act = |i: usize| &act[i * groups..(i + 1) * groups];
-    for_each_task(n.div_ceil(chunk), |c| {
-        let rows = c * chunk..((c + 1) * chunk).min(n);
-        let put = |i: usize, j: usize, v: &[f32]| {
-            for (q, &v) in v.iter().enumerate() {
-                // SAFETY: column j is in this task's row range; no other task writes it.
-                unsafe { dst.write((i + q) * n + j, v) };
-            }
-        };
-        let mut i = 0;
-        while i < m {
-            let left = m - i;
-            for j in rows.clone() {
-                let wr = &w.data[j * rb..(j + 1) * rb];
-                // SAFETY: the kernels were chosen for a supported level; rows are nb blocks.
-                unsafe {
-                    match left {
-                        8.. => {
-                            let a = std::array::from_fn(|q| row_act(i + q));
-                            put(i, j, &(kern.eight)(wr, a, nb))
+    let row_act = |i: usize| &act[i * nb..(i + 1) * nb];
+    for_each_task(tiles.div_ceil(chunk), |c| {
+        let mine = c * chunk..((c + 1) * chunk).min(tiles);
+        for g in mine.clone().step_by(group) {
+            let mut i = 0;
+            while i < m {
+                let step = match m - i {
+                    8.. => 8,
+                    4..=7 => 4,
+                    2..=3 => 2,
+                    _ => 1,
+                };
+                for t in g..(g + group).min(mine.end) {
+                    let tile = w.tile(t);
+                    let mut res = [[0f32; TILE_ROWS]; 8];
+                    // SAFETY: the kernels were chosen for a supported level; rows are nb blocks.
+                    unsafe {
+                        match step {
+                            8 => {
+                                res =
+                                    (kern.eight)(tile, std::array::from_fn(|q| row_act(i + q)), nb)
+                            }
+                            4 => res[..4].copy_from_slice(&(kern.four)(
+                                tile,
+                                std::array::from_fn(|q| row_act(i + q)),
+                                nb,
+                            )),
+                            2 => res[..2].copy_from_slice(&(kern.two)(
+                                tile,
+                                [row_act(i), row_act(i + 1)],
+                                nb,
+                            )),
+                            _ => res[..1].copy_from_slice(&(kern.one)(tile, [row_act(i)], nb)),
                         }
-                        4..=7 => put(
-                            i,
-                            j,
-                            &(kern.four)(wr, std::array::from_fn(|q| row_act(i + q)), nb),
-                        ),
-                        2..=3 => put(i, j, &(kern.two)(wr, [row_act(i), row_act(i + 1)], nb)),
-                        _ => put(i, j, &(kern.one)(wr, [row_act(i)], nb)),
+                    }
+                    let j0 = t * TILE_ROWS;
+                    let valid = (n - j0).min(TILE_ROWS);
+                    for (q, row) in res[..step].iter().enumerate() {
+                        // SAFETY: columns j0..j0+valid are this task's tile; no other task
+                        // writes them.
+                        let o = unsafe { dst.slice_mut((i + q) * n + j0, valid) };
+                        o.copy_from_slice(&row[..valid]);
                     }
                 }
+                i += step;
             }
-            i += match left {
-                8.. => 8,
-                4..=7 => 4,
-                2..=3 => 2,
-                _ => 1,
-            };
         }
     });
-}
-
-/// The f16 at `p` as f32.
-#[inline(always)]
-pub(crate) fn f16_at(p: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([p[2 * i], p[2 * i + 1]]).to_f32()
 }

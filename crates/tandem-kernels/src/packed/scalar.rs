@@ -1,53 +1,41 @@
-//! The reference dot product on packed weights, which the SIMD kernels are tested against.
+//! The reference kernel on packed tiles, reading the layout value by value. It performs the
+//! SIMD kernels' float operations in their order, so the two agree bit for bit.
 
-use super::{f16_at, ActGroup, PackedFormat, PackedKernels, GROUP_BLOCKS};
+use super::layout::{read_block, TILE_ROWS};
+use super::{ActBlock, PackedFormat, PackedKernels, Scheme};
 
-/// Dot product of packed row `w` (`nb` blocks) with one activation row.
-pub fn dot(format: PackedFormat, w: &[u8], act: &[ActGroup], nb: usize) -> f32 {
-    let mut sum = 0f32;
-    let mut p = 0;
-    for (g, a) in act.iter().enumerate() {
-        let tb = (nb - g * GROUP_BLOCKS).min(GROUP_BLOCKS);
-        let bytes = &w[p..p + format.group_bytes(tb)];
-        let values = &bytes[tb * if format.stores_min() { 4 } else { 2 }..];
-        for b in 0..tb {
-            let d = f16_at(bytes, b);
-            let m = if format.stores_min() {
-                f16_at(&bytes[2 * tb..], b)
-            } else {
-                format.implied_min() * d
-            };
-            // Fifth bits (Q5): after the nibbles, 16 per block for each half.
-            let fifth = |half: usize, e: usize| {
-                let m = &values[16 * tb + 2 * tb * half + 2 * b..];
-                let bits = u16::from_le_bytes([m[0], m[1]]);
-                (((bits >> e) & 1) as u8) << 4
-            };
-            let mut isum = 0i32;
-            for e in 0..16 {
-                let (lo, hi) = match format.bits() {
-                    4 => {
-                        let v = values[16 * b + e];
-                        (v & 0x0f, v >> 4)
-                    }
-                    5 => {
-                        let v = values[16 * b + e];
-                        ((v & 0x0f) | fifth(0, e), (v >> 4) | fifth(1, e))
-                    }
-                    _ => (values[16 * b + e], values[16 * tb + 16 * b + e]),
-                };
-                isum += lo as i32 * a.qs[16 * b + e] as i32;
-                isum += hi as i32 * a.qs[64 + 16 * b + e] as i32;
-            }
-            sum += d * a.d[4 * b] * isum as f32 + m * a.s[b];
+/// Row `r` of `tile` (`nb` blocks) dotted with one activation row.
+pub fn dot(format: PackedFormat, tile: &[u8], r: usize, act: &[ActBlock], nb: usize) -> f32 {
+    let (mut acc, mut macc) = (0f32, 0f32);
+    for (b, a) in act.iter().enumerate().take(nb) {
+        let (u, scale, min, offset) = read_block(format, tile, b, r);
+        let mut isum = [0i32; 2];
+        for (e, (&u, &q)) in u.iter().zip(&a.qs).enumerate() {
+            isum[e / 16] += u as i32 * q as i32;
         }
-        p += bytes.len();
+        match format.scheme() {
+            Scheme::K16 => {
+                let lo = isum[0] - offset * a.half_sums[0];
+                let hi = isum[1] - offset * a.half_sums[1];
+                acc = (lo as f32).mul_add(scale[0] * a.d, acc);
+                macc = (hi as f32).mul_add(scale[1] * a.d, macc);
+            }
+            _ => {
+                acc = ((isum[0] + isum[1]) as f32).mul_add(scale[0] * a.d, acc);
+                macc = min[0].mul_add(a.s, macc);
+            }
+        }
     }
-    sum
+    acc + macc
 }
 
-fn rows<const R: usize, const F: u8>(w: &[u8], acts: [&[ActGroup]; R], nb: usize) -> [f32; R] {
-    acts.map(|a| dot(PackedFormat::from_id(F), w, a, nb))
+fn rows<const R: usize, const F: u8>(
+    tile: &[u8],
+    acts: [&[ActBlock]; R],
+    nb: usize,
+) -> [[f32; TILE_ROWS]; R] {
+    let format = PackedFormat::from_id(F);
+    acts.map(|a| std::array::from_fn(|r| dot(format, tile, r, a, nb)))
 }
 
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {

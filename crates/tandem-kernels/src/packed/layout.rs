@@ -1,0 +1,283 @@
+//! The byte layout of a packed tile, and the repacking into it.
+//!
+//! A tile is [`TILE_ROWS`] consecutive rows. For each super-block (32 elements, or 256 for the
+//! k-quants) it holds a header, then the values of each 32-element block:
+//!
+//! - header, each field row-major over the tile's rows (f16 and 8-bit integers as stored):
+//!   Block32 formats `d[16]` then `m[16]` (Q4_1, Q5_1); K32 (Q4_K, Q5_K) `d[16]`, `dmin[16]`,
+//!   then per block `sc[16]` and then per block `mn[16]`; K16 (Q6_K) `d[16]`, then per
+//!   16-element group `sc[16]`.
+//! - values: "value register" `j` (64 bytes) holds elements `4j..4j+4` of each of the sixteen
+//!   rows (row `r` in bytes `4r..4r+4`), so it multiplies one broadcast activation dword.
+//!   Q8_0 stores the eight registers as bytes (`u = q + 128`). The other formats store four
+//!   nibble registers, the low nibbles being value register `k` and the high ones register
+//!   `4 + k` (ggml's own pairing of elements `e` and `e + 16`), followed by the fifth bits
+//!   (Q5: for each nibble register two 64-bit masks, bit `4r + i` of its low then its high
+//!   values) or the top two bits (Q6_K: one 64-byte register for the low nibbles, one for the
+//!   high, byte `4r + i` holding register `k`'s bits at `2k`).
+//!
+//! A tile has the bytes its rows have in the stored format, plus, for Q4_K / Q5_K, their
+//! 6-bit block scales and minimums widened to bytes (+2.8% / +2.3%).
+
+use super::{PackedFormat, Scheme};
+use crate::dtype::{QK, QK_K};
+use crate::kquant;
+use crate::matmul::MatRef;
+
+/// Rows per tile: one 32-bit lane each in a 512-bit register.
+pub const TILE_ROWS: usize = 16;
+
+/// One row's super-block decoded from its stored format.
+#[derive(Clone, Copy)]
+struct Decoded {
+    /// The f16 bits of `d` and of `m` (Block32) or `dmin` (K32).
+    h: [u16; 2],
+    /// Block (K32) or group (K16) scales.
+    sc: [u8; 16],
+    /// Block minimums (K32).
+    mn: [u8; 16],
+    /// Unsigned values.
+    u: [u8; QK_K],
+}
+
+const ZERO: Decoded = Decoded {
+    h: [0; 2],
+    sc: [0; 16],
+    mn: [0; 16],
+    u: [0; QK_K],
+};
+
+fn f16_bits(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+/// Decodes the super-block at `b` (one stored block) of `format`.
+fn decode(format: PackedFormat, b: &[u8]) -> Decoded {
+    let mut out = ZERO;
+    let nibbles = |out: &mut Decoded, qs: &[u8]| {
+        for e in 0..16 {
+            out.u[e] = qs[e] & 0x0f;
+            out.u[e + 16] = qs[e] >> 4;
+        }
+    };
+    let fifth = |out: &mut Decoded, qh: &[u8]| {
+        let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        for e in 0..QK {
+            out.u[e] |= (((bits >> e) & 1) as u8) << 4;
+        }
+    };
+    match format {
+        PackedFormat::Q4_0 => {
+            out.h[0] = f16_bits(b, 0);
+            nibbles(&mut out, &b[2..18]);
+        }
+        PackedFormat::Q4_1 => {
+            out.h = [f16_bits(b, 0), f16_bits(b, 2)];
+            nibbles(&mut out, &b[4..20]);
+        }
+        PackedFormat::Q5_0 => {
+            out.h[0] = f16_bits(b, 0);
+            nibbles(&mut out, &b[6..22]);
+            fifth(&mut out, &b[2..6]);
+        }
+        PackedFormat::Q5_1 => {
+            out.h = [f16_bits(b, 0), f16_bits(b, 2)];
+            nibbles(&mut out, &b[8..24]);
+            fifth(&mut out, &b[4..8]);
+        }
+        PackedFormat::Q8_0 => {
+            out.h[0] = f16_bits(b, 0);
+            for e in 0..QK {
+                out.u[e] = b[2 + e] ^ 0x80;
+            }
+        }
+        PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
+            let dtype = format.dtype();
+            let k = kquant::decode(dtype, b);
+            out.u = k.u;
+            if format == PackedFormat::Q6_K {
+                out.h[0] = f16_bits(b, 208);
+                out.sc = k.sc.map(|s| s as u8);
+            } else {
+                out.h = [f16_bits(b, 0), f16_bits(b, 2)];
+                // The group scales come in equal pairs (one per 32-element block).
+                for blk in 0..8 {
+                    out.sc[blk] = k.sc[2 * blk] as u8;
+                    out.mn[blk] = k.mn[2 * blk] as u8;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Appends the header of one super-block of a tile.
+fn put_header(format: PackedFormat, rows: &[Decoded; TILE_ROWS], out: &mut Vec<u8>) {
+    let halves = |i: usize, out: &mut Vec<u8>| {
+        for r in rows {
+            out.extend_from_slice(&r.h[i].to_le_bytes());
+        }
+    };
+    match format.scheme() {
+        Scheme::Block32 { stored_min, .. } => {
+            halves(0, out);
+            if stored_min {
+                halves(1, out);
+            }
+        }
+        Scheme::K32 => {
+            halves(0, out);
+            halves(1, out);
+            for b in 0..8 {
+                out.extend(rows.iter().map(|r| r.sc[b]));
+            }
+            for b in 0..8 {
+                out.extend(rows.iter().map(|r| r.mn[b]));
+            }
+        }
+        Scheme::K16 => {
+            halves(0, out);
+            for g in 0..16 {
+                out.extend(rows.iter().map(|r| r.sc[g]));
+            }
+        }
+    }
+}
+
+/// Appends the values of 32-element block `b` of a super-block of a tile.
+fn put_values(format: PackedFormat, rows: &[Decoded; TILE_ROWS], b: usize, out: &mut Vec<u8>) {
+    let u = |r: usize, e: usize| rows[r].u[QK * b + e];
+    if format.bits() == 8 {
+        for j in 0..8 {
+            for r in 0..TILE_ROWS {
+                out.extend((0..4).map(|i| u(r, 4 * j + i)));
+            }
+        }
+        return;
+    }
+    for k in 0..4 {
+        for r in 0..TILE_ROWS {
+            out.extend((0..4).map(|i| (u(r, 4 * k + i) & 0x0f) | (u(r, 16 + 4 * k + i) << 4)));
+        }
+    }
+    match format.bits() {
+        5 => {
+            for k in 0..4 {
+                for half in [0, 16] {
+                    let mut mask = 0u64;
+                    for r in 0..TILE_ROWS {
+                        for i in 0..4 {
+                            mask |= u64::from((u(r, half + 4 * k + i) >> 4) & 1) << (4 * r + i);
+                        }
+                    }
+                    out.extend_from_slice(&mask.to_le_bytes());
+                }
+            }
+        }
+        6 => {
+            for half in [0, 16] {
+                for r in 0..TILE_ROWS {
+                    out.extend((0..4).map(|i| {
+                        (0..4).fold(0u8, |acc, k| {
+                            acc | ((u(r, half + 4 * k + i) >> 4) << (2 * k))
+                        })
+                    }));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Repacks `w` (in `format`'s stored type) into tiles, the last padded with zero rows.
+pub(super) fn pack(format: PackedFormat, w: &MatRef) -> Vec<u8> {
+    let tiles = w.rows.div_ceil(TILE_ROWS);
+    let tb = format.tile_bytes(w.cols);
+    let sb = format.dtype().block_bytes();
+    let supers = w.cols / format.super_len();
+    let blocks = format.super_len() / QK;
+    let mut out = Vec::with_capacity(tiles * tb);
+    let mut rows = [ZERO; TILE_ROWS];
+    for t in 0..tiles {
+        for s in 0..supers {
+            for (r, d) in rows.iter_mut().enumerate() {
+                let row = t * TILE_ROWS + r;
+                *d = if row < w.rows {
+                    decode(format, &w.row(row)[s * sb..(s + 1) * sb])
+                } else {
+                    ZERO
+                };
+            }
+            put_header(format, &rows, &mut out);
+            for b in 0..blocks {
+                put_values(format, &rows, b, &mut out);
+            }
+        }
+    }
+    debug_assert_eq!(out.len(), tiles * tb);
+    out
+}
+
+/// Row `r`'s values and scales of 32-element block `b` of a tile, read back from the layout
+/// (the scalar kernel's view): `(u, scale per 16 elements, min per 16 elements, offset)`, so
+/// that element `e`'s weight is `scale[e / 16] * (u[e] - offset) + min[e / 16]`.
+pub(super) fn read_block(
+    format: PackedFormat,
+    tile: &[u8],
+    b: usize,
+    r: usize,
+) -> ([u8; QK], [f32; 2], [f32; 2], i32) {
+    let blocks = format.super_len() / QK;
+    let (s, bi) = (b / blocks, b % blocks);
+    let super_bytes = format.header_bytes() + blocks * format.block_value_bytes();
+    let h = &tile[s * super_bytes..];
+    let v = &h[format.header_bytes() + bi * format.block_value_bytes()..];
+    let f16 = |off: usize| half::f16::from_bits(f16_bits(h, off)).to_f32();
+    let rows = TILE_ROWS;
+    let (scale, min, offset) = match format.scheme() {
+        Scheme::Block32 {
+            stored_min,
+            implied,
+        } => {
+            let d = f16(2 * r);
+            let m = if stored_min {
+                f16(2 * rows + 2 * r)
+            } else {
+                implied * d
+            };
+            ([d; 2], [m; 2], 0)
+        }
+        Scheme::K32 => {
+            let sc = h[4 * rows + bi * rows + r] as f32;
+            let mn = h[4 * rows + 8 * rows + bi * rows + r] as f32;
+            ([f16(2 * r) * sc; 2], [-(f16(2 * rows + 2 * r) * mn); 2], 0)
+        }
+        Scheme::K16 => {
+            let sc = |g: usize| h[2 * rows + g * rows + r] as i8 as f32;
+            let d = f16(2 * r);
+            ([d * sc(2 * bi), d * sc(2 * bi + 1)], [0.0; 2], 32)
+        }
+    };
+    let mut u = [0u8; QK];
+    for e in 0..QK {
+        let (j, i) = (e / 4, e % 4);
+        u[e] = if format.bits() == 8 {
+            v[64 * j + 4 * r + i]
+        } else {
+            let nib = v[64 * (j % 4) + 4 * r + i];
+            let low = if j < 4 { nib & 0x0f } else { nib >> 4 };
+            let extra = &v[256..];
+            let high = match format.bits() {
+                5 => {
+                    let m = &extra[16 * (j % 4) + 8 * (j / 4)..];
+                    let mask = u64::from_le_bytes(m[..8].try_into().unwrap());
+                    (((mask >> (4 * r + i)) & 1) as u8) << 4
+                }
+                6 => ((extra[64 * (j / 4) + 4 * r + i] >> (2 * (j % 4))) & 3) << 4,
+                _ => 0,
+            };
+            low | high
+        };
+    }
+    (u, scale, min, offset)
+}
