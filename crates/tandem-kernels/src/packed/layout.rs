@@ -55,9 +55,9 @@ fn f16_bits(b: &[u8], off: usize) -> u16 {
 fn decode(format: PackedFormat, b: &[u8]) -> Decoded {
     let mut out = ZERO;
     let nibbles = |out: &mut Decoded, qs: &[u8]| {
-        for e in 0..16 {
-            out.u[e] = qs[e] & 0x0f;
-            out.u[e + 16] = qs[e] >> 4;
+        for (e, &q) in qs.iter().enumerate() {
+            out.u[e] = q & 0x0f;
+            out.u[e + 16] = q >> 4;
         }
     };
     let fifth = |out: &mut Decoded, qh: &[u8]| {
@@ -258,10 +258,9 @@ pub(super) fn read_block(
             ([d * sc(2 * bi), d * sc(2 * bi + 1)], [0.0; 2], 32)
         }
     };
-    let mut u = [0u8; QK];
-    for e in 0..QK {
+    let u = std::array::from_fn(|e| {
         let (j, i) = (e / 4, e % 4);
-        u[e] = if format.bits() == 8 {
+        if format.bits() == 8 {
             v[64 * j + 4 * r + i]
         } else {
             let nib = v[64 * (j % 4) + 4 * r + i];
@@ -277,7 +276,7 @@ pub(super) fn read_block(
                 _ => 0,
             };
             low | high
-        };
-    }
+        }
+    });
     (u, scale, min, offset)
 }
