@@ -14,10 +14,12 @@
 //! f16 (or k-quant integer) form and are combined in f32 exactly as the dequantizer does.
 //! Activations are quantized per 32 elements ([`ActBlock`]), in element order.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod layout;
 mod scalar;
-#[cfg(target_arch = "x86_64")]
-mod x86;
 
 use crate::dtype::{DType, QK, QK_K};
 use crate::matmul::MatRef;
@@ -298,13 +300,16 @@ use kernel_set;
 
 /// Whether packed kernels faster than the stored-format ones exist at `level`.
 pub fn worth_packing(level: SimdLevel) -> bool {
-    level >= SimdLevel::Avx512Vnni && level.is_supported()
+    level >= SimdLevel::Avx2 && level.is_supported()
 }
 
 fn kernels(format: PackedFormat, level: SimdLevel) -> PackedKernels {
     #[cfg(target_arch = "x86_64")]
     if worth_packing(level) {
-        return x86::kernels(format);
+        return match level {
+            SimdLevel::Avx512Vnni => avx512::kernels(format),
+            _ => avx2::kernels(format),
+        };
     }
     let _ = level;
     scalar::kernels(format)
@@ -314,8 +319,11 @@ fn kernels(format: PackedFormat, level: SimdLevel) -> PackedKernels {
 pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActBlock]) {
     #[cfg(target_arch = "x86_64")]
     if worth_packing(level) {
-        // SAFETY: worth_packing checked AVX-512 F/BW/VL support.
-        return |x, out| unsafe { x86::quantize_act(x, out) };
+        return match level {
+            // SAFETY: worth_packing checked the level's support.
+            SimdLevel::Avx512Vnni => |x, out| unsafe { avx512::quantize_act(x, out) },
+            _ => |x, out| unsafe { avx2::quantize_act(x, out) },
+        };
     }
     let _ = level;
     quantize_act

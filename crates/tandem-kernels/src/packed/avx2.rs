@@ -1,0 +1,285 @@
+//! AVX2 kernels on packed tiles, for CPUs without AVX-512 VNNI: each half-tile (eight rows,
+//! one 256-bit register per value register) at a time, the dot products through
+//! `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd`. The float work follows the VNNI kernel
+//! and the scalar reference operation for operation, so all three agree bit for bit.
+//!
+//! [`kernels`] is only called after AVX2/FMA/F16C were checked as supported, which is what
+//! makes calling these `target_feature` functions sound.
+
+use std::arch::x86_64::*;
+
+use super::layout::TILE_ROWS;
+use super::{ActBlock, PackedFormat, PackedKernels, Scheme};
+use crate::dtype::QK;
+
+/// Rows per half-tile.
+const HALF: usize = TILE_ROWS / 2;
+
+/// How far ahead of the weight stream to prefetch.
+const PREFETCH: usize = 8192;
+
+/// The 32 bits of `m` as bytes: 0xff where the bit is set.
+#[inline(always)]
+unsafe fn bits_to_bytes(m: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(m as i32),
+        _mm256_setr_epi64x(
+            0,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        ),
+    );
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
+}
+
+/// Value register `j` of the block at `p` for half `h` of the tile, as unsigned bytes.
+#[inline(always)]
+unsafe fn value<const F: u8>(p: *const u8, h: usize, j: usize) -> __m256i {
+    let format = PackedFormat::from_id(F);
+    let load = |i: usize| _mm256_loadu_si256(p.add(64 * i + 32 * h) as *const __m256i);
+    if format.bits() == 8 {
+        return load(j);
+    }
+    let (k, high) = (j % 4, j >= 4);
+    let raw = load(k);
+    let raw = if high {
+        _mm256_srli_epi16::<4>(raw)
+    } else {
+        raw
+    };
+    let v = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
+    match format.bits() {
+        5 => {
+            let mask =
+                (p.add(256 + 8 * (2 * k + high as usize) + 4 * h) as *const u32).read_unaligned();
+            let fifth = _mm256_and_si256(bits_to_bytes(mask), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(v, fifth)
+        }
+        6 => {
+            let top = load(4 + high as usize);
+            let top = match k {
+                0 => _mm256_slli_epi16::<4>(top),
+                1 => _mm256_slli_epi16::<2>(top),
+                2 => top,
+                _ => _mm256_srli_epi16::<2>(top),
+            };
+            _mm256_or_si256(v, _mm256_and_si256(top, _mm256_set1_epi8(0x30)))
+        }
+        _ => v,
+    }
+}
+
+/// Eight bytes at `p` as f32 lanes (unsigned, or signed when `SIGNED`).
+#[inline(always)]
+unsafe fn bytes_ps<const SIGNED: bool>(p: *const u8) -> __m256 {
+    let b = _mm_loadl_epi64(p as *const __m128i);
+    let i = if SIGNED {
+        _mm256_cvtepi8_epi32(b)
+    } else {
+        _mm256_cvtepu8_epi32(b)
+    };
+    _mm256_cvtepi32_ps(i)
+}
+
+/// Eight f16 at `p` as f32.
+#[inline(always)]
+unsafe fn halves(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// Half `h` of a tile against `R` activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half<const R: usize, const F: u8>(
+    tile: &[u8],
+    h: usize,
+    acts: &[&[ActBlock]],
+    nb: usize,
+) -> [[f32; HALF]; R] {
+    let format = PackedFormat::from_id(F);
+    let scheme = format.scheme();
+    let blocks = format.super_len() / QK;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut macc = [_mm256_setzero_ps(); R];
+    let mut p = tile.as_ptr();
+    let row = |field: *const u8, width: usize| field.add(width * HALF * h);
+    for s in 0..nb / blocks {
+        let hd = p;
+        let d = halves(row(hd, 2));
+        p = p.add(format.header_bytes());
+        for bi in 0..blocks {
+            let blk = s * blocks + bi;
+            // (May point past the matrix: a prefetch never faults.)
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 32 * h) as *const i8);
+            let (dlo, dhi, min) = match scheme {
+                Scheme::Block32 {
+                    stored_min,
+                    implied,
+                } => {
+                    let m = if stored_min {
+                        halves(row(hd.add(2 * TILE_ROWS), 2))
+                    } else {
+                        _mm256_mul_ps(d, _mm256_set1_ps(implied))
+                    };
+                    (d, d, m)
+                }
+                Scheme::K32 => {
+                    let sc = bytes_ps::<false>(row(hd.add(4 * TILE_ROWS + TILE_ROWS * bi), 1));
+                    let mn = bytes_ps::<false>(row(hd.add(12 * TILE_ROWS + TILE_ROWS * bi), 1));
+                    let m = _mm256_mul_ps(halves(row(hd.add(2 * TILE_ROWS), 2)), mn);
+                    let neg = _mm256_xor_ps(m, _mm256_set1_ps(-0.0));
+                    let dw = _mm256_mul_ps(d, sc);
+                    (dw, dw, neg)
+                }
+                Scheme::K16 => {
+                    let sc = hd.add(2 * TILE_ROWS + 2 * TILE_ROWS * bi);
+                    let lo = _mm256_mul_ps(d, bytes_ps::<true>(row(sc, 1)));
+                    let hi = _mm256_mul_ps(d, bytes_ps::<true>(row(sc.add(TILE_ROWS), 1)));
+                    (lo, hi, _mm256_setzero_ps())
+                }
+            };
+            let mut ilo = [_mm256_setzero_si256(); R];
+            let mut ihi = [_mm256_setzero_si256(); R];
+            if format.bits() == 8 {
+                // u = q + 128 would overflow vpmaddubsw's pair sums: multiply the signed
+                // values (|q| by the activation with q's sign) and add 128 * sum(a) back.
+                for j in 0..8 {
+                    let q = _mm256_xor_si256(value::<F>(p, h, j), _mm256_set1_epi8(-128));
+                    let aq = _mm256_abs_epi8(q);
+                    for r in 0..R {
+                        let a = acts.get_unchecked(r).get_unchecked(blk);
+                        let b = _mm256_set1_epi32(
+                            (a.qs.as_ptr() as *const i32).add(j).read_unaligned(),
+                        );
+                        let prod = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(aq, _mm256_sign_epi8(b, q)),
+                            ones,
+                        );
+                        let t = if j < 4 { &mut ilo[r] } else { &mut ihi[r] };
+                        *t = _mm256_add_epi32(*t, prod);
+                    }
+                }
+                for r in 0..R {
+                    let a = acts.get_unchecked(r).get_unchecked(blk);
+                    ilo[r] = _mm256_add_epi32(ilo[r], _mm256_set1_epi32(128 * a.half_sums[0]));
+                    ihi[r] = _mm256_add_epi32(ihi[r], _mm256_set1_epi32(128 * a.half_sums[1]));
+                }
+            } else {
+                // At most 6-bit values: two vpmaddubsw results add up without saturating.
+                for pair in 0..4 {
+                    let (j0, j1) = (2 * pair, 2 * pair + 1);
+                    let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
+                    for r in 0..R {
+                        let a = acts.get_unchecked(r).get_unchecked(blk);
+                        let q = a.qs.as_ptr() as *const i32;
+                        let b0 = _mm256_set1_epi32(q.add(j0).read_unaligned());
+                        let b1 = _mm256_set1_epi32(q.add(j1).read_unaligned());
+                        let s16 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(v0, b0),
+                            _mm256_maddubs_epi16(v1, b1),
+                        );
+                        let t = if pair < 2 { &mut ilo[r] } else { &mut ihi[r] };
+                        *t = _mm256_add_epi32(*t, _mm256_madd_epi16(s16, ones));
+                    }
+                }
+            }
+            for r in 0..R {
+                let a = acts.get_unchecked(r).get_unchecked(blk);
+                let da = _mm256_set1_ps(a.d);
+                if scheme == Scheme::K16 {
+                    let off = |s: i32| _mm256_set1_epi32(s.wrapping_mul(32));
+                    let lo = _mm256_sub_epi32(ilo[r], off(a.half_sums[0]));
+                    let hi = _mm256_sub_epi32(ihi[r], off(a.half_sums[1]));
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(dlo, da), acc[r]);
+                    macc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(dhi, da), macc[r]);
+                } else {
+                    let i = _mm256_add_epi32(ilo[r], ihi[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dlo, da), acc[r]);
+                    macc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(a.s), macc[r]);
+                }
+            }
+            p = p.add(format.block_value_bytes());
+        }
+    }
+    let mut out = [[0f32; HALF]; R];
+    for r in 0..R {
+        _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], macc[r]));
+    }
+    out
+}
+
+/// A whole tile against `R` activation rows, at most four at a time (the register file has
+/// sixteen registers).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows<const R: usize, const F: u8>(
+    tile: &[u8],
+    acts: [&[ActBlock]; R],
+    nb: usize,
+) -> [[f32; TILE_ROWS]; R] {
+    debug_assert_eq!(tile.len(), PackedFormat::from_id(F).tile_bytes(nb * QK));
+    debug_assert!(acts.iter().all(|a| a.len() == nb));
+    let mut out = [[0f32; TILE_ROWS]; R];
+    for (c, chunk) in acts.chunks(4).enumerate() {
+        for h in 0..2 {
+            let mut put = |res: &[[f32; HALF]]| {
+                for (q, r) in res.iter().enumerate() {
+                    out[4 * c + q][HALF * h..HALF * (h + 1)].copy_from_slice(r);
+                }
+            };
+            match chunk.len() {
+                4 => put(&half::<4, F>(tile, h, chunk, nb)),
+                2 => put(&half::<2, F>(tile, h, chunk, nb)),
+                _ => put(&half::<1, F>(tile, h, chunk, nb)),
+            }
+        }
+    }
+    out
+}
+
+pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
+    super::kernel_set!(rows, format)
+}
+
+/// [`super::quantize_act`] with AVX2 (same rounding: to nearest, ties to even).
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
+    debug_assert_eq!(out.len(), x.len() / QK);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let hsum = |v: __m256i| {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
+    };
+    for (a, blk) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &x| {
+            _mm256_max_ps(m, _mm256_and_ps(x, abs_mask))
+        });
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let q = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, id)));
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(a.qs.as_mut_ptr() as *mut __m256i, bytes);
+        let sums = [
+            hsum(_mm256_add_epi32(q[0], q[1])),
+            hsum(_mm256_add_epi32(q[2], q[3])),
+        ];
+        a.d = d;
+        a.s = d * (sums[0] + sums[1]) as f32;
+        a.half_sums = sums;
+    }
+}
