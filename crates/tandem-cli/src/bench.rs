@@ -38,9 +38,32 @@ pub struct ModelBenchArgs {
     /// SIMD level to use: scalar, avx2 or avx512 (default: best available).
     #[arg(long)]
     simd: Option<String>,
-    /// Memory read bandwidth in GB/s for the decode roofline (BENCHMARKS.md: 25.8 with 2 threads).
-    #[arg(long, default_value_t = 25.8)]
-    bandwidth_gbs: f64,
+    /// Memory read bandwidth in GB/s for the decode roofline (default: measured in this run,
+    /// one reading thread per core over a buffer far larger than the caches).
+    #[arg(long)]
+    bandwidth_gbs: Option<f64>,
+}
+
+/// Read bandwidth in GB/s: `threads` threads summing their share of a 1 GiB buffer, best of
+/// three passes (the first also faults the pages in).
+fn measure_read_bandwidth(threads: usize) -> f64 {
+    const WORDS: usize = 1 << 27;
+    let buf: Vec<u64> = (0..WORDS as u64).collect();
+    let per = WORDS.div_ceil(threads);
+    (0..4)
+        .map(|_| {
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                for part in buf.chunks(per) {
+                    s.spawn(move || {
+                        std::hint::black_box(part.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                    });
+                }
+            });
+            (WORDS * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9
+        })
+        .skip(1)
+        .fold(0f64, f64::max)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -145,7 +168,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         .sum::<usize>()
         + w.lm_head.bytes().len();
     let kv_per_token = KvCache::bytes_per_token(&cfg, KvDType::F16);
-    let bw = a.bandwidth_gbs * 1e9;
+    let bandwidth_gbs = a
+        .bandwidth_gbs
+        .unwrap_or_else(|| measure_read_bandwidth(rayon_threads()));
+    let bw = bandwidth_gbs * 1e9;
     let roof_empty = bw / weight_bytes as f64;
     let roof_after =
         bw / (weight_bytes + kv_per_token * (a.prompt_tokens + a.gen_tokens / 2)) as f64;
@@ -188,8 +214,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         100.0 * da / roof_after
     );
     println!(
-        "(decode roofline: {:.1} GB/s over the weights and KV read per token)",
-        a.bandwidth_gbs
+        "(decode roofline: {:.1} GB/s ({}) over the weights and KV read per token)",
+        bandwidth_gbs,
+        if a.bandwidth_gbs.is_some() {
+            "given"
+        } else {
+            "measured in this run"
+        }
     );
     Ok(())
 }
