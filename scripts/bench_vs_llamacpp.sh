@@ -69,9 +69,11 @@ if [ -n "${IK_LLAMA_SRC:-}" ]; then
   IK_BUILD="$HOME_DIR/ik_llama-build-$rev"
   if [ ! -x "$IK_BUILD/bin/llama-server" ] || [ ! -x "$IK_BUILD/bin/llama-bench" ]; then
     echo "building ik_llama.cpp ($rev) into $IK_BUILD (about 15 minutes)..." >&2
-    cmake -S "$IK_LLAMA_SRC" -B "$IK_BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    CMAKE=$(command -v cmake || echo "$VENV/bin/cmake")
+    [ -x "$CMAKE" ] || "$VENV/bin/pip" install -q cmake
+    "$CMAKE" -S "$IK_LLAMA_SRC" -B "$IK_BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF >/dev/null
-    cmake --build "$IK_BUILD" -j "$(nproc)" --target llama-bench llama-server >/dev/null
+    "$CMAKE" --build "$IK_BUILD" -j "$(nproc)" --target llama-bench llama-server >/dev/null
   fi
   IK_BIN="$IK_BUILD/bin"
 fi

@@ -43,6 +43,28 @@ unsafe fn value<const F: u8>(p: *const u8, h: usize, j: usize) -> __m256i {
         return load(j);
     }
     let (k, high) = (j % 4, j >= 4);
+    // Top bit (Q5: 16, Q3_K: 4) from the masks after the low bits, for value register
+    // `4 * high + k` at `2k + high`.
+    let top_bit = |bit: i8| {
+        let masks = p.add(format.block_value_bytes() - 64);
+        let m = (masks.add(8 * (2 * k + high as usize) + 4 * h) as *const u32).read_unaligned();
+        _mm256_and_si256(bits_to_bytes(m), _mm256_set1_epi8(bit))
+    };
+    if format.bits() <= 3 {
+        let reg = load(j % 2);
+        let reg = match j / 2 {
+            0 => reg,
+            1 => _mm256_srli_epi16::<2>(reg),
+            2 => _mm256_srli_epi16::<4>(reg),
+            _ => _mm256_srli_epi16::<6>(reg),
+        };
+        let v = _mm256_and_si256(reg, _mm256_set1_epi8(3));
+        return if format.bits() == 3 {
+            _mm256_or_si256(v, top_bit(4))
+        } else {
+            v
+        };
+    }
     let raw = load(k);
     let raw = if high {
         _mm256_srli_epi16::<4>(raw)
@@ -51,12 +73,7 @@ unsafe fn value<const F: u8>(p: *const u8, h: usize, j: usize) -> __m256i {
     };
     let v = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
     match format.bits() {
-        5 => {
-            let mask =
-                (p.add(256 + 8 * (2 * k + high as usize) + 4 * h) as *const u32).read_unaligned();
-            let fifth = _mm256_and_si256(bits_to_bytes(mask), _mm256_set1_epi8(0x10));
-            _mm256_or_si256(v, fifth)
-        }
+        5 => _mm256_or_si256(v, top_bit(0x10)),
         6 => {
             let top = load(4 + high as usize);
             let top = match k {
@@ -113,7 +130,8 @@ unsafe fn half<const R: usize, const F: u8>(
             let blk = s * blocks + bi;
             // (May point past the matrix: a prefetch never faults.)
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 32 * h) as *const i8);
-            let (dlo, dhi, min) = match scheme {
+            let neg = |x: __m256| _mm256_xor_ps(x, _mm256_set1_ps(-0.0));
+            let (dlo, dhi, min, min_hi) = match scheme {
                 Scheme::Block32 {
                     stored_min,
                     implied,
@@ -123,21 +141,41 @@ unsafe fn half<const R: usize, const F: u8>(
                     } else {
                         _mm256_mul_ps(d, _mm256_set1_ps(implied))
                     };
-                    (d, d, m)
+                    (d, d, m, m)
                 }
                 Scheme::K32 => {
                     let sc = bytes_ps::<false>(row(hd.add(4 * TILE_ROWS + TILE_ROWS * bi), 1));
                     let mn = bytes_ps::<false>(row(hd.add(12 * TILE_ROWS + TILE_ROWS * bi), 1));
                     let m = _mm256_mul_ps(halves(row(hd.add(2 * TILE_ROWS), 2)), mn);
-                    let neg = _mm256_xor_ps(m, _mm256_set1_ps(-0.0));
                     let dw = _mm256_mul_ps(d, sc);
-                    (dw, dw, neg)
+                    (dw, dw, neg(m), neg(m))
                 }
-                Scheme::K16 => {
+                Scheme::K16 { mins: false, .. } => {
                     let sc = hd.add(2 * TILE_ROWS + 2 * TILE_ROWS * bi);
                     let lo = _mm256_mul_ps(d, bytes_ps::<true>(row(sc, 1)));
                     let hi = _mm256_mul_ps(d, bytes_ps::<true>(row(sc.add(TILE_ROWS), 1)));
-                    (lo, hi, _mm256_setzero_ps())
+                    (lo, hi, _mm256_setzero_ps(), _mm256_setzero_ps())
+                }
+                Scheme::K16 { mins: true, .. } => {
+                    let sc = hd.add(4 * TILE_ROWS + 2 * TILE_ROWS * bi);
+                    let dmin = halves(row(hd.add(2 * TILE_ROWS), 2));
+                    let nib = _mm_set1_epi8(0x0f);
+                    let split = |p: *const u8| {
+                        let raw = _mm_loadl_epi64(p as *const __m128i);
+                        let f = |b: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                        (
+                            f(_mm_and_si128(raw, nib)),
+                            f(_mm_and_si128(_mm_srli_epi16::<4>(raw), nib)),
+                        )
+                    };
+                    let (sl, ml) = split(row(sc, 1));
+                    let (sh, mh) = split(row(sc.add(TILE_ROWS), 1));
+                    (
+                        _mm256_mul_ps(d, sl),
+                        _mm256_mul_ps(d, sh),
+                        neg(_mm256_mul_ps(dmin, ml)),
+                        neg(_mm256_mul_ps(dmin, mh)),
+                    )
                 }
             };
             let mut ilo = [_mm256_setzero_si256(); R];
@@ -188,14 +226,19 @@ unsafe fn half<const R: usize, const F: u8>(
             for r in 0..R {
                 let a = acts.get_unchecked(r).get_unchecked(blk);
                 let da = _mm256_set1_ps(a.d);
-                if scheme == Scheme::K16 {
-                    let off = |s: i32| _mm256_set1_epi32(s.wrapping_mul(32));
+                if let Scheme::K16 { offset, mins } = scheme {
+                    let off = |s: i32| _mm256_set1_epi32(s.wrapping_mul(offset));
                     let lo = _mm256_sub_epi32(ilo[r], off(a.half_sums[0]));
                     let hi = _mm256_sub_epi32(ihi[r], off(a.half_sums[1]));
                     acc[r] =
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(dlo, da), acc[r]);
                     macc[r] =
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(dhi, da), macc[r]);
+                    if mins {
+                        let s = |i: usize| _mm256_set1_ps(a.d * a.half_sums[i] as f32);
+                        acc[r] = _mm256_fmadd_ps(min, s(0), acc[r]);
+                        macc[r] = _mm256_fmadd_ps(min_hi, s(1), macc[r]);
+                    }
                 } else {
                     let i = _mm256_add_epi32(ilo[r], ihi[r]);
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dlo, da), acc[r]);

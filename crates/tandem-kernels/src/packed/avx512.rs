@@ -22,6 +22,38 @@ unsafe fn values<const F: u8>(p: *const u8) -> [__m512i; 8] {
     if format.bits() == 8 {
         return std::array::from_fn(load);
     }
+    // Top-bit masks (Q5: bit 4, Q3_K: bit 2) for value register `4 * half + k` at `2k + half`.
+    let add_masked = |v: &mut [__m512i; 8], bit: i8| {
+        let masks = p.add(format.block_value_bytes() - 64) as *const u64;
+        let b = _mm512_set1_epi8(bit);
+        for k in 0..4 {
+            for half in 0..2 {
+                let m = masks.add(2 * k + half).read_unaligned();
+                let r = &mut v[4 * half + k];
+                *r = _mm512_mask_add_epi8(*r, m, *r, b);
+            }
+        }
+    };
+    if format.bits() <= 3 {
+        let three = _mm512_set1_epi8(3);
+        let mut v = [_mm512_setzero_si512(); 8];
+        for m in 0..2 {
+            let reg = load(m);
+            let fields = [
+                reg,
+                _mm512_srli_epi16::<2>(reg),
+                _mm512_srli_epi16::<4>(reg),
+                _mm512_srli_epi16::<6>(reg),
+            ];
+            for (t, f) in fields.into_iter().enumerate() {
+                v[2 * t + m] = _mm512_and_si512(f, three);
+            }
+        }
+        if format.bits() == 3 {
+            add_masked(&mut v, 4);
+        }
+        return v;
+    }
     let low = _mm512_set1_epi8(0x0f);
     let mut v = [_mm512_setzero_si512(); 8];
     for k in 0..4 {
@@ -30,17 +62,7 @@ unsafe fn values<const F: u8>(p: *const u8) -> [__m512i; 8] {
         v[4 + k] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
     }
     match format.bits() {
-        5 => {
-            let sixteen = _mm512_set1_epi8(0x10);
-            let masks = p.add(256) as *const u64;
-            for k in 0..4 {
-                for half in 0..2 {
-                    let m = masks.add(2 * k + half).read_unaligned();
-                    let r = &mut v[4 * half + k];
-                    *r = _mm512_mask_add_epi8(*r, m, *r, sixteen);
-                }
-            }
-        }
+        5 => add_masked(&mut v, 0x10),
         6 => {
             let top = _mm512_set1_epi8(0x30);
             for half in 0..2 {
@@ -100,8 +122,14 @@ unsafe fn rows<const R: usize, const F: u8>(
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
             let v = values::<F>(p);
             // Per block, for the sixteen rows: the scale of the low and high 16 elements
-            // (equal but for K16) and the minimum.
-            let (dlo, dhi, min) = match scheme {
+            // (equal but for K16) and the minimum (of the low and high 16 for Q2_K).
+            let neg = |x: __m512| {
+                _mm512_castsi512_ps(_mm512_xor_si512(
+                    _mm512_castps_si512(x),
+                    _mm512_set1_epi32(i32::MIN),
+                ))
+            };
+            let (dlo, dhi, min, min_hi) = match scheme {
                 Scheme::Block32 {
                     stored_min,
                     implied,
@@ -111,22 +139,41 @@ unsafe fn rows<const R: usize, const F: u8>(
                     } else {
                         _mm512_mul_ps(d, _mm512_set1_ps(implied))
                     };
-                    (d, d, m)
+                    (d, d, m, m)
                 }
                 Scheme::K32 => {
                     let sc = bytes_ps::<false>(h.add(4 * TILE_ROWS + TILE_ROWS * bi));
                     let mn = bytes_ps::<false>(h.add(12 * TILE_ROWS + TILE_ROWS * bi));
-                    let m = _mm512_mul_ps(halves(h.add(2 * TILE_ROWS)), mn);
-                    let neg = _mm512_castps_si512(m);
-                    let neg = _mm512_xor_si512(neg, _mm512_set1_epi32(i32::MIN));
+                    let m = neg(_mm512_mul_ps(halves(h.add(2 * TILE_ROWS)), mn));
                     let dw = _mm512_mul_ps(d, sc);
-                    (dw, dw, _mm512_castsi512_ps(neg))
+                    (dw, dw, m, m)
                 }
-                Scheme::K16 => {
+                Scheme::K16 { mins: false, .. } => {
                     let sc = h.add(2 * TILE_ROWS + 2 * TILE_ROWS * bi);
                     let lo = _mm512_mul_ps(d, bytes_ps::<true>(sc));
                     let hi = _mm512_mul_ps(d, bytes_ps::<true>(sc.add(TILE_ROWS)));
-                    (lo, hi, _mm512_setzero_ps())
+                    (lo, hi, _mm512_setzero_ps(), _mm512_setzero_ps())
+                }
+                Scheme::K16 { mins: true, .. } => {
+                    let sc = h.add(4 * TILE_ROWS + 2 * TILE_ROWS * bi);
+                    let dmin = halves(h.add(2 * TILE_ROWS));
+                    let nib = _mm_set1_epi8(0x0f);
+                    let split = |p: *const u8| {
+                        let raw = _mm_loadu_si128(p as *const __m128i);
+                        let f = |b: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+                        (
+                            f(_mm_and_si128(raw, nib)),
+                            f(_mm_and_si128(_mm_srli_epi16::<4>(raw), nib)),
+                        )
+                    };
+                    let (sl, ml) = split(sc);
+                    let (sh, mh) = split(sc.add(TILE_ROWS));
+                    (
+                        _mm512_mul_ps(d, sl),
+                        _mm512_mul_ps(d, sh),
+                        neg(_mm512_mul_ps(dmin, ml)),
+                        neg(_mm512_mul_ps(dmin, mh)),
+                    )
                 }
             };
             for r in 0..R {
@@ -140,14 +187,19 @@ unsafe fn rows<const R: usize, const F: u8>(
                     hi = _mm512_dpbusd_epi32(hi, v[4 + j], bc(4 + j));
                 }
                 let da = _mm512_set1_ps(a.d);
-                if scheme == Scheme::K16 {
-                    let off = |s: i32| _mm512_set1_epi32(s.wrapping_mul(32));
+                if let Scheme::K16 { offset, mins } = scheme {
+                    let off = |s: i32| _mm512_set1_epi32(s.wrapping_mul(offset));
                     let lo = _mm512_sub_epi32(lo, off(a.half_sums[0]));
                     let hi = _mm512_sub_epi32(hi, off(a.half_sums[1]));
                     acc[r] =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(dlo, da), acc[r]);
                     macc[r] =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(dhi, da), macc[r]);
+                    if mins {
+                        let s = |i: usize| _mm512_set1_ps(a.d * a.half_sums[i] as f32);
+                        acc[r] = _mm512_fmadd_ps(min, s(0), acc[r]);
+                        macc[r] = _mm512_fmadd_ps(min_hi, s(1), macc[r]);
+                    }
                 } else {
                     let i = _mm512_add_epi32(lo, hi);
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dlo, da), acc[r]);

@@ -5,8 +5,8 @@
 //!
 //! - header, each field row-major over the tile's rows (f16 and 8-bit integers as stored):
 //!   Block32 formats `d[16]` then `m[16]` (Q4_1, Q5_1); K32 (Q4_K, Q5_K) `d[16]`, `dmin[16]`,
-//!   then per block `sc[16]` and then per block `mn[16]`; K16 (Q6_K) `d[16]`, then per
-//!   16-element group `sc[16]`.
+//!   then per block `sc[16]` and then per block `mn[16]`; K16 (Q6_K, Q3_K, Q2_K) `d[16]`
+//!   (Q2_K: then `dmin[16]`), then per 16-element group `sc[16]` (signed; Q2_K: `sc | mn << 4`).
 //! - values: "value register" `j` (64 bytes) holds elements `4j..4j+4` of each of the sixteen
 //!   rows (row `r` in bytes `4r..4r+4`), so it multiplies one broadcast activation dword.
 //!   Q8_0 stores the eight registers as bytes (`u = q + 128`). The other formats store four
@@ -14,10 +14,12 @@
 //!   `4 + k` (ggml's own pairing of elements `e` and `e + 16`), followed by the fifth bits
 //!   (Q5: for each nibble register two 64-bit masks, bit `4r + i` of its low then its high
 //!   values) or the top two bits (Q6_K: one 64-byte register for the low nibbles, one for the
-//!   high, byte `4r + i` holding register `k`'s bits at `2k`).
+//!   high, byte `4r + i` holding register `k`'s bits at `2k`). Q2_K and Q3_K store two
+//!   registers of 2-bit fields, value register `2t + m` in bits `2t` of register `m`; Q3_K
+//!   follows them with its third bits as masks ordered as the Q5 fifth bits.
 //!
-//! A tile has the bytes its rows have in the stored format, plus, for Q4_K / Q5_K, their
-//! 6-bit block scales and minimums widened to bytes (+2.8% / +2.3%).
+//! A tile has the bytes its rows have in the stored format, plus, for Q4_K / Q5_K / Q3_K,
+//! their 6-bit scales (and minimums) widened to bytes (+2.8% / +2.3% / +3.6%).
 
 use super::{PackedFormat, Scheme};
 use crate::dtype::{QK, QK_K};
@@ -91,13 +93,18 @@ fn decode(format: PackedFormat, b: &[u8]) -> Decoded {
                 out.u[e] = b[2 + e] ^ 0x80;
             }
         }
-        PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
-            let dtype = format.dtype();
-            let k = kquant::decode(dtype, b);
+        _ => {
+            let k = kquant::decode(format.dtype(), b);
             out.u = k.u;
             if format == PackedFormat::Q6_K {
                 out.h[0] = f16_bits(b, 208);
                 out.sc = k.sc.map(|s| s as u8);
+            } else if format == PackedFormat::Q3_K {
+                out.h[0] = f16_bits(b, 108);
+                out.sc = k.sc.map(|s| s as u8);
+            } else if format == PackedFormat::Q2_K {
+                out.h = [f16_bits(b, 80), f16_bits(b, 82)];
+                out.sc = std::array::from_fn(|g| k.sc[g] as u8 | (k.mn[g] as u8) << 4);
             } else {
                 out.h = [f16_bits(b, 0), f16_bits(b, 2)];
                 // The group scales come in equal pairs (one per 32-element block).
@@ -135,8 +142,11 @@ fn put_header(format: PackedFormat, rows: &[Decoded; TILE_ROWS], out: &mut Vec<u
                 out.extend(rows.iter().map(|r| r.mn[b]));
             }
         }
-        Scheme::K16 => {
+        Scheme::K16 { mins, .. } => {
             halves(0, out);
+            if mins {
+                halves(1, out);
+            }
             for g in 0..16 {
                 out.extend(rows.iter().map(|r| r.sc[g]));
             }
@@ -147,13 +157,47 @@ fn put_header(format: PackedFormat, rows: &[Decoded; TILE_ROWS], out: &mut Vec<u
 /// Appends the values of 32-element block `b` of a super-block of a tile.
 fn put_values(format: PackedFormat, rows: &[Decoded; TILE_ROWS], b: usize, out: &mut Vec<u8>) {
     let u = |r: usize, e: usize| rows[r].u[QK * b + e];
-    if format.bits() == 8 {
-        for j in 0..8 {
-            for r in 0..TILE_ROWS {
-                out.extend((0..4).map(|i| u(r, 4 * j + i)));
+    // The top-bit masks of the Q5 formats (bit 4) and Q3_K (bit 2), for value register
+    // `4 * half + k` at index `2k + half`.
+    let masks = |bit: u32, out: &mut Vec<u8>| {
+        for k in 0..4 {
+            for half in [0, 16] {
+                let mut mask = 0u64;
+                for r in 0..TILE_ROWS {
+                    for i in 0..4 {
+                        let b = (u(r, half + 4 * k + i) >> bit) & 1;
+                        mask |= u64::from(b) << (4 * r + i);
+                    }
+                }
+                out.extend_from_slice(&mask.to_le_bytes());
             }
         }
-        return;
+    };
+    match format.bits() {
+        8 => {
+            for j in 0..8 {
+                for r in 0..TILE_ROWS {
+                    out.extend((0..4).map(|i| u(r, 4 * j + i)));
+                }
+            }
+            return;
+        }
+        2 | 3 => {
+            for m in 0..2 {
+                for r in 0..TILE_ROWS {
+                    out.extend((0..4).map(|i| {
+                        (0..4).fold(0u8, |acc, t| {
+                            acc | (u(r, 4 * (2 * t + m) + i) & 3) << (2 * t)
+                        })
+                    }));
+                }
+            }
+            if format.bits() == 3 {
+                masks(2, out);
+            }
+            return;
+        }
+        _ => {}
     }
     for k in 0..4 {
         for r in 0..TILE_ROWS {
@@ -161,19 +205,7 @@ fn put_values(format: PackedFormat, rows: &[Decoded; TILE_ROWS], b: usize, out: 
         }
     }
     match format.bits() {
-        5 => {
-            for k in 0..4 {
-                for half in [0, 16] {
-                    let mut mask = 0u64;
-                    for r in 0..TILE_ROWS {
-                        for i in 0..4 {
-                            mask |= u64::from((u(r, half + 4 * k + i) >> 4) & 1) << (4 * r + i);
-                        }
-                    }
-                    out.extend_from_slice(&mask.to_le_bytes());
-                }
-            }
-        }
+        5 => masks(4, out),
         6 => {
             for half in [0, 16] {
                 for r in 0..TILE_ROWS {
@@ -252,26 +284,47 @@ pub(super) fn read_block(
             let mn = h[4 * rows + 8 * rows + bi * rows + r] as f32;
             ([f16(2 * r) * sc; 2], [-(f16(2 * rows + 2 * r) * mn); 2], 0)
         }
-        Scheme::K16 => {
-            let sc = |g: usize| h[2 * rows + g * rows + r] as i8 as f32;
+        Scheme::K16 { offset, mins } => {
+            let scales = if mins { 4 * rows } else { 2 * rows };
+            let byte = |g: usize| h[scales + g * rows + r];
             let d = f16(2 * r);
-            ([d * sc(2 * bi), d * sc(2 * bi + 1)], [0.0; 2], 32)
+            let g = [2 * bi, 2 * bi + 1];
+            if mins {
+                let dmin = f16(2 * rows + 2 * r);
+                (
+                    g.map(|g| d * (byte(g) & 0x0f) as f32),
+                    g.map(|g| -(dmin * (byte(g) >> 4) as f32)),
+                    0,
+                )
+            } else {
+                (g.map(|g| d * byte(g) as i8 as f32), [0.0; 2], offset)
+            }
         }
+    };
+    // Bit `4r + i` of top-bit mask `idx`.
+    let mask_bit = |idx: usize, i: usize| {
+        let m = &v[format.block_value_bytes() - 64 + 8 * idx..];
+        let mask = u64::from_le_bytes(m[..8].try_into().unwrap());
+        ((mask >> (4 * r + i)) & 1) as u8
     };
     let u = std::array::from_fn(|e| {
         let (j, i) = (e / 4, e % 4);
         if format.bits() == 8 {
             v[64 * j + 4 * r + i]
+        } else if format.bits() <= 3 {
+            let low = (v[64 * (j % 2) + 4 * r + i] >> (2 * (j / 2))) & 3;
+            let third = if format.bits() == 3 {
+                mask_bit(2 * (j % 4) + j / 4, i) << 2
+            } else {
+                0
+            };
+            low | third
         } else {
             let nib = v[64 * (j % 4) + 4 * r + i];
             let low = if j < 4 { nib & 0x0f } else { nib >> 4 };
             let extra = &v[256..];
             let high = match format.bits() {
-                5 => {
-                    let m = &extra[16 * (j % 4) + 8 * (j / 4)..];
-                    let mask = u64::from_le_bytes(m[..8].try_into().unwrap());
-                    (((mask >> (4 * r + i)) & 1) as u8) << 4
-                }
+                5 => mask_bit(2 * (j % 4) + j / 4, i) << 4,
                 6 => ((extra[64 * (j / 4) + 4 * r + i] >> (2 * (j % 4))) & 3) << 4,
                 _ => 0,
             };

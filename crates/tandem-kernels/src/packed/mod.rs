@@ -48,6 +48,10 @@ pub enum PackedFormat {
     Q5_K,
     /// 6-bit values offset by 32, an 8-bit scale per 16 elements under an f16 super-block scale.
     Q6_K,
+    /// 2-bit values, a 4-bit scale and minimum per 16 elements under f16 `d` and `dmin`.
+    Q2_K,
+    /// 3-bit values offset by 4, a 6-bit signed scale per 16 elements under an f16 `d`.
+    Q3_K,
 }
 
 /// How a format's blocks are scaled.
@@ -58,14 +62,15 @@ pub(crate) enum Scheme {
     /// f16 `d`, `dmin` per 256 elements; per 32-element block `scale = d * sc`,
     /// `min = -dmin * mn` with 6-bit `sc`, `mn`.
     K32,
-    /// f16 `d` per 256 elements; per 16 elements `scale = d * sc` with a signed 8-bit `sc`;
-    /// `value = scale * (u - 32)`.
-    K16,
+    /// f16 `d` per 256 elements; per 16 elements `scale = d * sc`,
+    /// `value = scale * (u - offset)`, with a signed 8-bit `sc` or (`mins`: Q2_K) 4-bit `sc`
+    /// and `mn` in one byte and `min = -dmin * mn` under a second f16 `dmin`.
+    K16 { offset: i32, mins: bool },
 }
 
 impl PackedFormat {
     /// Every format, in const-parameter order.
-    pub(crate) const ALL: [PackedFormat; 8] = [
+    pub(crate) const ALL: [PackedFormat; 10] = [
         PackedFormat::Q4_0,
         PackedFormat::Q4_1,
         PackedFormat::Q5_0,
@@ -74,6 +79,8 @@ impl PackedFormat {
         PackedFormat::Q4_K,
         PackedFormat::Q5_K,
         PackedFormat::Q6_K,
+        PackedFormat::Q2_K,
+        PackedFormat::Q3_K,
     ];
 
     /// The format of a kernel's const parameter (its index in [`Self::ALL`]).
@@ -92,6 +99,8 @@ impl PackedFormat {
             DType::Q4_K => PackedFormat::Q4_K,
             DType::Q5_K => PackedFormat::Q5_K,
             DType::Q6_K => PackedFormat::Q6_K,
+            DType::Q2_K => PackedFormat::Q2_K,
+            DType::Q3_K => PackedFormat::Q3_K,
             _ => return None,
         })
     }
@@ -107,6 +116,8 @@ impl PackedFormat {
             PackedFormat::Q4_K => DType::Q4_K,
             PackedFormat::Q5_K => DType::Q5_K,
             PackedFormat::Q6_K => DType::Q6_K,
+            PackedFormat::Q2_K => DType::Q2_K,
+            PackedFormat::Q3_K => DType::Q3_K,
         }
     }
 
@@ -117,6 +128,8 @@ impl PackedFormat {
             PackedFormat::Q5_0 | PackedFormat::Q5_1 | PackedFormat::Q5_K => 5,
             PackedFormat::Q6_K => 6,
             PackedFormat::Q8_0 => 8,
+            PackedFormat::Q2_K => 2,
+            PackedFormat::Q3_K => 3,
         }
     }
 
@@ -140,7 +153,18 @@ impl PackedFormat {
                 implied: 0.0,
             },
             PackedFormat::Q4_K | PackedFormat::Q5_K => Scheme::K32,
-            PackedFormat::Q6_K => Scheme::K16,
+            PackedFormat::Q6_K => Scheme::K16 {
+                offset: 32,
+                mins: false,
+            },
+            PackedFormat::Q3_K => Scheme::K16 {
+                offset: 4,
+                mins: false,
+            },
+            PackedFormat::Q2_K => Scheme::K16 {
+                offset: 0,
+                mins: true,
+            },
         }
     }
 
@@ -158,17 +182,22 @@ impl PackedFormat {
             Scheme::Block32 { stored_min, .. } => 2 * TILE_ROWS * if stored_min { 2 } else { 1 },
             // d, dmin; sc and mn per block.
             Scheme::K32 => 4 * TILE_ROWS + 2 * 8 * TILE_ROWS,
-            // d; sc per 16 elements.
-            Scheme::K16 => 2 * TILE_ROWS + 16 * TILE_ROWS,
+            // d (and dmin); sc (with mn) per 16 elements.
+            Scheme::K16 { mins, .. } => (2 + 2 * mins as usize) * TILE_ROWS + 16 * TILE_ROWS,
         }
     }
 
     /// Bytes of a tile's values for one 32-element block.
     pub(crate) const fn block_value_bytes(self) -> usize {
-        // Nibbles (or bytes), then the fifth bits (one per value) or the top two bits.
-        let low = if self.bits() == 8 { 32 } else { 16 };
+        // Per row: bytes, nibbles or 2-bit fields, then the top bits (one per value for Q3_K
+        // and the Q5 formats, two for Q6_K).
+        let low = match self.bits() {
+            8 => 32,
+            2 | 3 => 8,
+            _ => 16,
+        };
         let extra = match self.bits() {
-            5 => 4,
+            3 | 5 => 4,
             6 => 8,
             _ => 0,
         };
@@ -234,7 +263,8 @@ pub struct ActBlock {
     pub d: f32,
     /// `d * sum(qs)` (for the weight minimums).
     pub s: f32,
-    /// The sums of `qs[..16]` and `qs[16..]` (for Q6_K's offset under per-16 scales).
+    /// The sums of `qs[..16]` and `qs[16..]` (for the k-quants' offsets and minimums under
+    /// per-16 scales).
     pub half_sums: [i32; 2],
 }
 
@@ -293,6 +323,8 @@ macro_rules! kernel_set {
             PackedFormat::Q4_K => set!(5),
             PackedFormat::Q5_K => set!(6),
             PackedFormat::Q6_K => set!(7),
+            PackedFormat::Q2_K => set!(8),
+            PackedFormat::Q3_K => set!(9),
         }
     }};
 }

@@ -14,11 +14,15 @@ pub fn dot(format: PackedFormat, tile: &[u8], r: usize, act: &[ActBlock], nb: us
             isum[e / 16] += u as i32 * q as i32;
         }
         match format.scheme() {
-            Scheme::K16 => {
+            Scheme::K16 { mins, .. } => {
                 let lo = isum[0] - offset * a.half_sums[0];
                 let hi = isum[1] - offset * a.half_sums[1];
                 acc = (lo as f32).mul_add(scale[0] * a.d, acc);
                 macc = (hi as f32).mul_add(scale[1] * a.d, macc);
+                if mins {
+                    acc = min[0].mul_add(a.d * a.half_sums[0] as f32, acc);
+                    macc = min[1].mul_add(a.d * a.half_sums[1] as f32, macc);
+                }
             }
             _ => {
                 acc = ((isum[0] + isum[1]) as f32).mul_add(scale[0] * a.d, acc);
