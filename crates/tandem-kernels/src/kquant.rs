@@ -3,8 +3,8 @@
 //! Every k-quant block holds 256 values in 16-element groups `g`, each value
 //! `(d * sc[g]) * (u - offset) - dmin * mn[g]` with small unsigned integers `u` (2 to 6 bits),
 //! integer group scales `sc` and minimums `mn`. Decoding each format into [`KBlock`] lets one
-//! dequantizer and one dot product serve all five; the SIMD kernels share the scale decoding
-//! and unpack only the values themselves.
+//! dequantizer, one scalar dot product and one repacking into tiles ([`crate::packed`]) serve
+//! all five.
 
 use crate::dtype::{f16_at, DType, QK_K};
 

@@ -1,8 +1,9 @@
 //! `out[m, n] = x[m, k] · w[n, k]ᵀ` with `w` in its stored format.
 //!
-//! Quantized weights (fast path): the activations are quantized once to int8 blocks, then each
-//! parallel task takes a slice of weight rows and runs every activation row against it, so each
-//! weight byte is read once per call whatever the batch size. Float weights and the exact path
+//! Quantized weights (fast path, the scalar reference: SIMD levels run repacked weights through
+//! [`crate::packed`]): the activations are quantized once to int8 blocks, then each parallel
+//! task takes a slice of weight rows and runs every activation row against it, so each weight
+//! byte is read once per call whatever the batch size. Float weights and the exact path
 //! dequantize a tile of weight rows to f32 and hand it to `gemm`.
 
 use crate::act::{quantize_q8, quantize_q8k, BlockQ8, BlockQ8K};
@@ -10,7 +11,6 @@ use crate::dequant::dequantize_row;
 use crate::dot::{kernel, DotKernel};
 use crate::dtype::{DType, QK, QK_K};
 use crate::par::{chunk_rows, for_each_task, SyncPtr};
-use crate::simd::SimdLevel;
 use crate::KernelError;
 
 /// A borrowed 2-D weight matrix in its stored format, rows of `cols` elements.
@@ -83,21 +83,14 @@ pub enum Precision {
 }
 
 /// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ` (`n = w.rows`, `k = w.cols`).
-pub fn matmul(
-    x: &[f32],
-    m: usize,
-    w: &MatRef,
-    out: &mut [f32],
-    precision: Precision,
-    level: SimdLevel,
-) {
+pub fn matmul(x: &[f32], m: usize, w: &MatRef, out: &mut [f32], precision: Precision) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
     assert_eq!(out.len(), m * n, "matmul: out is not [{m}, {n}]");
     if m == 0 || n == 0 {
         return;
     }
-    match (precision, kernel(w.dtype, level)) {
+    match (precision, kernel(w.dtype)) {
         (Precision::Fast, Some(DotKernel::Q8(dot, dot4))) => {
             let mut act = vec![BlockQ8::default(); m * k / QK];
             quantize_rows(x, k, &mut act, k / QK, quantize_q8);

@@ -201,7 +201,7 @@ impl LlamaModel {
         let l = layer_mats(&self.weights.layers[layer])[which];
         match self.packed().and_then(|p| p.layers[layer][which].as_ref()) {
             Some(p) => matmul_packed(x, rows, p, out, self.level),
-            None => matmul(x, rows, &l.weight.mat(), out, self.precision, self.level),
+            None => matmul(x, rows, &l.weight.mat(), out, self.precision),
         }
         if let Some(b) = &l.bias {
             ops::add_bias(out, b);
@@ -372,7 +372,6 @@ impl LlamaModel {
                 &self.weights.lm_head.mat(),
                 &mut values,
                 self.precision,
-                self.level,
             ),
         }
         Logits {

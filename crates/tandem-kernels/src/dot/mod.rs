@@ -1,17 +1,11 @@
-//! Dot products between one stored weight row and one quantized activation row.
-//!
-//! A kernel is picked once per matmul for a (format, SIMD level) pair; the scalar kernels are
-//! the reference the SIMD ones are tested against.
+//! Dot products between one stored weight row and one quantized activation row: the fast
+//! path at [`crate::SimdLevel::Scalar`]. SIMD levels run weights repacked into tiles instead
+//! ([`crate::packed`]), which every quantized format has.
 
 mod scalar;
-#[cfg(target_arch = "x86_64")]
-mod x86;
-#[cfg(target_arch = "x86_64")]
-mod x86_k;
 
 use crate::act::{BlockQ8, BlockQ8K};
 use crate::dtype::DType;
-use crate::simd::SimdLevel;
 
 /// Dot product of a weight row (stored bytes) with int8 activations in 32-blocks.
 pub type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
@@ -51,15 +45,7 @@ impl DotKernel {
     }
 }
 
-/// The integer dot kernel for `dtype` at `level` (falling back to slower levels where a format
-/// has no kernel at that level), or `None` for float formats.
-pub fn kernel(dtype: DType, level: SimdLevel) -> Option<DotKernel> {
-    #[cfg(target_arch = "x86_64")]
-    if level != SimdLevel::Scalar {
-        if let Some(k) = x86::kernel(dtype, level) {
-            return Some(k);
-        }
-    }
-    let _ = level;
+/// The integer dot kernel for `dtype`, or `None` for float formats.
+pub fn kernel(dtype: DType) -> Option<DotKernel> {
     scalar::kernel(dtype)
 }
