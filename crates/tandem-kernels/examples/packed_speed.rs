@@ -1,0 +1,69 @@
+//! Speed of the packed matmul on a matrix far larger than the caches, per SIMD level and
+//! format: GB/s of weights streamed with one activation row (decode) and integer GMAC/s with
+//! 64 rows (prefill), on a pool of one thread per core:
+//! `cargo run --release -p tandem-kernels --example packed_speed [Q4_K Q6_K ...]`.
+use std::time::Instant;
+use tandem_kernels::packed::{matmul_packed, worth_packing, PackedMat};
+use tandem_kernels::{DType, MatRef, SimdLevel, ThreadPool};
+
+fn main() {
+    let formats: Vec<DType> = std::env::args()
+        .skip(1)
+        .map(|s| {
+            DType::ALL
+                .into_iter()
+                .find(|d| d.name() == s)
+                .expect("a quantized type")
+        })
+        .collect();
+    let formats = if formats.is_empty() {
+        vec![DType::Q4_K, DType::Q6_K, DType::Q4_0]
+    } else {
+        formats
+    };
+    let pool = match std::env::var("THREADS") {
+        Ok(t) => ThreadPool::new(t.parse().unwrap()).unwrap(),
+        _ => ThreadPool::with_default_threads().expect("a thread pool"),
+    };
+    let (n, k) = (64 * 1024, 4096);
+    for d in formats {
+        // Bytes with sane f16 scales (0x3c00 = 1.0 everywhere scales are read).
+        let rb = d.row_bytes(k).unwrap();
+        let data: Vec<u8> = (0..n * rb)
+            .map(|i| {
+                if i % 2 == 1 {
+                    0x2c
+                } else {
+                    (i * 7 % 251) as u8
+                }
+            })
+            .collect();
+        let w = MatRef::new(d, n, k, &data).unwrap();
+        let p = PackedMat::pack(&w).unwrap();
+        for level in SimdLevel::supported()
+            .into_iter()
+            .filter(|l| worth_packing(*l))
+        {
+            for m in [1usize, 64] {
+                let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+                let mut out = vec![0f32; m * n];
+                let reps = if m == 1 { 20 } else { 3 };
+                let secs = pool.install(|| {
+                    matmul_packed(&x, m, &p, &mut out, level);
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        matmul_packed(&x, m, &p, &mut out, level);
+                    }
+                    t.elapsed().as_secs_f64() / reps as f64
+                });
+                if m == 1 {
+                    let gbs = p.bytes().len() as f64 / secs / 1e9;
+                    println!("{d} {level:?} m=1: {gbs:.1} GB/s ({:.2} ms)", secs * 1e3);
+                } else {
+                    let gmacs = (m * n * k) as f64 / secs / 1e9;
+                    println!("{d} {level:?} m={m}: {gmacs:.0} GMAC/s");
+                }
+            }
+        }
+    }
+}
