@@ -90,16 +90,16 @@ case "$MODEL_NAME" in
 esac
 LOGS=$(mktemp -d)
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-# row <figure> <llama.cpp> <ik_llama.cpp or 0> <tandem> <higher|lower is better> <roofline>
+# row <figure> <llama.cpp> <ik_llama.cpp or -> <tandem> <higher|lower is better> <roofline>
 # (<roofline>: tok/s, a fraction already computed such as "71%", or -)
 row() {
   awk -v f="$1" -v l="$2" -v ik="$3" -v t="$4" -v dir="$5" -v roof="$6" '
     function ratio(base) {
-      return (base == 0 || t == 0) ? "-" : sprintf("%.2fx", dir == "higher" ? t / base : base / t)
+      return (base == "-" || base == 0 || t == 0) ? "-" : sprintf("%.2fx", dir == "higher" ? t / base : base / t)
     }
     BEGIN {
       of = roof ~ /%$/ ? roof : (roof == "-" || roof == 0) ? "-" : sprintf("%.0f%%", 100 * t / roof)
-      printf "%-40s %10s %10s %10s %8s %8s %8s\n", f, l, (ik == 0 ? "-" : ik), t, ratio(l), ratio(ik), of }'
+      printf "%-40s %10s %10s %10s %8s %8s %8s\n", f, l, ik, t, ratio(l), ratio(ik), of }'
 }
 header() {
   printf '%-40s %10s %10s %10s %8s %8s %8s\n' figure llama.cpp ik_llama Tandem "vs llama" "vs ik" "of roof"
@@ -140,10 +140,10 @@ if [[ " $PARTS " == *" engine "* ]]; then
   figures=("prefill, 512-token prompt (tok/s)" "decode, empty cache (tok/s)" "decode, after 512 tokens (tok/s)")
   for i in 0 1 2; do
     l=$(cut -d' ' -f$((i + 1)) "$LOGS/lb" | median); t=$(cut -d' ' -f$((i + 1)) "$LOGS/tb" | median)
-    ik=0; [ -s "$LOGS/ib" ] && ik=$(cut -d' ' -f$((i + 1)) "$LOGS/ib" | median)
+    ik=-; [ -s "$LOGS/ib" ] && ik=$(printf %.1f "$(cut -d' ' -f$((i + 1)) "$LOGS/ib" | median)")
     roof=$ROOF_PREFILL
     [ "$i" -gt 0 ] && roof=$(cut -d' ' -f$((i + 3)) "$LOGS/tb" | tr -d % | median)%
-    row "${figures[$i]}" "$(printf %.1f "$l")" "$(printf %.1f "$ik")" "$(printf %.1f "$t")" higher "$roof"
+    row "${figures[$i]}" "$(printf %.1f "$l")" "$ik" "$(printf %.1f "$t")" higher "$roof"
   done
 fi
 
@@ -192,7 +192,7 @@ if [[ " $PARTS " == *" serve "* ]]; then
     dirs=(higher lower lower higher)
     for col in 0 1 2 3; do
       l=$(cut -d' ' -f$((col + 1)) "$LOGS/l$c" | median); t=$(cut -d' ' -f$((col + 1)) "$LOGS/t$c" | median)
-      ik=0; [ -s "$LOGS/i$c" ] && ik=$(cut -d' ' -f$((col + 1)) "$LOGS/i$c" | median)
+      ik=-; [ -s "$LOGS/i$c" ] && ik=$(cut -d' ' -f$((col + 1)) "$LOGS/i$c" | median)
       roof=-
       [ "$col" = 0 ] && roof=$ROOF_PREFILL
       row "$c concurrent: ${names[$col]}" "$l" "$ik" "$t" "${dirs[$col]}" "$roof"
