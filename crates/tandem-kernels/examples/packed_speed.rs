@@ -25,7 +25,8 @@ fn main() {
         Ok(t) => ThreadPool::new(t.parse().unwrap()).unwrap(),
         _ => ThreadPool::with_default_threads().expect("a thread pool"),
     };
-    let (n, k) = (64 * 1024, 4096);
+    let env = |v: &str, d: usize| std::env::var(v).map_or(d, |s| s.parse().unwrap());
+    let (n, k) = (env("N", 64 * 1024), env("K", 4096));
     for d in formats {
         // Bytes with sane f16 scales (0x3c00 = 1.0 everywhere scales are read).
         let rb = d.row_bytes(k).unwrap();

@@ -187,7 +187,8 @@ unsafe fn half<const R: usize, const F: u8>(
             let mut ihi = [_mm256_setzero_si256(); R];
             if format.bits() == 8 {
                 // u = q + 128 would overflow vpmaddubsw's pair sums: multiply the signed
-                // values (|q| by the activation with q's sign) and add 128 * sum(a) back.
+                // values (|q| by the activation with q's sign), which is already the offset
+                // sum(u * a) - 128 * sum(a) the other formats subtract below.
                 for j in 0..8 {
                     let q = _mm256_xor_si256(value::<F>(p, h, j), _mm256_set1_epi8(-128));
                     let aq = _mm256_abs_epi8(q);
@@ -203,11 +204,6 @@ unsafe fn half<const R: usize, const F: u8>(
                         let t = if j < 4 { &mut ilo[r] } else { &mut ihi[r] };
                         *t = _mm256_add_epi32(*t, prod);
                     }
-                }
-                for r in 0..R {
-                    let a = acts.get_unchecked(r).get_unchecked(blk);
-                    ilo[r] = _mm256_add_epi32(ilo[r], _mm256_set1_epi32(128 * a.half_sums[0]));
-                    ihi[r] = _mm256_add_epi32(ihi[r], _mm256_set1_epi32(128 * a.half_sums[1]));
                 }
             } else {
                 // At most 6-bit values: two vpmaddubsw results add up without saturating.
@@ -245,9 +241,16 @@ unsafe fn half<const R: usize, const F: u8>(
                         macc[r] = _mm256_fmadd_ps(min_hi, s(1), macc[r]);
                     }
                 } else {
-                    let i = _mm256_add_epi32(ilo[r], ihi[r]);
+                    let mut i = _mm256_add_epi32(ilo[r], ihi[r]);
+                    if format.bits() != 8 && format.int_offset() != 0 {
+                        let sum = a.half_sums[0] + a.half_sums[1];
+                        let off = _mm256_set1_epi32(sum.wrapping_mul(format.int_offset()));
+                        i = _mm256_sub_epi32(i, off);
+                    }
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dlo, da), acc[r]);
-                    macc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(a.s), macc[r]);
+                    if format.float_min() {
+                        macc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(a.s), macc[r]);
+                    }
                 }
             }
             p = p.add(format.block_value_bytes());

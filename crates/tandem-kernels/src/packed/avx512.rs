@@ -184,17 +184,18 @@ unsafe fn rows<const R: usize, const F: u8>(
                 let a = acts[r].get_unchecked(blk);
                 let q = a.qs.as_ptr() as *const i32;
                 let bc = |j: usize| _mm512_set1_epi32(q.add(j).read_unaligned());
-                let mut lo = _mm512_dpbusd_epi32(zero, v[0], bc(0));
-                let mut hi = _mm512_dpbusd_epi32(zero, v[4], bc(4));
-                for j in 1..4 {
-                    lo = _mm512_dpbusd_epi32(lo, v[j], bc(j));
-                    hi = _mm512_dpbusd_epi32(hi, v[4 + j], bc(4 + j));
-                }
+                // Chains start at -offset * sum(a): the integer part of the minimum.
+                let init = |s: i32| match format.int_offset() {
+                    0 => zero,
+                    off => _mm512_set1_epi32(s.wrapping_mul(-off)),
+                };
                 let da = _mm512_set1_ps(a.d);
-                if let Scheme::K16 { offset, mins } = scheme {
-                    let off = |s: i32| _mm512_set1_epi32(s.wrapping_mul(offset));
-                    let lo = _mm512_sub_epi32(lo, off(a.half_sums[0]));
-                    let hi = _mm512_sub_epi32(hi, off(a.half_sums[1]));
+                if let Scheme::K16 { mins, .. } = scheme {
+                    let (mut lo, mut hi) = (init(a.half_sums[0]), init(a.half_sums[1]));
+                    for j in 0..4 {
+                        lo = _mm512_dpbusd_epi32(lo, v[j], bc(j));
+                        hi = _mm512_dpbusd_epi32(hi, v[4 + j], bc(4 + j));
+                    }
                     acc[r] =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(dlo, da), acc[r]);
                     macc[r] =
@@ -205,9 +206,14 @@ unsafe fn rows<const R: usize, const F: u8>(
                         macc[r] = _mm512_fmadd_ps(min_hi, s(1), macc[r]);
                     }
                 } else {
-                    let i = _mm512_add_epi32(lo, hi);
+                    let mut i = init(a.half_sums[0] + a.half_sums[1]);
+                    for (j, &v) in v.iter().enumerate() {
+                        i = _mm512_dpbusd_epi32(i, v, bc(j));
+                    }
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dlo, da), acc[r]);
-                    macc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(a.s), macc[r]);
+                    if format.float_min() {
+                        macc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(a.s), macc[r]);
+                    }
                 }
             }
             p = p.add(format.block_value_bytes());

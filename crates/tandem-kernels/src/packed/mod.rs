@@ -168,6 +168,29 @@ impl PackedFormat {
         }
     }
 
+    /// The constant subtracted from every value (`-implied` of the Block32 formats whose minimum
+    /// is a multiple of the scale, K16's offset): the kernels subtract `offset * sum(a)` in
+    /// integers instead of adding a minimum term in floats.
+    pub(crate) const fn int_offset(self) -> i32 {
+        match self.scheme() {
+            Scheme::Block32 {
+                stored_min: false,
+                implied,
+            } => -(implied as i32),
+            Scheme::K16 { offset, .. } => offset,
+            _ => 0,
+        }
+    }
+
+    /// Whether a per-block minimum is added in floats (Q4_1, Q5_1, Q4_K, Q5_K; Q2_K per 16).
+    pub(crate) const fn float_min(self) -> bool {
+        match self.scheme() {
+            Scheme::Block32 { stored_min, .. } => stored_min,
+            Scheme::K32 => true,
+            Scheme::K16 { mins, .. } => mins,
+        }
+    }
+
     /// Elements per super-block (the span of one header).
     pub(crate) const fn super_len(self) -> usize {
         match self.scheme() {

@@ -25,8 +25,12 @@ pub fn dot(format: PackedFormat, tile: &[u8], r: usize, act: &[ActBlock], nb: us
                 }
             }
             _ => {
-                acc = ((isum[0] + isum[1]) as f32).mul_add(scale[0] * a.d, acc);
-                macc = min[0].mul_add(a.s, macc);
+                let sum = a.half_sums[0] + a.half_sums[1];
+                let i = isum[0] + isum[1] - format.int_offset() * sum;
+                acc = (i as f32).mul_add(scale[0] * a.d, acc);
+                if format.float_min() {
+                    macc = min[0].mul_add(a.s, macc);
+                }
             }
         }
     }
