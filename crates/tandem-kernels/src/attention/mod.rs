@@ -337,29 +337,31 @@ impl Task<'_> {
                         continue;
                     }
                     let row = (s.row_start + t) * n_heads * hd;
+                    #[cfg(target_arch = "x86_64")]
+                    if WIDE {
+                        // The group's query heads are adjacent in the row, as are their states.
+                        let qg = &q[row + g * n_rep * hd..row + (g + 1) * n_rep * hd];
+                        let st = qi * n_rep..(qi + 1) * n_rep;
+                        // SAFETY: WIDE is only instantiated after the checks in
+                        // `paged_attention` (AVX-512F, block <= 16, head_dim % 16 == 0).
+                        unsafe {
+                            x86::update_group(
+                                qg,
+                                &kt,
+                                &vb,
+                                skip..valid,
+                                scale,
+                                &mut m[st.clone()],
+                                &mut l[st.clone()],
+                                &mut acc[st.start * hd..st.end * hd],
+                            )
+                        };
+                        continue;
+                    }
                     for r in 0..n_rep {
                         let h = g * n_rep + r;
                         let qv = &q[row + h * hd..row + (h + 1) * hd];
                         let st = qi * n_rep + r;
-                        #[cfg(target_arch = "x86_64")]
-                        if WIDE {
-                            let a = &mut acc[st * hd..(st + 1) * hd];
-                            // SAFETY: WIDE is only instantiated after the checks in
-                            // `paged_attention` (AVX-512F, block <= 16, head_dim % 16 == 0).
-                            unsafe {
-                                x86::update_row(
-                                    qv,
-                                    &kt,
-                                    &vb,
-                                    skip..valid,
-                                    scale,
-                                    &mut m[st],
-                                    &mut l[st],
-                                    a,
-                                )
-                            };
-                            continue;
-                        }
                         let mut mx = m[st];
                         for j in skip..valid {
                             let kr = &kb[j * hd..(j + 1) * hd];

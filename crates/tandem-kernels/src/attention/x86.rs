@@ -1,4 +1,5 @@
-//! AVX-512 inner step of paged attention: one query row against one block of at most 16 keys.
+//! AVX-512 inner step of paged attention: the query rows of one token and KV head against one
+//! block of at most 16 keys.
 //!
 //! Keys arrive transposed (`kt[d * 16 + j]` = element `d` of key `j`), so the 16 scores come
 //! out of `head_dim` broadcast FMAs with no horizontal sums; the softmax weights use a
@@ -47,57 +48,103 @@ pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
     }
 }
 
-/// Online-softmax update of one query row (`q`, `hd` values) with the keys `keys` of a block:
-/// `kt` transposed keys (`hd * 16`), `vb` values (`keys.end * hd`, row-major); `m`, `l`, `acc`
-/// are the row's running maximum, denominator and weighted sum of values (`hd`).
+/// Online-softmax update of `N` query rows that see the same keys (the query heads of one
+/// token that share a KV head) with the keys `keys` of a block: `q` the rows (`N * hd`), `kt`
+/// transposed keys (`hd * 16`), `vb` values (`keys.end * hd`, row-major); `m`, `l`, `acc` the
+/// rows' running maxima, denominators and weighted sums of values (`N * hd`). Each key and
+/// value load feeds all `N` rows; each row's arithmetic is the same sequence whatever `N`.
 ///
 /// # Safety
 /// AVX-512F must be available; `hd` a multiple of 16; `keys` non-empty, `keys.end <= 16`.
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn update_row(
+pub(super) unsafe fn update_rows<const N: usize>(
     q: &[f32],
     kt: &[f32],
     vb: &[f32],
     keys: std::ops::Range<usize>,
     scale: f32,
-    m: &mut f32,
-    l: &mut f32,
+    m: &mut [f32],
+    l: &mut [f32],
     acc: &mut [f32],
 ) {
-    let hd = q.len();
+    let hd = q.len() / N;
     let valid = keys.end;
     debug_assert!(hd.is_multiple_of(16) && !keys.is_empty() && valid <= LANES);
-    debug_assert!(kt.len() >= hd * LANES && vb.len() >= valid * hd && acc.len() == hd);
-    let mut s = [_mm512_setzero_ps(); 4];
-    let kp = kt.as_ptr();
+    debug_assert!(kt.len() >= hd * LANES && vb.len() >= valid * hd && acc.len() == N * hd);
+    debug_assert!(m.len() == N && l.len() == N);
+    let mut s = [[_mm512_setzero_ps(); 4]; N];
+    let (kp, qp) = (kt.as_ptr(), q.as_ptr());
     for d in 0..hd {
         let kd = _mm512_loadu_ps(kp.add(d * LANES));
-        s[d & 3] = _mm512_fmadd_ps(_mm512_set1_ps(*q.get_unchecked(d)), kd, s[d & 3]);
+        for (r, s) in s.iter_mut().enumerate() {
+            s[d & 3] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(r * hd + d)), kd, s[d & 3]);
+        }
     }
-    let s = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
-    let s = _mm512_mul_ps(s, _mm512_set1_ps(scale));
     let upto: __mmask16 = if valid == LANES {
         !0
     } else {
         (1u16 << valid) - 1
     };
     let live = upto & !((1u16 << keys.start) - 1);
-    let mx = _mm512_mask_reduce_max_ps(live, s).max(*m);
-    let p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
-    let corr = (*m - mx).exp();
-    *l = *l * corr + _mm512_reduce_add_ps(p);
-    *m = mx;
-    let mut pj = [0f32; LANES];
-    _mm512_storeu_ps(pj.as_mut_ptr(), p);
-    let corr = _mm512_set1_ps(corr);
+    let mut pj = [[0f32; LANES]; N];
+    let mut corr = [_mm512_setzero_ps(); N];
+    for r in 0..N {
+        let sr = &s[r];
+        let sr = _mm512_add_ps(_mm512_add_ps(sr[0], sr[1]), _mm512_add_ps(sr[2], sr[3]));
+        let sr = _mm512_mul_ps(sr, _mm512_set1_ps(scale));
+        let mx = _mm512_mask_reduce_max_ps(live, sr).max(m[r]);
+        let p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sr, _mm512_set1_ps(mx))));
+        let c = (m[r] - mx).exp();
+        l[r] = l[r] * c + _mm512_reduce_add_ps(p);
+        m[r] = mx;
+        _mm512_storeu_ps(pj[r].as_mut_ptr(), p);
+        corr[r] = _mm512_set1_ps(c);
+    }
     let (ap, vp) = (acc.as_mut_ptr(), vb.as_ptr());
     for c in (0..hd).step_by(16) {
-        let mut a = _mm512_mul_ps(_mm512_loadu_ps(ap.add(c)), corr);
+        let mut a: [__m512; N] =
+            std::array::from_fn(|r| _mm512_mul_ps(_mm512_loadu_ps(ap.add(r * hd + c)), corr[r]));
         for j in keys.clone() {
-            let w = _mm512_set1_ps(*pj.get_unchecked(j));
-            a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(j * hd + c)), a);
+            let v = _mm512_loadu_ps(vp.add(j * hd + c));
+            for r in 0..N {
+                a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*pj[r].get_unchecked(j)), v, a[r]);
+            }
         }
-        _mm512_storeu_ps(ap.add(c), a);
+        for (r, a) in a.iter().enumerate() {
+            _mm512_storeu_ps(ap.add(r * hd + c), *a);
+        }
+    }
+}
+
+/// [`update_rows`] for any number of rows, four at a time.
+///
+/// # Safety
+/// As for [`update_rows`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn update_group(
+    q: &[f32],
+    kt: &[f32],
+    vb: &[f32],
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+) {
+    let hd = acc.len() / m.len();
+    let mut r = 0;
+    while r < m.len() {
+        let n = (m.len() - r).min(4);
+        let (q, m, l) = (&q[r * hd..(r + n) * hd], &mut m[r..r + n], &mut l[r..r + n]);
+        let acc = &mut acc[r * hd..(r + n) * hd];
+        let k = keys.clone();
+        match n {
+            4 => update_rows::<4>(q, kt, vb, k, scale, m, l, acc),
+            3 => update_rows::<3>(q, kt, vb, k, scale, m, l, acc),
+            2 => update_rows::<2>(q, kt, vb, k, scale, m, l, acc),
+            _ => update_rows::<1>(q, kt, vb, k, scale, m, l, acc),
+        }
+        r += n;
     }
 }
