@@ -266,8 +266,9 @@ impl Task<'_> {
         self.run::<true>(w)
     }
 
-    /// `WIDE`: keys are stored transposed in 16-lane blocks and each row's block step is
-    /// [`x86::update_row`] (only instantiated behind the AVX-512 check in `paged_attention`).
+    /// `WIDE`: keys are stored transposed in 16-lane blocks and each token's block step for a
+    /// KV head's query group is [`x86::update_group`] (only instantiated behind the AVX-512
+    /// check in `paged_attention`).
     #[inline(always)]
     fn run<const WIDE: bool>(&self, w: &Work) {
         let (si, g, c) = (w.si, w.g, w.c);
