@@ -1,5 +1,6 @@
-//! The engine on the reference model (batch invariance on Qwen2.5-Coder-0.5B too): batch invariance, prefix reuse, preemption under a tiny
-//! KV pool, cancellation, stop strings, seeds, streaming and bad input.
+//! The engine on the reference model: batch invariance, prefix reuse, preemption under a tiny
+//! KV pool, KV handoff between engines, cancellation, stop strings, seeds, streaming and bad
+//! input. Batch invariance, preemption and the KV handoff also run on Qwen2.5-Coder-0.5B.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -172,16 +173,31 @@ fn prefix_reuse_recomputes_only_new_blocks() {
 
 #[test]
 fn preemption_with_a_tiny_pool_completes_everything_identically() {
-    let prompts: Vec<Vec<u32>> = golden_prompts().into_iter().take(6).collect();
-    let big = pipeline(EngineConfig::default())
+    preemption_completes_identically(model, golden_prompts());
+}
+
+/// The same on Qwen2.5-Coder-0.5B (its KV blocks are per layer 2 KV heads of 64).
+#[test]
+fn qwen_preemption_with_a_tiny_pool_completes_everything_identically() {
+    preemption_completes_identically(qwen, golden_prompts_of("qwen2.5-coder-0.5b_golden.json"));
+}
+
+fn preemption_completes_identically(model: fn() -> LoadedModel, prompts: Vec<Vec<u32>>) {
+    let prompts: Vec<Vec<u32>> = prompts.into_iter().take(6).collect();
+    let big = Pipeline::from_loaded(model(), EngineConfig::default())
+        .unwrap()
         .generate_tokens(prompts.clone(), &greedy(40))
         .unwrap();
     // 8 blocks of 16 tokens: room for two of these sequences at a time.
-    let p = pipeline(EngineConfig {
-        num_blocks: Some(8),
-        max_batch_tokens: 48,
-        ..Default::default()
-    });
+    let p = Pipeline::from_loaded(
+        model(),
+        EngineConfig {
+            num_blocks: Some(8),
+            max_batch_tokens: 48,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let small = p.generate_tokens(prompts, &greedy(40)).unwrap();
     let s = p.engine().unwrap().stats();
     assert!(s.preemptions > 0, "the tiny pool must force preemption");
@@ -482,8 +498,13 @@ fn copy_blocks(from: &Engine, src: &[u32], to: &Engine, dst: &[u32]) {
     }
 }
 
-#[test]
-fn kv_handoff_between_engines_matches_colocated_generation() {
+/// Two engines: each prompt prefilled on one, its KV blocks copied into the other's pool and
+/// decoded there, gives the tokens the first engine generates alone. Returns the engines (with
+/// nothing held) and a runtime for further checks.
+fn handoff_matches_colocated(
+    model: fn() -> LoadedModel,
+    prompts: Vec<Vec<u32>>,
+) -> (Engine, Engine, tokio::runtime::Runtime) {
     let cfg = EngineConfig {
         num_blocks: Some(256),
         max_batch_tokens: 64,
@@ -495,7 +516,7 @@ fn kv_handoff_between_engines_matches_colocated_generation() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    for prompt in golden_prompts().into_iter().take(3) {
+    for prompt in prompts.into_iter().take(3) {
         let colocated = tokens_of(prefill.submit(prompt.clone(), greedy(10)).unwrap());
         let (stream, held) = prefill.submit_prefill(prompt.clone(), greedy(10)).unwrap();
         let first = tokens_of(stream);
@@ -511,6 +532,21 @@ fn kv_handoff_between_engines_matches_colocated_generation() {
             .unwrap();
         assert_eq!(tokens_of(out), colocated, "prompt {prompt:?}");
     }
+    (prefill, decode, rt)
+}
+
+/// The same on Qwen2.5-Coder-0.5B.
+#[test]
+fn qwen_kv_handoff_between_engines_matches_colocated_generation() {
+    let (prefill, decode, _rt) =
+        handoff_matches_colocated(qwen, golden_prompts_of("qwen2.5-coder-0.5b_golden.json"));
+    wait_until("held KV released", || prefill.stats().blocks_held == 0);
+    wait_until("decode KV freed", || decode.stats().blocks_in_use == 0);
+}
+
+#[test]
+fn kv_handoff_between_engines_matches_colocated_generation() {
+    let (prefill, decode, rt) = handoff_matches_colocated(model, golden_prompts());
     wait_until("held KV released", || prefill.stats().blocks_held == 0);
     wait_until("decode KV freed", || decode.stats().blocks_in_use == 0);
 
