@@ -1,7 +1,8 @@
 //! Disaggregated serving end to end: `tandem serve --prefill-workers N --decode-workers M`
 //! (worker processes linked by llm-datadist) gives the same greedy outputs as a colocated
 //! deployment on the reference prompts, prefills short prompts locally, frees KV on both sides
-//! when a streaming client disconnects, and moves a worker between roles.
+//! when a streaming client disconnects, and moves a worker between roles; and the same outputs
+//! on Qwen2.5-Coder-0.5B.
 
 mod common;
 
@@ -160,6 +161,34 @@ fn disaggregated_serving_matches_colocated_frees_kv_and_switches_roles() {
     }
     // A colocated deployment has no workers to list.
     assert_eq!(http(&colocated.http, "GET", "/admin/workers", None).0, 404);
+}
+
+/// Disaggregated serving of Qwen2.5-Coder-0.5B (q/k/v biases, 2 KV heads, a Q5_0 / Q8_0 /
+/// k-quant mix) gives the colocated outputs and leaves no KV behind.
+#[test]
+fn qwen_disaggregated_serving_matches_colocated() {
+    let path = named_model_path("Qwen2.5-Coder-0.5B-Instruct");
+    let model = path.to_str().unwrap();
+    let colocated = start_model("qwen-colocated", model, &[]);
+    let pd = start_model(
+        "qwen-disaggregated",
+        model,
+        &[
+            "--prefill-workers",
+            "1",
+            "--decode-workers",
+            "1",
+            "--local-prefill-max",
+            "4",
+        ],
+    );
+    for p in golden_prompts_of("qwen2.5-coder-0.5b_golden.json")
+        .iter()
+        .take(4)
+    {
+        assert_eq!(complete(&pd, p), complete(&colocated, p), "prompt {p:?}");
+    }
+    wait_workers(&pd, 10, "no KV held after the requests", no_kv_held);
 }
 
 fn ws_url(ws: &[Value], role: &str) -> String {

@@ -34,16 +34,24 @@ impl Drop for Deployment {
     }
 }
 
+/// The default model's file in the shared models cache.
 pub fn model_path() -> PathBuf {
+    cached_model(&[], "SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The file of a named model in the shared models cache (so deployments with their own
+/// Tandem home do not fetch it again).
+pub fn named_model_path(name: &str) -> PathBuf {
+    cached_model(&["--model", name], &format!("{name}.gguf"))
+}
+
+/// Generates one token with `model_args` (fetching the model into the shared cache first if
+/// needed) and returns `file` in that cache.
+fn cached_model(model_args: &[&str], file: &str) -> PathBuf {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "generate",
-            "--prompt",
-            "x",
-            "--max-new-tokens",
-            "1",
-            "--greedy",
-        ])
+        .arg("generate")
+        .args(model_args)
+        .args(["--prompt", "x", "--max-new-tokens", "1", "--greedy"])
         .output()
         .unwrap();
     assert!(
@@ -59,10 +67,15 @@ pub fn model_path() -> PathBuf {
                 .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
             cache.join("tandem")
         });
-    home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    home.join("models").join(file)
 }
 
 pub fn start(name: &str, extra: &[&str]) -> Deployment {
+    start_model(name, model_path().to_str().unwrap(), extra)
+}
+
+/// A deployment of `model` (a path or a named model, fetched on first use).
+pub fn start_model(name: &str, model: &str, extra: &[&str]) -> Deployment {
     let home = std::env::temp_dir().join(format!("tandem-pd-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(&home).unwrap();
@@ -70,7 +83,7 @@ pub fn start(name: &str, extra: &[&str]) -> Deployment {
         .args([
             "serve",
             "--model",
-            model_path().to_str().unwrap(),
+            model,
             "--port",
             "0",
             "--restful-api-port",
@@ -152,12 +165,16 @@ pub fn workers(d: &Deployment) -> Vec<Value> {
 }
 
 pub fn golden_prompts() -> Vec<Vec<u32>> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tandem-model/tests/data/real_golden.json"
-    ))
-    .unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
+    golden_prompts_of("real_golden.json")
+}
+
+/// The prompts of a real-model golden file in `tandem-model/tests/data`.
+pub fn golden_prompts_of(file: &str) -> Vec<Vec<u32>> {
+    let path = format!(
+        "{}/../tandem-model/tests/data/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     v["cases"]
         .as_array()
         .unwrap()
