@@ -239,18 +239,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Copies the first `nb` keys of `kb` (`[nb][hd]`) into `kt` as `[hd][16]`, zeroing keys
-/// `nb..16` so stale lanes stay finite.
-#[cfg(target_arch = "x86_64")]
-fn transpose_keys(kb: &mut [f32], kt: &mut [f32], nb: usize, hd: usize) {
-    kb[nb * hd..16 * hd].fill(0.0);
-    for d in 0..hd {
-        for j in 0..16 {
-            kt[d * 16 + j] = kb[j * hd + d];
-        }
-    }
-}
-
 impl Task<'_> {
     /// The task compiled for AVX2 + FMA.
     #[cfg(target_arch = "x86_64")]
@@ -324,7 +312,11 @@ impl Task<'_> {
                 }
                 #[cfg(target_arch = "x86_64")]
                 if WIDE {
-                    transpose_keys(&mut kb, &mut kt, nb, hd);
+                    {
+                        kb[nb * hd..16 * hd].fill(0.0);
+                        // SAFETY: WIDE runs only with AVX-512F present and head_dim % 16 == 0.
+                        unsafe { x86::transpose_keys(&kb, &mut kt, hd) };
+                    }
                 }
                 for (qi, t) in queries.clone().enumerate() {
                     let pos = s.context_len + t;

@@ -48,6 +48,55 @@ pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
     }
 }
 
+/// Transposes the block's keys `kb` (16 rows of `hd`, row-major, rows past the block's keys
+/// zero) into `kt` (`kt[d * 16 + j]` = element `d` of key `j`), 16 dimensions at a time with a
+/// 16x16 shuffle transpose.
+///
+/// # Safety
+/// AVX-512F must be available; `hd` a multiple of 16; `kb`, `kt` at least `16 * hd` long.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transpose_keys(kb: &[f32], kt: &mut [f32], hd: usize) {
+    debug_assert!(hd.is_multiple_of(16) && kb.len() >= LANES * hd && kt.len() >= LANES * hd);
+    let (src, dst) = (kb.as_ptr(), kt.as_mut_ptr());
+    for c in (0..hd).step_by(16) {
+        let r: [__m512; 16] = std::array::from_fn(|j| _mm512_loadu_ps(src.add(j * hd + c)));
+        // Pairs of rows interleaved, then groups of four: lane L of u[4k + m] holds column
+        // 4L + m of rows 4k..4k+4.
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (k, m) = (i / 4, i % 4);
+            let (a, b) = (t[4 * k + m / 2], t[4 * k + 2 + m / 2]);
+            if m % 2 == 0 {
+                _mm512_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm512_shuffle_ps::<0xEE>(a, b)
+            }
+        });
+        for m in 0..4 {
+            let v = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
+            let w = _mm512_shuffle_f32x4::<0xDD>(u[m], u[4 + m]);
+            let x = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
+            let y = _mm512_shuffle_f32x4::<0xDD>(u[8 + m], u[12 + m]);
+            let out = [
+                _mm512_shuffle_f32x4::<0x88>(v, x),
+                _mm512_shuffle_f32x4::<0x88>(w, y),
+                _mm512_shuffle_f32x4::<0xDD>(v, x),
+                _mm512_shuffle_f32x4::<0xDD>(w, y),
+            ];
+            for (l, o) in out.into_iter().enumerate() {
+                _mm512_storeu_ps(dst.add((c + 4 * l + m) * LANES), o);
+            }
+        }
+    }
+}
+
 /// Online-softmax update of `N` query rows that see the same keys (the query heads of one
 /// token that share a KV head) with the keys `keys` of a block: `q` the rows (`N * hd`), `kt`
 /// transposed keys (`hd * 16`), `vb` values (`keys.end * hd`, row-major); `m`, `l`, `acc` the
