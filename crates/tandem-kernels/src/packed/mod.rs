@@ -9,7 +9,8 @@
 //! A tile's bytes are contiguous, read once per group of activation rows.
 //!
 //! Every format becomes unsigned values `u` with, per 32-element block `b` of row `r`,
-//! `value = scale * u + min` (or, for Q6_K, a scale per 16 elements and a constant offset):
+//! `value = scale * u + min` (the K16 formats Q6_K, Q3_K and Q2_K: a scale per 16 elements and
+//! a constant offset or, for Q2_K, a minimum per 16 elements):
 //! see [`layout`] for the byte order. The repacking is lossless: scales stay in their stored
 //! f16 (or k-quant integer) form and are combined in f32 exactly as the dequantizer does.
 //! Activations are quantized per 32 elements ([`ActBlock`]), in element order.
