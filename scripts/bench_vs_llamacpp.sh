@@ -89,6 +89,7 @@ case "$MODEL_NAME" in
   *) MODEL="$HOME_DIR/models/$MODEL_NAME.gguf" ;;
 esac
 LOGS=$(mktemp -d)
+cd "$LOGS" # ik_llama.cpp's tools write llama.log into the working directory
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 # row <figure> <llama.cpp> <ik_llama.cpp or -> <tandem> <higher|lower is better> <roofline>
 # (<roofline>: tok/s, a fraction already computed such as "71%", or -)
