@@ -125,6 +125,12 @@ unsafe fn half<const R: usize, const F: u8>(
     for s in 0..nb / blocks {
         let hd = p;
         let d = halves(row(hd, 2));
+        // The second f16 field (Q4_1/Q5_1 minimums, k-quant dmin), once per super-block.
+        let second = if format.float_min() {
+            halves(row(hd.add(2 * TILE_ROWS), 2))
+        } else {
+            _mm256_setzero_ps()
+        };
         p = p.add(format.header_bytes());
         for bi in 0..blocks {
             let blk = s * blocks + bi;
@@ -142,7 +148,7 @@ unsafe fn half<const R: usize, const F: u8>(
                     implied,
                 } => {
                     let m = if stored_min {
-                        halves(row(hd.add(2 * TILE_ROWS), 2))
+                        second
                     } else {
                         _mm256_mul_ps(d, _mm256_set1_ps(implied))
                     };
@@ -151,7 +157,7 @@ unsafe fn half<const R: usize, const F: u8>(
                 Scheme::K32 => {
                     let sc = bytes_ps::<false>(row(hd.add(4 * TILE_ROWS + TILE_ROWS * bi), 1));
                     let mn = bytes_ps::<false>(row(hd.add(12 * TILE_ROWS + TILE_ROWS * bi), 1));
-                    let m = _mm256_mul_ps(halves(row(hd.add(2 * TILE_ROWS), 2)), mn);
+                    let m = _mm256_mul_ps(second, mn);
                     let dw = _mm256_mul_ps(d, sc);
                     (dw, dw, neg(m), neg(m))
                 }
@@ -163,7 +169,6 @@ unsafe fn half<const R: usize, const F: u8>(
                 }
                 Scheme::K16 { mins: true, .. } => {
                     let sc = hd.add(4 * TILE_ROWS + 2 * TILE_ROWS * bi);
-                    let dmin = halves(row(hd.add(2 * TILE_ROWS), 2));
                     let nib = _mm_set1_epi8(0x0f);
                     let split = |p: *const u8| {
                         let raw = _mm_loadl_epi64(p as *const __m128i);
@@ -178,8 +183,8 @@ unsafe fn half<const R: usize, const F: u8>(
                     (
                         _mm256_mul_ps(d, sl),
                         _mm256_mul_ps(d, sh),
-                        neg(_mm256_mul_ps(dmin, ml)),
-                        neg(_mm256_mul_ps(dmin, mh)),
+                        neg(_mm256_mul_ps(second, ml)),
+                        neg(_mm256_mul_ps(second, mh)),
                     )
                 }
             };

@@ -115,6 +115,12 @@ unsafe fn rows<const R: usize, const F: u8>(
     for s in 0..nb / blocks {
         let h = p;
         let d = halves(h);
+        // The second f16 field (Q4_1/Q5_1 minimums, k-quant dmin), once per super-block.
+        let second = if format.float_min() {
+            halves(h.add(2 * TILE_ROWS))
+        } else {
+            _mm512_setzero_ps()
+        };
         p = p.add(format.header_bytes());
         for bi in 0..blocks {
             let blk = s * blocks + bi;
@@ -139,7 +145,7 @@ unsafe fn rows<const R: usize, const F: u8>(
                     implied,
                 } => {
                     let m = if stored_min {
-                        halves(h.add(2 * TILE_ROWS))
+                        second
                     } else {
                         _mm512_mul_ps(d, _mm512_set1_ps(implied))
                     };
@@ -148,7 +154,7 @@ unsafe fn rows<const R: usize, const F: u8>(
                 Scheme::K32 => {
                     let sc = bytes_ps::<false>(h.add(4 * TILE_ROWS + TILE_ROWS * bi));
                     let mn = bytes_ps::<false>(h.add(12 * TILE_ROWS + TILE_ROWS * bi));
-                    let m = neg(_mm512_mul_ps(halves(h.add(2 * TILE_ROWS)), mn));
+                    let m = neg(_mm512_mul_ps(second, mn));
                     let dw = _mm512_mul_ps(d, sc);
                     (dw, dw, m, m)
                 }
@@ -160,7 +166,6 @@ unsafe fn rows<const R: usize, const F: u8>(
                 }
                 Scheme::K16 { mins: true, .. } => {
                     let sc = h.add(4 * TILE_ROWS + 2 * TILE_ROWS * bi);
-                    let dmin = halves(h.add(2 * TILE_ROWS));
                     let nib = _mm_set1_epi8(0x0f);
                     let split = |p: *const u8| {
                         let raw = _mm_loadu_si128(p as *const __m128i);
@@ -175,8 +180,8 @@ unsafe fn rows<const R: usize, const F: u8>(
                     (
                         _mm512_mul_ps(d, sl),
                         _mm512_mul_ps(d, sh),
-                        neg(_mm512_mul_ps(dmin, ml)),
-                        neg(_mm512_mul_ps(dmin, mh)),
+                        neg(_mm512_mul_ps(second, ml)),
+                        neg(_mm512_mul_ps(second, mh)),
                     )
                 }
             };
