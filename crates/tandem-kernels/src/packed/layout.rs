@@ -221,33 +221,48 @@ fn put_values(format: PackedFormat, rows: &[Decoded; TILE_ROWS], b: usize, out: 
     }
 }
 
-/// Repacks `w` (in `format`'s stored type) into tiles, the last padded with zero rows.
+/// Repacks `w` (in `format`'s stored type) into tiles, the last padded with zero rows; runs of
+/// tiles are packed on one thread per core (a 1.5B model's matrices take seconds on one).
 pub(super) fn pack(format: PackedFormat, w: &MatRef) -> Vec<u8> {
     let tiles = w.rows.div_ceil(TILE_ROWS);
     let tb = format.tile_bytes(w.cols);
+    let mut out = vec![0u8; tiles * tb];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = tiles.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (c, dst) in out.chunks_mut(per * tb).enumerate() {
+            s.spawn(move || {
+                let mut buf = Vec::with_capacity(dst.len());
+                for t in c * per..c * per + dst.len() / tb {
+                    pack_tile(format, w, t, &mut buf);
+                }
+                dst.copy_from_slice(&buf);
+            });
+        }
+    });
+    out
+}
+
+/// Appends tile `t` of `w`.
+fn pack_tile(format: PackedFormat, w: &MatRef, t: usize, out: &mut Vec<u8>) {
     let sb = format.dtype().block_bytes();
     let supers = w.cols / format.super_len();
     let blocks = format.super_len() / QK;
-    let mut out = Vec::with_capacity(tiles * tb);
     let mut rows = [ZERO; TILE_ROWS];
-    for t in 0..tiles {
-        for s in 0..supers {
-            for (r, d) in rows.iter_mut().enumerate() {
-                let row = t * TILE_ROWS + r;
-                *d = if row < w.rows {
-                    decode(format, &w.row(row)[s * sb..(s + 1) * sb])
-                } else {
-                    ZERO
-                };
-            }
-            put_header(format, &rows, &mut out);
-            for b in 0..blocks {
-                put_values(format, &rows, b, &mut out);
-            }
+    for s in 0..supers {
+        for (r, d) in rows.iter_mut().enumerate() {
+            let row = t * TILE_ROWS + r;
+            *d = if row < w.rows {
+                decode(format, &w.row(row)[s * sb..(s + 1) * sb])
+            } else {
+                ZERO
+            };
+        }
+        put_header(format, &rows, out);
+        for b in 0..blocks {
+            put_values(format, &rows, b, out);
         }
     }
-    debug_assert_eq!(out.len(), tiles * tb);
-    out
 }
 
 /// Row `r`'s values and scales of 32-element block `b` of a tile, read back from the layout
