@@ -96,6 +96,17 @@ pub enum ModelError {
     /// The chat template failed to render.
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// The tensor-parallel group failed (a rank died or the group was stopped); the model
+    /// cannot run again.
+    #[error(transparent)]
+    Collective(#[from] tandem_collective::CollectiveError),
+}
+
+impl ModelError {
+    /// Whether the model is unusable from now on (its tensor-parallel group is broken).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, ModelError::Collective(_))
+    }
 }
 
 /// Shorthand for the model core's results.

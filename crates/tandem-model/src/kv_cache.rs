@@ -63,8 +63,19 @@ impl KvCache {
             n_kv_heads: cfg.kv_heads(),
             head_dim: cfg.head_dim(),
         };
-        let n = num_blocks * block_size * layout.token_width();
-        let layers = (0..cfg.num_layers)
+        KvCache::with_layout(cfg.num_layers, layout, num_blocks, dtype)
+    }
+
+    /// Allocates a zeroed pool of `num_blocks` blocks of `layout` for `num_layers` layers (a
+    /// tensor-parallel rank's pool holds only its KV heads).
+    pub fn with_layout(
+        num_layers: usize,
+        layout: PagedLayout,
+        num_blocks: usize,
+        dtype: KvDType,
+    ) -> KvCache {
+        let n = num_blocks * layout.block_size * layout.token_width();
+        let layers = (0..num_layers)
             .map(|_| (Buf::new(dtype, n), Buf::new(dtype, n)))
             .collect();
         KvCache {

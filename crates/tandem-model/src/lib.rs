@@ -10,13 +10,15 @@ pub mod kv_cache;
 pub mod loader;
 pub mod model;
 pub mod safetensors_files;
+pub mod shard;
+pub mod step;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::LlamaConfig;
 pub use error::{ConfigError, ModelError};
 pub use kv_cache::KvCache;
-pub use loader::{load, LoadedModel};
+pub use loader::{load, load_shard, LoadedModel};
 pub use model::{LlamaModel, Logits, LogitsMode, SeqInput};
 pub use tandem_kernels::{KvDType, Precision, SimdLevel};
 pub use tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};

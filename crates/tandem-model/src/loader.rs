@@ -2,6 +2,9 @@
 //! safetensors and `tokenizer.json` (or a directory holding exactly one `.gguf`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tandem_collective::Collective;
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -45,12 +48,22 @@ fn single_gguf_in(dir: &Path) -> Result<Option<PathBuf>> {
 
 /// Loads the model at `path`.
 pub fn load(path: &Path) -> Result<LoadedModel> {
+    load_with(path, None)
+}
+
+/// Loads rank `comm.rank()`'s tensor-parallel shard of the model at `path` (see
+/// [`ShardPlan`](crate::shard::ShardPlan)); every rank of the group loads the same path.
+pub fn load_shard(path: &Path, comm: Arc<dyn Collective>) -> Result<LoadedModel> {
+    load_with(path, Some(comm))
+}
+
+fn load_with(path: &Path, comm: Option<Arc<dyn Collective>>) -> Result<LoadedModel> {
     if path.is_dir() {
         if path.join("config.json").exists() {
-            return load_hf_dir(path);
+            return hf_dir(path, comm);
         }
         if let Some(g) = single_gguf_in(path)? {
-            return load_gguf(&g);
+            return gguf(&g, comm);
         }
         return Err(ModelError::NotAModel {
             path: path.into(),
@@ -63,11 +76,27 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
     }
-    load_gguf(path)
+    gguf(path, comm)
+}
+
+/// The whole model, or a shard of it.
+fn build(
+    config: LlamaConfig,
+    weights: LlamaWeights,
+    comm: Option<Arc<dyn Collective>>,
+) -> std::result::Result<LlamaModel, crate::error::ConfigError> {
+    match comm {
+        Some(c) => LlamaModel::sharded(config, weights, c),
+        None => LlamaModel::new(config, weights),
+    }
 }
 
 /// Loads a GGUF file: config from its metadata, tokenizer from its vocabulary.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    gguf(path, None)
+}
+
+fn gguf(path: &Path, comm: Option<Arc<dyn Collective>>) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
     let config =
         LlamaConfig::from_gguf_metadata(&g.metadata).map_err(|error| ModelError::Config {
@@ -79,7 +108,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     if LlamaConfig::gguf_neox_rope(&g.metadata) {
         weights.rope_style = tandem_kernels::RopeStyle::Half;
     }
-    let model = LlamaModel::new(config, weights).map_err(|error| ModelError::Config {
+    let model = build(config, weights, comm).map_err(|error| ModelError::Config {
         path: path.into(),
         error,
     })?;
@@ -92,6 +121,10 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
 
 /// Loads an HF model directory.
 pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+    hf_dir(dir, None)
+}
+
+fn hf_dir(dir: &Path, comm: Option<Arc<dyn Collective>>) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
         path: cfg_path.clone(),
@@ -104,7 +137,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     let files = SafetensorsFiles::open_dir(dir)?;
     let weights = LlamaWeights::load(&files, &config, WeightLayout::Hf)?;
     let tokenizer = Tokenizer::from_hf_dir(dir, &config.eos_ids())?;
-    let model = LlamaModel::new(config, weights).map_err(|error| ModelError::Config {
+    let model = build(config, weights, comm).map_err(|error| ModelError::Config {
         path: cfg_path,
         error,
     })?;

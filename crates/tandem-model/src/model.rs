@@ -3,16 +3,21 @@
 //! logits only for the rows asked for.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+
+use tandem_collective::Collective;
 
 use tandem_kernels::packed::{matmul_packed, worth_packing};
 use tandem_kernels::{
-    matmul, ops, paged_attention, write_kv, AttnSeq, PackedMat, Precision, RopeStyle, SimdLevel,
-    ThreadPool,
+    matmul, ops, paged_attention, write_kv, AttnSeq, KvDType, PackedMat, Precision, RopeStyle,
+    SimdLevel, ThreadPool,
 };
 
 use crate::config::{LlamaConfig, RopeParams};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::shard::ShardPlan;
+use crate::step::{self, Step};
 use crate::weights::{Linear, LlamaWeights};
 
 /// Which of a sequence's new tokens need logits.
@@ -101,7 +106,13 @@ impl PackedWeights {
     }
 }
 
-/// A loaded Llama model ready to run.
+/// A tensor-parallel rank's place in its group.
+struct TensorParallel {
+    plan: ShardPlan,
+    comm: Arc<dyn Collective>,
+}
+
+/// A loaded Llama model ready to run: the whole model, or one tensor-parallel rank's shard.
 pub struct LlamaModel {
     /// The compute threads every kernel of a forward runs on (spinning between kernels).
     pool: std::sync::Arc<ThreadPool>,
@@ -112,6 +123,7 @@ pub struct LlamaModel {
     style: RopeStyle,
     precision: Precision,
     level: SimdLevel,
+    tp: Option<TensorParallel>,
 }
 
 /// Scratch activations for one forward call.
@@ -133,6 +145,28 @@ impl LlamaModel {
         config: LlamaConfig,
         weights: LlamaWeights,
     ) -> std::result::Result<LlamaModel, crate::error::ConfigError> {
+        LlamaModel::build(config, weights, None)
+    }
+
+    /// Builds rank `comm.rank()`'s shard of the model (see [`ShardPlan`]): the weights it does
+    /// not hold are never read. Rank 0 runs [`forward`](Self::forward), which first sends the
+    /// batch to the other ranks, waiting in [`follow`](Self::follow).
+    pub fn sharded(
+        config: LlamaConfig,
+        weights: LlamaWeights,
+        comm: Arc<dyn Collective>,
+    ) -> std::result::Result<LlamaModel, crate::error::ConfigError> {
+        config.validate()?;
+        let plan = ShardPlan::new(&config, &weights, comm.rank(), comm.world())?;
+        let weights = plan.shard(&weights, &config);
+        LlamaModel::build(config, weights, Some(TensorParallel { plan, comm }))
+    }
+
+    fn build(
+        config: LlamaConfig,
+        weights: LlamaWeights,
+        tp: Option<TensorParallel>,
+    ) -> std::result::Result<LlamaModel, crate::error::ConfigError> {
         config.validate()?;
         let mut rope = config.rope_params()?;
         if let Some(f) = &weights.rope_freqs {
@@ -153,6 +187,7 @@ impl LlamaModel {
             style,
             precision: Precision::Fast,
             level,
+            tp,
         })
     }
 
@@ -184,6 +219,32 @@ impl LlamaModel {
         &self.weights
     }
 
+    /// This rank and the group's size (`(0, 1)` for a whole model).
+    pub fn rank(&self) -> (usize, usize) {
+        self.tp
+            .as_ref()
+            .map_or((0, 1), |t| (t.plan.rank, t.plan.world))
+    }
+
+    /// Query and KV heads this rank computes.
+    fn local_heads(&self) -> (usize, usize) {
+        match &self.tp {
+            Some(t) => (t.plan.heads.len(), t.plan.kv_heads.len()),
+            None => (self.config.num_heads, self.config.kv_heads()),
+        }
+    }
+
+    /// A KV pool for this model (for a shard: its KV heads only; every rank of a group makes
+    /// one of the same number of blocks, since block ids are shared).
+    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize, dtype: KvDType) -> KvCache {
+        let layout = tandem_kernels::PagedLayout {
+            block_size,
+            n_kv_heads: self.local_heads().1,
+            head_dim: self.config.head_dim(),
+        };
+        KvCache::with_layout(self.config.num_layers, layout, num_blocks, dtype)
+    }
+
     /// The longest sequence the model accepts.
     pub fn max_context(&self) -> usize {
         self.config.max_positions()
@@ -211,7 +272,7 @@ impl LlamaModel {
     fn validate(&self, tokens: &[u32], seqs: &[SeqInput], kv: &KvCache) -> Result<()> {
         let c = &self.config;
         let layout = kv.layout();
-        if layout.n_kv_heads != c.kv_heads()
+        if layout.n_kv_heads != self.local_heads().1
             || layout.head_dim != c.head_dim()
             || kv.num_layers() != c.num_layers
         {
@@ -272,15 +333,71 @@ impl LlamaModel {
     }
 
     /// Runs one forward pass over a ragged batch (see [`SeqInput`]), writing K/V into `kv`.
+    /// On rank 0 of a tensor-parallel group the other ranks run it too, and the logits are the
+    /// whole vocabulary's; a failure of the group is [`ModelError::Collective`].
     pub fn forward(&self, tokens: &[u32], seqs: &[SeqInput], kv: &mut KvCache) -> Result<Logits> {
         self.validate(tokens, seqs, kv)?;
-        Ok(self.pool.install(|| self.run(tokens, seqs, kv)))
+        if let Some(tp) = &self.tp {
+            if tp.plan.rank != 0 {
+                return Err(ModelError::Batch(
+                    "a tensor-parallel rank other than 0 follows rank 0's steps".into(),
+                ));
+            }
+            let mut msg = Vec::new();
+            step::encode_forward(tokens, seqs, &mut msg);
+            tp.comm.broadcast(&mut msg)?;
+        }
+        self.pool.install(|| self.run(tokens, seqs, kv))
     }
 
-    fn run(&self, tokens: &[u32], seqs: &[SeqInput], kv: &mut KvCache) -> Logits {
+    /// Ranks other than 0: runs rank 0's forward passes on this shard until rank 0 stops the
+    /// group (`Ok`) or the group fails.
+    pub fn follow(&self, kv: &mut KvCache) -> Result<()> {
+        let Some(tp) = self.tp.as_ref().filter(|t| t.plan.rank != 0) else {
+            return Err(ModelError::Batch(
+                "only tensor-parallel ranks other than 0 follow".into(),
+            ));
+        };
+        let mut msg = Vec::new();
+        loop {
+            tp.comm.broadcast(&mut msg)?;
+            match step::decode(&msg) {
+                Some(Step::Stop) => return Ok(()),
+                Some(Step::Forward { tokens, seqs }) => {
+                    let seqs: Vec<SeqInput> = seqs.iter().map(|s| s.as_input()).collect();
+                    if let Err(e) = self.validate(&tokens, &seqs, kv) {
+                        // Rank 0 validated the same batch: the ranks are out of step.
+                        tp.comm.abort();
+                        return Err(e);
+                    }
+                    self.pool.install(|| self.run(&tokens, &seqs, kv))?;
+                }
+                None => {
+                    tp.comm.abort();
+                    return Err(ModelError::Batch(
+                        "undecodable step from tensor-parallel rank 0".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Sums a partial result over the group (nothing to do for a whole model).
+    fn all_reduce(&self, x: &mut [f32]) -> Result<()> {
+        if let Some(tp) = &self.tp {
+            tp.comm.all_reduce_sum(x)?;
+        }
+        Ok(())
+    }
+
+    fn run(&self, tokens: &[u32], seqs: &[SeqInput], kv: &mut KvCache) -> Result<Logits> {
         let c = &self.config;
         let (t, d, hd) = (tokens.len(), c.hidden_size, c.head_dim());
-        let (nh, nkv, ffn) = (c.num_heads, c.kv_heads(), c.intermediate_size());
+        let (nh, nkv) = self.local_heads();
+        let ffn = match &self.tp {
+            Some(tp) => tp.plan.ffn.len(),
+            None => c.intermediate_size(),
+        };
         let eps = c.rms_norm_eps as f32;
         let mut b = Buffers {
             x: vec![0.0; t * d],
@@ -293,10 +410,19 @@ impl LlamaModel {
             gate: vec![0.0; t * ffn],
             up: vec![0.0; t * ffn],
         };
+        // A shard holds some vocabulary rows: each token's row comes from one rank, zeros from
+        // the others, and the sum over ranks is the embedding.
+        let vocab_rows = self
+            .tp
+            .as_ref()
+            .map_or(0..c.vocab_size, |t| t.plan.my_vocab());
         let embed = self.weights.embed.mat();
         for (row, &tok) in b.x.chunks_exact_mut(d).zip(tokens) {
-            embed.row_f32(tok as usize, row);
+            if vocab_rows.contains(&(tok as usize)) {
+                embed.row_f32(tok as usize - vocab_rows.start, row);
+            }
         }
+        self.all_reduce(&mut b.x)?;
         let mut attn_seqs = Vec::with_capacity(seqs.len());
         let (mut cos, mut sin) = (vec![0f32; t * hd / 2], vec![0f32; t * hd / 2]);
         let mut row = 0;
@@ -336,12 +462,14 @@ impl LlamaModel {
                 &layout, &attn_seqs, &b.q, nh, scale, window, kr, vr, &mut b.att,
             );
             self.linear(&b.att, t, l, WO, &mut b.o);
+            self.all_reduce(&mut b.o)?;
             ops::add_assign(&mut b.x, &b.o);
             ops::rms_norm(&b.x, &w.ffn_norm, eps, &mut b.h);
             self.linear(&b.h, t, l, W_GATE, &mut b.gate);
             self.linear(&b.h, t, l, W_UP, &mut b.up);
             ops::silu_mul(&mut b.gate, &b.up);
             self.linear(&b.gate, t, l, W_DOWN, &mut b.o);
+            self.all_reduce(&mut b.o)?;
             ops::add_assign(&mut b.x, &b.o);
         }
         // Final norm and LM head only on the rows that need logits.
@@ -362,7 +490,7 @@ impl LlamaModel {
         }
         let mut normed = vec![0f32; picked.len()];
         ops::rms_norm(&picked, &self.weights.norm, eps, &mut normed);
-        let vocab = c.vocab_size;
+        let vocab = vocab_rows.len();
         let mut values = vec![0f32; rows.len() * vocab];
         match self.packed().and_then(|p| p.lm_head.as_ref()) {
             Some(p) => matmul_packed(&normed, rows.len(), p, &mut values, self.level),
@@ -374,10 +502,43 @@ impl LlamaModel {
                 self.precision,
             ),
         }
-        Logits {
-            vocab,
+        if let Some(tp) = &self.tp {
+            values = self.gather_logits(tp, rows.len(), &values)?;
+        }
+        Ok(Logits {
+            vocab: c.vocab_size,
             rows,
             values,
+        })
+    }
+
+    /// Rank 0 assembles whole-vocabulary rows from every rank's slice (other ranks get none).
+    fn gather_logits(&self, tp: &TensorParallel, rows: usize, mine: &[f32]) -> Result<Vec<f32>> {
+        let lens: Vec<usize> = tp.plan.vocab.iter().map(|v| rows * v.len()).collect();
+        let mut parts = Vec::new();
+        tp.comm.gather(mine, &lens, &mut parts)?;
+        if tp.plan.rank != 0 {
+            return Ok(Vec::new());
+        }
+        let vocab = self.config.vocab_size;
+        let mut out = vec![0f32; rows * vocab];
+        let mut at = 0;
+        for v in &tp.plan.vocab {
+            for r in 0..rows {
+                out[r * vocab + v.start..r * vocab + v.end]
+                    .copy_from_slice(&parts[at + r * v.len()..at + (r + 1) * v.len()]);
+            }
+            at += rows * v.len();
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for LlamaModel {
+    fn drop(&mut self) {
+        // Rank 0 going away stops the ranks that follow it.
+        if let Some(tp) = self.tp.as_ref().filter(|t| t.plan.rank == 0) {
+            let _ = tp.comm.broadcast(&mut step::encode_stop());
         }
     }
 }

@@ -5,7 +5,6 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::Mmap;
 use tandem_kernels::{dequant::dequantize_row, DType, MatRef, RopeStyle};
 
 use crate::config::LlamaConfig;
@@ -20,7 +19,8 @@ pub struct TensorData {
     pub dtype: DType,
     /// Row-major shape, outermost first.
     pub shape: Vec<usize>,
-    pub(crate) map: Arc<Mmap>,
+    /// The file's mapping (or, for a column slice, bytes of its own).
+    pub(crate) map: Arc<dyn AsRef<[u8]> + Send + Sync>,
     pub(crate) range: Range<usize>,
 }
 
@@ -37,7 +37,45 @@ impl std::fmt::Debug for TensorData {
 impl TensorData {
     /// The stored bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.range.clone()]
+        &(*self.map).as_ref()[self.range.clone()]
+    }
+
+    /// Rows `rows` of a 2-D tensor (a view of the same bytes).
+    pub fn rows(&self, rows: Range<usize>) -> TensorData {
+        let rb = self.mat().row_bytes();
+        TensorData {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: vec![rows.len(), self.shape[1]],
+            map: self.map.clone(),
+            range: self.range.start + rows.start * rb..self.range.start + rows.end * rb,
+        }
+    }
+
+    /// Columns `cols` of a 2-D tensor, copied; `None` unless both ends fall on the format's
+    /// block boundaries (a quantized block cannot be cut).
+    pub fn cols(&self, cols: Range<usize>) -> Option<TensorData> {
+        let bl = self.dtype.block_len();
+        if !cols.start.is_multiple_of(bl)
+            || !cols.end.is_multiple_of(bl)
+            || cols.end > self.shape[1]
+        {
+            return None;
+        }
+        let bb = self.dtype.block_bytes();
+        let (b0, b1) = (cols.start / bl * bb, cols.end / bl * bb);
+        let m = self.mat();
+        let mut bytes = Vec::with_capacity(self.shape[0] * (b1 - b0));
+        for r in 0..self.shape[0] {
+            bytes.extend_from_slice(&m.row(r)[b0..b1]);
+        }
+        Some(TensorData {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: vec![self.shape[0], cols.len()],
+            range: 0..bytes.len(),
+            map: Arc::new(bytes),
+        })
     }
 
     /// A 2-D view for matmuls (`[rows, cols]`).

@@ -1,0 +1,55 @@
+//! Collectives for tensor-parallel ranks: the few operations a sharded forward needs (a sum
+//! over ranks, a gather to rank 0, a broadcast from rank 0), with a fixed reduction order so
+//! every rank gets bit-identical results whatever the timing. Knows nothing of models.
+
+mod shm;
+
+pub use shm::ShmGroup;
+
+/// Why a collective could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// A rank of the group exited.
+    #[error("tensor-parallel rank {rank} (pid {pid}) is gone")]
+    PeerLost {
+        /// The rank that exited.
+        rank: usize,
+        /// Its process id.
+        pid: u32,
+    },
+    /// The group was shut down (a rank saw a failure and stopped everyone).
+    #[error("the tensor-parallel group was aborted")]
+    Aborted,
+    /// Creating or joining the group failed.
+    #[error("tensor-parallel group: {0}")]
+    Setup(String),
+    /// Ranks disagreed on a message's shape (a bug, or a corrupted segment).
+    #[error("tensor-parallel group: {0}")]
+    Protocol(String),
+}
+
+/// The operations ranks of one tensor-parallel group run together. Every rank must call the
+/// same operations in the same order (the forward pass guarantees it).
+pub trait Collective: Send + Sync {
+    /// This process's rank (0 drives).
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn world(&self) -> usize;
+    /// Replaces `x` on every rank with the elementwise sum of all ranks' `x`, added in rank
+    /// order (rank 0 + rank 1 + ...), so all ranks hold the same bits.
+    fn all_reduce_sum(&self, x: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Rank 0 receives every rank's `part` (rank `r`'s has `lens[r]` values) concatenated in
+    /// rank order in `out`; other ranks' `out` is left empty.
+    fn gather(
+        &self,
+        part: &[f32],
+        lens: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<(), CollectiveError>;
+    /// Rank 0's `msg` is copied to every rank's `msg`. Ranks other than 0 may wait here for a
+    /// long time (between requests), sleeping rather than spinning.
+    fn broadcast(&self, msg: &mut Vec<u8>) -> Result<(), CollectiveError>;
+    /// Stops the group: every rank waiting in, or later entering, a collective gets
+    /// [`CollectiveError::Aborted`].
+    fn abort(&self);
+}
