@@ -12,6 +12,7 @@ pub mod engine_args;
 mod generate;
 mod pd_worker;
 pub mod serve;
+mod tensor_parallel;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +38,9 @@ enum Command {
     /// Internal: one prefill or decode worker of a disaggregated deployment.
     #[command(hide = true)]
     PdWorker(pd_worker::PdWorkerArgs),
+    /// Internal: one tensor-parallel rank (other than 0) of a `serve --tensor-parallel` engine.
+    #[command(hide = true)]
+    TpRank(tensor_parallel::TpRankArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -99,6 +103,7 @@ where
         Command::Client(a) => client::run(a),
         Command::Bench(b) => bench::run(b),
         Command::PdWorker(a) => pd_worker::run(a),
+        Command::TpRank(a) => tensor_parallel::run_rank(a),
     };
     match result {
         Ok(()) => 0,

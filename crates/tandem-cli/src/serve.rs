@@ -38,7 +38,9 @@ pub struct ServeArgs {
     /// Engines behind the load balancer (they share the cores; the KV memory budget is split).
     #[arg(long, default_value_t = 1)]
     replica_num: usize,
-    /// Tensor-parallel degree (MII's `tensor_parallel`); only 1 exists so far.
+    /// Tensor-parallel degree (MII's `tensor_parallel`): each replica's engine runs as this
+    /// many rank processes on their own cores, each holding a share of the heads, FFN and
+    /// vocabulary (at most the model's KV heads; replicas x ranks at most the cores).
     #[arg(long, default_value_t = 1)]
     tensor_parallel: usize,
     /// Prefill workers (separate processes; with --decode-workers, a disaggregated deployment).
@@ -86,12 +88,11 @@ pub fn default_deployment_name(model_spec: Option<&str>) -> String {
 
 /// Runs `tandem serve` until Ctrl-C.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        a.tensor_parallel == 1,
-        "--tensor-parallel {} is not supported yet: Tandem runs one engine per replica on the CPU (use --tensor-parallel 1)",
-        a.tensor_parallel
-    );
     anyhow::ensure!(a.replica_num >= 1, "--replica-num must be at least 1");
+    anyhow::ensure!(
+        a.tensor_parallel >= 1,
+        "--tensor-parallel must be at least 1"
+    );
     let path = tandem_model::fetch::resolve_model(a.model.as_deref(), true)?;
     let model_name = tandem_model::fetch::model_name(a.model.as_deref(), &path);
     let deployment = a
@@ -102,6 +103,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         anyhow::ensure!(
             !a.etcd.is_empty(),
             "--role needs --etcd (where the router finds workers)"
+        );
+        anyhow::ensure!(
+            a.tensor_parallel == 1,
+            "--tensor-parallel above 1 runs on local replicas only (not yet with --role workers)"
         );
         anyhow::ensure!(
             a.prefill_workers == 0 && a.decode_workers == 0 && a.replica_num == 1,
@@ -128,6 +133,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         a.host
     );
     let disaggregated = a.prefill_workers > 0 || a.decode_workers > 0;
+    anyhow::ensure!(
+        a.tensor_parallel == 1 || !(discovered || disaggregated),
+        "--tensor-parallel above 1 runs on local replicas only (not yet with --etcd or --prefill-workers/--decode-workers)"
+    );
     anyhow::ensure!(
         !(discovered && (disaggregated || a.replica_num > 1)),
         "--etcd (workers found in etcd) cannot be combined with --prefill-workers, --decode-workers or --replica-num"
@@ -200,21 +209,43 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         _workers = Some(workers);
         AppState::disaggregated(router, model_name.clone(), deployment.clone())
     } else {
-        let mut cfg = a.engine.config();
-        cfg.kv_memory_fraction /= a.replica_num as f64;
+        let mut engine_args = a.engine.clone();
+        engine_args.kv_memory_fraction /= a.replica_num as f64;
+        let tp = a.tensor_parallel;
+        // With tensor parallelism every rank keeps to its own cores; replica i's ranks are
+        // entries i*tp..(i+1)*tp.
+        let cores = if tp > 1 {
+            tandem_model::shard::check_world(&tandem_model::loader::read_config(&path)?, tp)?;
+            crate::tensor_parallel::core_plan(&tandem_kernels::allowed_cores(), a.replica_num, tp)?
+        } else {
+            Vec::new()
+        };
+        let start = Arc::new(move |i: usize| -> anyhow::Result<Engine> {
+            if tp > 1 {
+                crate::tensor_parallel::start_engine(
+                    &path,
+                    &cores[i * tp..(i + 1) * tp],
+                    &engine_args,
+                )
+            } else {
+                // Each replica maps the same weights file: the page cache is shared.
+                Ok(Engine::start(
+                    tandem_model::load(&path)?,
+                    engine_args.config(),
+                )?)
+            }
+        });
         let mut engines = Vec::with_capacity(a.replica_num);
-        for _ in 0..a.replica_num {
-            // Each replica maps the same weights file: the page cache is shared.
-            engines.push(Arc::new(Engine::start(
-                tandem_model::load(&path)?,
-                cfg.clone(),
-            )?));
+        for i in 0..a.replica_num {
+            engines.push(Arc::new(start(i)?));
         }
-        tracing::info!(replicas = a.replica_num, "engines started");
-        let (path, cfg) = (path.clone(), cfg.clone());
-        let restart: tandem_server::replicas::Restart = Arc::new(move |_| {
-            let model = tandem_model::load(&path).map_err(|e| e.to_string())?;
-            let engine = Engine::start(model, cfg.clone()).map_err(|e| e.to_string())?;
+        tracing::info!(
+            replicas = a.replica_num,
+            tensor_parallel = tp,
+            "engines started"
+        );
+        let restart: tandem_server::replicas::Restart = Arc::new(move |i| {
+            let engine = start(i).map_err(|e| format!("{e:#}"))?;
             Ok(Arc::new(engine) as Arc<dyn tandem_server::replicas::Generator>)
         });
         AppState::new(

@@ -49,6 +49,10 @@ pub trait Collective: Send + Sync {
     /// Rank 0's `msg` is copied to every rank's `msg`. Ranks other than 0 may wait here for a
     /// long time (between requests), sleeping rather than spinning.
     fn broadcast(&self, msg: &mut Vec<u8>) -> Result<(), CollectiveError>;
+    /// Returns once every rank has called it (ranks wait here for each other to load).
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(&mut [0.0])
+    }
     /// Stops the group: every rank waiting in, or later entering, a collective gets
     /// [`CollectiveError::Aborted`].
     fn abort(&self);

@@ -187,26 +187,28 @@ fn physical_memory() -> usize {
         .map_or(8 << 30, |kb| kb * 1024)
 }
 
-impl Engine {
-    /// Starts an engine for `loaded`.
-    pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Result<Engine, EngineError> {
-        let model = loaded.model.with_precision(cfg.precision);
-        let mcfg = model.config().clone();
+impl EngineConfig {
+    /// The default cap on a sequence's length and the KV pool's size in blocks for a model of
+    /// `mcfg` accepting `max_context` positions (the ranks of a tensor-parallel group size
+    /// their pools with it before they start).
+    pub fn kv_plan(
+        &self,
+        mcfg: &tandem_model::LlamaConfig,
+        max_context: usize,
+    ) -> Result<(usize, usize), EngineError> {
+        let cfg = self;
         if cfg.block_size == 0 || cfg.max_batch_tokens == 0 || cfg.max_batch_seqs == 0 {
             return Err(EngineError::Config(
                 "block_size, max_batch_tokens and max_batch_seqs must be positive".into(),
             ));
         }
-        let max_length = cfg
-            .max_length
-            .unwrap_or(mcfg.seq_length)
-            .min(model.max_context());
+        let max_length = cfg.max_length.unwrap_or(mcfg.seq_length).min(max_context);
         if max_length < 2 {
             return Err(EngineError::Config(format!(
                 "max_length {max_length} leaves no room to generate"
             )));
         }
-        let per_block = KvCache::bytes_per_token(&mcfg, cfg.kv_dtype) * cfg.block_size;
+        let per_block = KvCache::bytes_per_token(mcfg, cfg.kv_dtype) * cfg.block_size;
         let num_blocks = match cfg.num_blocks {
             Some(n) => n,
             None => {
@@ -224,6 +226,17 @@ impl Engine {
         if num_blocks == 0 {
             return Err(EngineError::Config("the KV pool has no blocks".into()));
         }
+        Ok((max_length, num_blocks))
+    }
+}
+
+impl Engine {
+    /// Starts an engine for `loaded`.
+    pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        let model = loaded.model.with_precision(cfg.precision);
+        let mcfg = model.config().clone();
+        let (max_length, num_blocks) = cfg.kv_plan(&mcfg, model.max_context())?;
+        let per_block = KvCache::bytes_per_token(&mcfg, cfg.kv_dtype) * cfg.block_size;
         let info = EngineInfo {
             num_blocks,
             block_size: cfg.block_size,
@@ -263,6 +276,12 @@ impl Engine {
             kv_regions,
             grammars,
         })
+    }
+
+    /// Whether the engine loop is still running (it stops on shutdown, or when its model can
+    /// no longer run: a tensor-parallel rank died).
+    pub fn is_running(&self) -> bool {
+        self.join.as_ref().is_some_and(|j| !j.is_finished())
     }
 
     /// The KV pool's tensors (K0, V0, K1, V1, ...), each `[num_blocks, block_size,

@@ -56,6 +56,8 @@ pub(crate) struct Worker {
     reserved: HashMap<u64, BlockTable>,
     next_handle: u64,
     hold_timeout: Duration,
+    /// Why the model cannot run any more (a tensor-parallel rank died): the engine stops.
+    broken: Option<String>,
 }
 
 impl Worker {
@@ -67,7 +69,7 @@ impl Worker {
         rx: Receiver<Command>,
         stats: Arc<Mutex<EngineStats>>,
     ) -> Worker {
-        let kv = KvCache::new(model.config(), num_blocks, cfg.block_size, cfg.kv_dtype);
+        let kv = model.new_kv_cache(num_blocks, cfg.block_size, cfg.kv_dtype);
         let mut eos = tok.eos_ids().to_vec();
         for e in model.config().eos_ids() {
             if !eos.contains(&e) {
@@ -95,6 +97,7 @@ impl Worker {
             reserved: HashMap::new(),
             next_handle: 1,
             hold_timeout: cfg.kv_hold_timeout,
+            broken: None,
         }
     }
 
@@ -153,6 +156,19 @@ impl Worker {
                 self.step();
             }
             self.publish();
+            if let Some(why) = self.broken.take() {
+                // Everything still queued fails the same way; the engine is gone.
+                let all: Vec<Sequence> = self
+                    .running
+                    .drain(..)
+                    .chain(self.waiting.drain(..))
+                    .collect();
+                self.publish();
+                for s in all {
+                    s.finish_with(FinishReason::Error(why.clone()));
+                }
+                return;
+            }
         }
         self.abort_all();
     }
@@ -420,6 +436,9 @@ impl Worker {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("forward failed: {e}");
+                if e.is_fatal() {
+                    self.broken = Some(format!("the engine stopped: {e}"));
+                }
                 let mut failed: Vec<usize> = order.iter().map(|o| o.0).collect();
                 failed.sort_unstable_by(|a, b| b.cmp(a));
                 for k in failed {

@@ -22,7 +22,7 @@ pub use dtype::DType;
 pub use matmul::{matmul, MatRef, Precision};
 pub use ops::RopeStyle;
 pub use packed::PackedMat;
-pub use par::ThreadPool;
+pub use par::{allowed_cores, pin_current_thread, ThreadPool};
 pub use simd::SimdLevel;
 
 /// Errors from checking tensor shapes against their storage.

@@ -65,6 +65,8 @@ unsafe impl Sync for Shared {}
 
 /// A fixed set of compute threads (the calling thread counts as one of them).
 pub struct ThreadPool {
+    /// The core the calling thread is pinned to when the pool is installed (pinned pools).
+    caller_core: Option<usize>,
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     /// Serializes jobs from different calling threads.
@@ -75,11 +77,95 @@ thread_local! {
     /// The pool installed on this thread, and whether the thread is inside a task.
     static CURRENT: Cell<Option<*const ThreadPool>> = const { Cell::new(None) };
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
+    /// The core this thread was pinned to by a pool.
+    static PINNED: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The cores this process may run on, ordered by NUMA node (then id), so that consecutive
+/// runs of them share a node where the machine has several.
+pub fn allowed_cores() -> Vec<usize> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let rc =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        if rc == 0 {
+            let mut cores: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                // SAFETY: the index is below CPU_SETSIZE.
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                .collect();
+            let node_of = numa_nodes();
+            cores.sort_by_key(|c| (node_of.get(c).copied().unwrap_or(0), *c));
+            return cores;
+        }
+    }
+    (0..n).collect()
+}
+
+/// Core id to NUMA node, from sysfs (empty where there is none).
+fn numa_nodes() -> std::collections::HashMap<usize, usize> {
+    let mut map = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/sys/devices/system/node") else {
+        return map;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(node) = name.strip_prefix("node").and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let list = std::fs::read_to_string(e.path().join("cpulist")).unwrap_or_default();
+        for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                for c in a..=b {
+                    map.insert(c, node);
+                }
+            }
+        }
+    }
+    map
+}
+
+/// Pins the calling thread to `core` (Linux; elsewhere a no-op that succeeds).
+pub fn pin_current_thread(core: usize) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET bounds-checks the index.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(core, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    PINNED.with(|p| p.set(Some(core)));
+    Ok(())
 }
 
 impl ThreadPool {
     /// A pool of `threads` threads in all (`threads - 1` are spawned).
     pub fn new(threads: usize) -> std::io::Result<ThreadPool> {
+        ThreadPool::start(threads, None)
+    }
+
+    /// A pool of one thread per core in `cores`, each pinned to its core: the thread that
+    /// installs the pool to `cores[0]`, the spawned ones to the rest (a tensor-parallel rank
+    /// keeps to its own cores, and on a multi-socket host its own memory).
+    pub fn pinned(cores: &[usize]) -> std::io::Result<ThreadPool> {
+        if cores.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a pinned pool needs at least one core",
+            ));
+        }
+        ThreadPool::start(cores.len(), Some(cores))
+    }
+
+    fn start(threads: usize, cores: Option<&[usize]>) -> std::io::Result<ThreadPool> {
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             job: Mutex::new(None),
@@ -94,9 +180,17 @@ impl ThreadPool {
         let mut workers = Vec::new();
         for i in 1..threads.max(1) {
             let s = shared.clone();
+            let core = cores.map(|c| c[i]);
             let spawned = std::thread::Builder::new()
                 .name(format!("tandem-compute-{i}"))
-                .spawn(move || worker(&s));
+                .spawn(move || {
+                    if let Some(c) = core {
+                        if let Err(e) = pin_current_thread(c) {
+                            tracing::warn!("cannot pin a compute thread to core {c}: {e}");
+                        }
+                    }
+                    worker(&s)
+                });
             match spawned {
                 Ok(h) => workers.push(h),
                 Err(e) => {
@@ -106,6 +200,7 @@ impl ThreadPool {
             }
         }
         Ok(ThreadPool {
+            caller_core: cores.map(|c| c[0]),
             shared,
             workers,
             busy: Mutex::new(()),
@@ -136,6 +231,14 @@ impl ThreadPool {
             }
         }
         let _restore = Restore(CURRENT.with(|c| c.replace(Some(self as *const ThreadPool))));
+        if let Some(core) = self
+            .caller_core
+            .filter(|&c| PINNED.with(|p| p.get()) != Some(c))
+        {
+            if let Err(e) = pin_current_thread(core) {
+                tracing::warn!("cannot pin the calling thread to core {core}: {e}");
+            }
+        }
         f()
     }
 

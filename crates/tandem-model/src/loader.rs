@@ -53,8 +53,16 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 
 /// Loads rank `comm.rank()`'s tensor-parallel shard of the model at `path` (see
 /// [`ShardPlan`](crate::shard::ShardPlan)); every rank of the group loads the same path.
+/// Returns once every rank has loaded its shard.
 pub fn load_shard(path: &Path, comm: Arc<dyn Collective>) -> Result<LoadedModel> {
-    load_with(path, Some(comm))
+    let loaded = load_with(path, Some(comm.clone()));
+    if loaded.is_err() {
+        // The other ranks are told instead of waiting for this one.
+        comm.abort();
+    }
+    let loaded = loaded?;
+    comm.barrier()?;
+    Ok(loaded)
 }
 
 fn load_with(path: &Path, comm: Option<Arc<dyn Collective>>) -> Result<LoadedModel> {
@@ -77,6 +85,34 @@ fn load_with(path: &Path, comm: Option<Arc<dyn Collective>>) -> Result<LoadedMod
         });
     }
     gguf(path, comm)
+}
+
+/// The configuration of the model at `path`, without loading its weights.
+pub fn read_config(path: &Path) -> Result<LlamaConfig> {
+    let gguf_config = |p: &Path| {
+        let g = GgufFile::open(p)?;
+        LlamaConfig::from_gguf_metadata(&g.metadata).map_err(|error| ModelError::Config {
+            path: p.into(),
+            error,
+        })
+    };
+    if path.is_dir() && !path.join("config.json").exists() {
+        if let Some(g) = single_gguf_in(path)? {
+            return gguf_config(&g);
+        }
+    }
+    if !path.is_dir() {
+        return gguf_config(path);
+    }
+    let cfg_path = path.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    LlamaConfig::from_hf_json(&text).map_err(|error| ModelError::Config {
+        path: cfg_path,
+        error,
+    })
 }
 
 /// The whole model, or a shard of it.

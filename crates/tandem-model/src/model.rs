@@ -203,6 +203,13 @@ impl LlamaModel {
         Ok(self)
     }
 
+    /// Runs on one compute thread per core in `cores`, each pinned to its core (the caller
+    /// to the first).
+    pub fn with_cores(mut self, cores: &[usize]) -> std::io::Result<Self> {
+        self.pool = std::sync::Arc::new(ThreadPool::pinned(cores)?);
+        Ok(self)
+    }
+
     /// Uses SIMD `level` (capped at what the CPU supports).
     pub fn with_simd(mut self, level: SimdLevel) -> Self {
         self.level = level.min(SimdLevel::best());

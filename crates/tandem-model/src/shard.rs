@@ -33,6 +33,18 @@ fn split(n: usize, world: usize, rank: usize) -> Range<usize> {
     n * rank / world..n * (rank + 1) / world
 }
 
+/// Refuses a group of more ranks than the model has KV heads (a rank holds at least one whole
+/// KV head and its query heads; KV heads are not replicated).
+pub fn check_world(cfg: &LlamaConfig, world: usize) -> Result<(), ConfigError> {
+    let n_kv = cfg.kv_heads();
+    if world > n_kv {
+        return Err(ConfigError::Unsupported(format!(
+            "tensor_parallel={world} exceeds the model's {n_kv} KV heads (each rank holds at least one whole KV head and its query heads)"
+        )));
+    }
+    Ok(())
+}
+
 impl ShardPlan {
     /// The plan for `rank` of `world` on `weights` (of model `cfg`). KV heads are split as
     /// evenly as whole heads allow (3 KV heads over 2 ranks: 2 and 1), so a group larger than
@@ -50,11 +62,7 @@ impl ShardPlan {
                 "rank {rank} of a tensor-parallel group of {world}"
             )));
         }
-        if world > n_kv {
-            return Err(ConfigError::Unsupported(format!(
-                "tensor_parallel={world} exceeds the model's {n_kv} KV heads (each rank holds at least one whole KV head and its query heads)"
-            )));
-        }
+        check_world(cfg, world)?;
         let group = cfg.num_heads / n_kv;
         let kv_heads = split(n_kv, world, rank);
         let heads = kv_heads.start * group..kv_heads.end * group;

@@ -66,6 +66,14 @@ def test_generate_stream_and_terminate(deployments):
         mii.client(name)
 
 
+def test_tensor_parallel(deployments):
+    # Two rank processes (the reference model's 3 KV heads split 2 + 1); greedy and repeatable.
+    client = deployments.serve(tensor_parallel=2)
+    out = client.generate(["DeepSpeed is", "Seattle is"], max_new_tokens=8, **GREEDY)
+    assert [r.generated_length for r in out] == [8, 8]
+    assert client.generate("Seattle is", max_new_tokens=8, **GREEDY)[0].generated_text == out[1].generated_text
+
+
 def test_rest_route_and_replicas(deployments):
     client = deployments.serve(enable_restful_api=True, replica_num=2)
     cfg = client.mii_config
@@ -103,7 +111,7 @@ def test_bad_serve_arguments():
         mii.serve(MODEL, mii_config={"bogus": 1})
     with pytest.raises(ValueError, match="deployment_type"):
         mii.serve(MODEL, deployment_type="aml")
-    with pytest.raises(RuntimeError, match="tensor-parallel"):
-        mii.serve(MODEL, tensor_parallel=2, deployment_name=unique_name("tp"), port_number=0)
+    with pytest.raises(RuntimeError, match="KV heads"):
+        mii.serve(MODEL, tensor_parallel=64, deployment_name=unique_name("tp"), port_number=0)
     with pytest.raises(mii.DeploymentNotFoundError):
         mii.client(unique_name("nobody"))

@@ -25,6 +25,11 @@ pub trait Generator: Send + Sync {
     fn health(&self) -> crate::health::Health {
         crate::health::Health::ok()
     }
+    /// Whether it has stopped for good (an engine whose loop ended); such a replica is taken
+    /// out of rotation and restarted.
+    fn stopped(&self) -> bool {
+        false
+    }
 }
 
 impl Generator for Engine {
@@ -39,6 +44,9 @@ impl Generator for Engine {
     }
     fn stats(&self) -> EngineStats {
         Engine::stats(self)
+    }
+    fn stopped(&self) -> bool {
+        !Engine::is_running(self)
     }
 }
 
@@ -208,6 +216,13 @@ impl Replicas {
     /// workers), or the replicas in rotation.
     pub fn health(&self) -> crate::health::Health {
         use crate::health::{Health, HealthStatus, RoleCount};
+        // A replica whose engine stopped on its own (a dead tensor-parallel rank) is noticed
+        // here too, not only by the next request sent to it.
+        for (i, r) in self.replicas.iter().enumerate() {
+            if r.up.load(Relaxed) && r.engine().stopped() {
+                self.take_out(i);
+            }
+        }
         let (total, up) = self.counts();
         if total == 1 && up == 1 && self.restart.is_none() {
             return self.replicas[0].engine().health();

@@ -1,0 +1,177 @@
+//! Tensor-parallel engines: rank 0 is an engine in this process (scheduling, sampling,
+//! streaming); ranks 1..N are `tandem tp-rank` processes running the same forward passes on
+//! their shards, joined through a shared-memory group. Each rank runs on its own cores.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tandem_collective::{Collective, CollectiveError, ShmGroup};
+use tandem_engine::Engine;
+
+use crate::engine_args::EngineArgs;
+
+/// Arguments of the hidden `tandem tp-rank` command.
+#[derive(Args, Debug)]
+pub struct TpRankArgs {
+    /// The group's shared-memory segment.
+    #[arg(long)]
+    group: PathBuf,
+    /// This process's rank (1 or more).
+    #[arg(long)]
+    rank: usize,
+    /// The model file or directory (the same as rank 0's).
+    #[arg(long)]
+    model: PathBuf,
+    /// The cores this rank runs on.
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Runs one rank other than 0 until rank 0 stops the group.
+pub fn run_rank(a: TpRankArgs) -> anyhow::Result<()> {
+    if let Some(&c) = a.cores.first() {
+        // Loading and packing threads start from this one: they keep to the rank's cores,
+        // and so does the memory they touch first.
+        tandem_kernels::pin_current_thread(c)?;
+    }
+    let comm = Arc::new(ShmGroup::join(&a.group, a.rank)?);
+    let cfg = a.engine.config();
+    let num_blocks = cfg
+        .num_blocks
+        .ok_or_else(|| anyhow::anyhow!("tp-rank needs --num-blocks (rank 0's pool size)"))?;
+    let mut model = tandem_model::load_shard(&a.model, comm)?
+        .model
+        .with_precision(cfg.precision);
+    if !a.cores.is_empty() {
+        model = model.with_cores(&a.cores)?;
+    }
+    let mut kv = model.new_kv_cache(num_blocks, cfg.block_size, cfg.kv_dtype);
+    model.follow(&mut kv)?;
+    Ok(())
+}
+
+/// Rank 0's view of the group, which also owns the other ranks' processes: when the engine
+/// drops its model, the group goes and the processes are reaped.
+struct RankGroup {
+    shm: ShmGroup,
+    children: Mutex<Vec<Child>>,
+}
+
+impl Collective for RankGroup {
+    fn rank(&self) -> usize {
+        self.shm.rank()
+    }
+    fn world(&self) -> usize {
+        self.shm.world()
+    }
+    fn all_reduce_sum(&self, x: &mut [f32]) -> Result<(), CollectiveError> {
+        self.shm.all_reduce_sum(x)
+    }
+    fn gather(
+        &self,
+        part: &[f32],
+        lens: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<(), CollectiveError> {
+        self.shm.gather(part, lens, out)
+    }
+    fn broadcast(&self, msg: &mut Vec<u8>) -> Result<(), CollectiveError> {
+        self.shm.broadcast(msg)
+    }
+    fn abort(&self) {
+        self.shm.abort()
+    }
+}
+
+impl Drop for RankGroup {
+    fn drop(&mut self) {
+        // The model sent its stop step before dropping the group; give the ranks a moment to
+        // leave on their own, then make sure.
+        self.shm.abort();
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for c in children.iter_mut() {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Splits `cores` between `replicas` × `tp` ranks: replica `i`'s ranks get consecutive runs.
+pub fn core_plan(cores: &[usize], replicas: usize, tp: usize) -> anyhow::Result<Vec<Vec<usize>>> {
+    let ranks = replicas * tp;
+    anyhow::ensure!(
+        ranks <= cores.len(),
+        "--replica-num {replicas} x --tensor-parallel {tp} = {ranks} ranks, but this process may run on {} cores (each rank needs at least one)",
+        cores.len()
+    );
+    let per = cores.len() / ranks;
+    Ok((0..ranks)
+        .map(|r| cores[r * per..(r + 1) * per].to_vec())
+        .collect())
+}
+
+/// Starts a tensor-parallel engine of `cores.len()` ranks on `model`: rank `r` runs on
+/// `cores[r]`. Returns once every rank has loaded its shard.
+pub fn start_engine(
+    model: &Path,
+    cores: &[Vec<usize>],
+    engine: &EngineArgs,
+) -> anyhow::Result<Engine> {
+    let world = cores.len();
+    let mcfg = tandem_model::loader::read_config(model)?;
+    let mut cfg = engine.config();
+    // Every rank's pool has the same blocks (block ids are shared), sized as rank 0 sizes its own.
+    let (_, num_blocks) = cfg.kv_plan(&mcfg, mcfg.max_positions())?;
+    cfg.num_blocks = Some(num_blocks);
+    // A slot holds one all-reduce of a full batch's hidden states.
+    let slot = (engine.max_batch_tokens * mcfg.hidden_size * 4).clamp(1 << 16, 16 << 20);
+    let shm = ShmGroup::create(world, slot)?;
+    let mut rank_args = engine.clone();
+    rank_args.num_blocks = Some(num_blocks);
+    let mut children = Vec::with_capacity(world - 1);
+    for (r, rank_cores) in cores.iter().enumerate().skip(1) {
+        let cores_arg = rank_cores
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let child = crate::self_command()?
+            .arg("tp-rank")
+            .arg("--group")
+            .arg(shm.path())
+            .arg(format!("--rank={r}"))
+            .arg("--model")
+            .arg(model)
+            .arg(format!("--cores={cores_arg}"))
+            .args(rank_args.to_args())
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start tensor-parallel rank {r}: {e}"))?;
+        shm.set_pid(r, child.id());
+        children.push(child);
+    }
+    let segment = shm.path().to_path_buf();
+    let group = Arc::new(RankGroup {
+        shm,
+        children: Mutex::new(children),
+    });
+    let loaded = tandem_model::load_shard(model, group);
+    // Every rank has the segment mapped (or failed): its name is no longer needed.
+    let _ = std::fs::remove_file(&segment);
+    let mut loaded = loaded?;
+    loaded.model = loaded
+        .model
+        .with_precision(cfg.precision)
+        .with_cores(&cores[0])?;
+    tracing::info!(ranks = world, cores = ?cores, "tensor-parallel ranks loaded");
+    Ok(Engine::start(loaded, cfg)?)
+}
