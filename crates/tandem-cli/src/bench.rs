@@ -18,6 +18,8 @@ pub enum BenchCommand {
     Datadist(crate::bench_datadist::DataDistBenchArgs),
     /// The in-process pipeline on a list of prompts: generated tokens per second.
     Pipeline(crate::bench_pipeline::PipelineBenchArgs),
+    /// Tensor parallelism: all-reduce vs memcpy, one rank vs N on prefill and decode, memory.
+    TensorParallel(crate::bench_tp::TpBenchArgs),
 }
 
 /// Arguments of `tandem bench model`.
@@ -109,6 +111,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Serve(a) => return crate::bench_serve::run(a),
         BenchCommand::Datadist(a) => return crate::bench_datadist::run(a),
         BenchCommand::Pipeline(a) => return crate::bench_pipeline::run(a),
+        BenchCommand::TensorParallel(a) => return crate::bench_tp::run(a),
     };
     anyhow::ensure!(
         a.prompt_tokens > 0 && a.gen_tokens > 0 && a.repeats > 0,

@@ -7,6 +7,7 @@ mod bench_engine;
 mod bench_pipeline;
 mod bench_serve;
 mod bench_stats;
+mod bench_tp;
 mod client;
 pub mod engine_args;
 mod generate;
