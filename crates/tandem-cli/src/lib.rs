@@ -13,7 +13,7 @@ pub mod engine_args;
 mod generate;
 mod pd_worker;
 pub mod serve;
-mod tensor_parallel;
+pub mod tensor_parallel;
 
 use clap::{Parser, Subcommand};
 

@@ -119,6 +119,14 @@ pub fn core_plan(cores: &[usize], replicas: usize, tp: usize) -> anyhow::Result<
         .collect())
 }
 
+/// Starts an engine of `tp` ranks on this process's cores (the in-process pipeline's
+/// `tensor_parallel`): rank 0 in this process, the others started with the self command.
+pub fn start_local_engine(model: &Path, tp: usize, engine: &EngineArgs) -> anyhow::Result<Engine> {
+    tandem_model::shard::check_world(&tandem_model::loader::read_config(model)?, tp)?;
+    let cores = core_plan(&tandem_kernels::allowed_cores(), 1, tp)?;
+    start_engine(model, &cores, engine)
+}
+
 /// Starts a tensor-parallel engine of `cores.len()` ranks on `model`: rank `r` runs on
 /// `cores[r]`. Returns once every rank has loaded its shard.
 pub fn start_engine(

@@ -51,6 +51,13 @@ impl Pipeline {
         })
     }
 
+    /// A pipeline over an engine already started (e.g. a tensor-parallel one).
+    pub fn from_engine(engine: Engine) -> Pipeline {
+        Pipeline {
+            engine: Some(engine),
+        }
+    }
+
     /// The engine (for stats, tokenizer, lower-level submission).
     pub fn engine(&self) -> Result<&Engine, EngineError> {
         self.engine.as_ref().ok_or(EngineError::Closed)

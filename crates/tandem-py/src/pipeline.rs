@@ -55,16 +55,40 @@ fn options(py: Python<'_>, options_json: &str) -> PyResult<GenerateParams> {
 impl Pipeline {
     /// Loads `model` (a path, a known model name, or None for the default model, fetched on
     /// first use) with the CLI's engine flags `engine_args` (e.g. `["--max-length=512"]`).
+    /// With `tensor_parallel` above 1, ranks 1.. run as processes started with `self_command`
+    /// (e.g. `[sys.executable, "-m", "tandem"]`).
     #[new]
-    #[pyo3(signature = (model=None, engine_args=Vec::new()))]
-    fn new(py: Python<'_>, model: Option<String>, engine_args: Vec<String>) -> PyResult<Self> {
+    #[pyo3(signature = (model=None, engine_args=Vec::new(), tensor_parallel=1, self_command=Vec::new()))]
+    fn new(
+        py: Python<'_>,
+        model: Option<String>,
+        engine_args: Vec<String>,
+        tensor_parallel: usize,
+        self_command: Vec<String>,
+    ) -> PyResult<Self> {
         let flags = EngineFlags::try_parse_from(&engine_args)
             .map_err(|e| PyValueError::new_err(e.render().to_string()))?;
-        let cfg = flags.engine.config();
+        if tensor_parallel == 0 {
+            return Err(PyValueError::new_err("tensor_parallel must be at least 1"));
+        }
+        if tensor_parallel > 1 && !self_command.is_empty() {
+            tandem_cli::set_self_command(self_command.into_iter().map(Into::into).collect());
+        }
         let loaded = py.detach(|| -> Result<_, String> {
             let path = tandem_model::fetch::resolve_model(model.as_deref(), true)
                 .map_err(|e| e.to_string())?;
-            let pipe = tandem_engine::Pipeline::new(&path, cfg).map_err(|e| e.to_string())?;
+            let pipe = if tensor_parallel > 1 {
+                let engine = tandem_cli::tensor_parallel::start_local_engine(
+                    &path,
+                    tensor_parallel,
+                    &flags.engine,
+                )
+                .map_err(|e| format!("{e:#}"))?;
+                tandem_engine::Pipeline::from_engine(engine)
+            } else {
+                tandem_engine::Pipeline::new(&path, flags.engine.config())
+                    .map_err(|e| e.to_string())?
+            };
             Ok((pipe, path))
         });
         let (pipe, path) = loaded.map_err(PyRuntimeError::new_err)?;

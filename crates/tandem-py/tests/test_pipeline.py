@@ -120,10 +120,23 @@ def test_unknown_pipeline_arguments():
         mii.pipeline("SmolLM2-135M-Instruct", no_such_field=1)
     with pytest.raises(ValueError, match="inference_engine_config"):
         mii.pipeline("SmolLM2-135M-Instruct", inference_engine_config={"bogus": 1})
-    with pytest.raises(ValueError, match="tensor_parallel"):
-        mii.pipeline("SmolLM2-135M-Instruct", tensor_parallel=2)
+    with pytest.raises(RuntimeError, match="KV heads"):
+        mii.pipeline("SmolLM2-135M-Instruct", tensor_parallel=64)
     with pytest.raises(RuntimeError):
         mii.pipeline("/no/such/model.gguf")
+
+
+def test_tensor_parallel_pipeline():
+    # Rank 1 is a `python -m tandem tp-rank` process; the float path makes the sharded
+    # greedy output the one-rank output.
+    exact = {"exact": True, "num_blocks": 64}
+    one = mii.pipeline("SmolLM2-135M-Instruct", inference_engine_config=exact)
+    two = mii.pipeline("SmolLM2-135M-Instruct", tensor_parallel=2, inference_engine_config=exact)
+    prompts = ["DeepSpeed is", "Seattle is"]
+    want = [r.generated_text for r in one(prompts, max_new_tokens=8, do_sample=False)]
+    assert [r.generated_text for r in two(prompts, max_new_tokens=8, do_sample=False)] == want
+    one.destroy()
+    two.destroy()
 
 
 def test_destroy():

@@ -14,7 +14,13 @@ def process_alive(pid: int) -> bool: ...
 Row = Tuple[str, int, int, str]
 
 class Pipeline:
-    def __init__(self, model: Optional[str] = None, engine_args: List[str] = ...) -> None: ...
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        engine_args: List[str] = ...,
+        tensor_parallel: int = 1,
+        self_command: List[str] = ...,
+    ) -> None: ...
     @property
     def model_path(self) -> str: ...
     @property

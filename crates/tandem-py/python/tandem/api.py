@@ -47,11 +47,14 @@ class MIIPipeline:
     def __init__(self, model_config: Dict[str, Any], all_rank_output: bool = False) -> None:
         spec = _config.model_spec(model_config)
         tp = int(model_config.get("tensor_parallel", 1))
-        if tp != 1:
-            raise ValueError(f"tensor_parallel={tp}: a pipeline runs one engine in this process (tensor_parallel=1)")
+        if tp < 1:
+            raise ValueError(f"tensor_parallel={tp}: must be at least 1")
         self.model_config = model_config
         self.all_rank_output = all_rank_output
-        self._engine = _native.Pipeline(spec, _config.engine_args(model_config))
+        # With tensor_parallel=N, ranks 1..N-1 run as `python -m tandem tp-rank` processes.
+        self._engine = _native.Pipeline(
+            spec, _config.engine_args(model_config), tp, [sys.executable, "-m", "tandem"]
+        )
 
     def __call__(self, prompts: Prompts, **generate_kwargs: Any) -> List[Response]:
         """Generates for every prompt (batched together); one ``Response`` per prompt, in order.
