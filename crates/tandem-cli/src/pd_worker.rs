@@ -33,6 +33,9 @@ pub struct PdWorkerArgs {
     /// llm-datadist cluster id.
     #[arg(long)]
     cluster_id: u64,
+    /// Ranks of the worker's engine (each registers its KV shard as its own cluster).
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel: usize,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -46,16 +49,32 @@ fn start_worker(
     host: &str,
     token: Option<&str>,
     engine: &EngineArgs,
+    tp: usize,
 ) -> anyhow::Result<Arc<PdWorker>> {
-    let engine = Arc::new(Engine::start(tandem_model::load(path)?, engine.config())?);
     let listen = format!("{host}:0");
     let (role, listen) = match role {
         PdRole::Prefill => (LlmRole::Prompt, Some(listen.as_str())),
         PdRole::Decode | PdRole::Replica => (LlmRole::Decoder, None),
     };
-    Ok(Arc::new(PdWorker::start(
-        engine, cluster_id, role, listen, token,
-    )?))
+    let (engine, ranks) = if tp > 1 {
+        // The deployment's workers share the cores, as single-rank workers do; a worker's
+        // ranks split them.
+        tandem_model::shard::check_world(&tandem_model::loader::read_config(path)?, tp)?;
+        let cores = crate::tensor_parallel::core_plan(&tandem_kernels::allowed_cores(), 1, tp)?;
+        let dd = crate::tensor_parallel::RankDatadist {
+            role,
+            cluster_id,
+            host: host.to_string(),
+        };
+        crate::tensor_parallel::start_engine_for_datadist(path, &cores, engine, &dd)?
+    } else {
+        (
+            Engine::start(tandem_model::load(path)?, engine.config())?,
+            Vec::new(),
+        )
+    };
+    let worker = PdWorker::start(Arc::new(engine), cluster_id, role, listen, token)?;
+    Ok(Arc::new(worker.with_ranks(ranks)))
 }
 
 pub(crate) fn parse_role(name: &str) -> anyhow::Result<PdRole> {
@@ -69,12 +88,20 @@ pub(crate) fn parse_role(name: &str) -> anyhow::Result<PdRole> {
 pub fn run(a: PdWorkerArgs) -> anyhow::Result<()> {
     let path = tandem_model::fetch::resolve_model(a.model.as_deref(), false)?;
     let role = parse_role(&a.role)?;
-    let worker = start_worker(&path, role, a.cluster_id, "127.0.0.1", None, &a.engine)?;
+    let worker = start_worker(
+        &path,
+        role,
+        a.cluster_id,
+        "127.0.0.1",
+        None,
+        &a.engine,
+        a.tensor_parallel,
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("PD-WORKER-READY {}", listener.local_addr()?.port());
         // The parent holds our stdin: when it goes, so do we.
@@ -89,10 +116,33 @@ pub fn run(a: PdWorkerArgs) -> anyhow::Result<()> {
             })
             .await;
         };
-        worker.clone().serve(listener, parent_gone).await?;
+        // An engine that stopped (a dead tensor-parallel rank) ends the worker too: the
+        // deployment sees it exit and starts a new one.
+        let engine = worker.engine().clone();
+        let engine_stopped = async move {
+            while engine.is_running() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let stopped = Arc::new(AtomicBool::new(false));
+        let flag = stopped.clone();
+        let shutdown = async move {
+            tokio::select! {
+                _ = parent_gone => {}
+                _ = engine_stopped => flag.store(true, Ordering::SeqCst),
+            }
+        };
+        worker.clone().serve(listener, shutdown).await?;
         drop(worker);
+        anyhow::ensure!(
+            !stopped.load(Ordering::SeqCst),
+            "the worker's engine stopped"
+        );
         anyhow::Ok(())
-    })
+    });
+    // The stdin watcher may still be blocked in a read: do not wait for it.
+    rt.shutdown_background();
+    result
 }
 
 /// One worker process slot: what it is, and how to start it again.
@@ -136,6 +186,7 @@ pub struct Workers {
 struct Spec {
     model: std::path::PathBuf,
     engine: EngineArgs,
+    tensor_parallel: usize,
 }
 
 /// A worker on a host of its own, as `tandem serve --role` starts it.
@@ -212,6 +263,7 @@ impl RemoteWorker<'_> {
             &self.host,
             self.token.as_deref(),
             self.engine,
+            1,
         )?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -283,6 +335,7 @@ impl Spec {
             .arg("pd-worker")
             .args(["--model", &self.model.to_string_lossy(), "--role", name])
             .args(["--cluster-id", &cluster_id.to_string()])
+            .arg(format!("--tensor-parallel={}", self.tensor_parallel))
             .args(self.engine.to_args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -422,12 +475,14 @@ pub fn spawn(
     n_prefill: usize,
     n_decode: usize,
     engine: &EngineArgs,
+    tensor_parallel: usize,
 ) -> anyhow::Result<Workers> {
     let mut args = engine.clone();
     args.kv_memory_fraction /= (n_prefill + n_decode) as f64;
     let spec = Arc::new(Spec {
         model: model.to_path_buf(),
         engine: args,
+        tensor_parallel,
     });
     let mut workers = Workers {
         slots: Arc::new(Mutex::new(Vec::new())),

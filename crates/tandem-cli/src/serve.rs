@@ -106,7 +106,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         );
         anyhow::ensure!(
             a.tensor_parallel == 1,
-            "--tensor-parallel above 1 runs on local replicas only (not yet with --role workers)"
+            "--tensor-parallel above 1 runs on this host's replicas or workers only (not yet with --role)"
         );
         anyhow::ensure!(
             a.prefill_workers == 0 && a.decode_workers == 0 && a.replica_num == 1,
@@ -134,8 +134,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     );
     let disaggregated = a.prefill_workers > 0 || a.decode_workers > 0;
     anyhow::ensure!(
-        a.tensor_parallel == 1 || !(discovered || disaggregated),
-        "--tensor-parallel above 1 runs on local replicas only (not yet with --etcd or --prefill-workers/--decode-workers)"
+        a.tensor_parallel == 1 || !discovered,
+        "--tensor-parallel above 1 runs on this host's replicas or workers only (not yet with --etcd)"
     );
     anyhow::ensure!(
         !(discovered && (disaggregated || a.replica_num > 1)),
@@ -149,6 +149,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         !disaggregated || a.replica_num == 1,
         "--replica-num and --prefill-workers/--decode-workers cannot be combined"
     );
+    if a.tensor_parallel > 1 && !discovered {
+        let mcfg = tandem_model::loader::read_config(&path)?;
+        tandem_model::shard::check_world(&mcfg, a.tensor_parallel)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -194,8 +198,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(etcd = ?a.etcd, deployment, "routing to the workers registered in etcd");
         AppState::disaggregated(router, model_name.clone(), deployment.clone())
     } else if disaggregated {
-        let mut workers =
-            crate::pd_worker::spawn(&path, a.prefill_workers, a.decode_workers, &a.engine)?;
+        let mut workers = crate::pd_worker::spawn(
+            &path,
+            a.prefill_workers,
+            a.decode_workers,
+            &a.engine,
+            a.tensor_parallel,
+        )?;
         let tokenizer = Arc::new(tandem_model::load(&path)?.tokenizer);
         let router = rt
             .block_on(tandem_server::pd::router::PdRouter::new(
@@ -215,7 +224,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         // With tensor parallelism every rank keeps to its own cores; replica i's ranks are
         // entries i*tp..(i+1)*tp.
         let cores = if tp > 1 {
-            tandem_model::shard::check_world(&tandem_model::loader::read_config(&path)?, tp)?;
             crate::tensor_parallel::core_plan(&tandem_kernels::allowed_cores(), a.replica_num, tp)?
         } else {
             Vec::new()

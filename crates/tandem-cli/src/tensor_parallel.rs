@@ -2,6 +2,7 @@
 //! streaming); ranks 1..N are `tandem tp-rank` processes running the same forward passes on
 //! their shards, joined through a shared-memory group. Each rank runs on its own cores.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tandem_collective::{Collective, CollectiveError, ShmGroup};
 use tandem_engine::Engine;
+use tandem_server::pd::rank_kv::{rank_cluster, RankControl, RankKv};
 
 use crate::engine_args::EngineArgs;
 
@@ -28,9 +30,23 @@ pub struct TpRankArgs {
     /// The cores this rank runs on.
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
+    /// In a disaggregated deployment: the worker's llm-datadist role (`prompt` listens), under
+    /// which this rank registers its KV pool as its own cluster.
+    #[arg(long, value_parser = ["prompt", "decoder"])]
+    datadist_role: Option<String>,
+    /// The worker's llm-datadist cluster id (this rank's is derived from it).
+    #[arg(long, default_value_t = 0)]
+    cluster_id: u64,
+    /// Host a `prompt` rank's llm-datadist listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    datadist_host: String,
     #[command(flatten)]
     engine: EngineArgs,
 }
+
+/// What a rank with a registered KV pool prints on stdout once it is ready: the port of its
+/// control socket.
+const RANK_READY: &str = "TP-RANK-READY";
 
 /// Runs one rank other than 0 until rank 0 stops the group.
 pub fn run_rank(a: TpRankArgs) -> anyhow::Result<()> {
@@ -51,7 +67,36 @@ pub fn run_rank(a: TpRankArgs) -> anyhow::Result<()> {
         model = model.with_cores(&a.cores)?;
     }
     let mut kv = model.new_kv_cache(num_blocks, cfg.block_size, cfg.kv_dtype);
-    model.follow(&mut kv)?;
+    let agent = match &a.datadist_role {
+        Some(role) => {
+            let regions: Vec<tandem_engine::KvRegion> = (0..kv.num_layers())
+                .flat_map(|l| {
+                    let (k, v) = kv.layer_bytes_mut(l);
+                    [k, v].map(|t| tandem_engine::KvRegion {
+                        addr: t.as_mut_ptr() as u64,
+                        len: t.len(),
+                    })
+                })
+                .collect();
+            let role = llm_datadist::LlmRole::parse(role)?;
+            let cluster = rank_cluster(a.cluster_id, a.rank);
+            // SAFETY: the pool outlives the agent (closed below, before `kv` goes); rank 0
+            // moves only blocks held for a consumer or reserved for an import, which no
+            // forward pass touches meanwhile.
+            let agent =
+                unsafe { RankKv::start(&regions, num_blocks, cluster, role, &a.datadist_host) }
+                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", a.rank))?;
+            println!("{RANK_READY} {}", agent.control_addr().port());
+            std::io::stdout().flush()?;
+            Some(agent)
+        }
+        None => None,
+    };
+    let followed = model.follow(&mut kv);
+    if let Some(agent) = agent {
+        agent.close();
+    }
+    followed?;
     Ok(())
 }
 
@@ -82,6 +127,9 @@ impl Collective for RankGroup {
     }
     fn broadcast(&self, msg: &mut Vec<u8>) -> Result<(), CollectiveError> {
         self.shm.broadcast(msg)
+    }
+    fn check(&self) -> Result<(), CollectiveError> {
+        self.shm.check()
     }
     fn abort(&self) {
         self.shm.abort()
@@ -127,6 +175,36 @@ pub fn start_local_engine(model: &Path, tp: usize, engine: &EngineArgs) -> anyho
     start_engine(model, &cores, engine)
 }
 
+/// How the ranks of a disaggregation worker's engine register their KV pools.
+pub struct RankDatadist {
+    /// The worker's llm-datadist role.
+    pub role: llm_datadist::LlmRole,
+    /// The worker's cluster id.
+    pub cluster_id: u64,
+    /// Where a `prompt` rank listens.
+    pub host: String,
+}
+
+/// [`start_engine`] for a disaggregation worker: ranks 1.. register their pools with
+/// llm-datadist too; returns their control handles.
+pub fn start_engine_for_datadist(
+    model: &Path,
+    cores: &[Vec<usize>],
+    engine: &EngineArgs,
+    dd: &RankDatadist,
+) -> anyhow::Result<(Engine, Vec<RankControl>)> {
+    let role = match dd.role {
+        llm_datadist::LlmRole::Prompt => "prompt",
+        _ => "decoder",
+    };
+    let extra = vec![
+        format!("--datadist-role={role}"),
+        format!("--cluster-id={}", dd.cluster_id),
+        format!("--datadist-host={}", dd.host),
+    ];
+    start(model, cores, engine, &extra)
+}
+
 /// Starts a tensor-parallel engine of `cores.len()` ranks on `model`: rank `r` runs on
 /// `cores[r]`. Returns once every rank has loaded its shard.
 pub fn start_engine(
@@ -134,6 +212,15 @@ pub fn start_engine(
     cores: &[Vec<usize>],
     engine: &EngineArgs,
 ) -> anyhow::Result<Engine> {
+    Ok(start(model, cores, engine, &[])?.0)
+}
+
+fn start(
+    model: &Path,
+    cores: &[Vec<usize>],
+    engine: &EngineArgs,
+    extra: &[String],
+) -> anyhow::Result<(Engine, Vec<RankControl>)> {
     let world = cores.len();
     let mcfg = tandem_model::loader::read_config(model)?;
     let mut cfg = engine.config();
@@ -161,12 +248,19 @@ pub fn start_engine(
             .arg(model)
             .arg(format!("--cores={cores_arg}"))
             .args(rank_args.to_args())
+            .args(extra)
             .stdin(Stdio::null())
+            .stdout(if extra.is_empty() {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start tensor-parallel rank {r}: {e}"))?;
         shm.set_pid(r, child.id());
         children.push(child);
     }
+    let outs: Vec<_> = children.iter_mut().map(|c| c.stdout.take()).collect();
     let segment = shm.path().to_path_buf();
     let group = Arc::new(RankGroup {
         shm,
@@ -180,6 +274,23 @@ pub fn start_engine(
         .model
         .with_precision(cfg.precision)
         .with_cores(&cores[0])?;
+    // Ranks with a registered pool say where their control socket is.
+    let mut controls = Vec::new();
+    for (i, out) in outs.into_iter().enumerate() {
+        let Some(out) = out else { continue };
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        let port = line
+            .strip_prefix(RANK_READY)
+            .and_then(|p| p.trim().parse::<u16>().ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!("tensor-parallel rank {} did not start: {line:?}", i + 1)
+            })?;
+        controls.push(RankControl {
+            rank: i + 1,
+            addr: ([127, 0, 0, 1], port).into(),
+        });
+    }
     tracing::info!(ranks = world, cores = ?cores, "tensor-parallel ranks loaded");
-    Ok(Engine::start(loaded, cfg)?)
+    Ok((Engine::start(loaded, cfg)?, controls))
 }

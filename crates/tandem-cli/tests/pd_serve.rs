@@ -191,6 +191,89 @@ fn qwen_disaggregated_serving_matches_colocated() {
     wait_workers(&pd, 10, "no KV held after the requests", no_kv_held);
 }
 
+/// Disaggregated serving with tensor-parallel workers on both sides (two ranks each): every
+/// rank registers its KV shard as its own llm-datadist cluster and pulls its shard from the
+/// prefill worker's same rank; the outputs are the colocated one-rank deployment's (float path:
+/// the sharded sums differ from one rank's in the last bits only). A decode worker whose rank
+/// is killed exits, is started again, and serves the same outputs.
+#[test]
+fn tensor_parallel_workers_hand_off_kv_shard_to_shard() {
+    let colocated = start("tp-colocated", &["--exact"]);
+    let pd = start(
+        "tp-disaggregated",
+        &[
+            "--exact",
+            "--tensor-parallel",
+            "2",
+            "--prefill-workers",
+            "1",
+            "--decode-workers",
+            "1",
+            "--local-prefill-max",
+            "2",
+        ],
+    );
+    let ws = workers(&pd);
+    let prefill = ws.iter().find(|w| w["role"] == "prefill").unwrap();
+    assert_eq!(
+        prefill["worker"]["rank_ports"].as_array().unwrap().len(),
+        1,
+        "{prefill}"
+    );
+    let prompts = golden_prompts();
+    let want: Vec<String> = prompts.iter().map(|p| complete(&colocated, p)).collect();
+    for (p, w) in prompts.iter().zip(&want) {
+        assert_eq!(&complete(&pd, p), w, "prompt {p:?}");
+    }
+    let prefilled: u64 = workers(&pd)
+        .iter()
+        .filter(|w| w["role"] == "prefill")
+        .map(|w| stat(w, "tokens_computed"))
+        .sum();
+    assert!(
+        prefilled > 0,
+        "the prompts were prefilled on the prefill worker"
+    );
+    wait_workers(&pd, 10, "no KV held after the requests", no_kv_held);
+
+    // Kill the decode worker's rank 1: the worker exits with its engine, comes back, and the
+    // outputs are the same again.
+    let decode = pid(ws.iter().find(|w| w["role"] == "decode").unwrap());
+    let rank = std::fs::read_to_string(format!("/proc/{decode}/task/{decode}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &rank])
+        .status()
+        .unwrap()
+        .success());
+    wait_workers(&pd, 60, "the decode worker was not restarted", |ws| {
+        ws.iter()
+            .any(|w| w["role"] == "decode" && w.get("worker").is_some() && pid(w) != decode)
+    });
+    let body =
+        json!({"prompt": prompts[1], "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let t = Instant::now();
+    loop {
+        let (status, text) = http(&pd.http, "POST", "/v1/completions", Some(&body));
+        if status == 200 {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["choices"][0]["text"].as_str().unwrap(), want[1]);
+            break;
+        }
+        assert_eq!(status, 503, "{text}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{text}\n{}",
+            pd.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn ws_url(ws: &[Value], role: &str) -> String {
     ws.iter().find(|w| w["role"] == role).unwrap()["url"]
         .as_str()

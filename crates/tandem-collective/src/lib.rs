@@ -53,6 +53,11 @@ pub trait Collective: Send + Sync {
     fn barrier(&self) -> Result<(), CollectiveError> {
         self.all_reduce_sum(&mut [0.0])
     }
+    /// Fails if the group was aborted or a rank no longer exists (for a rank 0 with nothing
+    /// to run, which would otherwise notice only at its next collective).
+    fn check(&self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
     /// Stops the group: every rank waiting in, or later entering, a collective gets
     /// [`CollectiveError::Aborted`].
     fn abort(&self);

@@ -418,6 +418,13 @@ impl Collective for ShmGroup {
         })
     }
 
+    fn check(&self) -> Result<(), CollectiveError> {
+        if self.aborted().load(Ordering::Acquire) != 0 {
+            return Err(CollectiveError::Aborted);
+        }
+        self.check_peers(u64::MAX)
+    }
+
     fn abort(&self) {
         self.aborted().store(1, Ordering::Release);
     }

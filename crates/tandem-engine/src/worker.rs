@@ -119,12 +119,18 @@ impl Worker {
     pub(crate) fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
-                // Idle: wake up now and then while KV is held, to expire it.
-                let cmd = if self.held.is_empty() {
+                // Idle: wake up now and then while KV is held, to expire it, and while other
+                // tensor-parallel ranks run, to notice one that died.
+                let sharded = self.model.rank().1 > 1;
+                let cmd = if self.held.is_empty() && !sharded {
                     self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
                 } else {
-                    self.rx.recv_timeout(Duration::from_millis(500))
+                    self.rx
+                        .recv_timeout(Duration::from_millis(if sharded { 200 } else { 500 }))
                 };
+                if let Err(e) = self.model.check_group() {
+                    self.broken = Some(format!("the engine stopped: {e}"));
+                }
                 match cmd {
                     Ok(cmd) => {
                         if !self.handle(cmd) {

@@ -389,6 +389,15 @@ impl LlamaModel {
         }
     }
 
+    /// Fails if this model's tensor-parallel group is broken (a rank died), without running
+    /// anything; always fine for a whole model.
+    pub fn check_group(&self) -> Result<()> {
+        if let Some(tp) = &self.tp {
+            tp.comm.check()?;
+        }
+        Ok(())
+    }
+
     /// Sums a partial result over the group (nothing to do for a whole model).
     fn all_reduce(&self, x: &mut [f32]) -> Result<()> {
         if let Some(tp) = &self.tp {

@@ -10,6 +10,7 @@
 //! ([`discovery`]).
 
 pub mod discovery;
+pub mod rank_kv;
 pub mod router;
 pub mod wire;
 pub mod worker;

@@ -300,15 +300,19 @@ impl PdRouter {
     }
 
     async fn peer(&self, w: &WorkerHandle) -> Result<Peer, String> {
-        let port = self
-            .worker_info(w)
-            .await?
-            .datadist_port
-            .ok_or_else(|| format!("prefill worker {} is not listening", w.url))?;
+        let info = self.worker_info(w).await?;
+        let not_listening = || format!("prefill worker {} is not listening", w.url);
+        let port = info.datadist_port.ok_or_else(not_listening)?;
+        let rank_ports = info
+            .rank_ports
+            .iter()
+            .map(|p| p.ok_or_else(not_listening))
+            .collect::<Result<_, _>>()?;
         Ok(Peer {
             cluster_id: w.cluster_id,
             host: ipv4_of(&w.url)?,
             port,
+            rank_ports,
         })
     }
 
@@ -412,6 +416,7 @@ impl PdRouter {
                 cluster_id: w.cluster_id,
                 host: "127.0.0.1".into(),
                 port: 0,
+                rank_ports: Vec::new(),
             };
             self.rt.spawn(async move {
                 for d in decode {

@@ -82,6 +82,9 @@ pub struct WorkerInfo {
     /// The worker's process id.
     #[serde(default)]
     pub pid: u32,
+    /// With a tensor-parallel engine: ranks 1..'s llm-datadist listen ports, in rank order.
+    #[serde(default)]
+    pub rank_ports: Vec<Option<u16>>,
 }
 
 /// A peer to link to or unlink from.
@@ -93,6 +96,10 @@ pub struct Peer {
     pub host: String,
     /// Its llm-datadist port.
     pub port: u16,
+    /// With a tensor-parallel engine: ranks 1..'s llm-datadist ports (clusters
+    /// [`rank_cluster`](super::rank_kv::rank_cluster)`(cluster_id, r)`).
+    #[serde(default)]
+    pub rank_ports: Vec<u16>,
 }
 
 /// `POST /pd/link` and `/pd/unlink`.

@@ -3,21 +3,19 @@
 //! deployment's token required on both HTTP and llm-datadist links otherwise).
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use llm_datadist::{
-    BlocksCacheKey, Cache, CacheDesc, CacheManager, DataType, LayerRanges, LlmClusterInfo,
-    LlmConfig, LlmDataDist, LlmRole, LlmStatusCode, Options,
-};
+use llm_datadist::{LlmRole, LlmStatusCode};
 use tandem_engine::{Engine, EngineError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::rank_kv::{rank_cluster, RankCommand, RankControl, RegisteredKv};
 use super::wire::*;
 
 type Reply<T> = Result<Json<T>, (StatusCode, String)>;
@@ -33,12 +31,12 @@ fn bad(e: impl std::fmt::Display) -> (StatusCode, String) {
 /// Model id of the engine's KV in llm-datadist (one blocks cache per node and model id).
 pub const KV_MODEL_ID: u64 = 0;
 
-/// One worker: its engine and its llm-datadist instance.
+/// One worker: its engine and its llm-datadist instance (with a tensor-parallel engine, rank
+/// 0's; the other ranks' are driven through [`RankControl`]s, each rank moving its own shard).
 pub struct PdWorker {
     // Declared before `engine`: the registration must go before the memory it names.
-    datadist: Mutex<LlmDataDist>,
-    cache_manager: CacheManager,
-    cache: Cache,
+    kv: RegisteredKv,
+    ranks: Vec<RankControl>,
     engine: Arc<Engine>,
     cluster_id: u64,
     /// The deployment's token, required on every route when set.
@@ -64,58 +62,36 @@ impl PdWorker {
         listen: Option<&str>,
         token: Option<&str>,
     ) -> Result<Self, llm_datadist::LlmException> {
-        let mut cfg = LlmConfig::new();
-        if let Some(t) = token {
-            cfg.set_auth_token(t);
-        }
-        cfg.set_device_id(0)?;
-        cfg.set_enable_cache_manager(true);
-        cfg.set_enable_switch_role(true);
-        cfg.set_sync_kv_timeout(20_000)?;
-        if let Some(l) = listen {
-            cfg.set_listen_ip_info(l);
-        }
-        let mut dd = LlmDataDist::new(role, cluster_id);
-        dd.init(&cfg.generate_options())?;
-        let cm = dd.cache_manager()?;
         let regions = engine.kv_regions();
         let blocks = engine.info().num_blocks;
-        let desc = CacheDesc::new(
-            regions.len() as u32,
-            vec![blocks as i64, (regions[0].len / blocks) as i64],
-            DataType::DtUint8,
-        )?;
-        let addrs: Vec<u64> = regions.iter().map(|r| r.addr).collect();
         // SAFETY: the regions are the engine's KV tensors, alive while the engine is; this
-        // worker holds the engine and finalizes llm-datadist (field order) before dropping it.
+        // worker holds the engine and drops the registration (field order) before it.
         // Transfers touch only held (source) or reserved (destination) blocks, which no
         // engine step reads or writes meanwhile.
-        let cache = unsafe {
-            cm.register_blocks_cache(
-                &desc,
-                &addrs,
-                Some(BlocksCacheKey::new(cluster_id, KV_MODEL_ID)),
-                None,
-            )?
-        };
+        let kv = unsafe { RegisteredKv::open(regions, blocks, cluster_id, role, listen, token)? };
         Ok(Self {
-            datadist: Mutex::new(dd),
-            cache_manager: cm,
-            cache,
+            kv,
+            ranks: Vec::new(),
             engine,
             cluster_id,
             token: token.map(Arc::from),
         })
     }
 
+    /// Drives the other ranks of a tensor-parallel engine: links, transfers and role switches
+    /// are done by every rank on its own shard.
+    pub fn with_ranks(mut self, ranks: Vec<RankControl>) -> Self {
+        self.ranks = ranks;
+        self
+    }
+
+    fn dd(&self) -> std::sync::MutexGuard<'_, llm_datadist::LlmDataDist> {
+        self.kv.datadist.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The llm-datadist role it has now (`prompt`, `decoder`).
     pub fn role(&self) -> &'static str {
-        role_name(
-            self.datadist
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .role(),
-        )
+        role_name(self.dd().role())
     }
 
     /// The engine.
@@ -124,8 +100,19 @@ impl PdWorker {
     }
 
     fn info(&self) -> WorkerInfo {
-        let dd = self.datadist.lock().unwrap_or_else(|p| p.into_inner());
+        // The other ranks' listen ports (None for a rank that does not answer).
+        let rank_ports = self
+            .ranks
+            .iter()
+            .map(|r| {
+                r.call(&RankCommand::Info)
+                    .ok()
+                    .and_then(|i| i.datadist_port)
+            })
+            .collect();
+        let dd = self.dd();
         WorkerInfo {
+            rank_ports,
             cluster_id: self.cluster_id,
             role: role_name(dd.role()).into(),
             datadist_port: dd.listen_addr().map(|a| a.port()),
@@ -164,16 +151,6 @@ impl PdWorker {
             Some(t) => routes.layer(axum::middleware::from_fn_with_state(t, require_token)),
             None => routes,
         }
-    }
-}
-
-impl Drop for PdWorker {
-    fn drop(&mut self) {
-        let _ = self.cache_manager.unregister_cache(self.cache.cache_id());
-        self.datadist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .finalize();
     }
 }
 
@@ -280,14 +257,34 @@ async fn decode(
         let src: Vec<u64> = req.blocks[..n].iter().map(|&b| b as u64).collect();
         let dst: Vec<u64> = reservation.blocks().iter().map(|&b| b as u64).collect();
         let w2 = w.clone();
-        let pulled = tokio::task::spawn_blocking(move || {
-            w2.cache_manager.pull_blocks(
-                BlocksCacheKey::new(req.source_cluster, KV_MODEL_ID),
-                &w2.cache,
-                &src,
-                &dst,
-                &LayerRanges::all(),
-            )
+        let pulled = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            // Every rank pulls its shard from the same rank of the source, at once.
+            std::thread::scope(|s| {
+                let others: Vec<_> = w2
+                    .ranks
+                    .iter()
+                    .map(|r| {
+                        let cmd = RankCommand::Pull {
+                            cluster: rank_cluster(req.source_cluster, r.rank),
+                            src: src.clone(),
+                            dst: dst.clone(),
+                        };
+                        s.spawn(move || r.call_ok(&cmd).map(drop))
+                    })
+                    .collect();
+                let mine = w2
+                    .kv
+                    .pull(req.source_cluster, &src, &dst)
+                    .map_err(|e| e.to_string());
+                others
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err("a pull thread panicked".into()))
+                    })
+                    .chain([mine])
+                    .collect::<Result<(), String>>()
+            })
         })
         .await;
         match pulled {
@@ -332,22 +329,10 @@ async fn generate(
     Ok(ndjson(rx))
 }
 
-fn cluster_infos(req: &LinkRequest) -> Result<Vec<LlmClusterInfo>, (StatusCode, String)> {
-    req.peers
-        .iter()
-        .map(|p| {
-            let mut ci = LlmClusterInfo::new(p.cluster_id);
-            ci.append_local_ip_info("127.0.0.1", 0).map_err(bad)?;
-            ci.append_remote_ip_info(&p.host, p.port).map_err(bad)?;
-            Ok(ci)
-        })
-        .collect()
-}
-
 fn status_reply(
     r: Result<(LlmStatusCode, Vec<LlmStatusCode>), llm_datadist::LlmException>,
-) -> Json<StatusReply> {
-    Json(match r {
+) -> StatusReply {
+    match r {
         Ok((overall, per)) => StatusReply {
             status: overall.name().into(),
             per_peer: per.iter().map(|c| c.name().to_string()).collect(),
@@ -358,39 +343,83 @@ fn status_reply(
             per_peer: Vec::new(),
             message: e.message,
         },
-    })
+    }
+}
+
+/// A failed reply naming what the other ranks said.
+fn rank_failure(mut reply: StatusReply, why: String) -> StatusReply {
+    if reply.status == LlmStatusCode::LlmSuccess.name() {
+        reply.status = LlmStatusCode::LlmLinkFailed.name().into();
+    }
+    reply.message = if reply.message.is_empty() {
+        why
+    } else {
+        format!("{}; {why}", reply.message)
+    };
+    reply
+}
+
+/// Links (or unlinks) every rank to the same rank of each peer.
+fn link_all_ranks(w: &PdWorker, req: &LinkRequest, unlink: bool) -> StatusReply {
+    // A forced unlink (of a dead peer) needs no ports.
+    for p in req.peers.iter().filter(|_| !unlink) {
+        if p.rank_ports.len() != w.ranks.len() {
+            return rank_failure(
+                status_reply(Ok((LlmStatusCode::LlmSuccess, Vec::new()))),
+                format!(
+                    "peer cluster {} has {} tensor-parallel ranks, this worker {}: KV moves shard to shard between equal degrees only",
+                    p.cluster_id,
+                    p.rank_ports.len() + 1,
+                    w.ranks.len() + 1
+                ),
+            );
+        }
+    }
+    let mut reply = status_reply(w.kv.link(&req.peers, unlink, req.force));
+    for r in &w.ranks {
+        let peers: Vec<Peer> = req
+            .peers
+            .iter()
+            .map(|p| Peer {
+                cluster_id: rank_cluster(p.cluster_id, r.rank),
+                host: p.host.clone(),
+                port: p.rank_ports.get(r.rank - 1).copied().unwrap_or(0),
+                rank_ports: Vec::new(),
+            })
+            .collect();
+        let cmd = if unlink {
+            RankCommand::Unlink {
+                peers,
+                force: req.force,
+            }
+        } else {
+            RankCommand::Link { peers }
+        };
+        if let Err(e) = r.call_ok(&cmd) {
+            reply = rank_failure(reply, e);
+        }
+    }
+    reply
 }
 
 async fn link(
     State(w): State<Arc<PdWorker>>,
     Json(req): Json<LinkRequest>,
 ) -> Result<Json<StatusReply>, (StatusCode, String)> {
-    let infos = cluster_infos(&req)?;
-    let r = tokio::task::spawn_blocking(move || {
-        w.datadist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .link_clusters(&infos, 5000)
-    })
-    .await
-    .map_err(internal)?;
-    Ok(status_reply(r))
+    let r = tokio::task::spawn_blocking(move || link_all_ranks(&w, &req, false))
+        .await
+        .map_err(internal)?;
+    Ok(Json(r))
 }
 
 async fn unlink(
     State(w): State<Arc<PdWorker>>,
     Json(req): Json<LinkRequest>,
 ) -> Result<Json<StatusReply>, (StatusCode, String)> {
-    let infos = cluster_infos(&req)?;
-    let r = tokio::task::spawn_blocking(move || {
-        w.datadist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .unlink_clusters(&infos, 5000, req.force)
-    })
-    .await
-    .map_err(internal)?;
-    Ok(status_reply(r))
+    let r = tokio::task::spawn_blocking(move || link_all_ranks(&w, &req, true))
+        .await
+        .map_err(internal)?;
+    Ok(Json(r))
 }
 
 async fn switch_role(
@@ -399,19 +428,25 @@ async fn switch_role(
 ) -> Result<Json<StatusReply>, (StatusCode, String)> {
     let role = LlmRole::parse(&req.role).map_err(bad)?;
     let r = tokio::task::spawn_blocking(move || {
-        let opts: Option<Options> = req.listen.as_ref().map(|l| {
-            [(llm_datadist::config::keys::LISTEN_IP_INFO, l.as_str())]
-                .into_iter()
-                .collect()
-        });
-        w.datadist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .switch_role(role, opts.as_ref())
+        let mine = w.kv.switch_role(role, req.listen.as_deref());
+        let mut reply = status_reply(mine.map(|()| (LlmStatusCode::LlmSuccess, Vec::new())));
+        // The other ranks listen on the same host, on ports of their own.
+        let listen_host = req
+            .listen
+            .as_deref()
+            .and_then(|l| l.rsplit_once(':').map(|(h, _)| h.to_string()));
+        for r in &w.ranks {
+            let cmd = RankCommand::SwitchRole {
+                role: req.role.clone(),
+                listen_host: listen_host.clone(),
+            };
+            if let Err(e) = r.call_ok(&cmd) {
+                reply = rank_failure(reply, e);
+            }
+        }
+        reply
     })
     .await
     .map_err(internal)?;
-    Ok(status_reply(
-        r.map(|()| (LlmStatusCode::LlmSuccess, Vec::new())),
-    ))
+    Ok(Json(r))
 }
