@@ -138,20 +138,19 @@ fn tensor_parallel_limits_are_refused_with_clear_messages() {
     let cores = std::thread::available_parallelism().unwrap().get();
     refused(
         smol,
-        &["--tensor-parallel", &(cores + 1).to_string()],
+        // Three ranks per replica (the model's 3 KV heads allow it), one replica per core.
+        &[
+            "--tensor-parallel",
+            "3",
+            "--replica-num",
+            &cores.to_string(),
+        ],
         "ranks, but this process may run on",
     );
     refused(
         smol,
-        &[
-            "--tensor-parallel",
-            "2",
-            "--prefill-workers",
-            "1",
-            "--decode-workers",
-            "1",
-        ],
-        "local replicas only",
+        &["--tensor-parallel", "2", "--etcd", "http://127.0.0.1:9"],
+        "not yet with --etcd",
     );
     if cores >= 4 {
         // Replicas of tensor-parallel engines, where the cores allow it.
