@@ -164,15 +164,7 @@ impl Worker {
             self.publish();
             if let Some(why) = self.broken.take() {
                 // Everything still queued fails the same way; the engine is gone.
-                let all: Vec<Sequence> = self
-                    .running
-                    .drain(..)
-                    .chain(self.waiting.drain(..))
-                    .collect();
-                self.publish();
-                for s in all {
-                    s.finish_with(FinishReason::Error(why.clone()));
-                }
+                self.finish_all(FinishReason::Error(why));
                 return;
             }
         }
@@ -261,6 +253,11 @@ impl Worker {
     }
 
     fn abort_all(&mut self) {
+        self.finish_all(FinishReason::Abort);
+    }
+
+    /// Ends every running and waiting sequence with `reason`.
+    fn finish_all(&mut self, reason: FinishReason) {
         let all: Vec<Sequence> = self
             .running
             .drain(..)
@@ -268,7 +265,7 @@ impl Worker {
             .collect();
         self.publish();
         for s in all {
-            s.finish_with(FinishReason::Abort);
+            s.finish_with(reason.clone());
         }
     }
 

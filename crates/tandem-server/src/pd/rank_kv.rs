@@ -248,9 +248,14 @@ impl RankKv {
     }
 }
 
+/// The longest command a rank accepts (a pull of a million blocks fits).
+const MAX_COMMAND_BYTES: u64 = 32 << 20;
+
 fn handle(kv: &RegisteredKv, conn: TcpStream) {
+    // A command is a few block ids per KV block of a prompt; anything longer is not one.
     let mut line = String::new();
-    let mut reader = BufReader::new(&conn);
+    let mut reader = BufReader::new(std::io::Read::take(&conn, MAX_COMMAND_BYTES));
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     if reader.read_line(&mut line).is_err() {
         return;
     }
