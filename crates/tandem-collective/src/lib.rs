@@ -1,10 +1,14 @@
 //! Collectives for tensor-parallel ranks: the few operations a sharded forward needs (a sum
 //! over ranks, a gather to rank 0, a broadcast from rank 0), with a fixed reduction order so
-//! every rank gets bit-identical results whatever the timing. Knows nothing of models.
+//! every rank gets bit-identical results whatever the timing: over shared memory between the
+//! processes of one host ([`ShmGroup`]), over TCP between hosts ([`TcpGroup`]). Knows nothing
+//! of models.
 
 mod shm;
+mod tcp;
 
 pub use shm::ShmGroup;
+pub use tcp::{TcpGroup, TcpRendezvous};
 
 /// Why a collective could not complete.
 #[derive(Debug, thiserror::Error)]
