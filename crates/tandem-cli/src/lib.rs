@@ -14,6 +14,7 @@ mod generate;
 mod pd_worker;
 pub mod serve;
 pub mod tensor_parallel;
+mod tp_hosts;
 
 use clap::{Parser, Subcommand};
 
@@ -39,8 +40,9 @@ enum Command {
     /// Internal: one prefill or decode worker of a disaggregated deployment.
     #[command(hide = true)]
     PdWorker(pd_worker::PdWorkerArgs),
-    /// Internal: one tensor-parallel rank (other than 0) of a `serve --tensor-parallel` engine.
-    #[command(hide = true)]
+    /// One tensor-parallel rank (1 or more) of a worker on another host (`serve --role R
+    /// --tensor-parallel N --tp-group G`), joined through etcd; serves every group its rank 0
+    /// forms until stopped.
     TpRank(tensor_parallel::TpRankArgs),
     /// Measure performance.
     #[command(subcommand)]

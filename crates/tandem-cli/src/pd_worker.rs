@@ -40,8 +40,21 @@ pub struct PdWorkerArgs {
     engine: EngineArgs,
 }
 
+/// Where a worker's tensor-parallel ranks 1.. run.
+enum Ranks<'a> {
+    /// On this host, as child processes.
+    Here,
+    /// On other hosts, joining through etcd (until the closure says to give up).
+    Hosts(
+        &'a crate::tp_hosts::GroupSite,
+        &'a dyn Fn() -> bool,
+        &'a tokio::runtime::Handle,
+    ),
+}
+
 /// Starts a worker's engine and llm-datadist instance; a prefill worker's llm-datadist
 /// listens on `host`.
+#[allow(clippy::too_many_arguments)]
 fn start_worker(
     path: &Path,
     role: PdRole,
@@ -50,13 +63,21 @@ fn start_worker(
     token: Option<&str>,
     engine: &EngineArgs,
     tp: usize,
+    ranks: Ranks,
 ) -> anyhow::Result<Arc<PdWorker>> {
     let listen = format!("{host}:0");
     let (role, listen) = match role {
         PdRole::Prefill => (LlmRole::Prompt, Some(listen.as_str())),
         PdRole::Decode | PdRole::Replica => (LlmRole::Decoder, None),
     };
-    let (engine, ranks) = if tp > 1 {
+    let (engine, ranks) = if let (true, Ranks::Hosts(site, give_up, rt)) = (tp > 1, ranks) {
+        let dd = crate::tensor_parallel::RankDatadist {
+            role,
+            cluster_id,
+            host: host.to_string(),
+        };
+        crate::tp_hosts::start_engine(path, tp, engine, site, Some(&dd), give_up, rt)?
+    } else if tp > 1 {
         // The deployment's workers share the cores, as single-rank workers do; a worker's
         // ranks split them.
         tandem_model::shard::check_world(&tandem_model::loader::read_config(path)?, tp)?;
@@ -96,6 +117,7 @@ pub fn run(a: PdWorkerArgs) -> anyhow::Result<()> {
         None,
         &a.engine,
         a.tensor_parallel,
+        Ranks::Here,
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -211,6 +233,10 @@ pub struct RemoteWorker<'a> {
     pub token: Option<String>,
     /// Engine flags.
     pub engine: &'a EngineArgs,
+    /// Ranks of its engine: 2 or more runs ranks 1.. on other hosts, in group `tp_group`.
+    pub tensor_parallel: usize,
+    /// The tensor-parallel group's name (what its ranks join with `tandem tp-rank`).
+    pub tp_group: Option<String>,
 }
 
 /// Whether `host` is a loopback address (or name).
@@ -223,8 +249,8 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 }
 
 /// A cluster id unlikely to collide with another worker's (ids are u64, chosen by each
-/// worker on its own).
-fn random_cluster_id() -> u64 {
+/// worker on its own); also a tensor-parallel group's epoch.
+pub(crate) fn random_cluster_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
@@ -239,7 +265,9 @@ fn random_cluster_id() -> u64 {
 }
 
 impl RemoteWorker<'_> {
-    /// Runs the worker, registered in etcd, until Ctrl-C or SIGTERM (then deregisters).
+    /// Runs the worker, registered in etcd, until Ctrl-C or SIGTERM (then deregisters). A
+    /// worker whose engine stops (a tensor-parallel rank died) deregisters, forms its group
+    /// again and registers again once its ranks are back.
     pub fn run(self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.token.is_some() || is_loopback(&self.host),
@@ -255,59 +283,132 @@ impl RemoteWorker<'_> {
             "listening on {} needs --advertise-host (the address others reach this worker at)",
             self.host
         );
+        let site = match (&self.tp_group, self.tensor_parallel > 1) {
+            (Some(group), true) => Some(crate::tp_hosts::GroupSite {
+                etcd: self.etcd.clone(),
+                deployment: self.deployment.clone(),
+                group: group.clone(),
+                host: self.host.clone(),
+                advertise_host: advertise.clone(),
+                token: self.token.clone().unwrap_or_default(),
+            }),
+            (None, true) => anyhow::bail!(
+                "--tensor-parallel {} with --role needs --tp-group NAME: ranks 1.. join it from their hosts with `tandem tp-rank --tp-group NAME --rank R`",
+                self.tensor_parallel
+            ),
+            _ => None,
+        };
         let cluster_id = self.cluster_id.unwrap_or_else(random_cluster_id);
-        let worker = start_worker(
-            self.model,
-            self.role,
-            cluster_id,
-            &self.host,
-            self.token.as_deref(),
-            self.engine,
-            1,
-        )?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind((self.host.as_str(), self.port))
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot listen on {}:{}: {e}", self.host, self.port)
-                })?;
-            let url = format!("http://{advertise}:{}", listener.local_addr()?.port());
-            let started_as = self.role;
-            let w = worker.clone();
-            let record_url = url.clone();
-            // The record follows the worker's role (the router may switch it).
-            let record = move || tandem_server::pd::discovery::WorkerRecord {
-                role: match (started_as, w.role()) {
-                    (PdRole::Replica, _) => PdRole::Replica,
-                    (_, "prompt") => PdRole::Prefill,
-                    _ => PdRole::Decode,
-                },
-                url: record_url.clone(),
-                cluster_id,
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        rt.spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopping = || *stop.borrow();
+        let mut formed_before = false;
+        loop {
+            let ranks = match &site {
+                Some(site) => Ranks::Hosts(site, &stopping, rt.handle()),
+                None => Ranks::Here,
             };
-            let registration = tandem_server::pd::discovery::Registration::start(
-                self.etcd.clone(),
-                &self.deployment,
-                record,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot register in etcd at {:?}: {e}", self.etcd))?;
-            tracing::info!(
-                url,
+            let started = start_worker(
+                self.model,
+                self.role,
                 cluster_id,
-                role = self.role.name(),
-                deployment = self.deployment,
-                "worker ready"
+                &self.host,
+                self.token.as_deref(),
+                self.engine,
+                self.tensor_parallel,
+                ranks,
             );
-            worker.clone().serve(listener, shutdown_signal()).await?;
-            registration.revoke().await;
-            tracing::info!(url, "worker stopped");
-            anyhow::Ok(())
-        })
+            if stopping() {
+                return Ok(());
+            }
+            let worker = match started {
+                Ok(w) => w,
+                // Forming the group again: a rank that is not back yet, or left while
+                // joining, is waited for; the first start's errors end the worker.
+                Err(e) if formed_before => {
+                    tracing::warn!("cannot form the tensor-parallel group again: {e:#}");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            formed_before = true;
+            let engine_stopped =
+                rt.block_on(self.serve(&worker, cluster_id, &advertise, stop.clone()))?;
+            drop(worker);
+            if !engine_stopped {
+                return Ok(());
+            }
+            tracing::warn!(
+                "the worker's engine stopped (a tensor-parallel rank is gone): forming the group again"
+            );
+        }
+    }
+
+    /// Serves `worker`, registered in etcd, until `stop` or until its engine stops (then
+    /// returns true).
+    async fn serve(
+        &self,
+        worker: &Arc<PdWorker>,
+        cluster_id: u64,
+        advertise: &str,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<bool> {
+        let listener = tokio::net::TcpListener::bind((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", self.host, self.port))?;
+        let url = format!("http://{advertise}:{}", listener.local_addr()?.port());
+        let started_as = self.role;
+        let w = worker.clone();
+        let record_url = url.clone();
+        // The record follows the worker's role (the router may switch it).
+        let record = move || tandem_server::pd::discovery::WorkerRecord {
+            role: match (started_as, w.role()) {
+                (PdRole::Replica, _) => PdRole::Replica,
+                (_, "prompt") => PdRole::Prefill,
+                _ => PdRole::Decode,
+            },
+            url: record_url.clone(),
+            cluster_id,
+        };
+        let registration = tandem_server::pd::discovery::Registration::start(
+            self.etcd.clone(),
+            &self.deployment,
+            record,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot register in etcd at {:?}: {e}", self.etcd))?;
+        tracing::info!(
+            url,
+            cluster_id,
+            role = self.role.name(),
+            deployment = self.deployment,
+            "worker ready"
+        );
+        let engine = worker.engine().clone();
+        let engine_stopped = Arc::new(AtomicBool::new(false));
+        let flag = engine_stopped.clone();
+        let shutdown = async move {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = async {
+                    while engine.is_running() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                } => flag.store(true, Ordering::SeqCst),
+            }
+        };
+        worker.clone().serve(listener, shutdown).await?;
+        registration.revoke().await;
+        tracing::info!(url, "worker stopped");
+        Ok(engine_stopped.load(Ordering::SeqCst))
     }
 }
 

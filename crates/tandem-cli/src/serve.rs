@@ -4,7 +4,9 @@
 //! or Ctrl-C stops the whole deployment.
 //!
 //! Across hosts: `--etcd` alone makes this process the router of the deployment's workers
-//! registered in etcd; `--role prefill|decode|replica --etcd ...` runs one such worker.
+//! registered in etcd; `--role prefill|decode|replica --etcd ...` runs one such worker (with
+//! `--tensor-parallel N --tp-group G`, its ranks 1.. are `tandem tp-rank` processes on other
+//! hosts).
 
 use std::sync::Arc;
 
@@ -75,6 +77,10 @@ pub struct ServeArgs {
     /// Worker only: its llm-datadist cluster id (default: random).
     #[arg(long)]
     cluster_id: Option<u64>,
+    /// Worker only, with --tensor-parallel above 1: the group's name; ranks 1.. run on other
+    /// hosts as `tandem tp-rank --etcd ... --tp-group NAME --rank R` and join through etcd.
+    #[arg(long)]
+    tp_group: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -105,10 +111,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             "--role needs --etcd (where the router finds workers)"
         );
         anyhow::ensure!(
-            a.tensor_parallel == 1,
-            "--tensor-parallel above 1 runs on this host's replicas or workers only (not yet with --role)"
-        );
-        anyhow::ensure!(
             a.prefill_workers == 0 && a.decode_workers == 0 && a.replica_num == 1,
             "--role runs one worker: --prefill-workers, --decode-workers and --replica-num are the router's"
         );
@@ -123,6 +125,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             cluster_id: a.cluster_id,
             token: a.auth_token.clone(),
             engine: &a.engine,
+            tensor_parallel: a.tensor_parallel,
+            tp_group: a.tp_group.clone(),
         }
         .run();
     }
@@ -135,7 +139,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let disaggregated = a.prefill_workers > 0 || a.decode_workers > 0;
     anyhow::ensure!(
         a.tensor_parallel == 1 || !discovered,
-        "--tensor-parallel above 1 runs on this host's replicas or workers only (not yet with --etcd)"
+        "a router (--etcd without --role) runs no engine: give --tensor-parallel to its workers (--role R --tp-group NAME)"
     );
     anyhow::ensure!(
         !(discovered && (disaggregated || a.replica_num > 1)),

@@ -11,34 +11,49 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tandem_collective::{Collective, CollectiveError, ShmGroup};
 use tandem_engine::Engine;
-use tandem_server::pd::rank_kv::{rank_cluster, RankControl, RankKv};
+use tandem_server::pd::rank_kv::{rank_cluster, RankControl, RankEndpoint, RankKv};
 
 use crate::engine_args::EngineArgs;
 
-/// Arguments of the hidden `tandem tp-rank` command.
+/// Arguments of `tandem tp-rank`.
 #[derive(Args, Debug)]
 pub struct TpRankArgs {
-    /// The group's shared-memory segment.
-    #[arg(long)]
-    group: PathBuf,
     /// This process's rank (1 or more).
     #[arg(long)]
-    rank: usize,
-    /// The model file or directory (the same as rank 0's).
+    pub(crate) rank: usize,
+    /// Model (as for `generate`; the same model as rank 0's).
     #[arg(long)]
-    model: PathBuf,
-    /// The cores this rank runs on.
-    #[arg(long, value_delimiter = ',')]
-    cores: Vec<usize>,
-    /// In a disaggregated deployment: the worker's llm-datadist role (`prompt` listens), under
-    /// which this rank registers its KV pool as its own cluster.
-    #[arg(long, value_parser = ["prompt", "decoder"])]
-    datadist_role: Option<String>,
-    /// The worker's llm-datadist cluster id (this rank's is derived from it).
-    #[arg(long, default_value_t = 0)]
-    cluster_id: u64,
-    /// Host a `prompt` rank's llm-datadist listens on.
+    pub(crate) model: Option<String>,
+    /// etcd endpoints (comma-separated) where rank 0 says where it waits for its ranks.
+    #[arg(long, env = "TANDEM_ETCD", value_delimiter = ',')]
+    pub(crate) etcd: Vec<String>,
+    /// The deployment rank 0's worker belongs to.
+    #[arg(long)]
+    pub(crate) deployment_name: Option<String>,
+    /// The group's name, as rank 0's worker was given it (`serve --role R --tp-group NAME`).
+    #[arg(long)]
+    pub(crate) tp_group: Option<String>,
+    /// This host's address: rank 0 and the other workers' ranks reach this rank there.
     #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) host: String,
+    /// The deployment's shared secret (required by rank 0 and on this rank's control socket).
+    #[arg(long, env = "TANDEM_AUTH_TOKEN", hide_env_values = true)]
+    pub(crate) auth_token: Option<String>,
+    /// Internal (ranks on rank 0's host): the group's shared-memory segment.
+    #[arg(long, hide = true)]
+    group: Option<PathBuf>,
+    /// Internal: the cores this rank runs on.
+    #[arg(long, value_delimiter = ',', hide = true)]
+    cores: Vec<usize>,
+    /// Internal: in a disaggregated deployment, the worker's llm-datadist role (`prompt`
+    /// listens), under which this rank registers its KV pool as its own cluster.
+    #[arg(long, value_parser = ["prompt", "decoder"], hide = true)]
+    datadist_role: Option<String>,
+    /// Internal: the worker's llm-datadist cluster id (this rank's is derived from it).
+    #[arg(long, default_value_t = 0, hide = true)]
+    cluster_id: u64,
+    /// Internal: the host a `prompt` rank's llm-datadist listens on.
+    #[arg(long, default_value = "127.0.0.1", hide = true)]
     datadist_host: String,
     #[command(flatten)]
     engine: EngineArgs,
@@ -50,25 +65,80 @@ const RANK_READY: &str = "TP-RANK-READY";
 
 /// Runs one rank other than 0 until rank 0 stops the group.
 pub fn run_rank(a: TpRankArgs) -> anyhow::Result<()> {
+    if a.etcd.is_empty() {
+        run_local_rank(a)
+    } else {
+        crate::tp_hosts::run_rank(a)
+    }
+}
+
+fn run_local_rank(a: TpRankArgs) -> anyhow::Result<()> {
+    let group = a
+        .group
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("tp-rank needs --etcd (a rank on another host)"))?;
+    let model = a
+        .model
+        .as_deref()
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("tp-rank needs --model"))?;
     if let Some(&c) = a.cores.first() {
         // Loading and packing threads start from this one: they keep to the rank's cores,
         // and so does the memory they touch first.
         tandem_kernels::pin_current_thread(c)?;
     }
-    let comm = Arc::new(ShmGroup::join(&a.group, a.rank)?);
+    let comm = Arc::new(ShmGroup::join(group, a.rank)?);
     let cfg = a.engine.config();
     let num_blocks = cfg
         .num_blocks
         .ok_or_else(|| anyhow::anyhow!("tp-rank needs --num-blocks (rank 0's pool size)"))?;
-    let mut model = tandem_model::load_shard(&a.model, comm)?
-        .model
-        .with_precision(cfg.precision);
-    if !a.cores.is_empty() {
-        model = model.with_cores(&a.cores)?;
+    let dd = match &a.datadist_role {
+        Some(role) => Some(ShardKv {
+            role: llm_datadist::LlmRole::parse(role)?,
+            cluster_id: a.cluster_id,
+            at: RankEndpoint {
+                host: a.datadist_host.clone(),
+                own_host: false,
+                control: None,
+                token: String::new(),
+            },
+        }),
+        None => None,
+    };
+    let model = tandem_model::load_shard(&model, comm)?.model;
+    follow(model, &cfg, num_blocks, &a.cores, dd, |port| {
+        println!("{RANK_READY} {port}");
+        std::io::stdout().flush()
+    })
+}
+
+/// How a rank registers its KV shard with llm-datadist (in a disaggregated deployment).
+pub(crate) struct ShardKv {
+    pub role: llm_datadist::LlmRole,
+    /// The worker's cluster id (the rank's is derived from it).
+    pub cluster_id: u64,
+    pub at: RankEndpoint,
+}
+
+/// Runs rank `model`'s forward passes on its KV pool of `num_blocks` until rank 0 ends the
+/// group; with `dd`, the pool is registered with llm-datadist first and `ready` is told the
+/// control port.
+pub(crate) fn follow(
+    model: tandem_model::LlamaModel,
+    cfg: &tandem_engine::EngineConfig,
+    num_blocks: usize,
+    cores: &[usize],
+    dd: Option<ShardKv>,
+    ready: impl FnOnce(u16) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let rank = model.rank().0;
+    let mut model = model.with_precision(cfg.precision);
+    if !cores.is_empty() {
+        model = model.with_cores(cores)?;
     }
     let mut kv = model.new_kv_cache(num_blocks, cfg.block_size, cfg.kv_dtype);
-    let agent = match &a.datadist_role {
-        Some(role) => {
+    let agent = match dd {
+        Some(dd) => {
             let regions: Vec<tandem_engine::KvRegion> = (0..kv.num_layers())
                 .flat_map(|l| {
                     let (k, v) = kv.layer_bytes_mut(l);
@@ -78,16 +148,13 @@ pub fn run_rank(a: TpRankArgs) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
-            let role = llm_datadist::LlmRole::parse(role)?;
-            let cluster = rank_cluster(a.cluster_id, a.rank);
+            let cluster = rank_cluster(dd.cluster_id, rank);
             // SAFETY: the pool outlives the agent (closed below, before `kv` goes); rank 0
             // moves only blocks held for a consumer or reserved for an import, which no
             // forward pass touches meanwhile.
-            let agent =
-                unsafe { RankKv::start(&regions, num_blocks, cluster, role, &a.datadist_host) }
-                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", a.rank))?;
-            println!("{RANK_READY} {}", agent.control_addr().port());
-            std::io::stdout().flush()?;
+            let agent = unsafe { RankKv::start(&regions, num_blocks, cluster, dd.role, dd.at) }
+                .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
+            ready(agent.control_addr().port())?;
             Some(agent)
         }
         None => None,
@@ -185,6 +252,14 @@ pub struct RankDatadist {
     pub host: String,
 }
 
+/// The name `LlmRole::parse` reads back.
+pub(crate) fn role_name(role: llm_datadist::LlmRole) -> &'static str {
+    match role {
+        llm_datadist::LlmRole::Prompt => "prompt",
+        _ => "decoder",
+    }
+}
+
 /// [`start_engine`] for a disaggregation worker: ranks 1.. register their pools with
 /// llm-datadist too; returns their control handles.
 pub fn start_engine_for_datadist(
@@ -193,10 +268,7 @@ pub fn start_engine_for_datadist(
     engine: &EngineArgs,
     dd: &RankDatadist,
 ) -> anyhow::Result<(Engine, Vec<RankControl>)> {
-    let role = match dd.role {
-        llm_datadist::LlmRole::Prompt => "prompt",
-        _ => "decoder",
-    };
+    let role = role_name(dd.role);
     let extra = vec![
         format!("--datadist-role={role}"),
         format!("--cluster-id={}", dd.cluster_id),
@@ -289,6 +361,7 @@ fn start(
         controls.push(RankControl {
             rank: i + 1,
             addr: ([127, 0, 0, 1], port).into(),
+            token: String::new(),
         });
     }
     tracing::info!(ranks = world, cores = ?cores, "tensor-parallel ranks loaded");

@@ -150,7 +150,20 @@ fn tensor_parallel_limits_are_refused_with_clear_messages() {
     refused(
         smol,
         &["--tensor-parallel", "2", "--etcd", "http://127.0.0.1:9"],
-        "not yet with --etcd",
+        "a router (--etcd without --role) runs no engine",
+    );
+    // A worker whose ranks are on other hosts names the group they join.
+    refused(
+        smol,
+        &[
+            "--tensor-parallel",
+            "2",
+            "--etcd",
+            "http://127.0.0.1:9",
+            "--role",
+            "replica",
+        ],
+        "needs --tp-group NAME",
     );
     if cores >= 4 {
         // Replicas of tensor-parallel engines, where the cores allow it.

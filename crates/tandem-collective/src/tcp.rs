@@ -127,11 +127,7 @@ impl TcpRendezvous {
     }
 
     /// Reads a joining rank's hello and answers it.
-    fn handshake(
-        &self,
-        mut stream: TcpStream,
-        taken: &[usize],
-    ) -> Result<(Link, Vec<u8>), String> {
+    fn handshake(&self, mut stream: TcpStream, taken: &[usize]) -> Result<(Link, Vec<u8>), String> {
         let io = |e: std::io::Error| e.to_string();
         stream.set_nonblocking(false).map_err(io)?;
         stream
@@ -180,7 +176,10 @@ fn read_blob(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     s.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len);
     if len > MAX_HELLO {
-        return Err(std::io::Error::new(ErrorKind::InvalidData, "hello too long"));
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            "hello too long",
+        ));
     }
     let mut b = vec![0u8; len as usize];
     s.read_exact(&mut b)?;
@@ -372,9 +371,7 @@ impl TcpGroup {
         }
         buf.clear();
         buf.resize(len as usize, 0);
-        link.stream
-            .read_exact(buf)
-            .map_err(|e| self.lost(link, e))
+        link.stream.read_exact(buf).map_err(|e| self.lost(link, e))
     }
 }
 

@@ -1,7 +1,8 @@
 //! Workers on other hosts, found through etcd: a worker registers itself under its
 //! deployment's prefix with a lease it keeps alive; the router watches the prefix, puts new
 //! workers into rotation and takes out those whose lease expired. etcd is the registry; this
-//! module only decides what goes in it and what the router does about it.
+//! module only decides what goes in it and what the router does about it. Tensor-parallel
+//! ranks on other hosts find their rank 0 the same way ([`TpGroupRecord`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -36,6 +37,37 @@ pub fn prefix(deployment: &str) -> String {
     format!("/tandem/deployments/{deployment}/workers/")
 }
 
+/// Where rank 0 of a tensor-parallel group waits for its other ranks (the group's record,
+/// there while the group is being formed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpGroupRecord {
+    /// `host:port` the ranks connect to.
+    pub addr: String,
+    /// Ranks in the group.
+    pub world: usize,
+    /// Differs at each forming of the group (a rank joins each forming once).
+    pub epoch: u64,
+}
+
+/// The key of tensor-parallel group `group`'s record in `deployment`.
+pub fn tp_group_key(deployment: &str, group: &str) -> String {
+    format!("/tandem/deployments/{deployment}/tp-groups/{group}")
+}
+
+/// Reads tensor-parallel group `group`'s record, if rank 0 is waiting for ranks.
+pub async fn find_tp_group(
+    endpoints: &[String],
+    deployment: &str,
+    group: &str,
+) -> Result<Option<TpGroupRecord>, etcd_client::Error> {
+    let mut client = connect(endpoints).await?;
+    let resp = client.get(tp_group_key(deployment, group), None).await?;
+    Ok(resp
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+}
+
 async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
@@ -61,15 +93,22 @@ impl Registration {
         record: impl Fn() -> WorkerRecord + Send + Sync + 'static,
     ) -> Result<Self, etcd_client::Error> {
         let key = format!("{}{}", prefix(deployment), record().cluster_id);
+        Self::start_at(endpoints, key, record).await
+    }
+
+    /// Keeps `record()` under `key` (any record: a worker's, a tensor-parallel group's).
+    pub async fn start_at<R>(
+        endpoints: Vec<String>,
+        key: String,
+        record: impl Fn() -> R + Send + Sync + 'static,
+    ) -> Result<Self, etcd_client::Error>
+    where
+        R: Serialize + PartialEq + Send + Sync + 'static,
+    {
         let mut client = connect(&endpoints).await?;
         let first = record();
         let lease = put_with_lease(&mut client, &key, &first).await?;
-        tracing::info!(
-            key,
-            url = first.url,
-            role = first.role.name(),
-            "registered in etcd"
-        );
+        tracing::info!(key, record = json(&first), "registered in etcd");
         let lease_id = Arc::new(std::sync::atomic::AtomicI64::new(lease));
         let task = tokio::spawn(keep_alive(
             endpoints.clone(),
@@ -108,13 +147,17 @@ impl Drop for Registration {
     }
 }
 
+fn json(record: &impl Serialize) -> String {
+    serde_json::to_string(record).unwrap_or_default()
+}
+
 async fn put_with_lease(
     client: &mut Client,
     key: &str,
-    record: &WorkerRecord,
+    record: &impl Serialize,
 ) -> Result<i64, etcd_client::Error> {
     let lease = client.lease_grant(LEASE_TTL_S, None).await?.id();
-    let value = serde_json::to_string(record).unwrap_or_default();
+    let value = json(record);
     client
         .put(key, value, Some(PutOptions::new().with_lease(lease)))
         .await?;
@@ -123,13 +166,13 @@ async fn put_with_lease(
 
 /// Refreshes the lease every third of its TTL; registers again (new lease) when it expired or
 /// etcd was lost, and re-writes the record when it changed.
-async fn keep_alive(
+async fn keep_alive<R: Serialize + PartialEq>(
     endpoints: Vec<String>,
     key: String,
     mut client: Client,
     mut lease: i64,
-    mut last: WorkerRecord,
-    record: impl Fn() -> WorkerRecord,
+    mut last: R,
+    record: impl Fn() -> R,
     lease_id: Arc<std::sync::atomic::AtomicI64>,
 ) {
     let period = Duration::from_millis(LEASE_TTL_S as u64 * 1000 / 3);
@@ -144,15 +187,15 @@ async fn keep_alive(
                 }
                 let now = record();
                 if now != last {
-                    let value = serde_json::to_string(&now).unwrap_or_default();
+                    let value = json(&now);
                     client
                         .put(
                             key.as_str(),
-                            value,
+                            value.clone(),
                             Some(PutOptions::new().with_lease(lease)),
                         )
                         .await?;
-                    tracing::info!(key, role = now.role.name(), "registration updated");
+                    tracing::info!(key, record = value, "registration updated");
                     last = now;
                 }
                 tokio::time::sleep(period).await;

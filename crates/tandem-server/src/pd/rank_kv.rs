@@ -2,8 +2,10 @@
 //! KV pool (its KV heads only) is registered with llm-datadist as a cluster of its own
 //! ([`rank_cluster`]), so a prefill worker's rank `r` hands its shard straight to a decode
 //! worker's rank `r`. Rank 0 is the worker itself; ranks 1.. are `tp-rank` processes, each
-//! running a [`RankKv`] that rank 0 drives over a loopback control socket (one JSON command
-//! per connection): link, unlink, pull, switch role, info.
+//! running a [`RankKv`] that rank 0 drives over a control socket (one JSON command per
+//! connection): link, unlink, pull, switch role, info. The socket is on loopback for ranks of
+//! rank 0's host; a rank on a host of its own listens on that host's address and requires the
+//! deployment's token with every command.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -167,6 +169,15 @@ pub enum RankCommand {
     Info,
 }
 
+/// A command as sent: with the token a rank on another host requires.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct RankRequest {
+    #[serde(default)]
+    token: String,
+    #[serde(flatten)]
+    cmd: RankCommand,
+}
+
 /// A rank's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RankReply {
@@ -178,32 +189,54 @@ pub struct RankReply {
     /// llm-datadist listen port, when listening.
     #[serde(default)]
     pub datadist_port: Option<u16>,
+    /// The host it listens on, for a rank on a host of its own (others listen on rank 0's).
+    #[serde(default)]
+    pub datadist_host: Option<String>,
 }
 
-fn reply_of<T>(kv: &RegisteredKv, r: Result<T, LlmException>) -> RankReply {
-    match r {
-        Ok(_) => RankReply {
-            status: LlmStatusCode::LlmSuccess.name().into(),
-            message: String::new(),
-            datadist_port: kv.listen_port(),
-        },
-        Err(e) => RankReply {
-            status: e.status_code.name().into(),
-            message: e.message,
-            datadist_port: kv.listen_port(),
-        },
+/// Where a rank's KV agent listens, and who may drive it.
+pub struct RankEndpoint {
+    /// The host its llm-datadist listens on as `prompt`.
+    pub host: String,
+    /// Whether the rank is on a host of its own: it listens on `host` whatever rank 0 asks
+    /// for, and names it in its answers.
+    pub own_host: bool,
+    /// The control socket (None: a fresh one on loopback).
+    pub control: Option<TcpListener>,
+    /// The token every command must carry (empty: none, for a loopback socket).
+    pub token: String,
+}
+
+struct Agent {
+    kv: RegisteredKv,
+    host: Option<String>,
+    token: String,
+}
+
+impl Agent {
+    fn reply<T>(&self, r: Result<T, LlmException>) -> RankReply {
+        let (status, message) = match r {
+            Ok(_) => (LlmStatusCode::LlmSuccess.name().into(), String::new()),
+            Err(e) => (e.status_code.name().into(), e.message),
+        };
+        RankReply {
+            status,
+            message,
+            datadist_port: self.kv.listen_port(),
+            datadist_host: self.host.clone(),
+        }
     }
 }
 
-/// A rank's registered KV, driven by rank 0 over a loopback control socket.
+/// A rank's registered KV, driven by rank 0 over a control socket.
 pub struct RankKv {
-    kv: Arc<RegisteredKv>,
+    agent: Arc<Agent>,
     control: SocketAddr,
 }
 
 impl RankKv {
     /// Registers this rank's KV pool as `cluster_id` with `role` (a `prompt` rank listens on
-    /// `listen_host`) and serves commands on a loopback port ([`control_addr`](Self::control_addr)).
+    /// `at.host`) and serves commands on `at.control` ([`control_addr`](Self::control_addr)).
     ///
     /// # Safety
     /// As [`RegisteredKv::open`].
@@ -212,29 +245,40 @@ impl RankKv {
         num_blocks: usize,
         cluster_id: u64,
         role: LlmRole,
-        listen_host: &str,
+        at: RankEndpoint,
     ) -> Result<RankKv, String> {
-        let listen = format!("{listen_host}:0");
+        let listen = format!("{}:0", at.host);
         let listen = (role == LlmRole::Prompt).then_some(listen.as_str());
         // SAFETY: the caller's contract.
         let kv = unsafe { RegisteredKv::open(regions, num_blocks, cluster_id, role, listen, None) }
             .map_err(|e| format!("llm-datadist: {e}"))?;
-        let kv = Arc::new(kv);
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let listener = match at.control {
+            Some(l) => l,
+            None => TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?,
+        };
         let control = listener.local_addr().map_err(|e| e.to_string())?;
-        let served = kv.clone();
+        let agent = Arc::new(Agent {
+            kv,
+            host: at.own_host.then_some(at.host),
+            token: at.token,
+        });
+        // The accept loop holds the agent weakly: closing drops it (finalizing llm-datadist,
+        // so that a rank serving its next group can start another) and ends the loop.
+        let served = Arc::downgrade(&agent);
         std::thread::Builder::new()
             .name("tandem-rank-kv".into())
             .spawn(move || {
                 for conn in listener.incoming().flatten() {
-                    let kv = served.clone();
+                    let Some(agent) = served.upgrade() else {
+                        return;
+                    };
                     let _ = std::thread::Builder::new()
                         .name("tandem-rank-kv-cmd".into())
-                        .spawn(move || handle(&kv, conn));
+                        .spawn(move || handle(&agent, conn));
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(RankKv { kv, control })
+        Ok(RankKv { agent, control })
     }
 
     /// Where rank 0 sends commands.
@@ -242,16 +286,34 @@ impl RankKv {
         self.control
     }
 
-    /// Unregisters the pool and finalizes llm-datadist (before the pool's memory goes).
+    /// Unregisters the pool and finalizes llm-datadist (before the pool's memory goes), and
+    /// stops serving commands.
     pub fn close(self) {
-        drop(self.kv);
+        // Commands in flight finish first (a pull writes into the pool); new ones are not
+        // taken once the loop finds the agent gone.
+        let mut agent = self.agent;
+        loop {
+            match Arc::try_unwrap(agent) {
+                Ok(a) => {
+                    drop(a);
+                    break;
+                }
+                Err(shared) => {
+                    agent = shared;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        // Wakes the accept loop, which finds the agent gone.
+        let _ = TcpStream::connect_timeout(&self.control, Duration::from_secs(1));
     }
 }
 
 /// The longest command a rank accepts (a pull of a million blocks fits).
 const MAX_COMMAND_BYTES: u64 = 32 << 20;
 
-fn handle(kv: &RegisteredKv, conn: TcpStream) {
+fn handle(agent: &Agent, conn: TcpStream) {
+    let kv = &agent.kv;
     // A command is a few block ids per KV block of a prompt; anything longer is not one.
     let mut line = String::new();
     let mut reader = BufReader::new(std::io::Read::take(&conn, MAX_COMMAND_BYTES));
@@ -259,23 +321,33 @@ fn handle(kv: &RegisteredKv, conn: TcpStream) {
     if reader.read_line(&mut line).is_err() {
         return;
     }
-    let reply = match serde_json::from_str::<RankCommand>(&line) {
-        Err(e) => RankReply {
-            status: LlmStatusCode::LlmParamInvalid.name().into(),
-            message: format!("bad command: {e}"),
-            datadist_port: None,
+    let refused = |status: LlmStatusCode, message: String| RankReply {
+        status: status.name().into(),
+        message,
+        datadist_port: None,
+        datadist_host: None,
+    };
+    let reply = match serde_json::from_str::<RankRequest>(&line) {
+        Err(e) => refused(LlmStatusCode::LlmParamInvalid, format!("bad command: {e}")),
+        Ok(req) if req.token != agent.token => refused(
+            LlmStatusCode::LlmParamInvalid,
+            "refused a command without the deployment's token".into(),
+        ),
+        Ok(req) => match req.cmd {
+            RankCommand::Link { peers } => agent.reply(kv.link(&peers, false, false)),
+            RankCommand::Unlink { peers, force } => agent.reply(kv.link(&peers, true, force)),
+            RankCommand::Pull { cluster, src, dst } => agent.reply(kv.pull(cluster, &src, &dst)),
+            RankCommand::SwitchRole { role, listen_host } => {
+                // A rank on a host of its own listens there, not on rank 0's.
+                let host = listen_host.map(|h| agent.host.clone().unwrap_or(h));
+                let r = LlmRole::parse(&role).and_then(|role| {
+                    let listen = host.map(|h| format!("{h}:0"));
+                    kv.switch_role(role, listen.as_deref())
+                });
+                agent.reply(r)
+            }
+            RankCommand::Info => agent.reply(Ok(())),
         },
-        Ok(RankCommand::Link { peers }) => reply_of(kv, kv.link(&peers, false, false)),
-        Ok(RankCommand::Unlink { peers, force }) => reply_of(kv, kv.link(&peers, true, force)),
-        Ok(RankCommand::Pull { cluster, src, dst }) => reply_of(kv, kv.pull(cluster, &src, &dst)),
-        Ok(RankCommand::SwitchRole { role, listen_host }) => {
-            let r = LlmRole::parse(&role).and_then(|role| {
-                let listen = listen_host.map(|h| format!("{h}:0"));
-                kv.switch_role(role, listen.as_deref())
-            });
-            reply_of(kv, r)
-        }
-        Ok(RankCommand::Info) => reply_of(kv, Ok(())),
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');
@@ -289,6 +361,8 @@ pub struct RankControl {
     pub rank: usize,
     /// Its control address.
     pub addr: SocketAddr,
+    /// The token its commands carry (empty for a rank on rank 0's host).
+    pub token: String,
 }
 
 impl RankControl {
@@ -298,7 +372,11 @@ impl RankControl {
         let conn = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).map_err(fail)?;
         conn.set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(fail)?;
-        let mut msg = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
+        let req = RankRequest {
+            token: self.token.clone(),
+            cmd: cmd.clone(),
+        };
+        let mut msg = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         msg.push(b'\n');
         (&conn).write_all(&msg).map_err(fail)?;
         let mut line = String::new();

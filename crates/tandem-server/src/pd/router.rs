@@ -308,11 +308,22 @@ impl PdRouter {
             .iter()
             .map(|p| p.ok_or_else(not_listening))
             .collect::<Result<_, _>>()?;
+        let host = ipv4_of(&w.url)?;
+        // Ranks on hosts of their own are named; the others listen on the worker's.
+        let rank_hosts = if info.rank_hosts.iter().any(Option::is_some) {
+            info.rank_hosts
+                .iter()
+                .map(|h| h.clone().unwrap_or_else(|| host.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Peer {
             cluster_id: w.cluster_id,
-            host: ipv4_of(&w.url)?,
+            host,
             port,
             rank_ports,
+            rank_hosts,
         })
     }
 
@@ -417,6 +428,7 @@ impl PdRouter {
                 host: "127.0.0.1".into(),
                 port: 0,
                 rank_ports: Vec::new(),
+                rank_hosts: Vec::new(),
             };
             self.rt.spawn(async move {
                 for d in decode {

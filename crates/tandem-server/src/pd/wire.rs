@@ -85,6 +85,9 @@ pub struct WorkerInfo {
     /// With a tensor-parallel engine: ranks 1..'s llm-datadist listen ports, in rank order.
     #[serde(default)]
     pub rank_ports: Vec<Option<u16>>,
+    /// With ranks on hosts of their own: each one's host (None: the worker's), in rank order.
+    #[serde(default)]
+    pub rank_hosts: Vec<Option<String>>,
 }
 
 /// A peer to link to or unlink from.
@@ -100,6 +103,9 @@ pub struct Peer {
     /// [`rank_cluster`](super::rank_kv::rank_cluster)`(cluster_id, r)`).
     #[serde(default)]
     pub rank_ports: Vec<u16>,
+    /// Ranks 1..'s llm-datadist hosts where they are not `host` (empty: all on `host`).
+    #[serde(default)]
+    pub rank_hosts: Vec<String>,
 }
 
 /// `POST /pd/link` and `/pd/unlink`.

@@ -100,19 +100,19 @@ impl PdWorker {
     }
 
     fn info(&self) -> WorkerInfo {
-        // The other ranks' listen ports (None for a rank that does not answer).
-        let rank_ports = self
+        // The other ranks' listen ports (None for a rank that does not answer) and hosts.
+        let (rank_ports, rank_hosts) = self
             .ranks
             .iter()
-            .map(|r| {
-                r.call(&RankCommand::Info)
-                    .ok()
-                    .and_then(|i| i.datadist_port)
+            .map(|r| match r.call(&RankCommand::Info) {
+                Ok(i) => (i.datadist_port, i.datadist_host),
+                Err(_) => (None, None),
             })
-            .collect();
+            .unzip();
         let dd = self.dd();
         WorkerInfo {
             rank_ports,
+            rank_hosts,
             cluster_id: self.cluster_id,
             role: role_name(dd.role()).into(),
             datadist_port: dd.listen_addr().map(|a| a.port()),
@@ -382,9 +382,10 @@ fn link_all_ranks(w: &PdWorker, req: &LinkRequest, unlink: bool) -> StatusReply 
             .iter()
             .map(|p| Peer {
                 cluster_id: rank_cluster(p.cluster_id, r.rank),
-                host: p.host.clone(),
+                host: p.rank_hosts.get(r.rank - 1).unwrap_or(&p.host).clone(),
                 port: p.rank_ports.get(r.rank - 1).copied().unwrap_or(0),
                 rank_ports: Vec::new(),
+                rank_hosts: Vec::new(),
             })
             .collect();
         let cmd = if unlink {
@@ -430,7 +431,7 @@ async fn switch_role(
     let r = tokio::task::spawn_blocking(move || {
         let mine = w.kv.switch_role(role, req.listen.as_deref());
         let mut reply = status_reply(mine.map(|()| (LlmStatusCode::LlmSuccess, Vec::new())));
-        // The other ranks listen on the same host, on ports of their own.
+        // The other ranks listen on the same host (or their own), on ports of their own.
         let listen_host = req
             .listen
             .as_deref()
