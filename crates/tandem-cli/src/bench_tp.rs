@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tandem_collective::{Collective, ShmGroup};
+use tandem_collective::{Collective, ShmGroup, TcpGroup, TcpRendezvous};
 use tandem_engine::{Engine, GenerateParams};
 
 use crate::engine_args::EngineArgs;
@@ -39,11 +39,56 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// How the ranks of the all-reduce measurement are joined.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// One host's shared-memory group.
+    Shm,
+    /// The group ranks on other hosts use, here over loopback TCP.
+    Tcp,
+}
+
+/// A group of `world` ranks joined over `t`, rank 0 first.
+fn groups(t: Transport, world: usize, n: usize) -> anyhow::Result<Vec<Box<dyn Collective>>> {
+    let mut out: Vec<Box<dyn Collective>> = Vec::with_capacity(world);
+    match t {
+        Transport::Shm => {
+            let root = ShmGroup::create(world, (n * 4).max(1 << 16))?;
+            for r in 1..world {
+                out.push(Box::new(ShmGroup::join(root.path(), r)?));
+            }
+            root.unlink();
+            out.insert(0, Box::new(root));
+        }
+        Transport::Tcp => {
+            let rv = TcpRendezvous::bind("127.0.0.1:0", world, "bench")?;
+            let addr = rv.local_addr()?;
+            let joining: Vec<_> = (1..world)
+                .map(|r| {
+                    std::thread::spawn(move || TcpGroup::connect(addr, r, world, "bench", b""))
+                })
+                .collect();
+            out.push(Box::new(rv.accept(&|| false)?));
+            for j in joining {
+                let g = j
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a joining rank panicked"))??;
+                out.push(Box::new(g));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Seconds per all-reduce of `n` floats over `world` ranks (threads joined to one group, each
 /// pinned to its core), median of `repeats` timed runs of `iters`.
-fn all_reduce_secs(world: usize, cores: &[usize], n: usize, iters: usize) -> anyhow::Result<f64> {
-    let root = ShmGroup::create(world, (n * 4).max(1 << 16))?;
-    let path = root.path().to_path_buf();
+fn all_reduce_secs(
+    t: Transport,
+    world: usize,
+    cores: &[usize],
+    n: usize,
+    iters: usize,
+) -> anyhow::Result<f64> {
     let run = move |g: &dyn Collective, core: usize| -> f64 {
         let _ = tandem_kernels::pin_current_thread(core);
         let mut x = vec![1.0f32; n];
@@ -58,22 +103,21 @@ fn all_reduce_secs(world: usize, cores: &[usize], n: usize, iters: usize) -> any
         }
         median(times)
     };
+    let mut groups = groups(t, world, n)?;
+    let root = groups.remove(0);
     let run = Arc::new(run);
-    let others: Vec<_> = (1..world)
-        .map(|r| {
-            let (run, path, core) = (run.clone(), path.clone(), cores[r % cores.len()]);
-            std::thread::spawn(move || {
-                let g = ShmGroup::join(&path, r).expect("join");
-                run(&g, core)
-            })
+    let others: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            let (run, core) = (run.clone(), cores[g.rank() % cores.len()]);
+            std::thread::spawn(move || run(g.as_ref(), core))
         })
         .collect();
-    let t = run(&root, cores[0]);
+    let t = run(root.as_ref(), cores[0]);
     for o in others {
         o.join()
             .map_err(|_| anyhow::anyhow!("an all-reduce rank panicked"))?;
     }
-    root.unlink();
     Ok(t)
 }
 
@@ -177,26 +221,31 @@ pub fn run(a: TpBenchArgs) -> anyhow::Result<()> {
         "model {} (hidden {d}), {tp} ranks on cores {cores:?}",
         path.display()
     );
-    println!("\nall-reduce of the hidden states ({tp} ranks, shared memory) vs memcpy of the same bytes:");
     println!(
-        "| batch | bytes | all-reduce (us) | all-reduce GB/s | memcpy (us) | memcpy GB/s | ratio |"
+        "\nall-reduce of the hidden states ({tp} ranks; shared memory as on one host, TCP as between hosts, here over loopback) vs memcpy of the same bytes:"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| transport | batch | bytes | all-reduce (us) | all-reduce GB/s | memcpy (us) | memcpy GB/s | ratio |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let firsts: Vec<usize> = cores.iter().map(|c| c[0]).collect();
-    for (batch, iters) in [(1, 20_000), (64, 500)] {
-        let n = batch * d;
-        let ar = all_reduce_secs(tp, &firsts, n, iters)?;
-        let mc = memcpy_secs(n, iters);
-        let bytes = (n * 4) as f64;
-        println!(
-            "| {batch} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1}x |",
-            n * 4,
-            ar * 1e6,
-            bytes / ar / 1e9,
-            mc * 1e6,
-            bytes / mc / 1e9,
-            ar / mc
-        );
+    for (name, t, scale) in [("shm", Transport::Shm, 1), ("tcp", Transport::Tcp, 10)] {
+        for (batch, iters) in [(1, 20_000), (64, 500)] {
+            let n = batch * d;
+            let iters = iters / scale;
+            let ar = all_reduce_secs(t, tp, &firsts, n, iters)?;
+            let mc = memcpy_secs(n, iters);
+            let bytes = (n * 4) as f64;
+            println!(
+                "| {name} | {batch} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1}x |",
+                n * 4,
+                ar * 1e6,
+                bytes / ar / 1e9,
+                mc * 1e6,
+                bytes / mc / 1e9,
+                ar / mc
+            );
+        }
     }
     let mut args = a.engine.clone();
     args.max_batch_tokens = args.max_batch_tokens.max(a.prompt_tokens);
