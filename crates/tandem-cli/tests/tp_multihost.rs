@@ -4,7 +4,8 @@
 //! path), KV handed over rank to rank across hosts; a rank with the wrong token refused; a
 //! decode rank killed mid-generation ends the stream with an error (no hang), its worker
 //! leaves the deployment, and comes back with the same outputs once the rank is started
-//! again; a rank whose rank 0 dies waits for the next group instead of exiting.
+//! again; a rank whose rank 0 dies waits for the next group instead of exiting; two replica
+//! workers of two ranks each share the traffic (replicas x tensor parallelism).
 //!
 //! Needs root (network namespaces) and etcd, as the multi-host PD test does.
 
@@ -76,14 +77,14 @@ fn ranks_on_other_hosts_join_through_etcd_and_recover_from_a_dead_rank() {
     net.run(3, "router", &cmd);
     let router = format!("{router_addr}:28080");
     // Rank 0 of each worker: the worker; rank 1: `tandem tp-rank` on the next host.
-    let worker = |net: &mut Net, n: u8, role: &str, group: &str| {
+    let worker = |net: &mut Net, n: u8, role: &str, group: &str, name: &str| {
         let host = net.host(n);
         let mut cmd = vec![tandem, "serve", "--model", model];
         cmd.extend(deployment);
         cmd.extend(engine);
         cmd.extend(["--role", role, "--host", &host, "--auth-token", TOKEN]);
         cmd.extend(["--tensor-parallel", "2", "--tp-group", group]);
-        net.run(n, &format!("{role}-rank0"), &cmd)
+        net.run(n, name, &cmd)
     };
     let rank = |net: &mut Net, n: u8, name: &str, group: &str, token: &str| {
         let host = format!("{}.{n}", net.subnet);
@@ -92,10 +93,10 @@ fn ranks_on_other_hosts_join_through_etcd_and_recover_from_a_dead_rank() {
         cmd.extend(["--tp-group", group, "--host", &host, "--auth-token", token]);
         net.run(n, name, &cmd)
     };
-    let prefill_worker = worker(&mut net, 4, "prefill", "prefill-group");
+    let prefill_worker = worker(&mut net, 4, "prefill", "prefill-group", "prefill-rank0");
     net.host(5);
     let prefill_rank = rank(&mut net, 5, "prefill-rank1", "prefill-group", TOKEN);
-    worker(&mut net, 6, "decode", "decode-group");
+    let decode_worker = worker(&mut net, 6, "decode", "decode-group", "decode-rank0");
     net.host(7);
     // A rank with the wrong token is refused; its worker keeps waiting.
     let intruder = rank(&mut net, 7, "intruder", "decode-group", "not-the-token");
@@ -120,8 +121,12 @@ fn ranks_on_other_hosts_join_through_etcd_and_recover_from_a_dead_rank() {
         serde_json::json!([format!("{}.5", net.subnet)]),
         "{prefill}"
     );
-    let decode = worker_on(&router, &net, 6).unwrap();
-    assert_eq!(stat(&decode, "blocks_held"), 0, "{decode}");
+    // Every rank's KV was handed over: nothing stays held for a consumer.
+    wait_for(&net, 10, "KV blocks stayed held", || {
+        [4, 6]
+            .iter()
+            .all(|&n| worker_on(&router, &net, n).is_some_and(|w| stat(&w, "blocks_held") == 0))
+    });
 
     // Decode rank 1 killed mid-generation: the stream ends with an error, soon.
     let addr = router.clone();
@@ -176,4 +181,35 @@ fn ranks_on_other_hosts_join_through_etcd_and_recover_from_a_dead_rank() {
         },
     );
     assert!(net.alive(prefill_rank), "{}", net.log("prefill-rank1"));
+
+    // Replicas of tensor-parallel engines (MII's replica_num x tensor_parallel, across hosts):
+    // two replica workers of two ranks each carry the traffic once the decode worker is gone.
+    for (n, name) in [(8, "replica-a"), (10, "replica-b")] {
+        let group = format!("{name}-group");
+        worker(&mut net, n, "replica", &group, &format!("{name}-rank0"));
+        net.host(n + 1);
+        rank(&mut net, n + 1, &format!("{name}-rank1"), &group, TOKEN);
+    }
+    wait_for(&net, 60, "the replicas never joined", || {
+        up(&health(&router), "replica") == 2
+    });
+    net.kill9(decode_worker);
+    wait_for(&net, 30, "the decode worker never left", || {
+        up(&health(&router), "decode") == 0
+    });
+    let served: Vec<_> = prompts
+        .iter()
+        .chain(&prompts)
+        .map(|p| {
+            let (addr, p) = (router.clone(), p.clone());
+            std::thread::spawn(move || complete_at(&addr, &p))
+        })
+        .collect();
+    for (got, want) in served.into_iter().zip(expected.iter().chain(&expected)) {
+        assert_eq!(&got.join().unwrap().unwrap(), want);
+    }
+    for n in [8, 10] {
+        let r = worker_on(&router, &net, n).unwrap();
+        assert!(stat(&r, "tokens_computed") > 0, "{r}");
+    }
 }
