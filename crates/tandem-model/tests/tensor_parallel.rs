@@ -1,5 +1,6 @@
 //! Tensor parallelism on real models: ranks (threads here, each with its own shard, KV pool
-//! and compute thread, joined through a shared-memory group) against the whole model. The
+//! and compute thread, joined through a shared-memory group, or a TCP one as between hosts)
+//! against the whole model. The
 //! float path's logits agree within 1e-4 at every prefill and decode position; the fast
 //! path's greedy tokens agree, or diverge only where the whole model's top-1/top-2 margin is
 //! a near-tie.
@@ -7,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tandem_collective::{Collective, ShmGroup};
+use tandem_collective::{Collective, ShmGroup, TcpGroup, TcpRendezvous};
 use tandem_model::*;
 
 fn model_path(name: &str) -> PathBuf {
@@ -40,15 +41,44 @@ struct Group {
     followers: Vec<std::thread::JoinHandle<Result<(), ModelError>>>,
 }
 
+/// Every rank's end of one group: shared memory (one host) or TCP (between hosts).
+fn comms(world: usize, tcp: bool) -> Vec<Arc<dyn Collective>> {
+    if !tcp {
+        let root = ShmGroup::create(world, 1 << 16).unwrap();
+        let mut out: Vec<Arc<dyn Collective>> = (1..world)
+            .map(|r| Arc::new(ShmGroup::join(root.path(), r).unwrap()) as Arc<dyn Collective>)
+            .collect();
+        root.unlink();
+        out.insert(0, Arc::new(root));
+        return out;
+    }
+    let rv = TcpRendezvous::bind("127.0.0.1:0", world, "t").unwrap();
+    let addr = rv.local_addr().unwrap();
+    let joining: Vec<_> = (1..world)
+        .map(|r| std::thread::spawn(move || TcpGroup::connect(addr, r, world, "t", b"").unwrap()))
+        .collect();
+    let mut out: Vec<Arc<dyn Collective>> = vec![Arc::new(rv.accept(&|| false).unwrap())];
+    out.extend(
+        joining
+            .into_iter()
+            .map(|j| Arc::new(j.join().unwrap()) as Arc<dyn Collective>),
+    );
+    out
+}
+
 impl Group {
     fn start(path: &Path, world: usize, precision: Precision) -> Group {
-        let root = ShmGroup::create(world, 1 << 16).unwrap();
-        let seg = root.path().to_path_buf();
-        let followers = (1..world)
-            .map(|r| {
-                let (path, seg) = (path.to_path_buf(), seg.clone());
+        Group::start_over(path, world, precision, false)
+    }
+
+    fn start_over(path: &Path, world: usize, precision: Precision, tcp: bool) -> Group {
+        let mut comms = comms(world, tcp);
+        let root = comms.remove(0);
+        let followers = comms
+            .into_iter()
+            .map(|comm| {
+                let path = path.to_path_buf();
                 std::thread::spawn(move || {
-                    let comm: Arc<dyn Collective> = Arc::new(ShmGroup::join(&seg, r).unwrap());
                     let m = load_shard(&path, comm).unwrap().model;
                     let m = m.with_precision(precision).with_threads(1).unwrap();
                     let mut kv = m.new_kv_cache(64, 16, KvDType::F32);
@@ -56,7 +86,7 @@ impl Group {
                 })
             })
             .collect();
-        let rank0 = load_shard(path, Arc::new(root)).unwrap().model;
+        let rank0 = load_shard(path, root).unwrap().model;
         let rank0 = rank0.with_precision(precision).with_threads(1).unwrap();
         Group { rank0, followers }
     }
@@ -175,6 +205,23 @@ fn reference_model_fast_path_tp2() {
 #[test]
 fn qwen_fast_path_tp2() {
     fast_path_greedy_matches_whole_model(QWEN, QWEN_GOLDEN, 2);
+}
+
+#[test]
+fn ranks_over_tcp_give_the_shared_memory_groups_bits() {
+    // The same shards and the same rank-order sums: the transport changes no bit.
+    let path = model_path(SMOL);
+    for precision in [Precision::Fast, Precision::Exact] {
+        let (shm, tcp) = (
+            Group::start_over(&path, 3, precision, false),
+            Group::start_over(&path, 3, precision, true),
+        );
+        for p in prompts(SMOL_GOLDEN).iter().take(3) {
+            assert!(run(&shm.rank0, p, 6) == run(&tcp.rank0, p, 6));
+        }
+        shm.stop();
+        tcp.stop();
+    }
 }
 
 #[test]
