@@ -1,7 +1,8 @@
 //! Tensor-parallel serving end to end: `tandem serve --tensor-parallel 2` (rank 0 in the
 //! server, rank 1 a `tandem tp-rank` process) gives the one-rank deployment's greedy outputs,
 //! streams, ends in-flight streams with errors when a rank is killed, reports it and comes
-//! back; limits the machine cannot meet are refused with clear messages.
+//! back; samples, preempts and cancels as one rank does; limits the machine cannot meet are
+//! refused with clear messages.
 
 mod common;
 
@@ -181,4 +182,105 @@ fn tensor_parallel_limits_are_refused_with_clear_messages() {
             "ranks, but this process may run on",
         );
     }
+}
+
+/// A `/metrics` value (the first sample of `name`).
+fn metric(d: &Deployment, name: &str) -> f64 {
+    let (_, text) = http(&d.http, "GET", "/metrics", None);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+fn completion(d: &Deployment, body: Value) -> String {
+    let (status, text) = http(&d.http, "POST", "/v1/completions", Some(&body));
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn tensor_parallel_sampling_preemption_and_cancellation_behave_as_one_rank() {
+    // A pool of 12 blocks of 16 tokens: four 60-token generations at once do not fit, so
+    // sequences are preempted and recomputed.
+    let args = ["--exact", "--num-blocks", "12", "--block-size", "16"];
+    let one = start("tp-sampling-one", &args);
+    let mut tp_args = args.to_vec();
+    tp_args.extend(["--tensor-parallel", "2"]);
+    let two = start("tp-sampling-two", &tp_args);
+    let prompts = golden_prompts();
+
+    // Sampling options (seeded): the same tokens as one rank.
+    let sampled = |d: &Deployment, p: &[u32]| {
+        completion(
+            d,
+            json!({"prompt": p, "max_tokens": 24, "temperature": 0.8, "top_p": 0.9,
+                "top_k": 40, "seed": 7, "presence_penalty": 0.5, "frequency_penalty": 0.3,
+                "ignore_eos": true}),
+        )
+    };
+    for p in prompts.iter().take(3) {
+        assert_eq!(sampled(&one, p), sampled(&two, p));
+    }
+
+    // Preemption under a full pool: the greedy outputs are unchanged.
+    let run_four = |d: &Deployment| -> Vec<String> {
+        let handles: Vec<_> = prompts
+            .iter()
+            .take(4)
+            .map(|p| {
+                let (http_addr, body) = (
+                    d.http.clone(),
+                    json!({"prompt": p, "max_tokens": 60, "temperature": 0, "ignore_eos": true}),
+                );
+                std::thread::spawn(move || {
+                    let (status, text) = http(&http_addr, "POST", "/v1/completions", Some(&body));
+                    assert_eq!(status, 200, "{text}");
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    v["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    assert_eq!(run_four(&one), run_four(&two));
+    assert!(
+        metric(&two, "tandem_preemptions_total") > 0.0,
+        "{}",
+        two.log_tail()
+    );
+
+    // A streaming client that disconnects: its sequence ends and its blocks come back.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&two.http).unwrap();
+    let body = json!({"prompt": prompts[0], "max_tokens": 3000, "temperature": 0,
+        "ignore_eos": true, "stream": true})
+    .to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("data:").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(metric(&two, "tandem_requests_running"), 1.0);
+    drop(s);
+    let t = Instant::now();
+    while metric(&two, "tandem_requests_running") > 0.0
+        || metric(&two, "tandem_kv_usage_ratio") > 0.0
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the disconnected request was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And the ranks still serve.
+    assert_eq!(complete(&two, &prompts[1]), complete(&one, &prompts[1]));
 }
