@@ -11,6 +11,7 @@ pub mod dequant;
 pub mod dot;
 pub mod dtype;
 mod kquant;
+pub mod math;
 pub mod matmul;
 pub mod ops;
 pub mod packed;

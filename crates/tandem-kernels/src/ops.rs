@@ -33,9 +33,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
         let range = c * CHUNK..((c + 1) * CHUNK).min(n);
         // SAFETY: each task owns its chunk.
         let g = unsafe { dst.slice_mut(range.start, range.len()) };
-        for (g, &u) in g.iter_mut().zip(&up[range]) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        crate::math::silu_mul_chunk(g, &up[range]);
     });
 }
 
