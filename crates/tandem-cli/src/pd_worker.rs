@@ -70,29 +70,26 @@ fn start_worker(
         PdRole::Prefill => (LlmRole::Prompt, Some(listen.as_str())),
         PdRole::Decode | PdRole::Replica => (LlmRole::Decoder, None),
     };
-    let (engine, ranks) = if let (true, Ranks::Hosts(site, give_up, rt)) = (tp > 1, ranks) {
-        let dd = crate::tensor_parallel::RankDatadist {
-            role,
-            cluster_id,
-            host: host.to_string(),
-        };
-        crate::tp_hosts::start_engine(path, tp, engine, site, Some(&dd), give_up, rt)?
-    } else if tp > 1 {
-        // The deployment's workers share the cores, as single-rank workers do; a worker's
-        // ranks split them.
-        tandem_model::shard::check_world(&tandem_model::loader::read_config(path)?, tp)?;
-        let cores = crate::tensor_parallel::core_plan(&tandem_kernels::allowed_cores(), 1, tp)?;
-        let dd = crate::tensor_parallel::RankDatadist {
-            role,
-            cluster_id,
-            host: host.to_string(),
-        };
-        crate::tensor_parallel::start_engine_for_datadist(path, &cores, engine, &dd)?
-    } else {
-        (
+    let dd = crate::tensor_parallel::RankDatadist {
+        role,
+        cluster_id,
+        host: host.to_string(),
+    };
+    let (engine, ranks) = match ranks {
+        _ if tp == 1 => (
             Engine::start(tandem_model::load(path)?, engine.config())?,
             Vec::new(),
-        )
+        ),
+        Ranks::Hosts(site, give_up, rt) => {
+            crate::tp_hosts::start_engine(path, tp, engine, site, Some(&dd), give_up, rt)?
+        }
+        Ranks::Here => {
+            // The deployment's workers share the cores, as single-rank workers do; a worker's
+            // ranks split them.
+            tandem_model::shard::check_world(&tandem_model::loader::read_config(path)?, tp)?;
+            let cores = crate::tensor_parallel::core_plan(&tandem_kernels::allowed_cores(), 1, tp)?;
+            crate::tensor_parallel::start_engine_for_datadist(path, &cores, engine, &dd)?
+        }
     };
     let worker = PdWorker::start(Arc::new(engine), cluster_id, role, listen, token)?;
     Ok(Arc::new(worker.with_ranks(ranks)))

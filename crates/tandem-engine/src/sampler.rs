@@ -46,6 +46,18 @@ fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, logits[i as usize])).collect()
 }
 
+/// The id of the largest entry (by `total_cmp`; ties go to the lower id), as `top_n(logits, 1)`
+/// without its vocabulary-sized index vector: a greedy step's whole sampling cost.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, l) in logits.iter().enumerate().skip(1) {
+        if l.total_cmp(&logits[best]).is_gt() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// The log-probability of `token` under `logits` (raw log-softmax) and the `n` most likely
 /// tokens' (for scoring prompt tokens).
 pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
@@ -153,7 +165,7 @@ pub fn sample(
         }
     }
     let token = if !params.do_sample {
-        top_n(logits, 1)[0].0
+        argmax(logits)
     } else {
         sample_filtered(logits, params, rng)
     };
@@ -213,6 +225,15 @@ mod tests {
             prompt_len,
             suppress: &[],
             allowed: None,
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn argmax_is_the_first_of_top_n(steps in proptest::collection::vec(-3i8..3, 1..200)) {
+            // Few distinct values: ties are the common case.
+            let logits: Vec<f32> = steps.iter().map(|&v| v as f32 / 2.0).collect();
+            proptest::prop_assert_eq!(argmax(&logits), top_n(&logits, 1)[0].0);
         }
     }
 

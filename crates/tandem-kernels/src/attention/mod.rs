@@ -295,8 +295,12 @@ impl Task<'_> {
                 if p0 + nb <= seen_from {
                     continue;
                 }
+                // The block's positions are consecutive slots of one pool block (one lookup
+                // and no division per key).
+                let first = layout.slot(s.block_table, p0) + g * hd;
+                let width = layout.token_width();
                 for j in 0..nb {
-                    let off = layout.slot(s.block_table, p0 + j) + g * hd;
+                    let off = first + j * width;
                     let (kd, vd) = (&mut kb[j * hd..(j + 1) * hd], &mut vb[j * hd..(j + 1) * hd]);
                     #[cfg(target_arch = "x86_64")]
                     if let (true, KvRef::F16(ks), KvRef::F16(vs)) = (WIDE, k, v) {
