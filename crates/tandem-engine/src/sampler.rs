@@ -47,15 +47,28 @@ fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
 }
 
 /// The id of the largest entry (by `total_cmp`; ties go to the lower id), as `top_n(logits, 1)`
-/// without its vocabulary-sized index vector: a greedy step's whole sampling cost.
+/// without its vocabulary-sized index vector: a greedy step's whole sampling cost, on the
+/// engine thread while the compute threads wait. Floats are compared through the integer keys
+/// `total_cmp` uses, so that the maximum is a plain integer reduction the compiler vectorizes.
 fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, l) in logits.iter().enumerate().skip(1) {
-        if l.total_cmp(&logits[best]).is_gt() {
-            best = i;
+    #[inline(always)]
+    fn key(x: f32) -> i32 {
+        let b = x.to_bits() as i32;
+        b ^ (((b >> 31) as u32) >> 1) as i32
+    }
+    let mut lanes = [i32::MIN; 16];
+    let chunks = logits.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = (*m).max(key(x));
         }
     }
-    best as u32
+    let best = tail
+        .iter()
+        .map(|&x| key(x))
+        .fold(lanes.into_iter().max().unwrap_or(i32::MIN), i32::max);
+    logits.iter().position(|&x| key(x) == best).unwrap_or(0) as u32
 }
 
 /// The log-probability of `token` under `logits` (raw log-softmax) and the `n` most likely
