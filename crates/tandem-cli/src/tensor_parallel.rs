@@ -55,7 +55,8 @@ pub struct TpRankArgs {
     /// Internal: the host a `prompt` rank's llm-datadist listens on.
     #[arg(long, default_value = "127.0.0.1", hide = true)]
     datadist_host: String,
-    #[command(flatten)]
+    /// Engine flags: given by rank 0 (a rank on another host receives them when it joins).
+    #[command(flatten, next_help_heading = "Internal: engine flags (rank 0 sends its own)")]
     engine: EngineArgs,
 }
 
