@@ -56,7 +56,10 @@ pub struct TpRankArgs {
     #[arg(long, default_value = "127.0.0.1", hide = true)]
     datadist_host: String,
     /// Engine flags: given by rank 0 (a rank on another host receives them when it joins).
-    #[command(flatten, next_help_heading = "Internal: engine flags (rank 0 sends its own)")]
+    #[command(
+        flatten,
+        next_help_heading = "Internal: engine flags (rank 0 sends its own)"
+    )]
     engine: EngineArgs,
 }
 
