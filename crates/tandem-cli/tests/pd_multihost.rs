@@ -21,10 +21,7 @@ const TOKEN: &str = "multi-host-secret";
 
 /// (role, url) of each worker in rotation.
 fn worker_urls(router: &str) -> Vec<(String, String)> {
-    let v: Value = serde_json::from_str(&http(router, "GET", "/admin/workers", None).1).unwrap();
-    v["workers"]
-        .as_array()
-        .unwrap()
+    workers_at(router)
         .iter()
         .map(|w| {
             (

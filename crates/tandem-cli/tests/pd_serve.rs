@@ -8,8 +8,6 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -60,21 +58,7 @@ fn disaggregated_serving_matches_colocated_frees_kv_and_switches_roles() {
     assert_eq!(prefilled(), before + long.len() as u64);
 
     // A streaming client that disconnects mid-flight: KV freed on every worker.
-    let mut s = TcpStream::connect(&pd.http).unwrap();
-    let body = json!({"prompt": prompts[0], "max_tokens": 3000, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&seen).matches("data:").count() < 4 {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "stream ended early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let s = stream_in_flight(&pd.http, &prompts[0]);
     assert!(workers(&pd).iter().any(|w| stat(w, "blocks_in_use") > 0));
     drop(s);
     let t = Instant::now();

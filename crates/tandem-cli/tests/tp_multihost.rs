@@ -21,16 +21,11 @@ const TOKEN: &str = "tp-multi-host-secret";
 
 /// `/admin/workers`' entry of the worker whose URL is on host `.n`.
 fn worker_on(router: &str, net: &Net, n: u8) -> Option<Value> {
-    let v: Value = serde_json::from_str(&http(router, "GET", "/admin/workers", None).1).ok()?;
-    v["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| {
-            w["url"]
-                .as_str()
-                .is_some_and(|u| u.contains(&format!("{}.{n}:", net.subnet)))
-        })
-        .cloned()
+    workers_at(router).into_iter().find(|w| {
+        w["url"]
+            .as_str()
+            .is_some_and(|u| u.contains(&format!("{}.{n}:", net.subnet)))
+    })
 }
 
 #[test]

@@ -251,24 +251,7 @@ fn tensor_parallel_sampling_preemption_and_cancellation_behave_as_one_rank() {
     );
 
     // A streaming client that disconnects: its sequence ends and its blocks come back.
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(&two.http).unwrap();
-    let body = json!({"prompt": prompts[0], "max_tokens": 3000, "temperature": 0,
-        "ignore_eos": true, "stream": true})
-    .to_string();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&seen).matches("data:").count() < 4 {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "stream ended early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let s = stream_in_flight(&two.http, &prompts[0]);
     assert_eq!(metric(&two, "tandem_requests_running"), 1.0);
     drop(s);
     let t = Instant::now();

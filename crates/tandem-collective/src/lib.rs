@@ -66,3 +66,21 @@ pub trait Collective: Send + Sync {
     /// [`CollectiveError::Aborted`].
     fn abort(&self);
 }
+
+/// Checks a gather's arguments on `rank` of `world`: one length per rank, and this rank's part
+/// of its length (a mismatch is a bug in the caller, which then aborts the group).
+fn check_gather(
+    rank: usize,
+    world: usize,
+    part: &[f32],
+    lens: &[usize],
+) -> Result<(), CollectiveError> {
+    if lens.len() == world && lens.get(rank) == Some(&part.len()) {
+        return Ok(());
+    }
+    Err(CollectiveError::Protocol(format!(
+        "gather of {} values where rank {rank} of {lens:?} should give {:?}",
+        part.len(),
+        lens.get(rank)
+    )))
+}

@@ -340,15 +340,9 @@ impl Collective for ShmGroup {
         lens: &[usize],
         out: &mut Vec<f32>,
     ) -> Result<(), CollectiveError> {
-        if lens.len() != self.world || part.len() != lens[self.rank] {
+        if let Err(e) = crate::check_gather(self.rank, self.world, part, lens) {
             self.abort();
-            return Err(CollectiveError::Protocol(format!(
-                "gather of {} values where rank {} of {:?} should give {:?}",
-                part.len(),
-                self.rank,
-                lens,
-                lens.get(self.rank)
-            )));
+            return Err(e);
         }
         out.clear();
         if self.rank == 0 {

@@ -121,7 +121,7 @@ impl TcpRendezvous {
                 }
                 Err(why) => {
                     // A stray or misconfigured process: it was told; keep waiting.
-                    eprintln!("tensor-parallel group: refused a connection from {peer}: {why}");
+                    tracing::warn!(%peer, "tensor-parallel group: refused a connection: {why}");
                 }
             }
         }
@@ -460,15 +460,9 @@ impl Collective for TcpGroup {
         lens: &[usize],
         out: &mut Vec<f32>,
     ) -> Result<(), CollectiveError> {
-        if lens.len() != self.world || part.len() != lens[self.rank] {
+        if let Err(e) = crate::check_gather(self.rank, self.world, part, lens) {
             self.abort();
-            return Err(CollectiveError::Protocol(format!(
-                "gather of {} values where rank {} of {:?} should give {:?}",
-                part.len(),
-                self.rank,
-                lens,
-                lens.get(self.rank)
-            )));
+            return Err(e);
         }
         out.clear();
         if self.world == 1 {

@@ -1,9 +1,12 @@
 //! The shared-memory group with threads as ranks (one process), and with a real child process
 //! standing for a rank that dies.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::*;
 use proptest::prelude::*;
 use tandem_collective::{Collective, CollectiveError, ShmGroup};
 
@@ -33,14 +36,6 @@ fn on_ranks<T: Send + 'static>(
     let mut out = vec![f(0, &root)];
     out.extend(others.into_iter().map(|h| h.join().unwrap()));
     out
-}
-
-fn values(rank: usize, n: usize, salt: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            ((i as u32).wrapping_mul(2654435761) ^ salt ^ (rank as u32 * 7919)) as f32 / 3e9 - 0.7
-        })
-        .collect()
 }
 
 proptest! {
@@ -73,26 +68,14 @@ proptest! {
     fn gather_concatenates_uneven_parts(lens in proptest::collection::vec(0usize..300, 1..5), slot in 64usize..512) {
         let world = lens.len();
         let l2 = lens.clone();
-        let got = on_ranks(world, slot, move |r, g| {
-            let mut out = vec![1.0];
-            g.gather(&values(r, l2[r], 5), &l2, &mut out).unwrap();
-            out
-        });
-        let want: Vec<f32> = (0..world).flat_map(|k| values(k, lens[k], 5)).collect();
-        prop_assert_eq!(&got[0], &want);
-        prop_assert!(got[1..].iter().all(|o| o.is_empty()));
+        let got = on_ranks(world, slot, move |r, g| gather_on(r, g, &l2));
+        prop_assert!(gathered_right(&got, &lens));
     }
 
     #[test]
     fn broadcast_delivers_rank_zeros_message(world in 1usize..4, msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 1..4)) {
         let m2 = msgs.clone();
-        let got = on_ranks(world, 64, move |r, g| {
-            m2.iter().map(|m| {
-                let mut msg = if r == 0 { m.clone() } else { vec![9; 3] };
-                g.broadcast(&mut msg).unwrap();
-                msg
-            }).collect::<Vec<_>>()
-        });
+        let got = on_ranks(world, 64, move |r, g| broadcast_on(r, g, &m2));
         for g in got {
             prop_assert_eq!(&g, &msgs);
         }

@@ -158,7 +158,12 @@ pub fn complete(d: &Deployment, prompt: &[u32]) -> String {
 }
 
 pub fn workers(d: &Deployment) -> Vec<Value> {
-    let (status, text) = http(&d.http, "GET", "/admin/workers", None);
+    workers_at(&d.http)
+}
+
+/// `/admin/workers` of the deployment whose HTTP address is `addr`.
+pub fn workers_at(addr: &str) -> Vec<Value> {
+    let (status, text) = http(addr, "GET", "/admin/workers", None);
     assert_eq!(status, 200, "{text}");
     serde_json::from_str::<Value>(&text).unwrap()["workers"]
         .as_array()
@@ -256,6 +261,29 @@ pub fn stream_completion(addr: &str, prompt: &[u32], max_tokens: usize) -> Strea
         Some("length" | "stop") if !text.is_empty() => Streamed::Complete(text),
         other => panic!("a stream ended with finish {other:?} and text {text:?}: {body}"),
     }
+}
+
+/// A long greedy stream of `prompt` at `addr`, read until a few events arrived; dropping the
+/// returned socket is a client that disconnects mid-stream.
+pub fn stream_in_flight(addr: &str, prompt: &[u32]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let body = json!({"prompt": prompt, "max_tokens": 3000, "temperature": 0,
+        "ignore_eos": true, "stream": true})
+    .to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("data:").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    s
 }
 
 /// A worker's process id.
