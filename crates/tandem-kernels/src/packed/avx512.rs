@@ -101,6 +101,71 @@ unsafe fn bytes_ps<const SIGNED: bool>(p: *const u8) -> __m512 {
     _mm512_cvtepi32_ps(i)
 }
 
+/// One block's float factors for the sixteen rows: the scale of the low and high 16 elements
+/// (equal but for K16) and the minimum (of the low and high 16 for Q2_K).
+struct BlockScales {
+    lo: __m512,
+    hi: __m512,
+    min: __m512,
+    min_hi: __m512,
+}
+
+/// One activation row's part of a block: the integer dot products of its 32 values with the
+/// block's value registers `v`, scaled into `acc` (and `macc`). With `split`, the eight
+/// `vpdpbusd` form two dependency chains instead of one (a lone row has nothing else to
+/// overlap their latency with); integer sums, so the result is the same bits either way.
+#[inline(always)]
+unsafe fn row_block<const F: u8>(
+    split: bool,
+    v: &[__m512i; 8],
+    s: &BlockScales,
+    a: &ActBlock,
+    acc: &mut __m512,
+    macc: &mut __m512,
+) {
+    let format = PackedFormat::from_id(F);
+    let q = a.qs.as_ptr() as *const i32;
+    let bc = |j: usize| _mm512_set1_epi32(q.add(j).read_unaligned());
+    // Chains start at -offset * sum(a): the integer part of the minimum.
+    let init = |s: i32| match format.int_offset() {
+        0 => _mm512_setzero_si512(),
+        off => _mm512_set1_epi32(s.wrapping_mul(-off)),
+    };
+    let da = _mm512_set1_ps(a.d);
+    if let Scheme::K16 { mins, .. } = format.scheme() {
+        let (mut lo, mut hi) = (init(a.half_sums[0]), init(a.half_sums[1]));
+        for j in 0..4 {
+            lo = _mm512_dpbusd_epi32(lo, v[j], bc(j));
+            hi = _mm512_dpbusd_epi32(hi, v[4 + j], bc(4 + j));
+        }
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(s.lo, da), *acc);
+        *macc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s.hi, da), *macc);
+        if mins {
+            let hs = |i: usize| _mm512_set1_ps(a.d * a.half_sums[i] as f32);
+            *acc = _mm512_fmadd_ps(s.min, hs(0), *acc);
+            *macc = _mm512_fmadd_ps(s.min_hi, hs(1), *macc);
+        }
+    } else {
+        let mut i = init(a.half_sums[0] + a.half_sums[1]);
+        if split {
+            let mut odd = _mm512_setzero_si512();
+            for j in (0..8).step_by(2) {
+                i = _mm512_dpbusd_epi32(i, v[j], bc(j));
+                odd = _mm512_dpbusd_epi32(odd, v[j + 1], bc(j + 1));
+            }
+            i = _mm512_add_epi32(i, odd);
+        } else {
+            for (j, &v) in v.iter().enumerate() {
+                i = _mm512_dpbusd_epi32(i, v, bc(j));
+            }
+        }
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s.lo, da), *acc);
+        if format.float_min() {
+            *macc = _mm512_fmadd_ps(s.min, _mm512_set1_ps(a.s), *macc);
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows<const R: usize, const F: u8>(
     tile: &[u8],
@@ -110,9 +175,9 @@ unsafe fn rows<const R: usize, const F: u8>(
     let format = PackedFormat::from_id(F);
     let scheme = format.scheme();
     let blocks = format.super_len() / QK;
+    debug_assert!(R <= 8);
     debug_assert_eq!(tile.len(), format.tile_bytes(nb * QK));
     debug_assert!(acts.iter().all(|a| a.len() == nb));
-    let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm512_setzero_ps(); R];
     let mut p = tile.as_ptr();
@@ -136,15 +201,13 @@ unsafe fn rows<const R: usize, const F: u8>(
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
             }
             let v = values::<F>(p);
-            // Per block, for the sixteen rows: the scale of the low and high 16 elements
-            // (equal but for K16) and the minimum (of the low and high 16 for Q2_K).
             let neg = |x: __m512| {
                 _mm512_castsi512_ps(_mm512_xor_si512(
                     _mm512_castps_si512(x),
                     _mm512_set1_epi32(i32::MIN),
                 ))
             };
-            let (dlo, dhi, min, min_hi) = match scheme {
+            let scales = match scheme {
                 Scheme::Block32 {
                     stored_min,
                     implied,
@@ -154,20 +217,33 @@ unsafe fn rows<const R: usize, const F: u8>(
                     } else {
                         _mm512_mul_ps(d, _mm512_set1_ps(implied))
                     };
-                    (d, d, m, m)
+                    BlockScales {
+                        lo: d,
+                        hi: d,
+                        min: m,
+                        min_hi: m,
+                    }
                 }
                 Scheme::K32 => {
                     let sc = bytes_ps::<false>(h.add(4 * TILE_ROWS + TILE_ROWS * bi));
                     let mn = bytes_ps::<false>(h.add(12 * TILE_ROWS + TILE_ROWS * bi));
                     let m = neg(_mm512_mul_ps(second, mn));
                     let dw = _mm512_mul_ps(d, sc);
-                    (dw, dw, m, m)
+                    BlockScales {
+                        lo: dw,
+                        hi: dw,
+                        min: m,
+                        min_hi: m,
+                    }
                 }
                 Scheme::K16 { mins: false, .. } => {
                     let sc = h.add(2 * TILE_ROWS + 2 * TILE_ROWS * bi);
-                    let lo = _mm512_mul_ps(d, bytes_ps::<true>(sc));
-                    let hi = _mm512_mul_ps(d, bytes_ps::<true>(sc.add(TILE_ROWS)));
-                    (lo, hi, _mm512_setzero_ps(), _mm512_setzero_ps())
+                    BlockScales {
+                        lo: _mm512_mul_ps(d, bytes_ps::<true>(sc)),
+                        hi: _mm512_mul_ps(d, bytes_ps::<true>(sc.add(TILE_ROWS))),
+                        min: _mm512_setzero_ps(),
+                        min_hi: _mm512_setzero_ps(),
+                    }
                 }
                 Scheme::K16 { mins: true, .. } => {
                     let sc = h.add(4 * TILE_ROWS + 2 * TILE_ROWS * bi);
@@ -182,50 +258,22 @@ unsafe fn rows<const R: usize, const F: u8>(
                     };
                     let (sl, ml) = split(sc);
                     let (sh, mh) = split(sc.add(TILE_ROWS));
-                    (
-                        _mm512_mul_ps(d, sl),
-                        _mm512_mul_ps(d, sh),
-                        neg(_mm512_mul_ps(second, ml)),
-                        neg(_mm512_mul_ps(second, mh)),
-                    )
+                    BlockScales {
+                        lo: _mm512_mul_ps(d, sl),
+                        hi: _mm512_mul_ps(d, sh),
+                        min: neg(_mm512_mul_ps(second, ml)),
+                        min_hi: neg(_mm512_mul_ps(second, mh)),
+                    }
                 }
             };
-            for r in 0..R {
-                let a = acts[r].get_unchecked(blk);
-                let q = a.qs.as_ptr() as *const i32;
-                let bc = |j: usize| _mm512_set1_epi32(q.add(j).read_unaligned());
-                // Chains start at -offset * sum(a): the integer part of the minimum.
-                let init = |s: i32| match format.int_offset() {
-                    0 => zero,
-                    off => _mm512_set1_epi32(s.wrapping_mul(-off)),
-                };
-                let da = _mm512_set1_ps(a.d);
-                if let Scheme::K16 { mins, .. } = scheme {
-                    let (mut lo, mut hi) = (init(a.half_sums[0]), init(a.half_sums[1]));
-                    for j in 0..4 {
-                        lo = _mm512_dpbusd_epi32(lo, v[j], bc(j));
-                        hi = _mm512_dpbusd_epi32(hi, v[4 + j], bc(4 + j));
-                    }
-                    acc[r] =
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(dlo, da), acc[r]);
-                    macc[r] =
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(dhi, da), macc[r]);
-                    if mins {
-                        let s = |i: usize| _mm512_set1_ps(a.d * a.half_sums[i] as f32);
-                        acc[r] = _mm512_fmadd_ps(min, s(0), acc[r]);
-                        macc[r] = _mm512_fmadd_ps(min_hi, s(1), macc[r]);
-                    }
-                } else {
-                    let mut i = init(a.half_sums[0] + a.half_sums[1]);
-                    for (j, &v) in v.iter().enumerate() {
-                        i = _mm512_dpbusd_epi32(i, v, bc(j));
-                    }
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dlo, da), acc[r]);
-                    if format.float_min() {
-                        macc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(a.s), macc[r]);
-                    }
+            // Unrolled by hand: LLVM kept the K16 formats' eight-row loop rolled, with every
+            // accumulator in memory (a load and a store per row and block).
+            seq_macro::seq!(r in 0..8 {
+                if r < R {
+                    let a = acts[r].get_unchecked(blk);
+                    row_block::<F>(R <= 2, &v, &scales, a, &mut acc[r], &mut macc[r]);
                 }
-            }
+            });
             p = p.add(format.block_value_bytes());
         }
     }
