@@ -121,6 +121,7 @@ unsafe fn half<const R: usize, const F: u8>(
     let mut acc = [_mm256_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
     let mut p = tile.as_ptr();
+    let prefetch = crate::simd::prefetch_weights();
     let row = |field: *const u8, width: usize| field.add(width * HALF * h);
     for s in 0..nb / blocks {
         let hd = p;
@@ -134,9 +135,9 @@ unsafe fn half<const R: usize, const F: u8>(
         p = p.add(format.header_bytes());
         for bi in 0..blocks {
             let blk = s * blocks + bi;
-            // Every line of the block ahead (the second half finds them in L2); may point past
-            // the matrix: a prefetch never faults.
-            if h == 0 {
+            // Every line of the block ahead (the second half finds them in L2) where that pays
+            // (see `prefetch_weights`); may point past the matrix: a prefetch never faults.
+            if h == 0 && prefetch {
                 for line in (0..format.block_value_bytes()).step_by(64) {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
                 }

@@ -181,6 +181,7 @@ unsafe fn rows<const R: usize, const F: u8>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm512_setzero_ps(); R];
     let mut p = tile.as_ptr();
+    let prefetch = crate::simd::prefetch_weights();
     let halves = |h: *const u8| _mm512_cvtph_ps(_mm256_loadu_si256(h as *const __m256i));
     for s in 0..nb / blocks {
         let h = p;
@@ -195,10 +196,12 @@ unsafe fn rows<const R: usize, const F: u8>(
         for bi in 0..blocks {
             let blk = s * blocks + bi;
             // Every line of the block ahead (one per block left the hardware prefetcher to find
-            // the rest: 16.5 -> 21 GB/s on a 150 MB matrix). May point past the matrix: a
-            // prefetch never faults.
-            for line in (0..format.block_value_bytes()).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
+            // the rest: 16.5 -> 21 GB/s on a 150 MB matrix), where that pays (see
+            // `prefetch_weights`). May point past the matrix: a prefetch never faults.
+            if prefetch {
+                for line in (0..format.block_value_bytes()).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
+                }
             }
             let v = values::<F>(p);
             let neg = |x: __m512| {
