@@ -40,32 +40,51 @@ pub struct ModelBenchArgs {
     /// SIMD level to use: scalar, avx2 or avx512 (default: best available).
     #[arg(long)]
     simd: Option<String>,
-    /// Memory read bandwidth in GB/s for the decode roofline (default: measured in this run,
-    /// one reading thread per core over a buffer far larger than the caches).
+    /// Memory read bandwidth in GB/s for the decode roofline (default: measured right before
+    /// each decode run, one reading thread per core over a buffer far larger than the caches).
     #[arg(long)]
     bandwidth_gbs: Option<f64>,
 }
 
-/// Read bandwidth in GB/s: `threads` threads summing their share of a 1 GiB buffer, best of
-/// five passes (the first also faults the pages in; a VM's bandwidth varies from pass to pass).
-fn measure_read_bandwidth(threads: usize) -> f64 {
-    const WORDS: usize = 1 << 27;
-    let buf: Vec<u64> = (0..WORDS as u64).collect();
-    let per = WORDS.div_ceil(threads);
-    (0..6)
-        .map(|_| {
-            let t0 = Instant::now();
-            std::thread::scope(|s| {
-                for part in buf.chunks(per) {
-                    s.spawn(move || {
-                        std::hint::black_box(part.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
-                    });
-                }
-            });
-            (WORDS * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9
-        })
-        .skip(1)
-        .fold(0f64, f64::max)
+/// Read bandwidth in GB/s of `threads` threads each summing its share of a 1 GiB buffer.
+/// Taken right before each decode run: a VM's bandwidth drifts by half between minutes (the
+/// same binary decoded at 36 tok/s in one minute and 29 in the next), so a roofline measured
+/// once would judge every run against another moment's machine.
+struct BandwidthProbe {
+    buf: Vec<u64>,
+    threads: usize,
+}
+
+impl BandwidthProbe {
+    fn new(threads: usize) -> BandwidthProbe {
+        const WORDS: usize = 1 << 27;
+        // Huge pages, as the packed weights ask for, so both are read through the same kind
+        // of page; the writes fault the pages in.
+        let mut buf = vec![0u64; WORDS];
+        tandem_kernels::mem::advise_huge_pages(&mut buf);
+        for (i, w) in buf.iter_mut().enumerate() {
+            *w = i as u64;
+        }
+        BandwidthProbe { buf, threads }
+    }
+
+    /// Best of three passes.
+    fn measure(&self) -> f64 {
+        let per = self.buf.len().div_ceil(self.threads);
+        (0..3)
+            .map(|_| {
+                let t0 = Instant::now();
+                std::thread::scope(|s| {
+                    for part in self.buf.chunks(per) {
+                        s.spawn(move || {
+                            std::hint::black_box(part.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                        });
+                    }
+                });
+                (self.buf.len() * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0f64, f64::max)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -139,7 +158,18 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         .collect();
     let block = 16;
     let table: Vec<u32> = (0..total.div_ceil(block) as u32).collect();
+    let probe = a
+        .bandwidth_gbs
+        .is_none()
+        .then(|| BandwidthProbe::new(rayon_threads()));
+    let bandwidth = || {
+        probe
+            .as_ref()
+            .map_or(a.bandwidth_gbs.unwrap_or(0.0), |p| p.measure())
+    };
     let (mut prefill, mut dec_empty, mut dec_after) = (vec![], vec![], vec![]);
+    // The bandwidth right before each decode run, for its roofline.
+    let (mut bw_empty, mut bw_after) = (vec![], vec![]);
     for _ in 0..a.repeats {
         let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
         let t0 = Instant::now();
@@ -151,6 +181,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         };
         let next = argmax(model.forward(&prompt, &[seq], &mut kv)?.row(0));
         prefill.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
+        bw_after.push(bandwidth());
         dec_after.push(decode(
             &model,
             &mut kv,
@@ -160,6 +191,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             a.gen_tokens,
         )?);
         let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
+        bw_empty.push(bandwidth());
         dec_empty.push(decode(&model, &mut kv, &table, 0, prompt[0], a.gen_tokens)?);
     }
     let w = model.weights();
@@ -171,13 +203,24 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         .sum::<usize>()
         + w.lm_head.bytes().len();
     let kv_per_token = KvCache::bytes_per_token(&cfg, KvDType::F16);
-    let bandwidth_gbs = a
-        .bandwidth_gbs
-        .unwrap_or_else(|| measure_read_bandwidth(rayon_threads()));
-    let bw = bandwidth_gbs * 1e9;
-    let roof_empty = bw / weight_bytes as f64;
-    let roof_after =
-        bw / (weight_bytes + kv_per_token * (a.prompt_tokens + a.gen_tokens / 2)) as f64;
+    let bytes_empty = weight_bytes as f64;
+    let bytes_after = (weight_bytes + kv_per_token * (a.prompt_tokens + a.gen_tokens / 2)) as f64;
+    // Each run's tok/s against its own moment's roofline (bandwidth / bytes read per token).
+    let fraction = |tps: &[f64], bw: &[f64], bytes: f64| {
+        median(
+            tps.iter()
+                .zip(bw)
+                .map(|(t, b)| t * bytes / (b * 1e9))
+                .collect(),
+        )
+    };
+    let frac_empty = fraction(&dec_empty, &bw_empty, bytes_empty);
+    let frac_after = fraction(&dec_after, &bw_after, bytes_after);
+    let all_bw: Vec<f64> = bw_empty.iter().chain(&bw_after).copied().collect();
+    let (bw_lo, bw_hi) = (
+        all_bw.iter().copied().fold(f64::INFINITY, f64::min),
+        all_bw.iter().copied().fold(0f64, f64::max),
+    );
     let level = a
         .simd
         .as_deref()
@@ -208,23 +251,26 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         "{:<34} {:>10.1} {:>15.0}%",
         "decode, empty cache",
         de,
-        100.0 * de / roof_empty
+        100.0 * frac_empty
     );
     println!(
         "{:<34} {:>10.1} {:>15.0}%",
         format!("decode, after {} tokens", a.prompt_tokens),
         da,
-        100.0 * da / roof_after
+        100.0 * frac_after
     );
-    println!(
-        "(decode roofline: {:.1} GB/s ({}) over the weights and KV read per token)",
-        bandwidth_gbs,
-        if a.bandwidth_gbs.is_some() {
-            "given"
-        } else {
-            "measured in this run"
-        }
-    );
+    if a.bandwidth_gbs.is_some() {
+        println!(
+            "(decode roofline: {:.1} GB/s (given) over the weights and KV read per token)",
+            median(all_bw)
+        );
+    } else {
+        println!(
+            "(decode roofline: {:.1} GB/s (measured before each decode run: {bw_lo:.1}-{bw_hi:.1}) \
+             over the weights and KV read per token)",
+            median(all_bw)
+        );
+    }
     Ok(())
 }
 

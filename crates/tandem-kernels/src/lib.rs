@@ -13,6 +13,7 @@ pub mod dtype;
 mod kquant;
 pub mod math;
 pub mod matmul;
+pub mod mem;
 pub mod ops;
 pub mod packed;
 mod par;

@@ -25,6 +25,7 @@ use super::{PackedFormat, Scheme};
 use crate::dtype::{QK, QK_K};
 use crate::kquant;
 use crate::matmul::MatRef;
+use crate::mem::WeightBytes;
 
 /// Rows per tile: one 32-bit lane each in a 512-bit register.
 pub const TILE_ROWS: usize = 16;
@@ -223,10 +224,10 @@ fn put_values(format: PackedFormat, rows: &[Decoded; TILE_ROWS], b: usize, out: 
 
 /// Repacks `w` (in `format`'s stored type) into tiles, the last padded with zero rows; runs of
 /// tiles are packed on one thread per core (a 1.5B model's matrices take seconds on one).
-pub(super) fn pack(format: PackedFormat, w: &MatRef) -> Vec<u8> {
+pub(super) fn pack(format: PackedFormat, w: &MatRef) -> WeightBytes {
     let tiles = w.rows.div_ceil(TILE_ROWS);
     let tb = format.tile_bytes(w.cols);
-    let mut out = vec![0u8; tiles * tb];
+    let mut out = WeightBytes::zeroed(tiles * tb);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = tiles.div_ceil(threads).max(1);
     std::thread::scope(|s| {

@@ -24,6 +24,7 @@ mod scalar;
 
 use crate::dtype::{DType, QK, QK_K};
 use crate::matmul::MatRef;
+use crate::mem::WeightBytes;
 use crate::par::{chunk_rows, for_each_task, SyncPtr};
 use crate::simd::SimdLevel;
 
@@ -245,7 +246,7 @@ pub struct PackedMat {
     pub rows: usize,
     /// Elements per row (input features).
     pub cols: usize,
-    data: Vec<u8>,
+    data: WeightBytes,
 }
 
 impl PackedMat {
