@@ -165,7 +165,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let bandwidth = || {
         probe
             .as_ref()
-            .map_or(a.bandwidth_gbs.unwrap_or(0.0), |p| p.measure())
+            .map_or_else(|| a.bandwidth_gbs.unwrap_or(0.0), BandwidthProbe::measure)
     };
     let (mut prefill, mut dec_empty, mut dec_after) = (vec![], vec![], vec![]);
     // The bandwidth right before each decode run, for its roofline.
@@ -259,10 +259,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         da,
         100.0 * frac_after
     );
-    if a.bandwidth_gbs.is_some() {
+    if let Some(given) = a.bandwidth_gbs {
         println!(
-            "(decode roofline: {:.1} GB/s (given) over the weights and KV read per token)",
-            median(all_bw)
+            "(decode roofline: {given:.1} GB/s (given) over the weights and KV read per token)"
         );
     } else {
         println!(

@@ -31,9 +31,9 @@ fn advise(ptr: *mut u8, len: usize) {
     let _ = (ptr, len, HUGE_PAGE);
 }
 
-/// A zero-initialized byte buffer for weights: aligned to a huge page (so every 64-byte
-/// register load of a packed tile is one cache line, and the whole buffer can be huge pages)
-/// and advised as such before its first write.
+/// A zero-initialized byte buffer for weights: aligned to a cache line (so every 64-byte
+/// register load of a packed tile is one line) and, from 2 MiB up, to a huge page and advised
+/// as such before its first write.
 pub struct WeightBytes {
     ptr: NonNull<u8>,
     len: usize,
@@ -44,8 +44,11 @@ unsafe impl Send for WeightBytes {}
 unsafe impl Sync for WeightBytes {}
 
 impl WeightBytes {
+    /// Huge-page alignment only for buffers that can hold a huge page; smaller ones (biases'
+    /// matrices, test models) would leave up to 2 MiB of padding each in the heap.
     fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len.max(1), HUGE_PAGE).expect("weight buffer too large")
+        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { 64 };
+        Layout::from_size_align(len.max(1), align).expect("weight buffer too large")
     }
 
     /// `len` zero bytes.
@@ -109,7 +112,8 @@ mod tests {
             let mut b = WeightBytes::zeroed(len);
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&x| x == 0));
-            assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
+            let align = if len >= HUGE_PAGE { HUGE_PAGE } else { 64 };
+            assert_eq!(b.as_ptr() as usize % align, 0);
             if len > 0 {
                 b[len - 1] = 7;
             }
