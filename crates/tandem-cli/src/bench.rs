@@ -136,6 +136,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         a.prompt_tokens > 0 && a.gen_tokens > 0 && a.repeats > 0,
         "token counts and repeats must be positive"
     );
+    anyhow::ensure!(
+        a.bandwidth_gbs.is_none_or(|b| b.is_finite() && b > 0.0),
+        "--bandwidth-gbs must be a positive number of GB/s"
+    );
     let loaded = crate::load_model(a.model.as_deref())?;
     let mut model = loaded.model;
     if let Some(s) = &a.simd {
