@@ -284,8 +284,8 @@ impl Engine {
         self.join.as_ref().is_some_and(|j| !j.is_finished())
     }
 
-    /// The KV pool's tensors (K0, V0, K1, V1, ...), each `[num_blocks, block_size,
-    /// n_kv_heads, head_dim]`. They stay valid until the engine shuts down; register them
+    /// The KV pool's tensors (K0, V0, K1, V1, ...), each `num_blocks` contiguous blocks (the
+    /// layout inside a block: `tandem_kernels::PagedLayout::head_offset`). They stay valid until the engine shuts down; register them
     /// with a transfer library and unregister before dropping the engine.
     pub fn kv_regions(&self) -> &[KvRegion] {
         &self.kv_regions

@@ -338,12 +338,14 @@ proptest! {
     /// Paged attention over shuffled blocks equals dense attention, for f32 and f16 pools, with
     /// and without a sliding window.
     #[test]
-    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..300, n_new in 1usize..40, bs in 1usize..9, f16_pool in any::<bool>(), hd_sel in 0usize..3, pooled in any::<bool>(), window in prop::option::of(1usize..200)) {
+    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..300, n_new in 1usize..40, bs_sel in 0usize..12, f16_pool in any::<bool>(), hd_sel in 0usize..3, pooled in any::<bool>(), window in prop::option::of(1usize..200)) {
         let mut rng = StdRng::seed_from_u64(seed);
         // head_dim 16 and 64 take the AVX-512 block step where present; contexts past 128 keys
         // are merged from key chunks, and inside a pool a short query chunk's key chunks are
         // spread over tasks.
         let (nh, nkv, hd) = (6, 2, [8, 16, 64][hd_sel]);
+        // Blocks of more than 16 keys take several wide steps each.
+        let bs = [1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 24, 32][bs_sel];
         let layout = PagedLayout { block_size: bs, n_kv_heads: nkv, head_dim: hd };
         let total = ctx0 + n_new;
         let nblocks = total.div_ceil(bs) + 3;
@@ -435,9 +437,9 @@ proptest! {
     /// A sequence's attention output is bitwise the same alone, inside any batch, with its new
     /// tokens in one call or two, and on 1, 2 or 3 threads.
     #[test]
-    fn attention_is_batch_chunk_and_thread_invariant(seed in any::<u64>(), ctx in 0usize..600, n_new in 1usize..24, others in 0usize..3, bs_sel in 0usize..2, window in prop::option::of(1usize..400)) {
+    fn attention_is_batch_chunk_and_thread_invariant(seed in any::<u64>(), ctx in 0usize..600, n_new in 1usize..24, others in 0usize..3, bs_sel in 0usize..3, window in prop::option::of(1usize..400)) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (nh, nkv, hd, bs) = (6, 2, 64, [16, 8][bs_sel]);
+        let (nh, nkv, hd, bs) = (6, 2, 64, [16, 8, 32][bs_sel]);
         let mut lens = vec![ctx + n_new];
         let other_new: Vec<usize> = (0..others).map(|_| rng.gen_range(1..9)).collect();
         for n in &other_new {

@@ -1,6 +1,7 @@
 //! The paged KV pool the forward pass reads and writes: per layer, a K and a V tensor of
-//! `[num_blocks, block_size, n_kv_heads, head_dim]`. A block id names the same slot in all of
-//! them, so moving a sequence's KV is moving a list of block ids.
+//! `num_blocks` contiguous blocks of `block_size * n_kv_heads * head_dim` elements (laid out
+//! inside as `tandem_kernels::PagedLayout::head_offset` says). A block id names the same slot
+//! in all of them, so moving a sequence's KV is moving a list of block ids.
 
 use half::f16;
 use half::vec::HalfBitsVecExt;

@@ -1,6 +1,11 @@
-//! Paged attention: K/V live in a pool of fixed-size blocks, each layer's K and V tensors
-//! shaped `[num_blocks, block_size, n_kv_heads, head_dim]`; a sequence's block table maps its
-//! positions to blocks. Softmax is computed online block by block (no score matrix), in f32.
+//! Paged attention: K/V live in a pool of fixed-size blocks; a sequence's block table maps its
+//! positions to blocks. Within a block each KV head's keys are stored transposed,
+//! `[head_dim, block_size]`, and its values row by row, `[block_size, head_dim]` (see
+//! [`PagedLayout::head_offset`]): the kernel reads one dimension of sixteen keys as one vector,
+//! so scores need neither a transposition nor horizontal sums. Softmax is computed online block
+//! by block (no score matrix), in f32.
+
+use std::cell::Cell;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -58,12 +63,29 @@ impl KvRef<'_> {
         }
     }
 
-    /// Copies `out.len()` elements from `start` as f32.
+    /// Copies `out.len()` consecutive elements from `start` as f32.
     #[inline]
     fn read(&self, start: usize, out: &mut [f32]) {
         match self {
             KvRef::F16(s) => s[start..start + out.len()].convert_to_f32_slice(out),
             KvRef::F32(s) => out.copy_from_slice(&s[start..start + out.len()]),
+        }
+    }
+
+    /// Copies `out.len()` elements `stride` apart from `start` as f32 (one key of a block).
+    #[inline]
+    fn read_strided(&self, start: usize, stride: usize, out: &mut [f32]) {
+        match self {
+            KvRef::F16(s) => {
+                for (d, o) in out.iter_mut().enumerate() {
+                    *o = s[start + d * stride].to_f32();
+                }
+            }
+            KvRef::F32(s) => {
+                for (d, o) in out.iter_mut().enumerate() {
+                    *o = s[start + d * stride];
+                }
+            }
         }
     }
 }
@@ -73,6 +95,22 @@ impl KvMut<'_> {
         match self {
             KvMut::F16(s) => s[start..start + src.len()].convert_from_f32_slice(src),
             KvMut::F32(s) => s[start..start + src.len()].copy_from_slice(src),
+        }
+    }
+
+    /// Writes `src` to elements `stride` apart from `start` (one key of a block).
+    fn write_strided(&mut self, start: usize, stride: usize, src: &[f32]) {
+        match self {
+            KvMut::F16(s) => {
+                for (d, &x) in src.iter().enumerate() {
+                    s[start + d * stride] = f16::from_f32(x);
+                }
+            }
+            KvMut::F32(s) => {
+                for (d, &x) in src.iter().enumerate() {
+                    s[start + d * stride] = x;
+                }
+            }
         }
     }
 }
@@ -94,11 +132,18 @@ impl PagedLayout {
         self.n_kv_heads * self.head_dim
     }
 
-    /// Element offset of position `pos` of a sequence with `block_table`.
+    /// Elements of one block (all KV heads), in K and in V alike.
+    pub fn block_width(&self) -> usize {
+        self.block_size * self.token_width()
+    }
+
+    /// Element offset of KV head `g`'s part of pool block `block`, in K and in V: there its
+    /// keys are `[head_dim, block_size]` (element `d` of the block's key `j` at
+    /// `d * block_size + j`) and its values `[block_size, head_dim]` (at `j * head_dim + d`).
+    /// A block stays one contiguous range, so moving KV is still moving block ids.
     #[inline]
-    pub fn slot(&self, block_table: &[u32], pos: usize) -> usize {
-        let block = block_table[pos / self.block_size] as usize;
-        (block * self.block_size + pos % self.block_size) * self.token_width()
+    pub fn head_offset(&self, block: usize, g: usize) -> usize {
+        block * self.block_width() + g * self.block_size * self.head_dim
     }
 }
 
@@ -125,13 +170,18 @@ pub fn write_kv(
     k: &mut KvMut,
     v: &mut KvMut,
 ) {
-    let w = layout.token_width();
+    let (bs, hd, w) = (layout.block_size, layout.head_dim, layout.token_width());
     for s in seqs {
         for i in 0..s.n_new {
-            let slot = layout.slot(s.block_table, s.context_len + i);
+            let pos = s.context_len + i;
+            let (block, j) = (s.block_table[pos / bs] as usize, pos % bs);
             let row = (s.row_start + i) * w;
-            k.write(slot, &k_new[row..row + w]);
-            v.write(slot, &v_new[row..row + w]);
+            for g in 0..layout.n_kv_heads {
+                let base = layout.head_offset(block, g);
+                let src = row + g * hd..row + (g + 1) * hd;
+                k.write_strided(base + j, bs, &k_new[src.clone()]);
+                v.write(base + j * hd, &v_new[src]);
+            }
         }
     }
 }
@@ -156,6 +206,13 @@ pub fn paged_attention(
     let n_rep = n_heads / layout.n_kv_heads;
     assert_eq!(q.len(), out.len());
     assert_eq!(k.len(), v.len());
+    assert!(
+        matches!(
+            (k, v),
+            (KvRef::F16(_), KvRef::F16(_)) | (KvRef::F32(_), KvRef::F32(_))
+        ),
+        "K and V of one pool share an element type"
+    );
     let (works, partial_len) = plan(layout, seqs, n_rep, crate::par::current_threads());
     let mut partial = vec![0f32; partial_len];
     let dst = SyncPtr(out.as_mut_ptr());
@@ -174,15 +231,13 @@ pub fn paged_attention(
     };
     let level = crate::simd::active();
     #[cfg(target_arch = "x86_64")]
-    let wide = level >= SimdLevel::Avx512Vnni
-        && layout.block_size <= x86::LANES
-        && layout.head_dim.is_multiple_of(16);
+    let wide = level >= SimdLevel::Avx512Vnni && layout.head_dim.is_multiple_of(16);
     for_each_task(works.len(), |t| {
         let w = &works[t];
         #[cfg(target_arch = "x86_64")]
         if wide {
-            // SAFETY: AVX-512F was detected (SimdLevel::Avx512Vnni); the block and head sizes
-            // were checked above.
+            // SAFETY: AVX-512F/BW/VL and F16C were detected (SimdLevel::Avx512Vnni); the
+            // head size was checked above.
             unsafe { task.run_avx512(w) };
             return;
         } else if level >= SimdLevel::Avx2 {
@@ -219,6 +274,38 @@ struct Task<'a> {
 // SAFETY: tasks write disjoint output slices through `dst` (see `run`).
 unsafe impl Sync for Task<'_> {}
 
+/// A task's working memory, kept per thread from task to task (a decode step runs thousands
+/// of tasks; allocating it per task showed in profiles as malloc and memset).
+#[derive(Default)]
+struct Scratch {
+    /// Running maxima, denominators and weighted value sums per (query, head of the group).
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+    /// A block's keys and values in f32 (row-major, or staged for the wide step).
+    kb: Vec<f32>,
+    vb: Vec<f32>,
+    /// One query's scores against a block.
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    /// Sizes the buffers for `nq` query rows of `hd` against `block_size`-token blocks.
+    fn reset(&mut self, nq: usize, hd: usize, block_size: usize) {
+        let keys = block_size.max(16);
+        self.m.resize(nq, 0.0);
+        self.l.resize(nq, 0.0);
+        self.acc.resize(nq * hd, 0.0);
+        self.kb.resize(keys * hd, 0.0);
+        self.vb.resize(keys * hd, 0.0);
+        self.scores.resize(keys, 0.0);
+    }
+}
+
+thread_local! {
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
 /// Dot product with 16 independent partial sums, so it vectorizes (a plain `sum()` is a
 /// sequential chain of dependent adds).
 #[inline(always)]
@@ -247,80 +334,114 @@ impl Task<'_> {
         self.run::<false>(w)
     }
 
-    /// The task with the AVX-512 block step (transposed keys, vectorized softmax).
+    /// The task with the AVX-512 block step (vectorized scores and softmax).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     unsafe fn run_avx512(&self, w: &Work) {
         self.run::<true>(w)
     }
 
-    /// `WIDE`: keys are stored transposed in 16-lane blocks and each token's block step for a
-    /// KV head's query group is [`x86::update_group`] (only instantiated behind the AVX-512
-    /// check in `paged_attention`).
+    /// `WIDE`: each token's step for a KV head's query group is [`x86::update_group`], reading
+    /// the pool directly (only instantiated behind the AVX-512 check in `paged_attention`).
     #[inline(always)]
     fn run<const WIDE: bool>(&self, w: &Work) {
+        let mut scratch = SCRATCH.take();
+        self.run_in::<WIDE>(w, &mut scratch);
+        SCRATCH.set(scratch);
+    }
+
+    #[inline(always)]
+    fn run_in<const WIDE: bool>(&self, w: &Work, sc: &mut Scratch) {
         let (si, g, c) = (w.si, w.g, w.c);
         let (seqs, layout, q, k, v, dst) =
             (self.seqs, self.layout, self.q, self.k, self.v, self.dst);
         let (n_heads, n_rep, scale, hd) = (self.n_heads, self.n_rep, self.scale, layout.head_dim);
+        let bs = layout.block_size;
         let s = &seqs[si];
         let queries = c * Q_CHUNK..((c + 1) * Q_CHUNK).min(s.n_new);
         let nq = queries.len() * n_rep;
         // Online-softmax state per (query token, head of the group), fresh for each key chunk.
-        let mut m = vec![f32::NEG_INFINITY; nq];
-        let mut l = vec![0f32; nq];
-        let mut acc = vec![0f32; nq * hd];
-        let mut kb = vec![0f32; layout.block_size.max(16) * hd];
-        let mut vb = vec![0f32; layout.block_size * hd];
-        let mut scores = vec![0f32; layout.block_size];
-        let mut kt = if WIDE {
-            vec![0f32; 16 * hd]
-        } else {
-            Vec::new()
-        };
+        sc.reset(nq, hd, bs);
+        let Scratch {
+            m,
+            l,
+            acc,
+            kb,
+            vb,
+            scores,
+        } = sc;
         let end = s.context_len + queries.end;
-        let end_blk = end.div_ceil(layout.block_size);
+        let end_blk = end.div_ceil(bs);
         // The first key query position `pos` sees.
         let first_key = |pos: usize| self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         // Keys before the first query's window are seen by none of this task's queries.
         let seen_from = first_key(s.context_len + queries.start);
-        let cb = chunk_blocks(layout.block_size);
+        let cb = chunk_blocks(bs);
         for (ci, chunk) in w.chunks.clone().enumerate() {
             m.fill(f32::NEG_INFINITY);
             l.fill(0.0);
             acc.fill(0.0);
             for blk in chunk * cb..((chunk + 1) * cb).min(end_blk) {
-                let p0 = blk * layout.block_size;
-                let nb = (end - p0).min(layout.block_size);
+                let p0 = blk * bs;
+                let nb = (end - p0).min(bs);
                 if p0 + nb <= seen_from {
                     continue;
                 }
-                // The block's positions are consecutive slots of one pool block (one lookup
-                // and no division per key).
-                let first = layout.slot(s.block_table, p0) + g * hd;
-                let width = layout.token_width();
-                for j in 0..nb {
-                    let off = first + j * width;
-                    let (kd, vd) = (&mut kb[j * hd..(j + 1) * hd], &mut vb[j * hd..(j + 1) * hd]);
-                    #[cfg(target_arch = "x86_64")]
-                    if let (true, KvRef::F16(ks), KvRef::F16(vs)) = (WIDE, k, v) {
-                        // SAFETY: WIDE runs only with AVX-512F present and head_dim % 16 == 0.
-                        unsafe {
-                            x86::f16_to_f32(&ks[off..off + hd], kd);
-                            x86::f16_to_f32(&vs[off..off + hd], vd);
-                        }
-                        continue;
-                    }
-                    k.read(off, kd);
-                    v.read(off, vd);
-                }
+                let base = layout.head_offset(s.block_table[blk] as usize, g);
                 #[cfg(target_arch = "x86_64")]
                 if WIDE {
-                    {
-                        kb[nb * hd..16 * hd].fill(0.0);
-                        // SAFETY: WIDE runs only with AVX-512F present and head_dim % 16 == 0.
-                        unsafe { x86::transpose_keys(&kb, &mut kt, hd) };
+                    if blk + 1 < end_blk {
+                        // The next block of this head is elsewhere in the pool: ask for it now
+                        // (the stream prefetchers do not cross into it).
+                        let next = layout.head_offset(s.block_table[blk + 1] as usize, g);
+                        x86::prefetch(k, v, next, bs * hd);
                     }
+                    for j0 in (0..nb).step_by(x86::LANES) {
+                        let n = (nb - j0).min(x86::LANES);
+                        let p0 = p0 + j0;
+                        let mut src = x86::Keys::in_pool(k, v, base, j0, bs, hd);
+                        if queries.len() > 1 {
+                            // Several queries read these keys: convert them once.
+                            // SAFETY: WIDE runs only with AVX-512F/BW/VL and F16C present;
+                            // the n keys are in the pool; reset sized kb and vb.
+                            src = unsafe { x86::stage(src, n, hd, kb, vb) };
+                        }
+                        for (qi, t) in queries.clone().enumerate() {
+                            let pos = s.context_len + t;
+                            if pos < p0 {
+                                continue;
+                            }
+                            let valid = (pos + 1 - p0).min(n);
+                            // Keys of this step before the query's window.
+                            let skip = first_key(pos).saturating_sub(p0);
+                            if skip >= valid {
+                                continue;
+                            }
+                            let row = (s.row_start + t) * n_heads * hd;
+                            // The group's query heads are adjacent in the row, as are their
+                            // states.
+                            let qg = &q[row + g * n_rep * hd..row + (g + 1) * n_rep * hd];
+                            let st = qi * n_rep..(qi + 1) * n_rep;
+                            // SAFETY: as for `stage`; head_dim % 16 == 0 was checked in
+                            // `paged_attention`; keys below `valid` <= n are readable.
+                            unsafe {
+                                x86::update_group(
+                                    qg,
+                                    src,
+                                    skip..valid,
+                                    scale,
+                                    &mut m[st.clone()],
+                                    &mut l[st.clone()],
+                                    &mut acc[st.start * hd..st.end * hd],
+                                )
+                            };
+                        }
+                    }
+                    continue;
+                }
+                for j in 0..nb {
+                    k.read_strided(base + j, bs, &mut kb[j * hd..(j + 1) * hd]);
+                    v.read(base + j * hd, &mut vb[j * hd..(j + 1) * hd]);
                 }
                 for (qi, t) in queries.clone().enumerate() {
                     let pos = s.context_len + t;
@@ -334,27 +455,6 @@ impl Task<'_> {
                         continue;
                     }
                     let row = (s.row_start + t) * n_heads * hd;
-                    #[cfg(target_arch = "x86_64")]
-                    if WIDE {
-                        // The group's query heads are adjacent in the row, as are their states.
-                        let qg = &q[row + g * n_rep * hd..row + (g + 1) * n_rep * hd];
-                        let st = qi * n_rep..(qi + 1) * n_rep;
-                        // SAFETY: WIDE is only instantiated after the checks in
-                        // `paged_attention` (AVX-512F, block <= 16, head_dim % 16 == 0).
-                        unsafe {
-                            x86::update_group(
-                                qg,
-                                &kt,
-                                &vb,
-                                skip..valid,
-                                scale,
-                                &mut m[st.clone()],
-                                &mut l[st.clone()],
-                                &mut acc[st.start * hd..st.end * hd],
-                            )
-                        };
-                        continue;
-                    }
                     for r in 0..n_rep {
                         let h = g * n_rep + r;
                         let qv = &q[row + h * hd..row + (h + 1) * hd];

@@ -1,13 +1,19 @@
-//! AVX-512 inner step of paged attention: the query rows of one token and KV head against one
-//! block of at most 16 keys.
+//! AVX-512 inner step of paged attention: the query rows of one token and KV head against at
+//! most sixteen keys of one block.
 //!
-//! Keys arrive transposed (`kt[d * 16 + j]` = element `d` of key `j`), so the 16 scores come
-//! out of `head_dim` broadcast FMAs with no horizontal sums; the softmax weights use a
-//! vectorized `exp`. Only called after AVX-512F was detected (`SimdLevel::Avx512Vnni`).
+//! The pool stores each head's keys transposed (element `d` of the block's keys at
+//! `d * block_size + j`), so one (masked) load is one dimension of sixteen keys and the scores
+//! come out of `head_dim` broadcast FMAs with no horizontal sums; the softmax weights use a
+//! vectorized `exp`. Only called after AVX-512F/BW/VL and F16C were detected
+//! (`SimdLevel::Avx512Vnni`).
 
 use std::arch::x86_64::*;
 
-/// Keys per block this kernel handles (one 16-lane vector of scores).
+use half::f16;
+
+use super::KvRef;
+
+/// Keys one step handles (one 16-lane vector of scores).
 pub(super) const LANES: usize = 16;
 
 /// `e^x` for 16 lanes (x ≤ 0 here; below -87 gives 0): `2^n · p(f)` with `x·log2(e) = n + f`,
@@ -34,83 +40,139 @@ unsafe fn exp16(x: __m512) -> __m512 {
     _mm512_scalef_ps(p, n)
 }
 
-/// Converts `src` (a multiple of 16 long) into `dst` with `vcvtph2ps`, 16 at a time (the
-/// generic slice conversion costs more than the conversion for 64-element rows).
-///
-/// # Safety
-/// AVX-512F must be available; `src.len() == dst.len()`, a multiple of 16.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
-    debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(16));
-    for (i, o) in (0..src.len()).step_by(16).zip(dst.chunks_exact_mut(16)) {
-        let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-        _mm512_storeu_ps(o.as_mut_ptr(), _mm512_cvtph_ps(h));
+/// A pool element type, read sixteen at a time as f32.
+pub(super) trait Lane: Copy {
+    /// The elements at `p` whose bits are set in `mask`, as f32 (zero elsewhere; masked-off
+    /// elements are not read).
+    unsafe fn load(p: *const Self, mask: __mmask16) -> __m512;
+}
+
+impl Lane for f16 {
+    #[inline(always)]
+    unsafe fn load(p: *const f16, mask: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
     }
 }
 
-/// Transposes the block's keys `kb` (16 rows of `hd`, row-major, rows past the block's keys
-/// zero) into `kt` (`kt[d * 16 + j]` = element `d` of key `j`), 16 dimensions at a time with a
-/// 16x16 shuffle transpose.
-///
-/// # Safety
-/// AVX-512F must be available; `hd` a multiple of 16; `kb`, `kt` at least `16 * hd` long.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn transpose_keys(kb: &[f32], kt: &mut [f32], hd: usize) {
-    debug_assert!(hd.is_multiple_of(16) && kb.len() >= LANES * hd && kt.len() >= LANES * hd);
-    let (src, dst) = (kb.as_ptr(), kt.as_mut_ptr());
-    for c in (0..hd).step_by(16) {
-        let r: [__m512; 16] = std::array::from_fn(|j| _mm512_loadu_ps(src.add(j * hd + c)));
-        // Pairs of rows interleaved, then groups of four: lane L of u[4k + m] holds column
-        // 4L + m of rows 4k..4k+4.
-        let t: [__m512; 16] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_ps(a, b)
-            } else {
-                _mm512_unpackhi_ps(a, b)
-            }
-        });
-        let u: [__m512; 16] = std::array::from_fn(|i| {
-            let (k, m) = (i / 4, i % 4);
-            let (a, b) = (t[4 * k + m / 2], t[4 * k + 2 + m / 2]);
-            if m % 2 == 0 {
-                _mm512_shuffle_ps::<0x44>(a, b)
-            } else {
-                _mm512_shuffle_ps::<0xEE>(a, b)
-            }
-        });
-        for m in 0..4 {
-            let v = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
-            let w = _mm512_shuffle_f32x4::<0xDD>(u[m], u[4 + m]);
-            let x = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
-            let y = _mm512_shuffle_f32x4::<0xDD>(u[8 + m], u[12 + m]);
-            let out = [
-                _mm512_shuffle_f32x4::<0x88>(v, x),
-                _mm512_shuffle_f32x4::<0x88>(w, y),
-                _mm512_shuffle_f32x4::<0xDD>(v, x),
-                _mm512_shuffle_f32x4::<0xDD>(w, y),
-            ];
-            for (l, o) in out.into_iter().enumerate() {
-                _mm512_storeu_ps(dst.add((c + 4 * l + m) * LANES), o);
-            }
+impl Lane for f32 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32, mask: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(mask, p)
+    }
+}
+
+/// Where one step's keys and values are read: element `d` of key `j` at `k + d * stride + j`,
+/// of value `j` at `v + j * head_dim + d`.
+#[derive(Clone, Copy)]
+pub(super) enum Keys {
+    /// In an f16 pool.
+    F16 {
+        k: *const f16,
+        stride: usize,
+        v: *const f16,
+    },
+    /// In an f32 pool or a task's staging buffers.
+    F32 {
+        k: *const f32,
+        stride: usize,
+        v: *const f32,
+    },
+}
+
+impl Keys {
+    /// The keys of a block from its `j0`-th on, for the head at pool offset `base`.
+    pub(super) fn in_pool(
+        k: KvRef,
+        v: KvRef,
+        base: usize,
+        j0: usize,
+        block_size: usize,
+        hd: usize,
+    ) -> Keys {
+        let (ko, vo) = (base + j0, base + j0 * hd);
+        match (k, v) {
+            (KvRef::F16(k), KvRef::F16(v)) => Keys::F16 {
+                k: k[ko..].as_ptr(),
+                stride: block_size,
+                v: v[vo..].as_ptr(),
+            },
+            (KvRef::F32(k), KvRef::F32(v)) => Keys::F32 {
+                k: k[ko..].as_ptr(),
+                stride: block_size,
+                v: v[vo..].as_ptr(),
+            },
+            _ => unreachable!("K and V of one pool share an element type"),
         }
     }
 }
 
-/// Online-softmax update of `N` query rows that see the same keys (the query heads of one
-/// token that share a KV head) with the keys `keys` of a block: `q` the rows (`N * hd`), `kt`
-/// transposed keys (`hd * 16`), `vb` values (`keys.end * hd`, row-major); `m`, `l`, `acc` the
-/// rows' running maxima, denominators and weighted sums of values (`N * hd`). Each key and
-/// value load feeds all `N` rows; each row's arithmetic is the same sequence whatever `N`.
+/// Asks for `len` elements of K and of V from pool offset `at` into the cache.
+pub(super) fn prefetch(k: KvRef, v: KvRef, at: usize, len: usize) {
+    let lines = |s: *const u8, bytes: usize| {
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, wherever it points.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(off) as *const i8) };
+        }
+    };
+    match (k, v) {
+        (KvRef::F16(k), KvRef::F16(v)) => {
+            lines(k[at..].as_ptr() as *const u8, 2 * len);
+            lines(v[at..].as_ptr() as *const u8, 2 * len);
+        }
+        (KvRef::F32(k), KvRef::F32(v)) => {
+            lines(k[at..].as_ptr() as *const u8, 4 * len);
+            lines(v[at..].as_ptr() as *const u8, 4 * len);
+        }
+        _ => {}
+    }
+}
+
+/// Converts `n` keys (and their values) of an f16 pool, as [`Keys::in_pool`] finds them, into
+/// `kb` (`[hd, 16]`) and `vb` (`[n, hd]`) in f32, once for all the queries of a task (the
+/// conversion is exact, so staged and direct reads give the same scores).
 ///
 /// # Safety
-/// AVX-512F must be available; `hd` a multiple of 16; `keys` non-empty, `keys.end <= 16`.
-#[target_feature(enable = "avx512f,fma")]
+/// AVX-512F/BW/VL and F16C must be available; `src` must be [`Keys::F16`] with `n <= 16`
+/// keys readable; `kb` holds `16 * hd` and `vb` `n * hd` floats.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kb: &mut [f32], vb: &mut [f32]) -> Keys {
+    let Keys::F16 { k, stride, v } = src else {
+        return src;
+    };
+    debug_assert!(n <= LANES && kb.len() >= LANES * hd && vb.len() >= n * hd);
+    let mask: __mmask16 = ((1u32 << n) - 1) as u16;
+    for d in 0..hd {
+        _mm512_storeu_ps(
+            kb.as_mut_ptr().add(d * LANES),
+            f16::load(k.add(d * stride), mask),
+        );
+    }
+    for i in (0..n * hd).step_by(LANES) {
+        _mm512_storeu_ps(vb.as_mut_ptr().add(i), f16::load(v.add(i), !0));
+    }
+    Keys::F32 {
+        k: kb.as_ptr(),
+        stride: LANES,
+        v: vb.as_ptr(),
+    }
+}
+
+/// Online-softmax update of `N` query rows that see the same keys (the query heads of one
+/// token that share a KV head) with the `keys` of one step: `q` the rows (`N * hd`), `k`, `v`
+/// and `stride` as in [`Keys`]; `m`, `l`, `acc` the rows' running maxima, denominators and
+/// weighted sums of values (`N * hd`). Each key and value load feeds all `N` rows; each row's
+/// arithmetic is the same sequence whatever `N` and wherever the keys are read from.
+///
+/// # Safety
+/// AVX-512F/BW/VL and F16C must be available; `hd` a multiple of 16; `keys` non-empty,
+/// `keys.end <= 16`, and the keys below `keys.end` readable at `k` and `v`.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn update_rows<const N: usize>(
+unsafe fn update_rows<const N: usize, E: Lane>(
     q: &[f32],
-    kt: &[f32],
-    vb: &[f32],
+    k: *const E,
+    stride: usize,
+    v: *const E,
     keys: std::ops::Range<usize>,
     scale: f32,
     m: &mut [f32],
@@ -120,22 +182,23 @@ pub(super) unsafe fn update_rows<const N: usize>(
     let hd = q.len() / N;
     let valid = keys.end;
     debug_assert!(hd.is_multiple_of(16) && !keys.is_empty() && valid <= LANES);
-    debug_assert!(kt.len() >= hd * LANES && vb.len() >= valid * hd && acc.len() == N * hd);
-    debug_assert!(m.len() == N && l.len() == N);
+    debug_assert!(acc.len() == N * hd && m.len() == N && l.len() == N);
+    let upto: __mmask16 = ((1u32 << valid) - 1) as u16;
     let mut s = [[_mm512_setzero_ps(); 4]; N];
-    let (kp, qp) = (kt.as_ptr(), q.as_ptr());
-    for d in 0..hd {
-        let kd = _mm512_loadu_ps(kp.add(d * LANES));
-        for (r, s) in s.iter_mut().enumerate() {
-            s[d & 3] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(r * hd + d)), kd, s[d & 3]);
+    let qp = q.as_ptr();
+    // Dimension d feeds sum d % 4, four dimensions per iteration so the sums stay in
+    // registers (indexed by a variable, they lived on the stack).
+    for d0 in (0..hd).step_by(4) {
+        for (u, kd) in std::array::from_fn::<_, 4, _>(|u| E::load(k.add((d0 + u) * stride), upto))
+            .into_iter()
+            .enumerate()
+        {
+            for (r, s) in s.iter_mut().enumerate() {
+                s[u] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(r * hd + d0 + u)), kd, s[u]);
+            }
         }
     }
-    let upto: __mmask16 = if valid == LANES {
-        !0
-    } else {
-        (1u16 << valid) - 1
-    };
-    let live = upto & !((1u16 << keys.start) - 1);
+    let live = upto & !(((1u32 << keys.start) - 1) as u16);
     let mut pj = [[0f32; LANES]; N];
     let mut corr = [_mm512_setzero_ps(); N];
     for r in 0..N {
@@ -150,14 +213,14 @@ pub(super) unsafe fn update_rows<const N: usize>(
         _mm512_storeu_ps(pj[r].as_mut_ptr(), p);
         corr[r] = _mm512_set1_ps(c);
     }
-    let (ap, vp) = (acc.as_mut_ptr(), vb.as_ptr());
+    let ap = acc.as_mut_ptr();
     for c in (0..hd).step_by(16) {
         let mut a: [__m512; N] =
             std::array::from_fn(|r| _mm512_mul_ps(_mm512_loadu_ps(ap.add(r * hd + c)), corr[r]));
         for j in keys.clone() {
-            let v = _mm512_loadu_ps(vp.add(j * hd + c));
+            let vj = E::load(v.add(j * hd + c), !0);
             for r in 0..N {
-                a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*pj[r].get_unchecked(j)), v, a[r]);
+                a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*pj[r].get_unchecked(j)), vj, a[r]);
             }
         }
         for (r, a) in a.iter().enumerate() {
@@ -166,15 +229,15 @@ pub(super) unsafe fn update_rows<const N: usize>(
     }
 }
 
-/// [`update_rows`] for any number of rows, four at a time.
+/// [`update_rows`] for any number of rows, four at a time, reading from `src`.
 ///
 /// # Safety
 /// As for [`update_rows`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn update_group(
     q: &[f32],
-    kt: &[f32],
-    vb: &[f32],
+    src: Keys,
     keys: std::ops::Range<usize>,
     scale: f32,
     m: &mut [f32],
@@ -187,12 +250,20 @@ pub(super) unsafe fn update_group(
         let n = (m.len() - r).min(4);
         let (q, m, l) = (&q[r * hd..(r + n) * hd], &mut m[r..r + n], &mut l[r..r + n]);
         let acc = &mut acc[r * hd..(r + n) * hd];
-        let k = keys.clone();
-        match n {
-            4 => update_rows::<4>(q, kt, vb, k, scale, m, l, acc),
-            3 => update_rows::<3>(q, kt, vb, k, scale, m, l, acc),
-            2 => update_rows::<2>(q, kt, vb, k, scale, m, l, acc),
-            _ => update_rows::<1>(q, kt, vb, k, scale, m, l, acc),
+        let ks = keys.clone();
+        macro_rules! rows {
+            ($k:expr, $stride:expr, $v:expr) => {
+                match n {
+                    4 => update_rows::<4, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    3 => update_rows::<3, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    2 => update_rows::<2, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    _ => update_rows::<1, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                }
+            };
+        }
+        match src {
+            Keys::F16 { k, stride, v } => rows!(k, stride, v),
+            Keys::F32 { k, stride, v } => rows!(k, stride, v),
         }
         r += n;
     }
