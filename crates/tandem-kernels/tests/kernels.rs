@@ -274,6 +274,35 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Matrices of different formats sharing one call (q/k/v, gate/up) give bitwise what each
+    /// gives alone, on 1 or 3 threads.
+    #[test]
+    fn packed_matmul_many_equals_separate_calls(seed in any::<u64>(), a in 0usize..10, b in 0usize..10, m in 1usize..12, n1 in 1usize..70, n2 in 1usize..40, pooled in any::<bool>()) {
+        let types = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K];
+        let mut rng = StdRng::seed_from_u64(seed);
+        let k = 256;
+        let mut mat = |d: DType, n: usize| {
+            let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();
+            PackedMat::pack(&MatRef::new(d, n, k, &data).unwrap()).unwrap()
+        };
+        let (p1, p2) = (mat(types[a], n1), mat(types[b], n2));
+        let x = random_vec(&mut rng, m * k);
+        for level in SimdLevel::supported() {
+            let (mut want1, mut want2) = (vec![0f32; m * n1], vec![0f32; m * n2]);
+            packed::matmul_packed(&x, m, &p1, &mut want1, level);
+            packed::matmul_packed(&x, m, &p2, &mut want2, level);
+            let (mut got1, mut got2) = (vec![0f32; m * n1], vec![0f32; m * n2]);
+            let mut run = || packed::matmul_packed_many(&x, m, &[&p1, &p2], &mut [&mut got1, &mut got2], level);
+            if pooled { ThreadPool::new(3).unwrap().install(run) } else { run() }
+            prop_assert_eq!(&got1, &want1, "{:?}", level);
+            prop_assert_eq!(&got2, &want2, "{:?}", level);
+        }
+    }
+}
+
 #[test]
 fn shape_errors_are_typed() {
     assert!(matches!(

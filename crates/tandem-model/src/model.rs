@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tandem_collective::Collective;
 
-use tandem_kernels::packed::{matmul_packed, worth_packing};
+use tandem_kernels::packed::{matmul_packed, matmul_packed_many, worth_packing};
 use tandem_kernels::{
     matmul, ops, paged_attention, write_kv, AttnSeq, KvDType, PackedMat, Precision, RopeStyle,
     SimdLevel, ThreadPool,
@@ -266,13 +266,35 @@ impl LlamaModel {
 
     /// `out = x · wᵀ (+ bias)` for matrix `which` of layer `layer` (see [`layer_mats`]).
     fn linear(&self, x: &[f32], rows: usize, layer: usize, which: usize, out: &mut [f32]) {
-        let l = layer_mats(&self.weights.layers[layer])[which];
-        match self.packed().and_then(|p| p.layers[layer][which].as_ref()) {
-            Some(p) => matmul_packed(x, rows, p, out, self.level),
-            None => matmul(x, rows, &l.weight.mat(), out, self.precision),
+        self.linears(x, rows, layer, &[which], &mut [out]);
+    }
+
+    /// Several of a layer's matrices on the same input (q/k/v, gate/up): packed ones in one
+    /// call (one activation quantization, one parallel loop).
+    fn linears<const N: usize>(
+        &self,
+        x: &[f32],
+        rows: usize,
+        layer: usize,
+        which: &[usize; N],
+        outs: &mut [&mut [f32]; N],
+    ) {
+        let mats = layer_mats(&self.weights.layers[layer]);
+        let packed = self
+            .packed()
+            .map(|p| which.map(|i| p.layers[layer][i].as_ref()));
+        match packed.filter(|p| p.iter().all(Option::is_some)) {
+            Some(p) => matmul_packed_many(x, rows, &p.map(Option::unwrap), outs, self.level),
+            None => {
+                for (&i, out) in which.iter().zip(outs.iter_mut()) {
+                    matmul(x, rows, &mats[i].weight.mat(), out, self.precision);
+                }
+            }
         }
-        if let Some(b) = &l.bias {
-            ops::add_bias(out, b);
+        for (&i, out) in which.iter().zip(outs.iter_mut()) {
+            if let Some(b) = &mats[i].bias {
+                ops::add_bias(out, b);
+            }
         }
     }
 
@@ -463,9 +485,13 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, w) in self.weights.layers.iter().enumerate() {
             ops::rms_norm(&b.x, &w.attn_norm, eps, &mut b.h);
-            self.linear(&b.h, t, l, WQ, &mut b.q);
-            self.linear(&b.h, t, l, WK, &mut b.k);
-            self.linear(&b.h, t, l, WV, &mut b.v);
+            self.linears(
+                &b.h,
+                t,
+                l,
+                &[WQ, WK, WV],
+                &mut [&mut b.q, &mut b.k, &mut b.v],
+            );
             ops::rope(&mut b.q, nh, hd, &cos, &sin, self.style);
             ops::rope(&mut b.k, nkv, hd, &cos, &sin, self.style);
             {
@@ -481,8 +507,7 @@ impl LlamaModel {
             self.all_reduce(&mut b.o)?;
             ops::add_assign(&mut b.x, &b.o);
             ops::rms_norm(&b.x, &w.ffn_norm, eps, &mut b.h);
-            self.linear(&b.h, t, l, W_GATE, &mut b.gate);
-            self.linear(&b.h, t, l, W_UP, &mut b.up);
+            self.linears(&b.h, t, l, &[W_GATE, W_UP], &mut [&mut b.gate, &mut b.up]);
             ops::silu_mul(&mut b.gate, &b.up);
             self.linear(&b.gate, t, l, W_DOWN, &mut b.o);
             self.all_reduce(&mut b.o)?;

@@ -386,20 +386,39 @@ pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActBlock]) {
     quantize_act
 }
 
-/// Bytes of weight tiles a task runs all activation rows against before moving on, so they
-/// are read from memory once and then from L2 (which holds 1-2 MiB per core on the x86 parts
-/// this targets).
-const TILE_GROUP_BYTES: usize = 256 << 10;
-
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ` with packed weights. Each task takes a run of tiles, in
-/// groups that stay in L2, and runs the activation rows against each group eight at a time;
-/// every row's result is computed by the same sequence of operations whatever the number of
-/// rows beside it.
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` with packed weights (see [`matmul_packed_many`]).
 pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMat, out: &mut [f32], level: SimdLevel) {
-    let (n, k) = (w.rows, w.cols);
+    matmul_packed_many(x, m, &[w], &mut [out], level)
+}
+
+/// `outs[i][m, n_i] = x[m, k] · ws[i][n_i, k]ᵀ` with packed weights, for matrices that read the
+/// same activations (a layer's q/k/v, its gate/up): the activations are quantized once and
+/// every matrix's tiles share one parallel loop (a decode step is hundreds of short loops, and
+/// each costs a wake-up and a wait for the slowest thread). Each task takes a run of one
+/// matrix's tiles, in groups that stay in L2, and runs the activation rows against each group
+/// eight at a time; every row's result is computed by the same sequence of operations whatever
+/// the number of rows beside it and whatever matrices share the call.
+pub fn matmul_packed_many(
+    x: &[f32],
+    m: usize,
+    ws: &[&PackedMat],
+    outs: &mut [&mut [f32]],
+    level: SimdLevel,
+) {
+    assert_eq!(ws.len(), outs.len(), "matmul: one output per matrix");
+    let Some(k) = ws.first().map(|w| w.cols) else {
+        return;
+    };
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
-    assert_eq!(out.len(), m * n, "matmul: out is not [{m}, {n}]");
-    if m == 0 || n == 0 {
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert_eq!(
+            w.cols, k,
+            "matmul: matrices of one call share their input width"
+        );
+        let n = w.rows;
+        assert_eq!(out.len(), m * n, "matmul: out is not [{m}, {n}]");
+    }
+    if m == 0 {
         return;
     }
     let nb = k / QK;
@@ -413,57 +432,88 @@ pub fn matmul_packed(x: &[f32], m: usize, w: &PackedMat, out: &mut [f32], level:
             quantize(&x[i * k..(i + 1) * k], dst);
         }
     });
-    let kern = kernels(w.format, level);
-    let tiles = w.tiles();
-    let chunk = chunk_rows(tiles, 1);
-    let group = (TILE_GROUP_BYTES / w.format.tile_bytes(k).max(1)).max(1);
-    let dst = SyncPtr(out.as_mut_ptr());
-    let row_act = |i: usize| &act[i * nb..(i + 1) * nb];
-    for_each_task(tiles.div_ceil(chunk), |c| {
-        let mine = c * chunk..((c + 1) * chunk).min(tiles);
-        for g in mine.clone().step_by(group) {
-            let mut i = 0;
-            while i < m {
-                let step = match m - i {
-                    8.. => 8,
-                    4..=7 => 4,
-                    2..=3 => 2,
-                    _ => 1,
-                };
-                for t in g..(g + group).min(mine.end) {
-                    let tile = w.tile(t);
-                    let mut res = [[0f32; TILE_ROWS]; 8];
-                    // SAFETY: the kernels were chosen for a supported level; rows are nb blocks.
-                    unsafe {
-                        match step {
-                            8 => {
-                                res =
-                                    (kern.eight)(tile, std::array::from_fn(|q| row_act(i + q)), nb)
-                            }
-                            4 => res[..4].copy_from_slice(&(kern.four)(
-                                tile,
-                                std::array::from_fn(|q| row_act(i + q)),
-                                nb,
-                            )),
-                            2 => res[..2].copy_from_slice(&(kern.two)(
-                                tile,
-                                [row_act(i), row_act(i + 1)],
-                                nb,
-                            )),
-                            _ => res[..1].copy_from_slice(&(kern.one)(tile, [row_act(i)], nb)),
-                        }
-                    }
-                    let j0 = t * TILE_ROWS;
-                    let valid = (n - j0).min(TILE_ROWS);
-                    for (q, row) in res[..step].iter().enumerate() {
-                        // SAFETY: columns j0..j0+valid are this task's tile; no other task
-                        // writes them.
-                        let o = unsafe { dst.slice_mut((i + q) * n + j0, valid) };
-                        o.copy_from_slice(&row[..valid]);
-                    }
-                }
-                i += step;
-            }
-        }
+    // Runs of tiles, one matrix each, sized for the pool over all matrices' tiles together.
+    let chunk = chunk_rows(ws.iter().map(|w| w.tiles()).sum(), 1);
+    let runs: Vec<(usize, std::ops::Range<usize>)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| {
+            let tiles = w.tiles();
+            (0..tiles)
+                .step_by(chunk)
+                .map(move |t| (i, t..(t + chunk).min(tiles)))
+        })
+        .collect();
+    let dsts: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
+    let sets: Vec<PackedKernels> = ws.iter().map(|w| kernels(w.format, level)).collect();
+    let act = &act;
+    for_each_task(runs.len(), |c| {
+        let (wi, ref mine) = runs[c];
+        // SAFETY: the run's tiles are this task's only; rows are nb blocks.
+        unsafe { tile_run(ws[wi], &sets[wi], act, m, mine.clone(), dsts[wi]) }
     });
+}
+
+/// Bytes of weight tiles a task runs all activation rows against before moving on, so they
+/// are read from memory once and then from L2 (which holds 1-2 MiB per core on the x86 parts
+/// this targets).
+const TILE_GROUP_BYTES: usize = 256 << 10;
+
+/// Tiles `mine` of `w` against the `m` quantized activation rows `act`, into `dst` (`[m, n]`).
+///
+/// # Safety
+/// `kern` must be `w`'s kernels for a supported level; `act` holds `m` rows of `w.cols / 32`
+/// blocks; `dst` points at `m * w.rows` floats whose columns of tiles `mine` no other thread
+/// touches meanwhile.
+unsafe fn tile_run(
+    w: &PackedMat,
+    kern: &PackedKernels,
+    act: &[ActBlock],
+    m: usize,
+    mine: std::ops::Range<usize>,
+    dst: SyncPtr<f32>,
+) {
+    let (n, nb) = (w.rows, w.cols / QK);
+    let group = (TILE_GROUP_BYTES / w.format.tile_bytes(w.cols).max(1)).max(1);
+    let row_act = |i: usize| act.get_unchecked(i * nb..(i + 1) * nb);
+    for g in mine.clone().step_by(group) {
+        let mut i = 0;
+        while i < m {
+            for t in g..(g + group).min(mine.end) {
+                let tile = w.tile(t);
+                let j0 = t * TILE_ROWS;
+                let valid = (n - j0).min(TILE_ROWS);
+                // Row q's sixteen results into columns j0.. (fixed-size copies: a copy of a
+                // run-time length is a call to memcpy).
+                let put = |q: usize, row: &[f32; TILE_ROWS]| {
+                    let o = dst.0.add((i + q) * n + j0);
+                    if valid == TILE_ROWS {
+                        (o as *mut [f32; TILE_ROWS]).write_unaligned(*row);
+                    } else {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), o, valid);
+                    }
+                };
+                macro_rules! run {
+                    ($kernel:expr) => {
+                        $kernel(tile, std::array::from_fn(|q| row_act(i + q)), nb)
+                            .iter()
+                            .enumerate()
+                            .for_each(|(q, r)| put(q, r))
+                    };
+                }
+                match m - i {
+                    8.. => run!(kern.eight),
+                    4..=7 => run!(kern.four),
+                    2..=3 => run!(kern.two),
+                    _ => run!(kern.one),
+                }
+            }
+            i += match m - i {
+                8.. => 8,
+                4..=7 => 4,
+                2..=3 => 2,
+                _ => 1,
+            };
+        }
+    }
 }
