@@ -107,11 +107,12 @@ impl Keys {
 }
 
 /// Asks for `len` elements of K and of V from pool offset `at` into the cache.
+#[inline]
 pub(super) fn prefetch(k: KvRef, v: KvRef, at: usize, len: usize) {
     let lines = |s: *const u8, bytes: usize| {
         for off in (0..bytes).step_by(64) {
             // SAFETY: a prefetch never faults, wherever it points.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(off) as *const i8) };
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(s.wrapping_add(off) as *const i8) };
         }
     };
     match (k, v) {
