@@ -16,6 +16,8 @@ use crate::simd::SimdLevel;
 mod split;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
 
 use split::{chunk_blocks, merge_chunks, plan, Work};
 
@@ -69,23 +71,6 @@ impl KvRef<'_> {
         match self {
             KvRef::F16(s) => s[start..start + out.len()].convert_to_f32_slice(out),
             KvRef::F32(s) => out.copy_from_slice(&s[start..start + out.len()]),
-        }
-    }
-
-    /// Copies `out.len()` elements `stride` apart from `start` as f32 (one key of a block).
-    #[inline]
-    fn read_strided(&self, start: usize, stride: usize, out: &mut [f32]) {
-        match self {
-            KvRef::F16(s) => {
-                for (d, o) in out.iter_mut().enumerate() {
-                    *o = s[start + d * stride].to_f32();
-                }
-            }
-            KvRef::F32(s) => {
-                for (d, o) in out.iter_mut().enumerate() {
-                    *o = s[start + d * stride];
-                }
-            }
         }
     }
 }
@@ -230,23 +215,23 @@ pub fn paged_attention(
         partial: SyncPtr(partial.as_mut_ptr()),
     };
     let level = crate::simd::active();
-    #[cfg(target_arch = "x86_64")]
-    let wide = level >= SimdLevel::Avx512Vnni && layout.head_dim.is_multiple_of(16);
+    let hd = layout.head_dim;
     for_each_task(works.len(), |t| {
         let w = &works[t];
         #[cfg(target_arch = "x86_64")]
-        if wide {
+        if level >= SimdLevel::Avx512Vnni && hd.is_multiple_of(x86::LANES) {
             // SAFETY: AVX-512F/BW/VL and F16C were detected (SimdLevel::Avx512Vnni); the
-            // head size was checked above.
+            // head size was checked.
             unsafe { task.run_avx512(w) };
             return;
-        } else if level >= SimdLevel::Avx2 {
-            // SAFETY: AVX2 and FMA were detected at run time (SimdLevel::Avx2 requires both).
+        } else if level >= SimdLevel::Avx2 && hd.is_multiple_of(x86_avx2::LANES) {
+            // SAFETY: AVX2, FMA and F16C were detected (SimdLevel::Avx2 requires them); the
+            // head size was checked.
             unsafe { task.run_avx2(w) };
             return;
         }
         let _ = level;
-        task.run::<false>(w);
+        task.run::<0>(w);
     });
     merge_chunks(&works, seqs, n_heads, n_rep, layout.head_dim, &partial, out);
 }
@@ -282,8 +267,9 @@ struct Scratch {
     m: Vec<f32>,
     l: Vec<f32>,
     acc: Vec<f32>,
-    /// A block's keys and values in f32 (row-major, or staged for the wide step).
-    kb: Vec<f32>,
+    /// A block's keys and values in f32, as stored (`[head_dim, block_size]`,
+    /// `[block_size, head_dim]`) or staged for the wide step (16 keys).
+    kt: Vec<f32>,
     vb: Vec<f32>,
     /// One query's scores against a block.
     scores: Vec<f32>,
@@ -296,7 +282,7 @@ impl Scratch {
         self.m.resize(nq, 0.0);
         self.l.resize(nq, 0.0);
         self.acc.resize(nq * hd, 0.0);
-        self.kb.resize(keys * hd, 0.0);
+        self.kt.resize(keys * hd, 0.0);
         self.vb.resize(keys * hd, 0.0);
         self.scores.resize(keys, 0.0);
     }
@@ -306,52 +292,33 @@ thread_local! {
     static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
 }
 
-/// Dot product with 16 independent partial sums, so it vectorizes (a plain `sum()` is a
-/// sequential chain of dependent adds).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 impl Task<'_> {
     /// The task compiled for AVX2 + FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, w: &Work) {
-        self.run::<false>(w)
+        self.run::<{ x86_avx2::LANES }>(w)
     }
 
     /// The task with the AVX-512 block step (vectorized scores and softmax).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     unsafe fn run_avx512(&self, w: &Work) {
-        self.run::<true>(w)
+        self.run::<{ x86::LANES }>(w)
     }
 
-    /// `WIDE`: each token's step for a KV head's query group is [`x86::update_group`], reading
-    /// the pool directly (only instantiated behind the AVX-512 check in `paged_attention`).
+    /// `LANES`: each token's step for a KV head's query group is [`x86::update_group`] (16) or
+    /// [`x86_avx2::update_group`] (8) on that many keys at a time, reading the pool directly;
+    /// only instantiated behind the level checks in `paged_attention`. 0: portable code.
     #[inline(always)]
-    fn run<const WIDE: bool>(&self, w: &Work) {
+    fn run<const LANES: usize>(&self, w: &Work) {
         let mut scratch = SCRATCH.take();
-        self.run_in::<WIDE>(w, &mut scratch);
+        self.run_in::<LANES>(w, &mut scratch);
         SCRATCH.set(scratch);
     }
 
     #[inline(always)]
-    fn run_in<const WIDE: bool>(&self, w: &Work, sc: &mut Scratch) {
+    fn run_in<const LANES: usize>(&self, w: &Work, sc: &mut Scratch) {
         let (si, g, c) = (w.si, w.g, w.c);
         let (seqs, layout, q, k, v, dst) =
             (self.seqs, self.layout, self.q, self.k, self.v, self.dst);
@@ -366,7 +333,7 @@ impl Task<'_> {
             m,
             l,
             acc,
-            kb,
+            kt,
             vb,
             scores,
         } = sc;
@@ -389,22 +356,25 @@ impl Task<'_> {
                 }
                 let base = layout.head_offset(s.block_table[blk] as usize, g);
                 #[cfg(target_arch = "x86_64")]
-                if WIDE {
+                if LANES > 0 {
                     if blk + 1 < end_blk {
                         // The next block of this head is elsewhere in the pool: ask for it now
                         // (the stream prefetchers do not cross into it).
                         let next = layout.head_offset(s.block_table[blk + 1] as usize, g);
                         x86::prefetch(k, v, next, bs * hd);
                     }
-                    for j0 in (0..nb).step_by(x86::LANES) {
-                        let n = (nb - j0).min(x86::LANES);
+                    for j0 in (0..nb).step_by(LANES) {
+                        let n = (nb - j0).min(LANES);
                         let p0 = p0 + j0;
                         let mut src = x86::Keys::in_pool(k, v, base, j0, bs, hd);
-                        if queries.len() > 1 {
-                            // Several queries read these keys: convert them once.
-                            // SAFETY: WIDE runs only with AVX-512F/BW/VL and F16C present;
-                            // the n keys are in the pool; reset sized kb and vb.
-                            src = unsafe { x86::stage(src, n, hd, kb, vb) };
+                        // Several queries read these keys: convert them once. The AVX2 step
+                        // reads whole vectors, so a partial one is staged too.
+                        // SAFETY: LANES > 0 is only instantiated on the level its kernels
+                        // need; the n keys are in the pool; `reset` sized kt and vb.
+                        if LANES == x86::LANES && queries.len() > 1 {
+                            src = unsafe { x86::stage(src, n, hd, kt, vb) };
+                        } else if LANES == x86_avx2::LANES && (queries.len() > 1 || n < LANES) {
+                            src = unsafe { x86_avx2::stage(src, n, hd, kt, vb) };
                         }
                         for (qi, t) in queries.clone().enumerate() {
                             let pos = s.context_len + t;
@@ -422,27 +392,25 @@ impl Task<'_> {
                             // states.
                             let qg = &q[row + g * n_rep * hd..row + (g + 1) * n_rep * hd];
                             let st = qi * n_rep..(qi + 1) * n_rep;
-                            // SAFETY: as for `stage`; head_dim % 16 == 0 was checked in
-                            // `paged_attention`; keys below `valid` <= n are readable.
+                            let (m, l) = (&mut m[st.clone()], &mut l[st.clone()]);
+                            let acc = &mut acc[st.start * hd..st.end * hd];
+                            // SAFETY: as for `stage`; head_dim is a multiple of LANES (checked
+                            // in `paged_attention`); keys below `valid` <= n are readable, and
+                            // for the AVX2 step all eight (a whole step or staged).
                             unsafe {
-                                x86::update_group(
-                                    qg,
-                                    src,
-                                    skip..valid,
-                                    scale,
-                                    &mut m[st.clone()],
-                                    &mut l[st.clone()],
-                                    &mut acc[st.start * hd..st.end * hd],
-                                )
+                                if LANES == x86::LANES {
+                                    x86::update_group(qg, src, skip..valid, scale, m, l, acc)
+                                } else {
+                                    x86_avx2::update_group(qg, src, skip..valid, scale, m, l, acc)
+                                }
                             };
                         }
                     }
                     continue;
                 }
-                for j in 0..nb {
-                    k.read_strided(base + j, bs, &mut kb[j * hd..(j + 1) * hd]);
-                    v.read(base + j * hd, &mut vb[j * hd..(j + 1) * hd]);
-                }
+                // The head's keys ([hd, bs]) and values ([bs, hd]) in f32, each in one run.
+                k.read(base, &mut kt[..hd * bs]);
+                v.read(base, &mut vb[..nb * hd]);
                 for (qi, t) in queries.clone().enumerate() {
                     let pos = s.context_len + t;
                     if pos < p0 {
@@ -459,12 +427,20 @@ impl Task<'_> {
                         let h = g * n_rep + r;
                         let qv = &q[row + h * hd..row + (h + 1) * hd];
                         let st = qi * n_rep + r;
+                        // Dimension by dimension, across the block's keys (a vector loop
+                        // over keys; each score a sum in dimension order).
+                        let sc = &mut scores[skip..valid];
+                        sc.fill(0.0);
+                        for (d, &qd) in qv.iter().enumerate() {
+                            let kd = &kt[d * bs + skip..d * bs + valid];
+                            for (x, &kv) in sc.iter_mut().zip(kd) {
+                                *x += qd * kv;
+                            }
+                        }
                         let mut mx = m[st];
-                        for j in skip..valid {
-                            let kr = &kb[j * hd..(j + 1) * hd];
-                            let d = dot(qv, kr);
-                            scores[j] = d * scale;
-                            mx = mx.max(scores[j]);
+                        for x in sc.iter_mut() {
+                            *x *= scale;
+                            mx = mx.max(*x);
                         }
                         let corr = (m[st] - mx).exp();
                         let a = &mut acc[st * hd..(st + 1) * hd];

@@ -1,0 +1,221 @@
+//! AVX2 inner step of paged attention: [`super::x86`]'s step on eight keys at a time, for CPUs
+//! without AVX-512. Same reading of the transposed keys (one load is one dimension of eight
+//! keys), same online softmax; its sums are grouped for eight lanes, so its results are its
+//! own (and, like the AVX-512 step's, independent of the batch and the thread count).
+//! Only called after AVX2, FMA and F16C were detected (`SimdLevel::Avx2`).
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::x86::Keys;
+
+/// Keys one step handles.
+pub(super) const LANES: usize = 8;
+
+/// `e^x` for 8 lanes, as `super::x86`'s `exp16` (x clamped to [-87, 0], so `2^n` is built
+/// in the exponent field of a normal float).
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_setzero_ps());
+    let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+    let f = _mm256_sub_ps(t, n);
+    let c = [
+        1.535_336_2e-4f32,
+        1.339_887_4e-3,
+        9.618_437e-3,
+        5.550_332_6e-2,
+        2.402_264_9e-1,
+        6.931_472e-1,
+        1.0,
+    ];
+    let mut p = _mm256_set1_ps(c[0]);
+    for &ci in &c[1..] {
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ci));
+    }
+    let exp = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(exp)))
+}
+
+/// Largest and sum of the 8 lanes.
+#[inline(always)]
+unsafe fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+/// A pool element type, read eight at a time as f32.
+trait Lane8: Copy {
+    /// The eight elements at `p` as f32.
+    unsafe fn load(p: *const Self) -> __m256;
+}
+
+impl Lane8 for f16 {
+    #[inline(always)]
+    unsafe fn load(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+impl Lane8 for f32 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+}
+
+/// Copies `n < 8` keys (or any `n` when several queries read them) and their values into `kt`
+/// (`[hd, 8]`, zero past `n`) and `vb` (`[n, hd]`) in f32, so every step reads whole vectors.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `n <= 8` keys readable at `src`; `kt` holds `8 * hd`
+/// and `vb` `n * hd` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &mut [f32]) -> Keys {
+    debug_assert!(n <= LANES && kt.len() >= LANES * hd && vb.len() >= n * hd);
+    match src {
+        Keys::F16 { k, stride, v } => {
+            for d in 0..hd {
+                let row = &mut kt[d * LANES..(d + 1) * LANES];
+                if n == LANES {
+                    _mm256_storeu_ps(row.as_mut_ptr(), f16::load(k.add(d * stride)));
+                    continue;
+                }
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = if j < n {
+                        (*k.add(d * stride + j)).to_f32()
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            for i in (0..n * hd).step_by(LANES) {
+                _mm256_storeu_ps(vb.as_mut_ptr().add(i), f16::load(v.add(i)));
+            }
+        }
+        Keys::F32 { k, stride, v } => {
+            for d in 0..hd {
+                let row = &mut kt[d * LANES..(d + 1) * LANES];
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = if j < n { *k.add(d * stride + j) } else { 0.0 };
+                }
+            }
+            vb[..n * hd].copy_from_slice(std::slice::from_raw_parts(v, n * hd));
+        }
+    }
+    Keys::F32 {
+        k: kt.as_ptr(),
+        stride: LANES,
+        v: vb.as_ptr(),
+    }
+}
+
+/// `super::x86::update_rows` on eight keys: `keys.end <= 8`, and eight keys readable at `k`
+/// (a full step in the pool, or staged).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_rows<const N: usize, E: Lane8>(
+    q: &[f32],
+    k: *const E,
+    stride: usize,
+    v: *const E,
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+) {
+    let hd = q.len() / N;
+    debug_assert!(hd.is_multiple_of(8) && !keys.is_empty() && keys.end <= LANES);
+    debug_assert!(acc.len() == N * hd && m.len() == N && l.len() == N);
+    // Dimension d feeds sum d % 2 (sixteen registers in all: two sums for up to four rows).
+    let mut s = [[_mm256_setzero_ps(); 2]; N];
+    let qp = q.as_ptr();
+    for d0 in (0..hd).step_by(2) {
+        for u in 0..2 {
+            let kd = E::load(k.add((d0 + u) * stride));
+            for (r, s) in s.iter_mut().enumerate() {
+                s[u] = _mm256_fmadd_ps(_mm256_set1_ps(*qp.add(r * hd + d0 + u)), kd, s[u]);
+            }
+        }
+    }
+    let live: [i32; LANES] = std::array::from_fn(|j| -(keys.contains(&j) as i32));
+    let live = _mm256_castsi256_ps(_mm256_loadu_si256(live.as_ptr() as *const __m256i));
+    let mut pj = [[0f32; LANES]; N];
+    let mut corr = [_mm256_setzero_ps(); N];
+    for r in 0..N {
+        let sr = _mm256_mul_ps(_mm256_add_ps(s[r][0], s[r][1]), _mm256_set1_ps(scale));
+        let masked = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), sr, live);
+        let mx = hmax(masked).max(m[r]);
+        let p = _mm256_and_ps(exp8(_mm256_sub_ps(sr, _mm256_set1_ps(mx))), live);
+        let c = (m[r] - mx).exp();
+        l[r] = l[r] * c + hsum(p);
+        m[r] = mx;
+        _mm256_storeu_ps(pj[r].as_mut_ptr(), p);
+        corr[r] = _mm256_set1_ps(c);
+    }
+    let ap = acc.as_mut_ptr();
+    for c in (0..hd).step_by(8) {
+        let mut a: [__m256; N] =
+            std::array::from_fn(|r| _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * hd + c)), corr[r]));
+        for j in keys.clone() {
+            let vj = E::load(v.add(j * hd + c));
+            for r in 0..N {
+                a[r] = _mm256_fmadd_ps(_mm256_set1_ps(*pj[r].get_unchecked(j)), vj, a[r]);
+            }
+        }
+        for (r, a) in a.iter().enumerate() {
+            _mm256_storeu_ps(ap.add(r * hd + c), *a);
+        }
+    }
+}
+
+/// [`update_rows`] for any number of rows, four at a time, reading from `src`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `hd` a multiple of 8; `keys` non-empty,
+/// `keys.end <= 8`, eight keys and their values readable at `src`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn update_group(
+    q: &[f32],
+    src: Keys,
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+) {
+    let hd = acc.len() / m.len();
+    let mut r = 0;
+    while r < m.len() {
+        let n = (m.len() - r).min(4);
+        let (q, m, l) = (&q[r * hd..(r + n) * hd], &mut m[r..r + n], &mut l[r..r + n]);
+        let acc = &mut acc[r * hd..(r + n) * hd];
+        let ks = keys.clone();
+        macro_rules! rows {
+            ($k:expr, $stride:expr, $v:expr) => {
+                match n {
+                    4 => update_rows::<4, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    3 => update_rows::<3, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    2 => update_rows::<2, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    _ => update_rows::<1, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                }
+            };
+        }
+        match src {
+            Keys::F16 { k, stride, v } => rows!(k, stride, v),
+            Keys::F32 { k, stride, v } => rows!(k, stride, v),
+        }
+        r += n;
+    }
+}
