@@ -276,15 +276,17 @@ unsafe fn rows<const R: usize, const F: u8>(
     tile: &[u8],
     acts: [&[ActBlock]; R],
     nb: usize,
-) -> [[f32; TILE_ROWS]; R] {
+    out: *mut f32,
+    stride: usize,
+) {
     debug_assert_eq!(tile.len(), PackedFormat::from_id(F).tile_bytes(nb * QK));
     debug_assert!(acts.iter().all(|a| a.len() == nb));
-    let mut out = [[0f32; TILE_ROWS]; R];
     for (c, chunk) in acts.chunks(4).enumerate() {
         for h in 0..2 {
-            let mut put = |res: &[[f32; HALF]]| {
+            let put = |res: &[[f32; HALF]]| {
                 for (q, r) in res.iter().enumerate() {
-                    out[4 * c + q][HALF * h..HALF * (h + 1)].copy_from_slice(r);
+                    let o = out.add((4 * c + q) * stride + HALF * h);
+                    (o as *mut [f32; HALF]).write_unaligned(*r);
                 }
             };
             match chunk.len() {
@@ -294,7 +296,6 @@ unsafe fn rows<const R: usize, const F: u8>(
             }
         }
     }
-    out
 }
 
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {

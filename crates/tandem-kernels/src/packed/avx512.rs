@@ -171,7 +171,9 @@ unsafe fn rows<const R: usize, const F: u8>(
     tile: &[u8],
     acts: [&[ActBlock]; R],
     nb: usize,
-) -> [[f32; TILE_ROWS]; R] {
+    out: *mut f32,
+    stride: usize,
+) {
     let format = PackedFormat::from_id(F);
     let scheme = format.scheme();
     let blocks = format.super_len() / QK;
@@ -280,11 +282,9 @@ unsafe fn rows<const R: usize, const F: u8>(
             p = p.add(format.block_value_bytes());
         }
     }
-    let mut out = [[0f32; TILE_ROWS]; R];
     for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc[r], macc[r]));
+        _mm512_storeu_ps(out.add(r * stride), _mm512_add_ps(acc[r], macc[r]));
     }
-    out
 }
 
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {

@@ -313,9 +313,11 @@ pub fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
     }
 }
 
-/// Sixteen rows' dot products (one tile) with each of `R` activation rows.
+/// Sixteen rows' dot products (one tile) with each of `R` activation rows: activation row
+/// `q`'s sixteen results to `out + q * stride` (stored by the kernel where they go: copied out
+/// of a returned array, they cost a memcpy call per row).
 pub(crate) type TileRows<const R: usize> =
-    unsafe fn(&[u8], [&[ActBlock]; R], usize) -> [[f32; TILE_ROWS]; R];
+    unsafe fn(&[u8], [&[ActBlock]; R], usize, *mut f32, usize);
 
 /// The kernels of one format at one SIMD level, for 1, 2, 4 and 8 activation rows.
 #[derive(Clone, Copy)]
@@ -476,44 +478,51 @@ unsafe fn tile_run(
     let (n, nb) = (w.rows, w.cols / QK);
     let group = (TILE_GROUP_BYTES / w.format.tile_bytes(w.cols).max(1)).max(1);
     let row_act = |i: usize| act.get_unchecked(i * nb..(i + 1) * nb);
+    // A last tile of fewer than sixteen rows goes through a buffer.
+    let mut part = [0f32; 8 * TILE_ROWS];
     for g in mine.clone().step_by(group) {
         let mut i = 0;
         while i < m {
-            for t in g..(g + group).min(mine.end) {
-                let tile = w.tile(t);
-                let j0 = t * TILE_ROWS;
-                let valid = (n - j0).min(TILE_ROWS);
-                // Row q's sixteen results into columns j0.. (fixed-size copies: a copy of a
-                // run-time length is a call to memcpy).
-                let put = |q: usize, row: &[f32; TILE_ROWS]| {
-                    let o = dst.0.add((i + q) * n + j0);
-                    if valid == TILE_ROWS {
-                        (o as *mut [f32; TILE_ROWS]).write_unaligned(*row);
-                    } else {
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), o, valid);
-                    }
-                };
-                macro_rules! run {
-                    ($kernel:expr) => {
-                        $kernel(tile, std::array::from_fn(|q| row_act(i + q)), nb)
-                            .iter()
-                            .enumerate()
-                            .for_each(|(q, r)| put(q, r))
-                    };
-                }
-                match m - i {
-                    8.. => run!(kern.eight),
-                    4..=7 => run!(kern.four),
-                    2..=3 => run!(kern.two),
-                    _ => run!(kern.one),
-                }
-            }
-            i += match m - i {
+            let r = match m - i {
                 8.. => 8,
                 4..=7 => 4,
                 2..=3 => 2,
                 _ => 1,
             };
+            for t in g..(g + group).min(mine.end) {
+                let tile = w.tile(t);
+                let j0 = t * TILE_ROWS;
+                let valid = (n - j0).min(TILE_ROWS);
+                let (out, stride) = if valid == TILE_ROWS {
+                    (dst.0.add(i * n + j0), n)
+                } else {
+                    (part.as_mut_ptr(), TILE_ROWS)
+                };
+                macro_rules! run {
+                    ($kernel:expr) => {
+                        $kernel(
+                            tile,
+                            std::array::from_fn(|q| row_act(i + q)),
+                            nb,
+                            out,
+                            stride,
+                        )
+                    };
+                }
+                match r {
+                    8 => run!(kern.eight),
+                    4 => run!(kern.four),
+                    2 => run!(kern.two),
+                    _ => run!(kern.one),
+                }
+                if valid < TILE_ROWS {
+                    for q in 0..r {
+                        let o = dst.0.add((i + q) * n + j0);
+                        std::ptr::copy_nonoverlapping(part[q * TILE_ROWS..].as_ptr(), o, valid);
+                    }
+                }
+            }
+            i += r;
         }
     }
 }

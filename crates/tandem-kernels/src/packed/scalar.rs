@@ -37,13 +37,22 @@ pub fn dot(format: PackedFormat, tile: &[u8], r: usize, act: &[ActBlock], nb: us
     acc + macc
 }
 
-fn rows<const R: usize, const F: u8>(
+/// # Safety
+/// `out` must hold `R` rows of [`TILE_ROWS`] floats, `stride` apart.
+unsafe fn rows<const R: usize, const F: u8>(
     tile: &[u8],
     acts: [&[ActBlock]; R],
     nb: usize,
-) -> [[f32; TILE_ROWS]; R] {
+    out: *mut f32,
+    stride: usize,
+) {
     let format = PackedFormat::from_id(F);
-    acts.map(|a| std::array::from_fn(|r| dot(format, tile, r, a, nb)))
+    for (q, a) in acts.into_iter().enumerate() {
+        for r in 0..TILE_ROWS {
+            // SAFETY: the caller gives R rows of TILE_ROWS floats `stride` apart at `out`.
+            unsafe { *out.add(q * stride + r) = dot(format, tile, r, a, nb) };
+        }
+    }
 }
 
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
