@@ -388,8 +388,10 @@ proptest! {
         let (k_ref, v_ref) = (round(&k_all), round(&v_all));
         let q = random_vec(&mut rng, n_new * nh * hd);
         let pool = nblocks * bs * nkv * hd;
-        let (mut k32, mut v32) = (vec![0f32; pool], vec![0f32; pool]);
-        let (mut k16, mut v16) = (vec![f16::ZERO; pool], vec![f16::ZERO; pool]);
+        // Slots no sequence wrote hold NaN: a kernel reading past a sequence's keys (the AVX2
+        // step reads whole vectors) must mask them out without arithmetic.
+        let (mut k32, mut v32) = (vec![f32::NAN; pool], vec![f32::NAN; pool]);
+        let (mut k16, mut v16) = (vec![f16::NAN; pool], vec![f16::NAN; pool]);
         let seq0 = [AttnSeq { row_start: 0, n_new: total, context_len: 0, block_table: table }];
         {
             let (mut km, mut vm) = if f16_pool { (KvMut::F16(&mut k16), KvMut::F16(&mut v16)) } else { (KvMut::F32(&mut k32), KvMut::F32(&mut v32)) };

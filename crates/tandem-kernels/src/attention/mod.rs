@@ -368,12 +368,15 @@ impl Task<'_> {
                         let p0 = p0 + j0;
                         let mut src = x86::Keys::in_pool(k, v, base, j0, bs, hd);
                         // Several queries read these keys: convert them once. The AVX2 step
-                        // reads whole vectors, so a partial one is staged too.
+                        // reads eight keys whatever `n`: in the pool where eight fit in the
+                        // block (the keys past `n` are masked out of the softmax and their
+                        // values never read), staged where they do not.
                         // SAFETY: LANES > 0 is only instantiated on the level its kernels
                         // need; the n keys are in the pool; `reset` sized kt and vb.
                         if LANES == x86::LANES && queries.len() > 1 {
                             src = unsafe { x86::stage(src, n, hd, kt, vb) };
-                        } else if LANES == x86_avx2::LANES && (queries.len() > 1 || n < LANES) {
+                        } else if LANES == x86_avx2::LANES && (queries.len() > 1 || j0 + LANES > bs)
+                        {
                             src = unsafe { x86_avx2::stage(src, n, hd, kt, vb) };
                         }
                         for (qi, t) in queries.clone().enumerate() {

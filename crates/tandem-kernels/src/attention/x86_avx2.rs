@@ -73,8 +73,9 @@ impl Lane8 for f32 {
     }
 }
 
-/// Copies `n < 8` keys (or any `n` when several queries read them) and their values into `kt`
-/// (`[hd, 8]`, zero past `n`) and `vb` (`[n, hd]`) in f32, so every step reads whole vectors.
+/// Copies `n <= 8` keys and their values into `kt` (`[hd, 8]`, zero past `n`) and `vb`
+/// (`[n, hd]`) in f32: once for all the queries of a task, or where eight keys from the step's
+/// first would run past its block.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `n <= 8` keys readable at `src`; `kt` holds `8 * hd`
@@ -120,7 +121,9 @@ pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &
 }
 
 /// `super::x86::update_rows` on eight keys: `keys.end <= 8`, and eight keys readable at `k`
-/// (a full step in the pool, or staged).
+/// (in the pool, or staged). Keys at and past `keys.end` may hold anything, even NaN: each
+/// lane's score involves its own key only, and dead lanes are selected away (never multiplied)
+/// before the maximum, the weights and the values.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn update_rows<const N: usize, E: Lane8>(
