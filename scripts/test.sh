@@ -20,6 +20,11 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
 fi
 
 cargo test --workspace
+# The kernels again at the SIMD levels below this machine's best (attention takes its level
+# from TANDEM_SIMD; the packed-matmul tests already loop over every supported level).
+for level in avx2 scalar; do
+  TANDEM_SIMD=$level cargo test -p tandem-kernels --test kernels
+done
 
 venv="${TANDEM_TEST_VENV:-target/py-test-venv}"
 if [ ! -x "$venv/bin/python" ]; then
