@@ -16,6 +16,17 @@ use super::KvRef;
 /// Keys one step handles (one 16-lane vector of scores).
 pub(super) const LANES: usize = 16;
 
+/// Coefficients of `2^f` for `|f| <= 1/2`, highest degree first (shared with the AVX2 step).
+pub(super) const EXP2_POLY: [f32; 7] = [
+    1.535_336_2e-4,
+    1.339_887_4e-3,
+    9.618_437e-3,
+    5.550_332_6e-2,
+    2.402_264_9e-1,
+    6.931_472e-1,
+    1.0,
+];
+
 /// `e^x` for 16 lanes (x ≤ 0 here; below -87 gives 0): `2^n · p(f)` with `x·log2(e) = n + f`,
 /// `|f| ≤ 1/2`, and a degree-6 polynomial for `2^f` (relative error ~2e-7).
 #[inline(always)]
@@ -24,17 +35,8 @@ unsafe fn exp16(x: __m512) -> __m512 {
     let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
     let f = _mm512_sub_ps(t, n);
-    let c = [
-        1.535_336_2e-4f32,
-        1.339_887_4e-3,
-        9.618_437e-3,
-        5.550_332_6e-2,
-        2.402_264_9e-1,
-        6.931_472e-1,
-        1.0,
-    ];
-    let mut p = _mm512_set1_ps(c[0]);
-    for &ci in &c[1..] {
+    let mut p = _mm512_set1_ps(EXP2_POLY[0]);
+    for &ci in &EXP2_POLY[1..] {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(ci));
     }
     _mm512_scalef_ps(p, n)

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::x86::Keys;
+use super::x86::{Keys, EXP2_POLY};
 
 /// Keys one step handles.
 pub(super) const LANES: usize = 8;
@@ -21,17 +21,8 @@ unsafe fn exp8(x: __m256) -> __m256 {
     let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
     let f = _mm256_sub_ps(t, n);
-    let c = [
-        1.535_336_2e-4f32,
-        1.339_887_4e-3,
-        9.618_437e-3,
-        5.550_332_6e-2,
-        2.402_264_9e-1,
-        6.931_472e-1,
-        1.0,
-    ];
-    let mut p = _mm256_set1_ps(c[0]);
-    for &ci in &c[1..] {
+    let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+    for &ci in &EXP2_POLY[1..] {
         p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ci));
     }
     let exp = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
