@@ -2,24 +2,52 @@
 
 use crate::par::{for_each_task, SyncPtr};
 
+/// Runs `f(row)` for rows `0..rows`, in parallel chunks of at least eight rows (fewer rows
+/// than that run on the calling thread: a decode step's one row is not worth a pool wake-up).
+fn for_each_row(rows: usize, f: impl Fn(usize) + Sync) {
+    let per = rows.div_ceil(crate::par::current_threads() * 4).max(8);
+    for_each_task(rows.div_ceil(per), |c| {
+        for r in c * per..((c + 1) * per).min(rows) {
+            f(r);
+        }
+    });
+}
+
+/// One row of [`rms_norm`].
+#[inline]
+fn norm_row(xr: &[f32], weight: &[f32], eps: f32, o: &mut [f32]) {
+    let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / xr.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for ((o, &v), &g) in o.iter_mut().zip(xr).zip(weight) {
+        *o = v * inv * g;
+    }
+}
+
 /// Row-wise RMSNorm: `out[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight`, rows of `weight.len()`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     assert_eq!(x.len(), out.len());
-    let rows = x.len() / d.max(1);
-    let per = rows.div_ceil(crate::par::current_threads() * 4).max(8);
     let dst = SyncPtr(out.as_mut_ptr());
-    for_each_task(rows.div_ceil(per), |c| {
-        for r in c * per..((c + 1) * per).min(rows) {
-            let xr = &x[r * d..(r + 1) * d];
-            // SAFETY: row r is written by this task only.
-            let o = unsafe { dst.slice_mut(r * d, d) };
-            let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let inv = 1.0 / (ss + eps).sqrt();
-            for ((o, &v), &g) in o.iter_mut().zip(xr).zip(weight) {
-                *o = v * inv * g;
-            }
-        }
+    for_each_row(x.len() / d.max(1), |r| {
+        // SAFETY: row r is written by this task only.
+        let o = unsafe { dst.slice_mut(r * d, d) };
+        norm_row(&x[r * d..(r + 1) * d], weight, eps, o);
+    });
+}
+
+/// A residual add and the RMSNorm after it in one pass over the rows: `x += y`, then
+/// `out = rms_norm(x)` (bitwise what [`add_assign`] then [`rms_norm`] give; one parallel loop
+/// where they were a serial pass and a loop).
+pub fn add_rms_norm(x: &mut [f32], y: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    assert_eq!(x.len(), y.len());
+    assert_eq!(x.len(), out.len());
+    let (xs, dst) = (SyncPtr(x.as_mut_ptr()), SyncPtr(out.as_mut_ptr()));
+    for_each_row(y.len() / d.max(1), |r| {
+        // SAFETY: row r of x and of out is touched by this task only.
+        let (xr, o) = unsafe { (xs.slice_mut(r * d, d), dst.slice_mut(r * d, d)) };
+        add_assign(xr, &y[r * d..(r + 1) * d]);
+        norm_row(xr, weight, eps, o);
     });
 }
 
@@ -73,7 +101,10 @@ pub fn rope(
 ) {
     let half = head_dim / 2;
     let width = heads * head_dim;
-    for (r, row) in x.chunks_exact_mut(width).enumerate() {
+    let xs = SyncPtr(x.as_mut_ptr());
+    for_each_row(x.len() / width.max(1), |r| {
+        // SAFETY: row r is touched by this task only.
+        let row = unsafe { xs.slice_mut(r * width, width) };
         let (c, s) = (
             &cos[r * half..(r + 1) * half],
             &sin[r * half..(r + 1) * half],
@@ -96,5 +127,5 @@ pub fn rope(
                 }
             }
         }
-    }
+    });
 }

@@ -303,6 +303,34 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// The fused residual add + RMSNorm gives bitwise what the two separate passes give, and
+    /// the row-parallel norm and RoPE give on a pool what they give on one thread.
+    #[test]
+    fn row_ops_are_the_same_fused_and_on_a_pool(seed in any::<u64>(), rows in 1usize..40, heads in 1usize..4, interleaved in any::<bool>()) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (hd, d) = (16, 48);
+        let (x, y, w) = (random_vec(&mut rng, rows * d), random_vec(&mut rng, rows * d), random_vec(&mut rng, d));
+        let (cos, sin) = (random_vec(&mut rng, rows * hd / 2), random_vec(&mut rng, rows * hd / 2));
+        let q = random_vec(&mut rng, rows * heads * hd);
+        let style = if interleaved { RopeStyle::Interleaved } else { RopeStyle::Half };
+        let (mut want_x, mut want) = (x.clone(), vec![0f32; rows * d]);
+        ops::add_assign(&mut want_x, &y);
+        ops::rms_norm(&want_x, &w, 1e-5, &mut want);
+        let mut want_q = q.clone();
+        ops::rope(&mut want_q, heads, hd, &cos, &sin, style);
+        let (mut got_x, mut got, mut got_q) = (x.clone(), vec![0f32; rows * d], q.clone());
+        ThreadPool::new(3).unwrap().install(|| {
+            ops::add_rms_norm(&mut got_x, &y, &w, 1e-5, &mut got);
+            ops::rope(&mut got_q, heads, hd, &cos, &sin, style);
+        });
+        prop_assert_eq!(got_x, want_x);
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(got_q, want_q);
+    }
+}
+
 #[test]
 fn shape_errors_are_typed() {
     assert!(matches!(

@@ -484,7 +484,12 @@ impl LlamaModel {
         let layout = kv.layout();
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, w) in self.weights.layers.iter().enumerate() {
-            ops::rms_norm(&b.x, &w.attn_norm, eps, &mut b.h);
+            // The residual add of the layer before goes with this norm (one pass).
+            if l == 0 {
+                ops::rms_norm(&b.x, &w.attn_norm, eps, &mut b.h);
+            } else {
+                ops::add_rms_norm(&mut b.x, &b.o, &w.attn_norm, eps, &mut b.h);
+            }
             self.linears(
                 &b.h,
                 t,
@@ -505,14 +510,13 @@ impl LlamaModel {
             );
             self.linear(&b.att, t, l, WO, &mut b.o);
             self.all_reduce(&mut b.o)?;
-            ops::add_assign(&mut b.x, &b.o);
-            ops::rms_norm(&b.x, &w.ffn_norm, eps, &mut b.h);
+            ops::add_rms_norm(&mut b.x, &b.o, &w.ffn_norm, eps, &mut b.h);
             self.linears(&b.h, t, l, &[W_GATE, W_UP], &mut [&mut b.gate, &mut b.up]);
             ops::silu_mul(&mut b.gate, &b.up);
             self.linear(&b.gate, t, l, W_DOWN, &mut b.o);
             self.all_reduce(&mut b.o)?;
-            ops::add_assign(&mut b.x, &b.o);
         }
+        ops::add_assign(&mut b.x, &b.o);
         // Final norm and LM head only on the rows that need logits.
         let mut rows = Vec::new();
         let mut picked = Vec::new();
