@@ -25,24 +25,27 @@ PID=$!
 trap 'kill $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.5; done
 
-# run <concurrency> <requests> [response_format] -> "tok/s tpot_p50"
+# run <concurrency> <requests> <seed> [response_format] -> "tok/s tpot_p50". A new seed per
+# run: prompts repeated from an earlier run would be served from the prefix cache.
 run() {
   local extra=()
-  [ $# -ge 3 ] && extra=(--response-format "$3")
+  [ $# -ge 4 ] && extra=(--response-format "$4")
   "$TANDEM" bench serve --url "http://127.0.0.1:$PORT" --concurrency "$1" --requests "$2" \
-    --prompt-len "$PROMPT_LEN" --gen-len "$GEN_LEN" "${extra[@]}" |
+    --prompt-len "$PROMPT_LEN" --gen-len "$GEN_LEN" --seed "$3" "${extra[@]}" |
     awk '/^throughput/ {t=$2} /^TPOT/ {p50=$5} END {print t, p50}'
 }
 median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 
 printf '%-12s %-14s %10s %12s\n' concurrency mode "tok/s" "TPOT p50 ms"
+seed=0
 for c in 1 8; do
   n=$((c == 1 ? 6 : 24))
   free=(); json=(); free_tpot=(); json_tpot=()
   for _ in $(seq 1 "$ROUNDS"); do
     for order in free json json free; do
-      if [ "$order" = free ]; then read -r t p < <(run "$c" "$n"); free+=("$t"); free_tpot+=("$p")
-      else read -r t p < <(run "$c" "$n" "$SCHEMA"); json+=("$t"); json_tpot+=("$p"); fi
+      seed=$((seed + 1))
+      if [ "$order" = free ]; then read -r t p < <(run "$c" "$n" "$seed"); free+=("$t"); free_tpot+=("$p")
+      else read -r t p < <(run "$c" "$n" "$seed" "$SCHEMA"); json+=("$t"); json_tpot+=("$p"); fi
     done
   done
   ft=$(printf '%s\n' "${free[@]}" | median); jt=$(printf '%s\n' "${json[@]}" | median)

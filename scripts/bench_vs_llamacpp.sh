@@ -175,12 +175,14 @@ if [[ " $PARTS " == *" serve "* ]]; then
     for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && { ok=1; break; }; sleep 0.5; done
     [ "$ok" = 1 ] || { echo "server at $url did not come up; logs in $LOGS" >&2; tail -n 5 "$LOGS"/*.log >&2; exit 1; }
   done
-  # bench <url> <concurrency> -> "throughput ttft_mean_ms tpot_mean_ms effective_rps"
+  # bench <url> <concurrency> <seed> -> "throughput ttft_mean_ms tpot_mean_ms effective_rps".
+  # Every server gets the same prompts for one concurrency and round, and new ones for the
+  # next: repeated prompts would be served from the prefix caches.
   bench() {
     local n=$(($2 == 1 ? 4 : $2 * 2))
     [ "$2" -ge 32 ] && n=$2
     "$TANDEM" bench serve --url "$1" --concurrency "$2" --requests "$n" --prompt-len "$PROMPT_LEN" \
-      --gen-len "$GEN_LEN" --max-token-id 30000 | awk '
+      --gen-len "$GEN_LEN" --max-token-id 30000 --seed "$3" | awk '
         /^throughput/ {t=$2} /^TTFT/ {f=$3} /^TPOT/ {p=$3} /^effective/ {e=$3}
         END {print t, f, p, e}'
   }
@@ -201,11 +203,12 @@ if [[ " $PARTS " == *" serve "* ]]; then
   }
   for c in 1 8 32; do
     : >"$LOGS/l$c"; : >"$LOGS/t$c"; : >"$LOGS/i$c"; : >"$LOGS/t8_$c"
-    for _ in $(seq 1 "$ROUNDS"); do
-      bench "http://127.0.0.1:$LP" "$c" >>"$LOGS/l$c"
-      [ -n "$IP" ] && bench "http://127.0.0.1:$IP" "$c" >>"$LOGS/i$c"
-      bench "http://127.0.0.1:$TP" "$c" >>"$LOGS/t$c"
-      if [ "$c" -gt 8 ]; then bench "http://127.0.0.1:$T8P" "$c" >>"$LOGS/t8_$c"; fi
+    for round in $(seq 1 "$ROUNDS"); do
+      seed=$((1000 * round + c))
+      bench "http://127.0.0.1:$LP" "$c" "$seed" >>"$LOGS/l$c"
+      [ -n "$IP" ] && bench "http://127.0.0.1:$IP" "$c" "$seed" >>"$LOGS/i$c"
+      bench "http://127.0.0.1:$TP" "$c" "$seed" >>"$LOGS/t$c"
+      if [ "$c" -gt 8 ]; then bench "http://127.0.0.1:$T8P" "$c" "$seed" >>"$LOGS/t8_$c"; fi
     done
     rows "$c concurrent" "$LOGS/t$c" "$c"
     if [ -s "$LOGS/t8_$c" ]; then rows "$c, Tandem 8 at a time" "$LOGS/t8_$c" "$c"; fi
