@@ -217,7 +217,32 @@ unsafe fn update_rows<const N: usize, E: Lane>(
         corr[r] = _mm512_set1_ps(c);
     }
     let ap = acc.as_mut_ptr();
-    for c in (0..hd).step_by(16) {
+    // Two 16-dimension chunks at a time: 2N independent sums hide the FMA latency that N
+    // alone (one to four rows) left exposed, and each broadcast weight serves both. Each
+    // element still sums the keys in order, so the result is the same bits.
+    let mut c = 0;
+    while c + 32 <= hd {
+        let load = |r: usize, c: usize| _mm512_mul_ps(_mm512_loadu_ps(ap.add(r * hd + c)), corr[r]);
+        let mut a: [__m512; N] = std::array::from_fn(|r| load(r, c));
+        let mut b: [__m512; N] = std::array::from_fn(|r| load(r, c + 16));
+        for j in keys.clone() {
+            let (va, vb) = (
+                E::load(v.add(j * hd + c), !0),
+                E::load(v.add(j * hd + c + 16), !0),
+            );
+            for r in 0..N {
+                let p = _mm512_set1_ps(*pj[r].get_unchecked(j));
+                a[r] = _mm512_fmadd_ps(p, va, a[r]);
+                b[r] = _mm512_fmadd_ps(p, vb, b[r]);
+            }
+        }
+        for r in 0..N {
+            _mm512_storeu_ps(ap.add(r * hd + c), a[r]);
+            _mm512_storeu_ps(ap.add(r * hd + c + 16), b[r]);
+        }
+        c += 32;
+    }
+    if c < hd {
         let mut a: [__m512; N] =
             std::array::from_fn(|r| _mm512_mul_ps(_mm512_loadu_ps(ap.add(r * hd + c)), corr[r]));
         for j in keys.clone() {

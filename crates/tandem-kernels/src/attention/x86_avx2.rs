@@ -158,7 +158,28 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
         corr[r] = _mm256_set1_ps(c);
     }
     let ap = acc.as_mut_ptr();
-    for c in (0..hd).step_by(8) {
+    // Two 8-dimension chunks at a time, as in the AVX-512 step: 2N independent sums, one
+    // broadcast per weight, each element's keys still summed in order.
+    let mut c = 0;
+    while c + 16 <= hd {
+        let load = |r: usize, c: usize| _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * hd + c)), corr[r]);
+        let mut a: [__m256; N] = std::array::from_fn(|r| load(r, c));
+        let mut b: [__m256; N] = std::array::from_fn(|r| load(r, c + 8));
+        for j in keys.clone() {
+            let (va, vb) = (E::load(v.add(j * hd + c)), E::load(v.add(j * hd + c + 8)));
+            for r in 0..N {
+                let p = _mm256_set1_ps(*pj[r].get_unchecked(j));
+                a[r] = _mm256_fmadd_ps(p, va, a[r]);
+                b[r] = _mm256_fmadd_ps(p, vb, b[r]);
+            }
+        }
+        for r in 0..N {
+            _mm256_storeu_ps(ap.add(r * hd + c), a[r]);
+            _mm256_storeu_ps(ap.add(r * hd + c + 8), b[r]);
+        }
+        c += 16;
+    }
+    if c < hd {
         let mut a: [__m256; N] =
             std::array::from_fn(|r| _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * hd + c)), corr[r]));
         for j in keys.clone() {
