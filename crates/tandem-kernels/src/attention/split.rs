@@ -9,6 +9,7 @@
 use std::ops::Range;
 
 use super::{AttnSeq, PagedLayout, Q_CHUNK};
+use crate::par::{for_each_task, SyncPtr};
 
 /// Keys per chunk (rounded to whole blocks).
 pub(super) const CHUNK_KEYS: usize = 128;
@@ -98,7 +99,9 @@ pub(super) fn plan(
 }
 
 /// Combines the chunk states of queries that see several chunks, in chunk order: with `M` the
-/// largest chunk maximum, `out = Σ e^(m_k - M) acc_k / Σ e^(m_k - M) l_k`.
+/// largest chunk maximum, `out = Σ e^(m_k - M) acc_k / Σ e^(m_k - M) l_k`. The groups of works
+/// (one query chunk of one KV head) write disjoint outputs and are merged in parallel when
+/// there are enough of them.
 pub(super) fn merge_chunks(
     works: &[Work],
     seqs: &[AttnSeq],
@@ -108,17 +111,25 @@ pub(super) fn merge_chunks(
     partial: &[f32],
     out: &mut [f32],
 ) {
+    // (first work, works) of each group with partial states.
+    let mut groups = Vec::new();
     let mut i = 0;
     while i < works.len() {
         let w = &works[i];
-        let Some(first) = w.partial else {
-            i += 1;
-            continue;
-        };
         let parts = works[i..]
             .iter()
             .take_while(|x| (x.si, x.g, x.c) == (w.si, w.g, w.c))
             .count();
+        if w.partial.is_some() {
+            groups.push((i, parts));
+        }
+        i += parts;
+    }
+    let dst = SyncPtr(out.as_mut_ptr());
+    let merge = |gi: usize| {
+        let (i, parts) = groups[gi];
+        let w = &works[i];
+        let Some(first) = w.partial else { return };
         let chunks: usize = works[i..i + parts].iter().map(|x| x.chunks.len()).sum();
         let len = w.chunk_len(seqs, n_rep, hd);
         let s = &seqs[w.si];
@@ -132,7 +143,8 @@ pub(super) fn merge_chunks(
                     .map(|k| state(k)[0])
                     .fold(f32::NEG_INFINITY, f32::max);
                 let h = w.g * n_rep + r;
-                let o = &mut out[row + h * hd..row + (h + 1) * hd];
+                // SAFETY: query t's head h belongs to this group only.
+                let o = unsafe { dst.slice_mut(row + h * hd, hd) };
                 o.fill(0.0);
                 let mut sum = 0f32;
                 for k in 0..chunks {
@@ -150,6 +162,11 @@ pub(super) fn merge_chunks(
                 o.iter_mut().for_each(|x| *x *= inv);
             }
         }
-        i += parts;
+    };
+    // A lone decode's few groups are less work than waking the pool.
+    if groups.len() >= 8 {
+        for_each_task(groups.len(), merge);
+    } else {
+        (0..groups.len()).for_each(merge);
     }
 }
