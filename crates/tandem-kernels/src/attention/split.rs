@@ -111,7 +111,7 @@ pub(super) fn merge_chunks(
     partial: &[f32],
     out: &mut [f32],
 ) {
-    // (first work, works) of each group with partial states.
+    // (first work, works, first partial state) of each group with partial states.
     let mut groups = Vec::new();
     let mut i = 0;
     while i < works.len() {
@@ -120,16 +120,15 @@ pub(super) fn merge_chunks(
             .iter()
             .take_while(|x| (x.si, x.g, x.c) == (w.si, w.g, w.c))
             .count();
-        if w.partial.is_some() {
-            groups.push((i, parts));
+        if let Some(first) = w.partial {
+            groups.push((i, parts, first));
         }
         i += parts;
     }
     let dst = SyncPtr(out.as_mut_ptr());
     let merge = |gi: usize| {
-        let (i, parts) = groups[gi];
+        let (i, parts, first) = groups[gi];
         let w = &works[i];
-        let Some(first) = w.partial else { return };
         let chunks: usize = works[i..i + parts].iter().map(|x| x.chunks.len()).sum();
         let len = w.chunk_len(seqs, n_rep, hd);
         let s = &seqs[w.si];

@@ -158,38 +158,48 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
         corr[r] = _mm256_set1_ps(c);
     }
     let ap = acc.as_mut_ptr();
-    // Two 8-dimension chunks at a time, as in the AVX-512 step: 2N independent sums, one
-    // broadcast per weight, each element's keys still summed in order.
     let mut c = 0;
     while c + 16 <= hd {
-        let load = |r: usize, c: usize| _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * hd + c)), corr[r]);
-        let mut a: [__m256; N] = std::array::from_fn(|r| load(r, c));
-        let mut b: [__m256; N] = std::array::from_fn(|r| load(r, c + 8));
-        for j in keys.clone() {
-            let (va, vb) = (E::load(v.add(j * hd + c)), E::load(v.add(j * hd + c + 8)));
-            for r in 0..N {
-                let p = _mm256_set1_ps(*pj[r].get_unchecked(j));
-                a[r] = _mm256_fmadd_ps(p, va, a[r]);
-                b[r] = _mm256_fmadd_ps(p, vb, b[r]);
-            }
-        }
-        for r in 0..N {
-            _mm256_storeu_ps(ap.add(r * hd + c), a[r]);
-            _mm256_storeu_ps(ap.add(r * hd + c + 8), b[r]);
-        }
+        add_values::<N, 2, E>(ap, hd, c, &corr, &pj, v, keys.clone());
         c += 16;
     }
     if c < hd {
-        let mut a: [__m256; N] =
-            std::array::from_fn(|r| _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * hd + c)), corr[r]));
-        for j in keys.clone() {
-            let vj = E::load(v.add(j * hd + c));
-            for r in 0..N {
-                a[r] = _mm256_fmadd_ps(_mm256_set1_ps(*pj[r].get_unchecked(j)), vj, a[r]);
+        add_values::<N, 1, E>(ap, hd, c, &corr, &pj, v, keys);
+    }
+}
+
+/// Rescales `K` 8-dimension chunks (from `c`) of each row's value sums at `acc` by
+/// `corr` and adds the values of `keys` weighted by `pj`, key by key. Two chunks at a time give
+/// 2N independent FMA chains where one gave N (one to four rows) and left their latency
+/// exposed, and each broadcast weight serves both; every element still sums its keys in
+/// order, so the result is the same bits either way.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_values<const N: usize, const K: usize, E: Lane8>(
+    acc: *mut f32,
+    hd: usize,
+    c: usize,
+    corr: &[__m256; N],
+    pj: &[[f32; LANES]; N],
+    v: *const E,
+    keys: std::ops::Range<usize>,
+) {
+    let at = |r: usize, u: usize| acc.add(r * hd + c + 8 * u);
+    let mut a: [[__m256; K]; N] = std::array::from_fn(|r| {
+        std::array::from_fn(|u| _mm256_mul_ps(_mm256_loadu_ps(at(r, u)), corr[r]))
+    });
+    for j in keys {
+        let vj: [__m256; K] = std::array::from_fn(|u| E::load(v.add(j * hd + c + 8 * u)));
+        for r in 0..N {
+            let p = _mm256_set1_ps(*pj[r].get_unchecked(j));
+            for u in 0..K {
+                a[r][u] = _mm256_fmadd_ps(p, vj[u], a[r][u]);
             }
         }
-        for (r, a) in a.iter().enumerate() {
-            _mm256_storeu_ps(ap.add(r * hd + c), *a);
+    }
+    for (r, row) in a.iter().enumerate() {
+        for (u, x) in row.iter().enumerate() {
+            _mm256_storeu_ps(at(r, u), *x);
         }
     }
 }
