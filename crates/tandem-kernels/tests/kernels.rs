@@ -215,16 +215,23 @@ fn matmul_paths_agree() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
-    /// The SIMD activation quantizer equals the scalar one bit for bit.
+    /// The SIMD activation quantizers equal the scalar one bit for bit, with a scale per
+    /// block and per eight blocks; a group's blocks share its scale, set by its largest value.
     #[test]
-    fn packed_act_quantizers_agree(seed in any::<u64>(), blocks in 1usize..11) {
+    fn packed_act_quantizers_agree(seed in any::<u64>(), groups in 1usize..4, per_super in any::<bool>()) {
         let mut rng = StdRng::seed_from_u64(seed);
+        let group = if per_super { 8 } else { 1 };
+        let blocks = groups * group;
         let x = random_vec(&mut rng, blocks * 32);
         let mut want = vec![packed::ActBlock::default(); blocks];
-        packed::quantize_act(&x, &mut want);
+        packed::quantize_act(&x, &mut want, group);
+        for (g, xs) in want.chunks(group).zip(x.chunks(group * 32)) {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            prop_assert!(g.iter().all(|a| a.d == amax / 127.0));
+        }
         for level in SimdLevel::supported() {
             let mut got = vec![packed::ActBlock::default(); blocks];
-            packed::act_quantizer(level)(&x, &mut got);
+            packed::act_quantizer(level)(&x, &mut got, group);
             prop_assert_eq!(&got, &want);
         }
     }
@@ -244,7 +251,7 @@ proptest! {
         let x = random_vec(&mut rng, m * k);
         let mut acts = vec![packed::ActBlock::default(); m * k / 32];
         for (row, a) in x.chunks_exact(k).zip(acts.chunks_exact_mut(k / 32)) {
-            packed::quantize_act(row, a);
+            packed::quantize_act(row, a, p.format.act_group());
         }
         let mut wrow = vec![0f32; k];
         let mut scalar = vec![0f32; m * n];

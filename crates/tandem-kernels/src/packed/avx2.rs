@@ -9,8 +9,8 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{ActBlock, PackedFormat, PackedKernels, Scheme};
-use crate::dtype::QK;
+use super::{pair_i16, ActBlock, PackedFormat, PackedKernels, Scheme};
+use crate::dtype::{QK, QK_K};
 
 /// Rows per half-tile.
 const HALF: usize = TILE_ROWS / 2;
@@ -88,16 +88,15 @@ unsafe fn value<const F: u8>(p: *const u8, h: usize, j: usize) -> __m256i {
     }
 }
 
-/// Eight bytes at `p` as f32 lanes (unsigned, or signed when `SIGNED`).
+/// Eight bytes at `p` as i32 lanes (unsigned, or signed when `SIGNED`).
 #[inline(always)]
-unsafe fn bytes_ps<const SIGNED: bool>(p: *const u8) -> __m256 {
+unsafe fn bytes_epi32<const SIGNED: bool>(p: *const u8) -> __m256i {
     let b = _mm_loadl_epi64(p as *const __m128i);
-    let i = if SIGNED {
+    if SIGNED {
         _mm256_cvtepi8_epi32(b)
     } else {
         _mm256_cvtepu8_epi32(b)
-    };
-    _mm256_cvtepi32_ps(i)
+    }
 }
 
 /// Eight f16 at `p` as f32.
@@ -106,7 +105,229 @@ unsafe fn halves(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
-/// Half `h` of a tile against `R` activation rows.
+/// The activation dword `j` of `a` (values `4j..4j+4`) in every lane.
+#[inline(always)]
+unsafe fn act_dword(a: &ActBlock, j: usize) -> __m256i {
+    _mm256_set1_epi32((a.qs.as_ptr() as *const i32).add(j).read_unaligned())
+}
+
+/// The integer dot products of value registers `j0` and `j1` (at most 6-bit values, so two
+/// `vpmaddubsw` results add up without saturating) with one activation row.
+#[inline(always)]
+unsafe fn dot_pair(v0: __m256i, v1: __m256i, a: &ActBlock, j0: usize, j1: usize) -> __m256i {
+    let s16 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(v0, act_dword(a, j0)),
+        _mm256_maddubs_epi16(v1, act_dword(a, j1)),
+    );
+    _mm256_madd_epi16(s16, _mm256_set1_epi16(1))
+}
+
+/// Half `h` of a Block32 tile against `R` activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_half<const R: usize, const F: u8>(
+    tile: &[u8],
+    h: usize,
+    acts: &[&[ActBlock]],
+    nb: usize,
+) -> [__m256; R] {
+    let format = PackedFormat::from_id(F);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut macc = [_mm256_setzero_ps(); R];
+    let mut p = tile.as_ptr();
+    let prefetch = crate::simd::prefetch_weights();
+    let row = |field: *const u8, width: usize| field.add(width * HALF * h);
+    for blk in 0..nb {
+        let d = halves(row(p, 2));
+        let min = if format.float_min() {
+            halves(row(p.add(2 * TILE_ROWS), 2))
+        } else {
+            _mm256_setzero_ps()
+        };
+        p = p.add(format.header_bytes());
+        // Every line of the block ahead (the second half finds them in L2) where that pays
+        // (see `prefetch_weights`); may point past the matrix: a prefetch never faults.
+        if h == 0 && prefetch {
+            for line in (0..format.block_value_bytes()).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
+            }
+        }
+        let mut isum = [_mm256_setzero_si256(); R];
+        if format.bits() == 8 {
+            // u = q + 128 would overflow vpmaddubsw's pair sums: multiply the signed
+            // values (|q| by the activation with q's sign), which is already the offset
+            // sum(u * a) - 128 * sum(a) the other formats subtract below.
+            for j in 0..8 {
+                let q = _mm256_xor_si256(value::<F>(p, h, j), _mm256_set1_epi8(-128));
+                let aq = _mm256_abs_epi8(q);
+                for (t, a) in isum.iter_mut().zip(acts) {
+                    let a = a.get_unchecked(blk);
+                    let prod = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(aq, _mm256_sign_epi8(act_dword(a, j), q)),
+                        _mm256_set1_epi16(1),
+                    );
+                    *t = _mm256_add_epi32(*t, prod);
+                }
+            }
+        } else {
+            for pair in 0..4 {
+                let (j0, j1) = (2 * pair, 2 * pair + 1);
+                let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
+                for (t, a) in isum.iter_mut().zip(acts) {
+                    *t = _mm256_add_epi32(*t, dot_pair(v0, v1, a.get_unchecked(blk), j0, j1));
+                }
+            }
+        }
+        for r in 0..R {
+            let a = acts.get_unchecked(r).get_unchecked(blk);
+            let mut i = isum[r];
+            if format.bits() != 8 && format.int_offset() != 0 {
+                let sum = a.half_sums[0] + a.half_sums[1];
+                let off = _mm256_set1_epi32(sum.wrapping_mul(format.int_offset()));
+                i = _mm256_sub_epi32(i, off);
+            }
+            let da = _mm256_set1_ps(a.d);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d, da), acc[r]);
+            if format.float_min() {
+                macc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(a.s), macc[r]);
+            }
+        }
+        p = p.add(format.block_value_bytes());
+    }
+    std::array::from_fn(|r| _mm256_add_ps(acc[r], macc[r]))
+}
+
+/// Half `h` of a k-quant tile against `R` activation rows (one activation scale per
+/// super-block), as the VNNI kernel's `super_rows`: integer sums under the integer block (or
+/// half-block) scales, one float step per super-block, the minimums by `vpmaddwd` on pairs.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn super_half<const R: usize, const F: u8>(
+    tile: &[u8],
+    h: usize,
+    acts: &[&[ActBlock]],
+    nb: usize,
+) -> [__m256; R] {
+    let format = PackedFormat::from_id(F);
+    let scheme = format.scheme();
+    let blocks = QK_K / QK;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut p = tile.as_ptr();
+    let prefetch = crate::simd::prefetch_weights();
+    let row = |field: *const u8, width: usize| field.add(width * HALF * h);
+    for s in 0..nb / blocks {
+        let hd = p;
+        p = p.add(format.header_bytes());
+        let mut isum = [_mm256_setzero_si256(); R];
+        for bi in 0..blocks {
+            let blk = s * blocks + bi;
+            if h == 0 && prefetch {
+                for line in (0..format.block_value_bytes()).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
+                }
+            }
+            // The scales of elements 0..16 and 16..32 (equal for K32), and the offsets the
+            // K16 formats subtract.
+            let (sc, offset) = match scheme {
+                Scheme::K32 => {
+                    let sc = bytes_epi32::<false>(row(hd.add(4 * TILE_ROWS + TILE_ROWS * bi), 1));
+                    ([sc, sc], 0)
+                }
+                Scheme::K16 { offset, mins } => {
+                    let at = hd.add(if mins { 4 } else { 2 } * TILE_ROWS + 2 * TILE_ROWS * bi);
+                    let at = [row(at, 1), row(at.add(TILE_ROWS), 1)];
+                    let sc = if mins {
+                        let nib = _mm256_set1_epi32(0x0f);
+                        at.map(|q| _mm256_and_si256(bytes_epi32::<false>(q), nib))
+                    } else {
+                        at.map(|q| bytes_epi32::<true>(q))
+                    };
+                    (sc, offset)
+                }
+                Scheme::Block32 { .. } => unreachable!("Block32 formats run block_half"),
+            };
+            if scheme == Scheme::K32 {
+                let mut dot = [_mm256_setzero_si256(); R];
+                for pair in 0..4 {
+                    let (j0, j1) = (2 * pair, 2 * pair + 1);
+                    let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
+                    for (t, a) in dot.iter_mut().zip(acts) {
+                        *t = _mm256_add_epi32(*t, dot_pair(v0, v1, a.get_unchecked(blk), j0, j1));
+                    }
+                }
+                for (t, d) in isum.iter_mut().zip(dot) {
+                    *t = _mm256_add_epi32(*t, _mm256_mullo_epi32(d, sc[0]));
+                }
+            } else {
+                for (half, sc) in sc.into_iter().enumerate() {
+                    let mut dot: [__m256i; R] = std::array::from_fn(|r| {
+                        let a = acts.get_unchecked(r).get_unchecked(blk);
+                        _mm256_set1_epi32(a.half_sums[half].wrapping_mul(-offset))
+                    });
+                    for pair in 2 * half..2 * half + 2 {
+                        let (j0, j1) = (2 * pair, 2 * pair + 1);
+                        let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
+                        for (t, a) in dot.iter_mut().zip(acts) {
+                            let d = dot_pair(v0, v1, a.get_unchecked(blk), j0, j1);
+                            *t = _mm256_add_epi32(*t, d);
+                        }
+                    }
+                    for (t, d) in isum.iter_mut().zip(dot) {
+                        *t = _mm256_add_epi32(*t, _mm256_mullo_epi32(d, sc));
+                    }
+                }
+            }
+            p = p.add(format.block_value_bytes());
+        }
+        let d = halves(row(hd, 2));
+        let da: [__m256; R] =
+            std::array::from_fn(|r| _mm256_set1_ps(acts.get_unchecked(r)[s * blocks].d));
+        for r in 0..R {
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, da[r]), acc[r]);
+        }
+        if format.float_min() {
+            let k32 = scheme == Scheme::K32;
+            let pairs = if k32 { blocks / 2 } else { blocks };
+            let mut msum = [_mm256_setzero_si256(); R];
+            for q in 0..pairs {
+                let (mlo, mhi) = if k32 {
+                    let at = hd.add(12 * TILE_ROWS + 2 * q * TILE_ROWS);
+                    (
+                        bytes_epi32::<false>(row(at, 1)),
+                        bytes_epi32::<false>(row(at.add(TILE_ROWS), 1)),
+                    )
+                } else {
+                    let at = hd.add(4 * TILE_ROWS + 2 * TILE_ROWS * q);
+                    let m = |q: *const u8| _mm256_srli_epi32::<4>(bytes_epi32::<false>(q));
+                    (m(row(at, 1)), m(row(at.add(TILE_ROWS), 1)))
+                };
+                let mp = _mm256_or_si256(mlo, _mm256_slli_epi32::<16>(mhi));
+                for (t, a) in msum.iter_mut().zip(acts) {
+                    let sums = if k32 {
+                        let bsum = |b: usize| {
+                            let x = a.get_unchecked(s * blocks + b);
+                            x.half_sums[0] + x.half_sums[1]
+                        };
+                        pair_i16(bsum(2 * q), bsum(2 * q + 1))
+                    } else {
+                        let x = a.get_unchecked(s * blocks + q);
+                        pair_i16(x.half_sums[0], x.half_sums[1])
+                    };
+                    *t = _mm256_add_epi32(*t, _mm256_madd_epi16(mp, _mm256_set1_epi32(sums)));
+                }
+            }
+            let nmin = _mm256_xor_ps(halves(row(hd.add(2 * TILE_ROWS), 2)), _mm256_set1_ps(-0.0));
+            for r in 0..R {
+                acc[r] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(msum[r]),
+                    _mm256_mul_ps(nmin, da[r]),
+                    acc[r],
+                );
+            }
+        }
+    }
+    acc
+}
+
+/// Half `h` of a tile against `R` activation rows, as eight floats per row.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn half<const R: usize, const F: u8>(
     tile: &[u8],
@@ -114,157 +335,14 @@ unsafe fn half<const R: usize, const F: u8>(
     acts: &[&[ActBlock]],
     nb: usize,
 ) -> [[f32; HALF]; R] {
-    let format = PackedFormat::from_id(F);
-    let scheme = format.scheme();
-    let blocks = format.super_len() / QK;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut macc = [_mm256_setzero_ps(); R];
-    let mut p = tile.as_ptr();
-    let prefetch = crate::simd::prefetch_weights();
-    let row = |field: *const u8, width: usize| field.add(width * HALF * h);
-    for s in 0..nb / blocks {
-        let hd = p;
-        let d = halves(row(hd, 2));
-        // The second f16 field (Q4_1/Q5_1 minimums, k-quant dmin), once per super-block.
-        let second = if format.float_min() {
-            halves(row(hd.add(2 * TILE_ROWS), 2))
-        } else {
-            _mm256_setzero_ps()
-        };
-        p = p.add(format.header_bytes());
-        for bi in 0..blocks {
-            let blk = s * blocks + bi;
-            // Every line of the block ahead (the second half finds them in L2) where that pays
-            // (see `prefetch_weights`); may point past the matrix: a prefetch never faults.
-            if h == 0 && prefetch {
-                for line in (0..format.block_value_bytes()).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
-                }
-            }
-            let neg = |x: __m256| _mm256_xor_ps(x, _mm256_set1_ps(-0.0));
-            let (dlo, dhi, min, min_hi) = match scheme {
-                Scheme::Block32 {
-                    stored_min,
-                    implied,
-                } => {
-                    let m = if stored_min {
-                        second
-                    } else {
-                        _mm256_mul_ps(d, _mm256_set1_ps(implied))
-                    };
-                    (d, d, m, m)
-                }
-                Scheme::K32 => {
-                    let sc = bytes_ps::<false>(row(hd.add(4 * TILE_ROWS + TILE_ROWS * bi), 1));
-                    let mn = bytes_ps::<false>(row(hd.add(12 * TILE_ROWS + TILE_ROWS * bi), 1));
-                    let m = _mm256_mul_ps(second, mn);
-                    let dw = _mm256_mul_ps(d, sc);
-                    (dw, dw, neg(m), neg(m))
-                }
-                Scheme::K16 { mins: false, .. } => {
-                    let sc = hd.add(2 * TILE_ROWS + 2 * TILE_ROWS * bi);
-                    let lo = _mm256_mul_ps(d, bytes_ps::<true>(row(sc, 1)));
-                    let hi = _mm256_mul_ps(d, bytes_ps::<true>(row(sc.add(TILE_ROWS), 1)));
-                    (lo, hi, _mm256_setzero_ps(), _mm256_setzero_ps())
-                }
-                Scheme::K16 { mins: true, .. } => {
-                    let sc = hd.add(4 * TILE_ROWS + 2 * TILE_ROWS * bi);
-                    let nib = _mm_set1_epi8(0x0f);
-                    let split = |p: *const u8| {
-                        let raw = _mm_loadl_epi64(p as *const __m128i);
-                        let f = |b: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-                        (
-                            f(_mm_and_si128(raw, nib)),
-                            f(_mm_and_si128(_mm_srli_epi16::<4>(raw), nib)),
-                        )
-                    };
-                    let (sl, ml) = split(row(sc, 1));
-                    let (sh, mh) = split(row(sc.add(TILE_ROWS), 1));
-                    (
-                        _mm256_mul_ps(d, sl),
-                        _mm256_mul_ps(d, sh),
-                        neg(_mm256_mul_ps(second, ml)),
-                        neg(_mm256_mul_ps(second, mh)),
-                    )
-                }
-            };
-            let mut ilo = [_mm256_setzero_si256(); R];
-            let mut ihi = [_mm256_setzero_si256(); R];
-            if format.bits() == 8 {
-                // u = q + 128 would overflow vpmaddubsw's pair sums: multiply the signed
-                // values (|q| by the activation with q's sign), which is already the offset
-                // sum(u * a) - 128 * sum(a) the other formats subtract below.
-                for j in 0..8 {
-                    let q = _mm256_xor_si256(value::<F>(p, h, j), _mm256_set1_epi8(-128));
-                    let aq = _mm256_abs_epi8(q);
-                    for r in 0..R {
-                        let a = acts.get_unchecked(r).get_unchecked(blk);
-                        let b = _mm256_set1_epi32(
-                            (a.qs.as_ptr() as *const i32).add(j).read_unaligned(),
-                        );
-                        let prod = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(aq, _mm256_sign_epi8(b, q)),
-                            ones,
-                        );
-                        let t = if j < 4 { &mut ilo[r] } else { &mut ihi[r] };
-                        *t = _mm256_add_epi32(*t, prod);
-                    }
-                }
-            } else {
-                // At most 6-bit values: two vpmaddubsw results add up without saturating.
-                for pair in 0..4 {
-                    let (j0, j1) = (2 * pair, 2 * pair + 1);
-                    let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
-                    for r in 0..R {
-                        let a = acts.get_unchecked(r).get_unchecked(blk);
-                        let q = a.qs.as_ptr() as *const i32;
-                        let b0 = _mm256_set1_epi32(q.add(j0).read_unaligned());
-                        let b1 = _mm256_set1_epi32(q.add(j1).read_unaligned());
-                        let s16 = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(v0, b0),
-                            _mm256_maddubs_epi16(v1, b1),
-                        );
-                        let t = if pair < 2 { &mut ilo[r] } else { &mut ihi[r] };
-                        *t = _mm256_add_epi32(*t, _mm256_madd_epi16(s16, ones));
-                    }
-                }
-            }
-            for r in 0..R {
-                let a = acts.get_unchecked(r).get_unchecked(blk);
-                let da = _mm256_set1_ps(a.d);
-                if let Scheme::K16 { offset, mins } = scheme {
-                    let off = |s: i32| _mm256_set1_epi32(s.wrapping_mul(offset));
-                    let lo = _mm256_sub_epi32(ilo[r], off(a.half_sums[0]));
-                    let hi = _mm256_sub_epi32(ihi[r], off(a.half_sums[1]));
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(dlo, da), acc[r]);
-                    macc[r] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(dhi, da), macc[r]);
-                    if mins {
-                        let s = |i: usize| _mm256_set1_ps(a.d * a.half_sums[i] as f32);
-                        acc[r] = _mm256_fmadd_ps(min, s(0), acc[r]);
-                        macc[r] = _mm256_fmadd_ps(min_hi, s(1), macc[r]);
-                    }
-                } else {
-                    let mut i = _mm256_add_epi32(ilo[r], ihi[r]);
-                    if format.bits() != 8 && format.int_offset() != 0 {
-                        let sum = a.half_sums[0] + a.half_sums[1];
-                        let off = _mm256_set1_epi32(sum.wrapping_mul(format.int_offset()));
-                        i = _mm256_sub_epi32(i, off);
-                    }
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dlo, da), acc[r]);
-                    if format.float_min() {
-                        macc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(a.s), macc[r]);
-                    }
-                }
-            }
-            p = p.add(format.block_value_bytes());
-        }
-    }
+    let res = if PackedFormat::from_id(F).super_len() == QK_K {
+        super_half::<R, F>(tile, h, acts, nb)
+    } else {
+        block_half::<R, F>(tile, h, acts, nb)
+    };
     let mut out = [[0f32; HALF]; R];
     for r in 0..R {
-        _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], macc[r]));
+        _mm256_storeu_ps(out[r].as_mut_ptr(), res[r]);
     }
     out
 }
@@ -307,7 +385,7 @@ pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
 /// # Safety
 /// AVX2 must be available.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
+pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock], group: usize) {
     debug_assert_eq!(out.len(), x.len() / QK);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let hsum = |v: __m256i| {
@@ -315,29 +393,33 @@ pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
         _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
     };
-    for (a, blk) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
-        let m = v.iter().fold(_mm256_setzero_ps(), |m, &x| {
-            _mm256_max_ps(m, _mm256_and_ps(x, abs_mask))
-        });
+    for (blocks, xs) in out.chunks_mut(group).zip(x.chunks_exact(group * QK)) {
+        let mut m = _mm256_setzero_ps();
+        for c in xs.chunks_exact(8) {
+            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(c.as_ptr()), abs_mask));
+        }
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        let q = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, id)));
-        let bytes = _mm256_packs_epi16(
-            _mm256_packs_epi32(q[0], q[1]),
-            _mm256_packs_epi32(q[2], q[3]),
-        );
-        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(a.qs.as_mut_ptr() as *mut __m256i, bytes);
-        let sums = [
-            hsum(_mm256_add_epi32(q[0], q[1])),
-            hsum(_mm256_add_epi32(q[2], q[3])),
-        ];
-        a.d = d;
-        a.s = d * (sums[0] + sums[1]) as f32;
-        a.half_sums = sums;
+        for (a, blk) in blocks.iter_mut().zip(xs.chunks_exact(QK)) {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
+            let q = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, id)));
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let bytes =
+                _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(a.qs.as_mut_ptr() as *mut __m256i, bytes);
+            let sums = [
+                hsum(_mm256_add_epi32(q[0], q[1])),
+                hsum(_mm256_add_epi32(q[2], q[3])),
+            ];
+            a.d = d;
+            a.s = d * (sums[0] + sums[1]) as f32;
+            a.half_sums = sums;
+        }
     }
 }

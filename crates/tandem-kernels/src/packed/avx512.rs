@@ -1,6 +1,8 @@
 //! AVX-512 VNNI kernels on packed tiles: per 32-element block, eight `vpdpbusd` per
 //! activation row, each multiplying four values of sixteen weight rows by one broadcast
-//! activation dword; scales and minimums are applied once per block to all sixteen rows.
+//! activation dword; scales and minimums are applied to all sixteen rows at once, per block
+//! in floats (Block32 formats) or per block as integers and per super-block in floats (the
+//! k-quants).
 //!
 //! [`kernels`] is only called after the level was checked as supported, which is what makes
 //! calling these `target_feature` functions sound.
@@ -8,8 +10,8 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{ActBlock, PackedFormat, PackedKernels, Scheme};
-use crate::dtype::QK;
+use super::{pair_i16, ActBlock, PackedFormat, PackedKernels, Scheme};
+use crate::dtype::{QK, QK_K};
 
 /// How far ahead of the weight stream to prefetch.
 const PREFETCH: usize = 8192;
@@ -89,81 +91,231 @@ unsafe fn values<const F: u8>(p: *const u8) -> [__m512i; 8] {
     v
 }
 
-/// Sixteen bytes at `p` as f32 lanes (unsigned, or signed when `SIGNED`).
+/// Sixteen f16 at `h` as f32.
 #[inline(always)]
-unsafe fn bytes_ps<const SIGNED: bool>(p: *const u8) -> __m512 {
+unsafe fn halves(h: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(h as *const __m256i))
+}
+
+/// Sixteen bytes at `p` as i32 lanes (unsigned, or signed when `SIGNED`).
+#[inline(always)]
+unsafe fn bytes_epi32<const SIGNED: bool>(p: *const u8) -> __m512i {
     let b = _mm_loadu_si128(p as *const __m128i);
-    let i = if SIGNED {
+    if SIGNED {
         _mm512_cvtepi8_epi32(b)
     } else {
         _mm512_cvtepu8_epi32(b)
-    };
-    _mm512_cvtepi32_ps(i)
+    }
 }
 
-/// One block's float factors for the sixteen rows: the scale of the low and high 16 elements
-/// (equal but for K16) and the minimum (of the low and high 16 for Q2_K).
-struct BlockScales {
-    lo: __m512,
-    hi: __m512,
-    min: __m512,
-    min_hi: __m512,
-}
-
-/// One activation row's part of a block: the integer dot products of its 32 values with the
-/// block's value registers `v`, scaled into `acc` (and `macc`). With `split`, the eight
-/// `vpdpbusd` form two dependency chains instead of one (a lone row has nothing else to
-/// overlap their latency with); integer sums, so the result is the same bits either way.
+/// The activation dword `j` of `a` (values `4j..4j+4`) in every lane.
 #[inline(always)]
-unsafe fn row_block<const F: u8>(
-    split: bool,
-    v: &[__m512i; 8],
-    s: &BlockScales,
-    a: &ActBlock,
-    acc: &mut __m512,
-    macc: &mut __m512,
-) {
-    let format = PackedFormat::from_id(F);
-    let q = a.qs.as_ptr() as *const i32;
-    let bc = |j: usize| _mm512_set1_epi32(q.add(j).read_unaligned());
-    // Chains start at -offset * sum(a): the integer part of the minimum.
-    let init = |s: i32| match format.int_offset() {
-        0 => _mm512_setzero_si512(),
-        off => _mm512_set1_epi32(s.wrapping_mul(-off)),
-    };
-    let da = _mm512_set1_ps(a.d);
-    if let Scheme::K16 { mins, .. } = format.scheme() {
-        let (mut lo, mut hi) = (init(a.half_sums[0]), init(a.half_sums[1]));
-        for j in 0..4 {
-            lo = _mm512_dpbusd_epi32(lo, v[j], bc(j));
-            hi = _mm512_dpbusd_epi32(hi, v[4 + j], bc(4 + j));
+unsafe fn act_dword(a: &ActBlock, j: usize) -> __m512i {
+    _mm512_set1_epi32((a.qs.as_ptr() as *const i32).add(j).read_unaligned())
+}
+
+/// One activation row's integer dot products with a block's value registers `v`, on a chain
+/// started at `init`. With `split`, the eight `vpdpbusd` form two dependency chains instead of
+/// one (a lone row has nothing else to overlap their latency with); integer sums, so the
+/// result is the same bits either way.
+#[inline(always)]
+unsafe fn dot_block(split: bool, v: &[__m512i; 8], a: &ActBlock, init: __m512i) -> __m512i {
+    let mut i = init;
+    if split {
+        let mut odd = _mm512_setzero_si512();
+        for j in (0..8).step_by(2) {
+            i = _mm512_dpbusd_epi32(i, v[j], act_dword(a, j));
+            odd = _mm512_dpbusd_epi32(odd, v[j + 1], act_dword(a, j + 1));
         }
-        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(s.lo, da), *acc);
-        *macc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s.hi, da), *macc);
-        if mins {
-            let hs = |i: usize| _mm512_set1_ps(a.d * a.half_sums[i] as f32);
-            *acc = _mm512_fmadd_ps(s.min, hs(0), *acc);
-            *macc = _mm512_fmadd_ps(s.min_hi, hs(1), *macc);
-        }
+        _mm512_add_epi32(i, odd)
     } else {
-        let mut i = init(a.half_sums[0] + a.half_sums[1]);
-        if split {
-            let mut odd = _mm512_setzero_si512();
-            for j in (0..8).step_by(2) {
-                i = _mm512_dpbusd_epi32(i, v[j], bc(j));
-                odd = _mm512_dpbusd_epi32(odd, v[j + 1], bc(j + 1));
-            }
-            i = _mm512_add_epi32(i, odd);
+        for (j, &v) in v.iter().enumerate() {
+            i = _mm512_dpbusd_epi32(i, v, act_dword(a, j));
+        }
+        i
+    }
+}
+
+/// Sixteen rows of a Block32 format (one scale, and a minimum or an offset, per 32 elements)
+/// against `R` activation rows: per block and row, eight `vpdpbusd` and one float step.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn block_rows<const R: usize, const F: u8>(
+    tile: &[u8],
+    acts: [&[ActBlock]; R],
+    nb: usize,
+) -> [__m512; R] {
+    let format = PackedFormat::from_id(F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut macc = [_mm512_setzero_ps(); R];
+    let mut p = tile.as_ptr();
+    let prefetch = crate::simd::prefetch_weights();
+    for blk in 0..nb {
+        let d = halves(p);
+        let min = if format.float_min() {
+            halves(p.add(2 * TILE_ROWS))
         } else {
-            for (j, &v) in v.iter().enumerate() {
-                i = _mm512_dpbusd_epi32(i, v, bc(j));
+            _mm512_setzero_ps()
+        };
+        p = p.add(format.header_bytes());
+        // Every line of the block ahead (one per block left the hardware prefetcher to find
+        // the rest: 16.5 -> 21 GB/s on a 150 MB matrix), where that pays (see
+        // `prefetch_weights`). May point past the matrix: a prefetch never faults.
+        if prefetch {
+            for line in (0..format.block_value_bytes()).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
             }
         }
-        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s.lo, da), *acc);
+        let v = values::<F>(p);
+        // Unrolled by hand: LLVM kept some formats' eight-row loops rolled, with every
+        // accumulator in memory (a load and a store per row and block).
+        seq_macro::seq!(r in 0..8 {
+            if r < R {
+                let a = acts[r].get_unchecked(blk);
+                // The chain starts at -offset * sum(a): the integer part of the minimum.
+                let sum = a.half_sums[0] + a.half_sums[1];
+                let init = _mm512_set1_epi32(sum.wrapping_mul(-format.int_offset()));
+                let i = dot_block(R <= 2, &v, a, init);
+                let da = _mm512_set1_ps(a.d);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(d, da), acc[r]);
+                if format.float_min() {
+                    macc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(a.s), macc[r]);
+                }
+            }
+        });
+        p = p.add(format.block_value_bytes());
+    }
+    std::array::from_fn(|r| _mm512_add_ps(acc[r], macc[r]))
+}
+
+/// Sixteen rows of a k-quant against `R` activation rows (quantized one scale per
+/// super-block): per block and row, the `vpdpbusd` chain(s) times the block's (or each half's)
+/// integer scales added to an integer sum; per super-block and row, one float step, and for
+/// the formats with minimums, their products with the activation sums by `vpdpwssd` on
+/// pairs of blocks (or halves) and a second float step.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn super_rows<const R: usize, const F: u8>(
+    tile: &[u8],
+    acts: [&[ActBlock]; R],
+    nb: usize,
+) -> [__m512; R] {
+    let format = PackedFormat::from_id(F);
+    let scheme = format.scheme();
+    let blocks = QK_K / QK;
+    let rows = TILE_ROWS;
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut p = tile.as_ptr();
+    let prefetch = crate::simd::prefetch_weights();
+    for s in 0..nb / blocks {
+        let h = p;
+        p = p.add(format.header_bytes());
+        let mut isum = [_mm512_setzero_si512(); R];
+        for bi in 0..blocks {
+            let blk = s * blocks + bi;
+            if prefetch {
+                for line in (0..format.block_value_bytes()).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
+                }
+            }
+            let v = values::<F>(p);
+            match scheme {
+                Scheme::K32 => {
+                    let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));
+                    seq_macro::seq!(r in 0..8 {
+                        if r < R {
+                            let a = acts[r].get_unchecked(blk);
+                            let i = dot_block(R <= 2, &v, a, _mm512_setzero_si512());
+                            isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(i, sc));
+                        }
+                    });
+                }
+                Scheme::K16 { offset, mins } => {
+                    let at = h.add(if mins { 4 } else { 2 } * rows + 2 * rows * bi);
+                    let [lo, hi] = if mins {
+                        let nib = _mm512_set1_epi32(0x0f);
+                        [at, at.add(rows)].map(|q| _mm512_and_si512(bytes_epi32::<false>(q), nib))
+                    } else {
+                        [at, at.add(rows)].map(|q| bytes_epi32::<true>(q))
+                    };
+                    seq_macro::seq!(r in 0..8 {
+                        if r < R {
+                            let a = acts[r].get_unchecked(blk);
+                            let init = |h: usize| {
+                                _mm512_set1_epi32(a.half_sums[h].wrapping_mul(-offset))
+                            };
+                            let (mut l, mut u) = (init(0), init(1));
+                            for j in 0..4 {
+                                l = _mm512_dpbusd_epi32(l, v[j], act_dword(a, j));
+                                u = _mm512_dpbusd_epi32(u, v[4 + j], act_dword(a, 4 + j));
+                            }
+                            let both = _mm512_add_epi32(
+                                _mm512_mullo_epi32(l, lo),
+                                _mm512_mullo_epi32(u, hi),
+                            );
+                            isum[r] = _mm512_add_epi32(isum[r], both);
+                        }
+                    });
+                }
+                Scheme::Block32 { .. } => unreachable!("Block32 formats run block_rows"),
+            }
+            p = p.add(format.block_value_bytes());
+        }
+        let d = halves(h);
+        let da: [__m512; R] =
+            std::array::from_fn(|r| _mm512_set1_ps(acts[r].get_unchecked(s * blocks).d));
+        for r in 0..R {
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, da[r]), acc[r]);
+        }
         if format.float_min() {
-            *macc = _mm512_fmadd_ps(s.min, _mm512_set1_ps(a.s), *macc);
+            // Pairs of minimums (blocks 2q and 2q + 1 for K32, the halves of block q for
+            // Q2_K) as 16-bit lanes, against the activation sums they multiply.
+            let k32 = scheme == Scheme::K32;
+            let pairs = if k32 { blocks / 2 } else { blocks };
+            let mut msum = [_mm512_setzero_si512(); R];
+            for q in 0..pairs {
+                let (mlo, mhi) = if k32 {
+                    let at = h.add(12 * rows + 2 * q * rows);
+                    (bytes_epi32::<false>(at), bytes_epi32::<false>(at.add(rows)))
+                } else {
+                    let at = h.add(4 * rows + 2 * rows * q);
+                    let m = |q: *const u8| _mm512_srli_epi32::<4>(bytes_epi32::<false>(q));
+                    (m(at), m(at.add(rows)))
+                };
+                let mp = _mm512_or_si512(mlo, _mm512_slli_epi32::<16>(mhi));
+                for r in 0..R {
+                    let a = acts[r];
+                    let sums = if k32 {
+                        let bsum = |b: usize| {
+                            let x = a.get_unchecked(s * blocks + b);
+                            x.half_sums[0] + x.half_sums[1]
+                        };
+                        pair_i16(bsum(2 * q), bsum(2 * q + 1))
+                    } else {
+                        let x = a.get_unchecked(s * blocks + q);
+                        pair_i16(x.half_sums[0], x.half_sums[1])
+                    };
+                    msum[r] = _mm512_dpwssd_epi32(msum[r], mp, _mm512_set1_epi32(sums));
+                }
+            }
+            let nmin = neg(halves(h.add(2 * rows)));
+            for r in 0..R {
+                acc[r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(msum[r]),
+                    _mm512_mul_ps(nmin, da[r]),
+                    acc[r],
+                );
+            }
         }
     }
+    acc
+}
+
+/// `-x`, by flipping the sign bits.
+#[inline(always)]
+unsafe fn neg(x: __m512) -> __m512 {
+    _mm512_castsi512_ps(_mm512_xor_si512(
+        _mm512_castps_si512(x),
+        _mm512_set1_epi32(i32::MIN),
+    ))
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -175,115 +327,16 @@ unsafe fn rows<const R: usize, const F: u8>(
     stride: usize,
 ) {
     let format = PackedFormat::from_id(F);
-    let scheme = format.scheme();
-    let blocks = format.super_len() / QK;
     debug_assert!(R <= 8);
     debug_assert_eq!(tile.len(), format.tile_bytes(nb * QK));
     debug_assert!(acts.iter().all(|a| a.len() == nb));
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut macc = [_mm512_setzero_ps(); R];
-    let mut p = tile.as_ptr();
-    let prefetch = crate::simd::prefetch_weights();
-    let halves = |h: *const u8| _mm512_cvtph_ps(_mm256_loadu_si256(h as *const __m256i));
-    for s in 0..nb / blocks {
-        let h = p;
-        let d = halves(h);
-        // The second f16 field (Q4_1/Q5_1 minimums, k-quant dmin), once per super-block.
-        let second = if format.float_min() {
-            halves(h.add(2 * TILE_ROWS))
-        } else {
-            _mm512_setzero_ps()
-        };
-        p = p.add(format.header_bytes());
-        for bi in 0..blocks {
-            let blk = s * blocks + bi;
-            // Every line of the block ahead (one per block left the hardware prefetcher to find
-            // the rest: 16.5 -> 21 GB/s on a 150 MB matrix), where that pays (see
-            // `prefetch_weights`). May point past the matrix: a prefetch never faults.
-            if prefetch {
-                for line in (0..format.block_value_bytes()).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
-                }
-            }
-            let v = values::<F>(p);
-            let neg = |x: __m512| {
-                _mm512_castsi512_ps(_mm512_xor_si512(
-                    _mm512_castps_si512(x),
-                    _mm512_set1_epi32(i32::MIN),
-                ))
-            };
-            let scales = match scheme {
-                Scheme::Block32 {
-                    stored_min,
-                    implied,
-                } => {
-                    let m = if stored_min {
-                        second
-                    } else {
-                        _mm512_mul_ps(d, _mm512_set1_ps(implied))
-                    };
-                    BlockScales {
-                        lo: d,
-                        hi: d,
-                        min: m,
-                        min_hi: m,
-                    }
-                }
-                Scheme::K32 => {
-                    let sc = bytes_ps::<false>(h.add(4 * TILE_ROWS + TILE_ROWS * bi));
-                    let mn = bytes_ps::<false>(h.add(12 * TILE_ROWS + TILE_ROWS * bi));
-                    let m = neg(_mm512_mul_ps(second, mn));
-                    let dw = _mm512_mul_ps(d, sc);
-                    BlockScales {
-                        lo: dw,
-                        hi: dw,
-                        min: m,
-                        min_hi: m,
-                    }
-                }
-                Scheme::K16 { mins: false, .. } => {
-                    let sc = h.add(2 * TILE_ROWS + 2 * TILE_ROWS * bi);
-                    BlockScales {
-                        lo: _mm512_mul_ps(d, bytes_ps::<true>(sc)),
-                        hi: _mm512_mul_ps(d, bytes_ps::<true>(sc.add(TILE_ROWS))),
-                        min: _mm512_setzero_ps(),
-                        min_hi: _mm512_setzero_ps(),
-                    }
-                }
-                Scheme::K16 { mins: true, .. } => {
-                    let sc = h.add(4 * TILE_ROWS + 2 * TILE_ROWS * bi);
-                    let nib = _mm_set1_epi8(0x0f);
-                    let split = |p: *const u8| {
-                        let raw = _mm_loadu_si128(p as *const __m128i);
-                        let f = |b: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
-                        (
-                            f(_mm_and_si128(raw, nib)),
-                            f(_mm_and_si128(_mm_srli_epi16::<4>(raw), nib)),
-                        )
-                    };
-                    let (sl, ml) = split(sc);
-                    let (sh, mh) = split(sc.add(TILE_ROWS));
-                    BlockScales {
-                        lo: _mm512_mul_ps(d, sl),
-                        hi: _mm512_mul_ps(d, sh),
-                        min: neg(_mm512_mul_ps(second, ml)),
-                        min_hi: neg(_mm512_mul_ps(second, mh)),
-                    }
-                }
-            };
-            // Unrolled by hand: LLVM kept the K16 formats' eight-row loop rolled, with every
-            // accumulator in memory (a load and a store per row and block).
-            seq_macro::seq!(r in 0..8 {
-                if r < R {
-                    let a = acts[r].get_unchecked(blk);
-                    row_block::<F>(R <= 2, &v, &scales, a, &mut acc[r], &mut macc[r]);
-                }
-            });
-            p = p.add(format.block_value_bytes());
-        }
-    }
-    for r in 0..R {
-        _mm512_storeu_ps(out.add(r * stride), _mm512_add_ps(acc[r], macc[r]));
+    let res = if format.super_len() == QK_K {
+        super_rows::<R, F>(tile, acts, nb)
+    } else {
+        block_rows::<R, F>(tile, acts, nb)
+    };
+    for (r, x) in res.iter().enumerate() {
+        _mm512_storeu_ps(out.add(r * stride), *x);
     }
 }
 
@@ -296,24 +349,29 @@ pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
 /// # Safety
 /// AVX-512F/BW must be available.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
+pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock], group: usize) {
     debug_assert_eq!(out.len(), x.len() / QK);
     let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
     let abs = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
-    for (a, blk) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let lo = _mm512_loadu_ps(blk.as_ptr());
-        let hi = _mm512_loadu_ps(blk.as_ptr().add(16));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
-        let d = amax / 127.0;
+    for (blocks, xs) in out.chunks_mut(group).zip(x.chunks_exact(group * QK)) {
+        let mut m = _mm512_setzero_ps();
+        for c in xs.chunks_exact(16) {
+            m = _mm512_max_ps(m, abs(_mm512_loadu_ps(c.as_ptr())));
+        }
+        let d = _mm512_reduce_max_ps(m) / 127.0;
         let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        let qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, id));
-        let qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, id));
-        let sums = [_mm512_reduce_add_epi32(qlo), _mm512_reduce_add_epi32(qhi)];
-        let qs = a.qs.as_mut_ptr() as *mut __m128i;
-        _mm_storeu_si128(qs, _mm512_cvtepi32_epi8(qlo));
-        _mm_storeu_si128(qs.add(1), _mm512_cvtepi32_epi8(qhi));
-        a.d = d;
-        a.s = d * (sums[0] + sums[1]) as f32;
-        a.half_sums = sums;
+        for (a, blk) in blocks.iter_mut().zip(xs.chunks_exact(QK)) {
+            let lo = _mm512_loadu_ps(blk.as_ptr());
+            let hi = _mm512_loadu_ps(blk.as_ptr().add(16));
+            let qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, id));
+            let qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, id));
+            let sums = [_mm512_reduce_add_epi32(qlo), _mm512_reduce_add_epi32(qhi)];
+            let qs = a.qs.as_mut_ptr() as *mut __m128i;
+            _mm_storeu_si128(qs, _mm512_cvtepi32_epi8(qlo));
+            _mm_storeu_si128(qs.add(1), _mm512_cvtepi32_epi8(qhi));
+            a.d = d;
+            a.s = d * (sums[0] + sums[1]) as f32;
+            a.half_sums = sums;
+        }
     }
 }

@@ -266,64 +266,105 @@ fn pack_tile(format: PackedFormat, w: &MatRef, t: usize, out: &mut Vec<u8>) {
     }
 }
 
-/// Row `r`'s values and scales of 32-element block `b` of a tile, read back from the layout
-/// (the scalar kernel's view): `(u, scale per 16 elements, min per 16 elements, offset)`, so
-/// that element `e`'s weight is `scale[e / 16] * (u[e] - offset) + min[e / 16]`.
-pub(super) fn read_block(
-    format: PackedFormat,
-    tile: &[u8],
-    b: usize,
-    r: usize,
-) -> ([u8; QK], [f32; 2], [f32; 2], i32) {
+/// The header and values of 32-element block `b` of a tile (which is in super-block
+/// `b / blocks`).
+fn block_parts(format: PackedFormat, tile: &[u8], b: usize) -> (&[u8], &[u8]) {
     let blocks = format.super_len() / QK;
     let (s, bi) = (b / blocks, b % blocks);
     let super_bytes = format.header_bytes() + blocks * format.block_value_bytes();
     let h = &tile[s * super_bytes..];
     let v = &h[format.header_bytes() + bi * format.block_value_bytes()..];
-    let f16 = |off: usize| half::f16::from_bits(f16_bits(h, off)).to_f32();
+    (h, v)
+}
+
+/// f16 field `i` (`d`, then `m` or `dmin`) of row `r` in a super-block header.
+fn header_f16(h: &[u8], i: usize, r: usize) -> f32 {
+    half::f16::from_bits(f16_bits(h, 2 * TILE_ROWS * i + 2 * r)).to_f32()
+}
+
+/// Row `r`'s scale and minimum of 32-element block `b` of a Block32 tile (the scalar kernel's
+/// view): element `e`'s weight is `scale * u[e] + min`.
+pub(super) fn block32_scales(format: PackedFormat, tile: &[u8], b: usize, r: usize) -> (f32, f32) {
+    let (h, _) = block_parts(format, tile, b);
+    let Scheme::Block32 {
+        stored_min,
+        implied,
+    } = format.scheme()
+    else {
+        unreachable!("{format:?} has super-block scales");
+    };
+    let d = header_f16(h, 0, r);
+    (
+        d,
+        if stored_min {
+            header_f16(h, 1, r)
+        } else {
+            implied * d
+        },
+    )
+}
+
+/// Row `r`'s scales of super-block `s` of a k-quant tile, as the kernels apply them: element
+/// `e`'s weight is `d * sc[e / 16] * (u[e] - offset) - dmin * mn[e / 16]`.
+pub(super) struct KScales {
+    pub d: f32,
+    pub dmin: f32,
+    pub sc: [i32; 16],
+    pub mn: [i32; 16],
+    pub offset: i32,
+}
+
+/// See [`KScales`].
+pub(super) fn k_scales(format: PackedFormat, tile: &[u8], s: usize, r: usize) -> KScales {
+    let blocks = QK_K / QK;
+    let (h, _) = block_parts(format, tile, s * blocks);
     let rows = TILE_ROWS;
-    let (scale, min, offset) = match format.scheme() {
-        Scheme::Block32 {
-            stored_min,
-            implied,
-        } => {
-            let d = f16(2 * r);
-            let m = if stored_min {
-                f16(2 * rows + 2 * r)
-            } else {
-                implied * d
-            };
-            ([d; 2], [m; 2], 0)
-        }
+    let mut k = KScales {
+        d: header_f16(h, 0, r),
+        dmin: 0.0,
+        sc: [0; 16],
+        mn: [0; 16],
+        offset: 0,
+    };
+    match format.scheme() {
         Scheme::K32 => {
-            let sc = h[4 * rows + bi * rows + r] as f32;
-            let mn = h[4 * rows + 8 * rows + bi * rows + r] as f32;
-            ([f16(2 * r) * sc; 2], [-(f16(2 * rows + 2 * r) * mn); 2], 0)
-        }
-        Scheme::K16 { offset, mins } => {
-            let scales = if mins { 4 * rows } else { 2 * rows };
-            let byte = |g: usize| h[scales + g * rows + r];
-            let d = f16(2 * r);
-            let g = [2 * bi, 2 * bi + 1];
-            if mins {
-                let dmin = f16(2 * rows + 2 * r);
-                (
-                    g.map(|g| d * (byte(g) & 0x0f) as f32),
-                    g.map(|g| -(dmin * (byte(g) >> 4) as f32)),
-                    0,
-                )
-            } else {
-                (g.map(|g| d * byte(g) as i8 as f32), [0.0; 2], offset)
+            k.dmin = header_f16(h, 1, r);
+            for g in 0..16 {
+                k.sc[g] = h[4 * rows + g / 2 * rows + r] as i32;
+                k.mn[g] = h[12 * rows + g / 2 * rows + r] as i32;
             }
         }
-    };
+        Scheme::K16 { offset, mins } => {
+            k.offset = offset;
+            if mins {
+                k.dmin = header_f16(h, 1, r);
+            }
+            let scales = if mins { 4 * rows } else { 2 * rows };
+            for g in 0..16 {
+                let byte = h[scales + g * rows + r];
+                if mins {
+                    k.sc[g] = (byte & 0x0f) as i32;
+                    k.mn[g] = (byte >> 4) as i32;
+                } else {
+                    k.sc[g] = byte as i8 as i32;
+                }
+            }
+        }
+        Scheme::Block32 { .. } => unreachable!("{format:?} has block scales"),
+    }
+    k
+}
+
+/// Row `r`'s unsigned values of 32-element block `b` of a tile, read back from the layout.
+pub(super) fn read_values(format: PackedFormat, tile: &[u8], b: usize, r: usize) -> [u8; QK] {
+    let (_, v) = block_parts(format, tile, b);
     // Bit `4r + i` of top-bit mask `idx`.
     let mask_bit = |idx: usize, i: usize| {
         let m = &v[format.block_value_bytes() - 64 + 8 * idx..];
         let mask = u64::from_le_bytes(m[..8].try_into().unwrap());
         ((mask >> (4 * r + i)) & 1) as u8
     };
-    let u = std::array::from_fn(|e| {
+    std::array::from_fn(|e| {
         let (j, i) = (e / 4, e % 4);
         if format.bits() == 8 {
             v[64 * j + 4 * r + i]
@@ -346,6 +387,5 @@ pub(super) fn read_block(
             };
             low | high
         }
-    });
-    (u, scale, min, offset)
+    })
 }

@@ -13,7 +13,10 @@
 //! a constant offset or, for Q2_K, a minimum per 16 elements):
 //! see [`layout`] for the byte order. The repacking is lossless: scales stay in their stored
 //! f16 (or k-quant integer) form and are combined in f32 exactly as the dequantizer does.
-//! Activations are quantized per 32 elements ([`ActBlock`]), in element order.
+//! Activations are quantized per 32 elements ([`ActBlock`]), in element order, with one scale
+//! per block or, for the k-quants, per 256 elements ([`PackedFormat::act_group`]): their kernels
+//! then sum a whole super-block's integer products, block scales applied as integers, before
+//! one float step per super-block (ggml's Q8_K activations do the same).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -201,6 +204,12 @@ impl PackedFormat {
         }
     }
 
+    /// Activation blocks of 32 that share one scale: 1, or for the k-quants the 8 of a
+    /// super-block, so that their block scales can be applied to integer sums.
+    pub const fn act_group(self) -> usize {
+        self.super_len() / QK
+    }
+
     /// Bytes of a tile's header for one super-block.
     pub(crate) const fn header_bytes(self) -> usize {
         match self.scheme() {
@@ -293,23 +302,33 @@ pub struct ActBlock {
     pub half_sums: [i32; 2],
 }
 
-/// Quantizes one activation row (a multiple of 32 long) into `out` (`len / 32` blocks),
-/// rounding to nearest, ties to even (as the SIMD twin's conversion rounds).
-pub fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
+/// Two 16-bit integers as one dword, `lo` in the low half: a `vpdpwssd` / `vpmaddwd` operand.
+#[inline(always)]
+pub(crate) fn pair_i16(lo: i32, hi: i32) -> i32 {
+    (lo & 0xffff) | (hi << 16)
+}
+
+/// Quantizes one activation row (a multiple of `32 * group` long) into `out` (`len / 32`
+/// blocks), each `group` consecutive blocks under one scale (see [`PackedFormat::act_group`]),
+/// rounding to nearest, ties to even (as the SIMD twins' conversions round).
+pub fn quantize_act(x: &[f32], out: &mut [ActBlock], group: usize) {
     debug_assert_eq!(out.len(), x.len() / QK);
-    for (a, blk) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+    debug_assert!(out.len().is_multiple_of(group));
+    for (blocks, xs) in out.chunks_mut(group).zip(x.chunks_exact(group * QK)) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sums = [0i32; 2];
-        for (e, &v) in blk.iter().enumerate() {
-            let q = (v * id).round_ties_even() as i32;
-            sums[e / 16] += q;
-            a.qs[e] = q as i8;
+        for (a, blk) in blocks.iter_mut().zip(xs.chunks_exact(QK)) {
+            let mut sums = [0i32; 2];
+            for (e, &v) in blk.iter().enumerate() {
+                let q = (v * id).round_ties_even() as i32;
+                sums[e / 16] += q;
+                a.qs[e] = q as i8;
+            }
+            a.d = d;
+            a.s = d * (sums[0] + sums[1]) as f32;
+            a.half_sums = sums;
         }
-        a.d = d;
-        a.s = d * (sums[0] + sums[1]) as f32;
-        a.half_sums = sums;
     }
 }
 
@@ -375,13 +394,13 @@ fn kernels(format: PackedFormat, level: SimdLevel) -> PackedKernels {
 }
 
 /// The activation quantizer for `level` ([`quantize_act`] or its SIMD twin).
-pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActBlock]) {
+pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActBlock], usize) {
     #[cfg(target_arch = "x86_64")]
     if worth_packing(level) {
         return match level {
             // SAFETY: worth_packing checked the level's support.
-            SimdLevel::Avx512Vnni => |x, out| unsafe { avx512::quantize_act(x, out) },
-            _ => |x, out| unsafe { avx2::quantize_act(x, out) },
+            SimdLevel::Avx512Vnni => |x, out, g| unsafe { avx512::quantize_act(x, out, g) },
+            _ => |x, out, g| unsafe { avx2::quantize_act(x, out, g) },
         };
     }
     let _ = level;
@@ -424,20 +443,28 @@ pub fn matmul_packed_many(
         return;
     }
     let nb = k / QK;
+    // One quantized copy of the activations per scale grouping the matrices need (the
+    // 0.5B's q/k/v mix Q5_0 with Q4_K, say).
+    let mut groups: Vec<usize> = ws.iter().map(|w| w.format.act_group()).collect();
+    groups.sort_unstable();
+    groups.dedup();
     // The calling thread's buffer from its last call (every block is overwritten below): a
     // fresh one per call was zero-filled, page-faulted memory, 2.4% of a batched decode step.
     let mut scratch = ACT_SCRATCH.take();
-    if scratch.len() < m * nb {
-        scratch.resize(m * nb, ActBlock::default());
+    let len = m * nb * groups.len();
+    if scratch.len() < len {
+        scratch.resize(len, ActBlock::default());
     }
-    let act = &mut scratch[..m * nb];
+    let act = &mut scratch[..len];
     let act_ptr = SyncPtr(act.as_mut_ptr());
     let quantize = act_quantizer(level);
-    for_each_task(m.div_ceil(8), |c| {
+    let row_tasks = m.div_ceil(8);
+    for_each_task(row_tasks * groups.len(), |c| {
+        let (g, c) = (c / row_tasks, c % row_tasks);
         for i in c * 8..(c * 8 + 8).min(m) {
-            // SAFETY: row i's blocks are written by this task only.
-            let dst = unsafe { act_ptr.slice_mut(i * nb, nb) };
-            quantize(&x[i * k..(i + 1) * k], dst);
+            // SAFETY: row i's blocks of grouping g are written by this task only.
+            let dst = unsafe { act_ptr.slice_mut((g * m + i) * nb, nb) };
+            quantize(&x[i * k..(i + 1) * k], dst, groups[g]);
         }
     });
     // Runs of tiles, one matrix each, sized for the pool over all matrices' tiles together.
@@ -455,10 +482,18 @@ pub fn matmul_packed_many(
     let dsts: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
     let sets: Vec<PackedKernels> = ws.iter().map(|w| kernels(w.format, level)).collect();
     let act = &*act;
+    let acts: Vec<&[ActBlock]> = ws
+        .iter()
+        .map(|w| {
+            let g = groups.iter().position(|&g| g == w.format.act_group());
+            let g = g.expect("every matrix's grouping was quantized");
+            &act[g * m * nb..(g + 1) * m * nb]
+        })
+        .collect();
     for_each_task(runs.len(), |c| {
         let (wi, ref mine) = runs[c];
         // SAFETY: the run's tiles are this task's only; rows are nb blocks.
-        unsafe { tile_run(ws[wi], &sets[wi], act, m, mine.clone(), dsts[wi]) }
+        unsafe { tile_run(ws[wi], &sets[wi], acts[wi], m, mine.clone(), dsts[wi]) }
     });
     ACT_SCRATCH.set(scratch);
 }

@@ -1,40 +1,61 @@
 //! The reference kernel on packed tiles, reading the layout value by value. It performs the
 //! SIMD kernels' float operations in their order, so the two agree bit for bit.
 
-use super::layout::{read_block, TILE_ROWS};
-use super::{ActBlock, PackedFormat, PackedKernels, Scheme};
+use super::layout::{block32_scales, k_scales, read_values, TILE_ROWS};
+use super::{ActBlock, PackedFormat, PackedKernels};
+use crate::dtype::{QK, QK_K};
 
 /// Row `r` of `tile` (`nb` blocks) dotted with one activation row.
 pub fn dot(format: PackedFormat, tile: &[u8], r: usize, act: &[ActBlock], nb: usize) -> f32 {
+    if format.super_len() == QK_K {
+        return dot_k(format, tile, r, act, nb);
+    }
     let (mut acc, mut macc) = (0f32, 0f32);
     for (b, a) in act.iter().enumerate().take(nb) {
-        let (u, scale, min, offset) = read_block(format, tile, b, r);
-        let mut isum = [0i32; 2];
-        for (e, (&u, &q)) in u.iter().zip(&a.qs).enumerate() {
-            isum[e / 16] += u as i32 * q as i32;
-        }
-        match format.scheme() {
-            Scheme::K16 { mins, .. } => {
-                let lo = isum[0] - offset * a.half_sums[0];
-                let hi = isum[1] - offset * a.half_sums[1];
-                acc = (lo as f32).mul_add(scale[0] * a.d, acc);
-                macc = (hi as f32).mul_add(scale[1] * a.d, macc);
-                if mins {
-                    acc = min[0].mul_add(a.d * a.half_sums[0] as f32, acc);
-                    macc = min[1].mul_add(a.d * a.half_sums[1] as f32, macc);
-                }
-            }
-            _ => {
-                let sum = a.half_sums[0] + a.half_sums[1];
-                let i = isum[0] + isum[1] - format.int_offset() * sum;
-                acc = (i as f32).mul_add(scale[0] * a.d, acc);
-                if format.float_min() {
-                    macc = min[0].mul_add(a.s, macc);
-                }
-            }
+        let u = read_values(format, tile, b, r);
+        let (scale, min) = block32_scales(format, tile, b, r);
+        let isum: i32 = u
+            .iter()
+            .zip(&a.qs)
+            .map(|(&u, &q)| u as i32 * q as i32)
+            .sum();
+        let sum = a.half_sums[0] + a.half_sums[1];
+        let i = isum - format.int_offset() * sum;
+        acc = (i as f32).mul_add(scale * a.d, acc);
+        if format.float_min() {
+            macc = min.mul_add(a.s, macc);
         }
     }
     acc + macc
+}
+
+/// [`dot`] for the k-quants: per super-block, the integer sum of every 16 elements' products
+/// times their integer scale (less the offset or the minimums' products with the activation
+/// sums), then one float step with `d` (and `dmin`) and the super-block's activation scale.
+fn dot_k(format: PackedFormat, tile: &[u8], r: usize, act: &[ActBlock], nb: usize) -> f32 {
+    let blocks = QK_K / QK;
+    let mut acc = 0f32;
+    for (s, a) in act[..nb].chunks_exact(blocks).enumerate() {
+        let k = k_scales(format, tile, s, r);
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for (bi, a) in a.iter().enumerate() {
+            let u = read_values(format, tile, s * blocks + bi, r);
+            for h in 0..2 {
+                let g = 2 * bi + h;
+                let dot: i32 = (16 * h..16 * h + 16)
+                    .map(|e| u[e] as i32 * a.qs[e] as i32)
+                    .sum();
+                isum += k.sc[g] * (dot - k.offset * a.half_sums[h]);
+                msum += k.mn[g] * a.half_sums[h];
+            }
+        }
+        let da = a[0].d;
+        acc = (isum as f32).mul_add(k.d * da, acc);
+        if format.float_min() {
+            acc = (msum as f32).mul_add(-k.dmin * da, acc);
+        }
+    }
+    acc
 }
 
 /// # Safety
