@@ -112,14 +112,22 @@ unsafe fn act_dword(a: &ActBlock, j: usize) -> __m256i {
 }
 
 /// The integer dot products of value registers `j0` and `j1` (at most 6-bit values, so two
-/// `vpmaddubsw` results add up without saturating) with one activation row.
+/// `vpmaddubsw` results add up without saturating) with one activation row, each 16-bit
+/// partial sum times the matching 16-bit lane of `w` (ones for a plain dot product).
 #[inline(always)]
-unsafe fn dot_pair(v0: __m256i, v1: __m256i, a: &ActBlock, j0: usize, j1: usize) -> __m256i {
+unsafe fn dot_pair(
+    v0: __m256i,
+    v1: __m256i,
+    a: &ActBlock,
+    j0: usize,
+    j1: usize,
+    w: __m256i,
+) -> __m256i {
     let s16 = _mm256_add_epi16(
         _mm256_maddubs_epi16(v0, act_dword(a, j0)),
         _mm256_maddubs_epi16(v1, act_dword(a, j1)),
     );
-    _mm256_madd_epi16(s16, _mm256_set1_epi16(1))
+    _mm256_madd_epi16(s16, w)
 }
 
 /// Half `h` of a Block32 tile against `R` activation rows.
@@ -173,7 +181,10 @@ unsafe fn block_half<const R: usize, const F: u8>(
                 let (j0, j1) = (2 * pair, 2 * pair + 1);
                 let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
                 for (t, a) in isum.iter_mut().zip(acts) {
-                    *t = _mm256_add_epi32(*t, dot_pair(v0, v1, a.get_unchecked(blk), j0, j1));
+                    *t = _mm256_add_epi32(
+                        *t,
+                        dot_pair(v0, v1, a.get_unchecked(blk), j0, j1, _mm256_set1_epi16(1)),
+                    );
                 }
             }
         }
@@ -244,35 +255,34 @@ unsafe fn super_half<const R: usize, const F: u8>(
                 }
                 Scheme::Block32 { .. } => unreachable!("Block32 formats run block_half"),
             };
-            if scheme == Scheme::K32 {
-                let mut dot = [_mm256_setzero_si256(); R];
-                for pair in 0..4 {
-                    let (j0, j1) = (2 * pair, 2 * pair + 1);
-                    let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
-                    for (t, a) in dot.iter_mut().zip(acts) {
-                        *t = _mm256_add_epi32(*t, dot_pair(v0, v1, a.get_unchecked(blk), j0, j1));
-                    }
+            // Each scale in both 16-bit halves of its lane: `vpmaddwd` of the pair sums with
+            // it applies the scale where a plain dot product would multiply by one.
+            let sc16 = sc.map(|s| _mm256_blend_epi16::<0xaa>(s, _mm256_slli_epi32::<16>(s)));
+            for pair in 0..4 {
+                let (j0, j1) = (2 * pair, 2 * pair + 1);
+                let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
+                let w = sc16[pair / 2];
+                for (t, a) in isum.iter_mut().zip(acts) {
+                    *t = _mm256_add_epi32(*t, dot_pair(v0, v1, a.get_unchecked(blk), j0, j1, w));
                 }
-                for (t, d) in isum.iter_mut().zip(dot) {
-                    *t = _mm256_add_epi32(*t, _mm256_mullo_epi32(d, sc[0]));
-                }
-            } else {
-                for (half, sc) in sc.into_iter().enumerate() {
-                    let mut dot: [__m256i; R] = std::array::from_fn(|r| {
-                        let a = acts.get_unchecked(r).get_unchecked(blk);
-                        _mm256_set1_epi32(a.half_sums[half].wrapping_mul(-offset))
-                    });
-                    for pair in 2 * half..2 * half + 2 {
-                        let (j0, j1) = (2 * pair, 2 * pair + 1);
-                        let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
-                        for (t, a) in dot.iter_mut().zip(acts) {
-                            let d = dot_pair(v0, v1, a.get_unchecked(blk), j0, j1);
-                            *t = _mm256_add_epi32(*t, d);
-                        }
-                    }
-                    for (t, d) in isum.iter_mut().zip(dot) {
-                        *t = _mm256_add_epi32(*t, _mm256_mullo_epi32(d, sc));
-                    }
+            }
+            if offset != 0 {
+                // sc * offset * sum(a) of both halves by one `vpmaddwd` (|sc * offset| fits 16
+                // bits; the low half's product is masked, its lane's sign bits dropped).
+                let so = _mm256_or_si256(
+                    _mm256_and_si256(
+                        _mm256_mullo_epi16(sc[0], _mm256_set1_epi16(offset as i16)),
+                        _mm256_set1_epi32(0xffff),
+                    ),
+                    _mm256_slli_epi32::<16>(_mm256_mullo_epi16(
+                        sc[1],
+                        _mm256_set1_epi16(offset as i16),
+                    )),
+                );
+                for (t, a) in isum.iter_mut().zip(acts) {
+                    let a = a.get_unchecked(blk);
+                    let hs = _mm256_set1_epi32(pair_i16(a.half_sums[0], a.half_sums[1]));
+                    *t = _mm256_sub_epi32(*t, _mm256_madd_epi16(so, hs));
                 }
             }
             p = p.add(format.block_value_bytes());
