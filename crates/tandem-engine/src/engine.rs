@@ -24,7 +24,11 @@ pub struct EngineConfig {
     /// prefill, and 8 concurrent 128-token prompts get their first tokens within a second
     /// (measured in docs/perf-notes.md). Lower it for smoother decodes, raise it for TTFT.
     pub max_batch_tokens: usize,
-    /// Sequences per forward (`max_ragged_sequence_count`).
+    /// Sequences per forward (`max_ragged_sequence_count`). FastGen's 512 suits GPUs; on a
+    /// CPU a forward pass is compute-bound from about a dozen rows per two cores on, so more
+    /// sequences per step add little throughput and lengthen every step of every request
+    /// (TPOT), while the rest wait for a slot (TTFT). The default, [`default_max_batch_seqs`],
+    /// is 8 per compute thread (measured in docs/perf-notes.md).
     pub max_batch_seqs: usize,
     /// Tokens per KV block.
     pub block_size: usize,
@@ -42,11 +46,16 @@ pub struct EngineConfig {
     pub kv_hold_timeout: Duration,
 }
 
+/// Sequences per forward by default: 8 per compute thread of a default pool.
+pub fn default_max_batch_seqs() -> usize {
+    8 * tandem_model::default_threads()
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             max_batch_tokens: 64,
-            max_batch_seqs: 512,
+            max_batch_seqs: default_max_batch_seqs(),
             block_size: 16,
             num_blocks: None,
             kv_memory_fraction: 0.1,

@@ -19,7 +19,7 @@ mod sequence;
 pub mod stop;
 mod worker;
 
-pub use engine::{Engine, EngineConfig, EngineInfo, EngineStats};
+pub use engine::{default_max_batch_seqs, Engine, EngineConfig, EngineInfo, EngineStats};
 pub use error::{EngineError, ParamError};
 pub use grammar::{Constraint, Grammar, GrammarCompiler};
 pub use handoff::{HeldKv, KvRegion, Reservation};

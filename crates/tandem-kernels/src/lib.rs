@@ -24,7 +24,7 @@ pub use dtype::DType;
 pub use matmul::{matmul, MatRef, Precision};
 pub use ops::RopeStyle;
 pub use packed::PackedMat;
-pub use par::{allowed_cores, pin_current_thread, ThreadPool};
+pub use par::{allowed_cores, default_threads, pin_current_thread, ThreadPool};
 pub use simd::SimdLevel;
 
 /// Errors from checking tensor shapes against their storage.

@@ -81,6 +81,15 @@ thread_local! {
     static PINNED: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
+/// Compute threads of a default pool: `TANDEM_THREADS`, or one per core this process may use.
+pub fn default_threads() -> usize {
+    std::env::var("TANDEM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// The cores this process may run on, ordered by NUMA node (then id), so that consecutive
 /// runs of them share a node where the machine has several.
 pub fn allowed_cores() -> Vec<usize> {
@@ -209,12 +218,7 @@ impl ThreadPool {
 
     /// A pool sized by `TANDEM_THREADS`, or one thread per available core.
     pub fn with_default_threads() -> std::io::Result<ThreadPool> {
-        let threads = std::env::var("TANDEM_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        ThreadPool::new(threads)
+        ThreadPool::new(default_threads())
     }
 
     /// Threads in the pool, the caller included.
