@@ -48,7 +48,7 @@ pub struct EngineConfig {
 
 /// Sequences per forward by default: 8 per compute thread of a default pool.
 pub fn default_max_batch_seqs() -> usize {
-    8 * tandem_model::default_threads()
+    tandem_model::default_threads().saturating_mul(8)
 }
 
 impl Default for EngineConfig {
@@ -229,7 +229,10 @@ impl EngineConfig {
                 // Enough for max_length per sequence at most max_batch_seqs times over.
                 let budget =
                     (physical_memory() as f64 * cfg.kv_memory_fraction) as usize / per_block;
-                budget.min(cfg.max_batch_seqs * max_length.div_ceil(cfg.block_size))
+                budget.min(
+                    cfg.max_batch_seqs
+                        .saturating_mul(max_length.div_ceil(cfg.block_size)),
+                )
             }
         };
         if num_blocks == 0 {

@@ -9,14 +9,11 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{pair_i16, ActBlock, PackedFormat, PackedKernels, Scheme};
+use super::{pair_i16, prefetch_block, ActBlock, PackedFormat, PackedKernels, Scheme};
 use crate::dtype::{QK, QK_K};
 
 /// Rows per half-tile.
 const HALF: usize = TILE_ROWS / 2;
-
-/// How far ahead of the weight stream to prefetch.
-const PREFETCH: usize = 8192;
 
 /// The 32 bits of `m` as bytes: 0xff where the bit is set.
 #[inline(always)]
@@ -152,12 +149,9 @@ unsafe fn block_half<const R: usize, const F: u8>(
             _mm256_setzero_ps()
         };
         p = p.add(format.header_bytes());
-        // Every line of the block ahead (the second half finds them in L2) where that pays
-        // (see `prefetch_weights`); may point past the matrix: a prefetch never faults.
+        // The first half asks for the block; the second finds it in L2.
         if h == 0 && prefetch {
-            for line in (0..format.block_value_bytes()).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
-            }
+            prefetch_block(p, format.block_value_bytes());
         }
         let mut isum = [_mm256_setzero_si256(); R];
         if format.bits() == 8 {
@@ -231,9 +225,7 @@ unsafe fn super_half<const R: usize, const F: u8>(
         for bi in 0..blocks {
             let blk = s * blocks + bi;
             if h == 0 && prefetch {
-                for line in (0..format.block_value_bytes()).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
-                }
+                prefetch_block(p, format.block_value_bytes());
             }
             // The scales of elements 0..16 and 16..32 (equal for K32), and the offsets the
             // K16 formats subtract.

@@ -10,11 +10,8 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{pair_i16, ActBlock, PackedFormat, PackedKernels, Scheme};
+use super::{pair_i16, prefetch_block, ActBlock, PackedFormat, PackedKernels, Scheme};
 use crate::dtype::{QK, QK_K};
-
-/// How far ahead of the weight stream to prefetch.
-const PREFETCH: usize = 8192;
 
 /// Adds `bit` to the bytes of `v` whose bits are set in the top-bit masks at `masks` (Q5: bit
 /// 4, Q3_K: bit 2), for value register `4 * half + k` at mask `2k + half`. A function, not a
@@ -157,13 +154,8 @@ unsafe fn block_rows<const R: usize, const F: u8>(
             _mm512_setzero_ps()
         };
         p = p.add(format.header_bytes());
-        // Every line of the block ahead (one per block left the hardware prefetcher to find
-        // the rest: 16.5 -> 21 GB/s on a 150 MB matrix), where that pays (see
-        // `prefetch_weights`). May point past the matrix: a prefetch never faults.
         if prefetch {
-            for line in (0..format.block_value_bytes()).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
-            }
+            prefetch_block(p, format.block_value_bytes());
         }
         let v = values::<F>(p);
         // Unrolled by hand: LLVM kept some formats' eight-row loops rolled, with every
@@ -212,9 +204,7 @@ unsafe fn super_rows<const R: usize, const F: u8>(
         for bi in 0..blocks {
             let blk = s * blocks + bi;
             if prefetch {
-                for line in (0..format.block_value_bytes()).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
-                }
+                prefetch_block(p, format.block_value_bytes());
             }
             let v = values::<F>(p);
             match scheme {

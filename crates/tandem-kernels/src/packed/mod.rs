@@ -376,6 +376,27 @@ macro_rules! kernel_set {
 }
 use kernel_set;
 
+/// How far ahead of the weight stream the SIMD kernels prefetch.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH: usize = 8192;
+
+/// Asks for every cache line of the block of `bytes` at `p`, [`PREFETCH`] bytes ahead (one
+/// prefetch per block left the hardware prefetcher to find the rest: 16.5 -> 21 GB/s on a
+/// 150 MB matrix on the Xeon); the kernels call it only where that pays (see
+/// `simd::prefetch_weights`). May point past the matrix: a prefetch never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_block(p: *const u8, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch never faults, wherever it points.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(PREFETCH + line) as *const i8,
+            )
+        };
+    }
+}
+
 /// Whether packed kernels faster than the stored-format ones exist at `level`.
 pub fn worth_packing(level: SimdLevel) -> bool {
     level >= SimdLevel::Avx2 && level.is_supported()
