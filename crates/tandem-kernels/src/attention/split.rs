@@ -22,8 +22,9 @@ pub(super) fn chunk_blocks(block_size: usize) -> usize {
 }
 
 /// One task: query chunk `c` of sequence `si` against KV head `g` over key `chunks`. When the
-/// queries see more than one chunk, each chunk's unnormalized state is written to `partial`
-/// (consecutive chunks at consecutive places) and merged after the parallel loop.
+/// queries' chunks are spread over several tasks, each chunk's unnormalized state is written to
+/// `partial` (consecutive chunks at consecutive places) and merged after the parallel loop; a
+/// task that has all of them merges them itself (the same arithmetic, see [`merge_states`]).
 pub(super) struct Work {
     pub si: usize,
     pub g: usize,
@@ -86,7 +87,7 @@ pub(super) fn plan(
                         chunks: n_ch * p / parts..n_ch * (p + 1) / parts,
                         partial: None,
                     };
-                    if n_ch > 1 {
+                    if parts > 1 {
                         w.partial = Some(offset);
                         offset += w.chunk_len(seqs, n_rep, layout.head_dim) * w.chunks.len();
                     }
@@ -137,28 +138,10 @@ pub(super) fn merge_chunks(
             let row = (s.row_start + t) * n_heads * hd;
             for r in 0..n_rep {
                 let st = (qi * n_rep + r) * (2 + hd);
-                let state = |k: usize| &partial[first + k * len + st..][..2 + hd];
-                let mx = (0..chunks)
-                    .map(|k| state(k)[0])
-                    .fold(f32::NEG_INFINITY, f32::max);
                 let h = w.g * n_rep + r;
                 // SAFETY: query t's head h belongs to this group only.
                 let o = unsafe { dst.slice_mut(row + h * hd, hd) };
-                o.fill(0.0);
-                let mut sum = 0f32;
-                for k in 0..chunks {
-                    let st = state(k);
-                    if st[0] == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let f = (st[0] - mx).exp();
-                    sum += f * st[1];
-                    for (o, &a) in o.iter_mut().zip(&st[2..]) {
-                        *o += f * a;
-                    }
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|x| *x *= inv);
+                merge_states(chunks, |k| &partial[first + k * len + st..][..2 + hd], o);
             }
         }
     };
@@ -168,4 +151,30 @@ pub(super) fn merge_chunks(
     } else {
         (0..groups.len()).for_each(merge);
     }
+}
+
+/// One (query, head)'s output from its `chunks` key-chunk states (`state(k)`: max, sum, then
+/// `head_dim` weighted value sums), in chunk order: with `M` the largest chunk maximum,
+/// `out = Σ e^(m_k - M) acc_k / Σ e^(m_k - M) l_k`. Every merge of chunk states goes through
+/// here, in a task or after the parallel loop, so where the chunks were computed never
+/// changes the bits.
+pub(super) fn merge_states<'a>(chunks: usize, state: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    let mx = (0..chunks)
+        .map(|k| state(k)[0])
+        .fold(f32::NEG_INFINITY, f32::max);
+    out.fill(0.0);
+    let mut sum = 0f32;
+    for k in 0..chunks {
+        let st = state(k);
+        if st[0] == f32::NEG_INFINITY {
+            continue;
+        }
+        let f = (st[0] - mx).exp();
+        sum += f * st[1];
+        for (o, &a) in out.iter_mut().zip(&st[2..]) {
+            *o += f * a;
+        }
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|x| *x *= inv);
 }
