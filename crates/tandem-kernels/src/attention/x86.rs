@@ -218,7 +218,11 @@ unsafe fn update_rows<const N: usize, E: Lane>(
     }
     let ap = acc.as_mut_ptr();
     let mut c = 0;
-    while c + 32 <= hd {
+    while c + 64 <= hd {
+        add_values::<N, 4, E>(ap, hd, c, &corr, &pj, v, keys.clone());
+        c += 64;
+    }
+    if c + 32 <= hd {
         add_values::<N, 2, E>(ap, hd, c, &corr, &pj, v, keys.clone());
         c += 32;
     }
@@ -228,10 +232,11 @@ unsafe fn update_rows<const N: usize, E: Lane>(
 }
 
 /// Rescales `K` 16-dimension chunks (from `c`) of each row's value sums at `acc` by
-/// `corr` and adds the values of `keys` weighted by `pj`, key by key. Two chunks at a time give
-/// 2N independent FMA chains where one gave N (one to four rows) and left their latency
-/// exposed, and each broadcast weight serves both; every element still sums its keys in
-/// order, so the result is the same bits either way.
+/// `corr` and adds the values of `keys` weighted by `pj`, key by key. Several chunks at a time
+/// give KN independent FMA chains where one gave N (one to four rows) and left their latency
+/// exposed, and each broadcast weight serves all K (four: a 64-wide head in one pass over the
+/// keys); every element still sums its keys in order, so the result is the same bits either
+/// way.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn add_values<const N: usize, const K: usize, E: Lane>(
