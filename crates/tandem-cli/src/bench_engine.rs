@@ -87,7 +87,9 @@ pub fn run(a: EngineBenchArgs) -> anyhow::Result<()> {
     );
     let loaded = crate::load_model(a.model.as_deref())?;
     let vocab = loaded.model.config().vocab_size;
-    let engine = Engine::start(loaded, a.engine.config())?;
+    let cfg = a.engine.config();
+    let budget = cfg.batch_tokens(loaded.model.config());
+    let engine = Engine::start(loaded, cfg)?;
     let mut rng = StdRng::seed_from_u64(a.seed);
     // Warm-up: one short request (thread pools, page faults).
     launch(&engine, prompt(&mut rng, 16, vocab), 4)?
@@ -140,7 +142,7 @@ pub fn run(a: EngineBenchArgs) -> anyhow::Result<()> {
     let (tt, tp) = (stats(ttft), stats(tpot));
     println!(
         "concurrency {} | prompt {} | gen {} | spread {} | budget {} tokens/forward",
-        a.concurrency, a.prompt_len, a.gen_len, a.spread, a.engine.max_batch_tokens
+        a.concurrency, a.prompt_len, a.gen_len, a.spread, budget
     );
     println!(
         "aggregate throughput   {:>9.1} tok/s ({} tokens in {:.2} s)",

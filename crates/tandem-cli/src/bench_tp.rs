@@ -248,7 +248,7 @@ pub fn run(a: TpBenchArgs) -> anyhow::Result<()> {
         }
     }
     let mut args = a.engine.clone();
-    args.max_batch_tokens = args.max_batch_tokens.max(a.prompt_tokens);
+    args.max_batch_tokens = Some(args.max_batch_tokens.unwrap_or(0).max(a.prompt_tokens));
     let engine = crate::tensor_parallel::start_engine(&path, &cores, &args)?;
     std::thread::sleep(Duration::from_millis(200));
     let (tp_pre, tp_dec) = engine_speed(&engine, &a)?;

@@ -11,9 +11,11 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_length: Option<usize>,
     /// Tokens per forward pass (the Dynamic SplitFuse budget; lower keeps decodes smoother
-    /// while long prompts prefill).
-    #[arg(long, default_value_t = 64)]
-    pub max_batch_tokens: usize,
+    /// while long prompts prefill). Default: sized to the model, 64 for a small one on two
+    /// compute threads, down to 1.5 x --max-batch-seqs for large ones (a prompt token costs a
+    /// large model's decoding sequences more of each step).
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
     /// Sequences per forward pass (default: 8 per compute thread; on a CPU more sequences per
     /// step add little throughput and lengthen every step, the rest wait for a slot).
     #[arg(long)]
@@ -39,13 +41,15 @@ impl EngineArgs {
     /// The same flags as command-line arguments (to start worker processes).
     pub fn to_args(&self) -> Vec<String> {
         let mut v = vec![
-            format!("--max-batch-tokens={}", self.max_batch_tokens),
             format!("--block-size={}", self.block_size),
             format!("--kv-memory-fraction={}", self.kv_memory_fraction),
             format!("--kv-dtype={}", self.kv_dtype),
         ];
         if let Some(n) = self.max_length {
             v.push(format!("--max-length={n}"));
+        }
+        if let Some(n) = self.max_batch_tokens {
+            v.push(format!("--max-batch-tokens={n}"));
         }
         if let Some(n) = self.max_batch_seqs {
             v.push(format!("--max-batch-seqs={n}"));

@@ -18,12 +18,12 @@ use crate::worker::{Command, Worker};
 /// Engine settings (FastGen's state-manager knobs plus the KV pool size).
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// Tokens per forward, the SplitFuse budget (FastGen's `max_ragged_batch_size`). FastGen's
-    /// 768 suits GPUs, where a 768-token forward costs about as much as a 1-token one; on a CPU
-    /// every token costs compute, so the default is 64: decodes keep flowing while long prompts
-    /// prefill, and 8 concurrent 128-token prompts get their first tokens within a second
-    /// (measured in docs/perf-notes.md). Lower it for smoother decodes, raise it for TTFT.
-    pub max_batch_tokens: usize,
+    /// Tokens per forward, the SplitFuse budget (FastGen's `max_ragged_batch_size`); `None`
+    /// sizes it to the model ([`default_max_batch_tokens`]). FastGen's 768 suits GPUs, where a
+    /// 768-token forward costs about as much as a 1-token one; on a CPU every token costs
+    /// compute, and every prompt token in a step lengthens the step of each sequence decoding
+    /// in it (measured in docs/perf-notes.md). Lower it for smoother decodes, raise it for TTFT.
+    pub max_batch_tokens: Option<usize>,
     /// Sequences per forward (`max_ragged_sequence_count`). FastGen's 512 suits GPUs; on a
     /// CPU a forward pass is compute-bound from about a dozen rows per two cores on, so more
     /// sequences per step add little throughput and lengthen every step of every request
@@ -51,10 +51,40 @@ pub fn default_max_batch_seqs() -> usize {
     tandem_model::default_threads().saturating_mul(8)
 }
 
+/// Multiply-adds per compute thread a step is sized for by default: the reference model's 64
+/// tokens on two threads, where steps of fewer tokens lose throughput to the fixed cost of a
+/// step (~1-2 ms against ~20 ms).
+const STEP_MACS_PER_THREAD: f64 = 4.3e9;
+
+/// The most tokens a default budget gives a step: 32 per compute thread.
+fn default_prefill_tokens() -> usize {
+    tandem_model::default_threads().saturating_mul(32)
+}
+
+/// The default SplitFuse budget for a model of `mcfg` with `max_batch_seqs` sequences per step:
+/// the tokens whose matmuls make [`STEP_MACS_PER_THREAD`] per compute thread, at most 32 per
+/// thread and at least 1.5 x `max_batch_seqs` (so prompts still advance by half a token per
+/// decoding sequence). A small model keeps 64 tokens on two threads; a 1.5B one gets 24, since
+/// there each prompt token a step carries costs as much as ten small-model tokens and
+/// lengthens the step of every sequence decoding in it: at 32 concurrent, TPOT 175 -> 139 ms
+/// for 2.5% less throughput (docs/perf-notes.md). Steps in which nothing decodes still take
+/// 32 tokens per thread (see [`EngineConfig::prefill_tokens`]).
+pub fn default_max_batch_tokens(mcfg: &tandem_model::LlamaConfig, max_batch_seqs: usize) -> usize {
+    let threads = tandem_model::default_threads();
+    let (d, hd) = (mcfg.hidden_size, mcfg.head_dim());
+    let attn = d * hd * (2 * mcfg.num_heads + 2 * mcfg.kv_heads());
+    let per_layer = attn + 3 * d * mcfg.intermediate_size();
+    let macs = (mcfg.num_layers * per_layer + d * mcfg.vocab_size).max(1);
+    let sized = (STEP_MACS_PER_THREAD * threads as f64 / macs as f64) as usize;
+    let most = default_prefill_tokens();
+    let least = max_batch_seqs.saturating_add(max_batch_seqs / 2);
+    sized.min(most).max(least).max(1)
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            max_batch_tokens: 64,
+            max_batch_tokens: None,
             max_batch_seqs: default_max_batch_seqs(),
             block_size: 16,
             num_blocks: None,
@@ -197,6 +227,19 @@ fn physical_memory() -> usize {
 }
 
 impl EngineConfig {
+    /// The SplitFuse budget for a model of `mcfg`: `max_batch_tokens`, or the model's default.
+    pub fn batch_tokens(&self, mcfg: &tandem_model::LlamaConfig) -> usize {
+        self.max_batch_tokens
+            .unwrap_or_else(|| default_max_batch_tokens(mcfg, self.max_batch_seqs))
+    }
+
+    /// The budget of a step in which nothing decodes: `max_batch_tokens` when given (one
+    /// budget, as set), else 32 tokens per compute thread, so that a lone prompt is not cut
+    /// into the small chunks that keep a large model's decodes flowing.
+    pub fn prefill_tokens(&self) -> usize {
+        self.max_batch_tokens.unwrap_or_else(default_prefill_tokens)
+    }
+
     /// The default cap on a sequence's length and the KV pool's size in blocks for a model of
     /// `mcfg` accepting `max_context` positions (the ranks of a tensor-parallel group size
     /// their pools with it before they start).
@@ -206,7 +249,7 @@ impl EngineConfig {
         max_context: usize,
     ) -> Result<(usize, usize), EngineError> {
         let cfg = self;
-        if cfg.block_size == 0 || cfg.max_batch_tokens == 0 || cfg.max_batch_seqs == 0 {
+        if cfg.block_size == 0 || cfg.max_batch_tokens == Some(0) || cfg.max_batch_seqs == 0 {
             return Err(EngineError::Config(
                 "block_size, max_batch_tokens and max_batch_seqs must be positive".into(),
             ));

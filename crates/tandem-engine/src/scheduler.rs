@@ -1,9 +1,9 @@
 //! Continuous batching with Dynamic SplitFuse, as a pure function of (running sequences,
 //! waiting queue, free KV blocks, limits).
 //!
-//! Each step fills a fixed token budget: decodes first (one token each, oldest first), then
-//! prompt chunks in arrival order, the prompt that overflows the budget split so the budget is
-//! met exactly. A prompt is admitted only if KV for all of it can be reserved, so admitted work
+//! Each step fills a token budget (a larger one when nothing is decoding): decodes first (one
+//! token each, oldest first), then prompt chunks in arrival order, the prompt that overflows
+//! the budget split so the budget is met exactly. A prompt is admitted only if KV for all of it can be reserved, so admitted work
 //! always progresses. When a running sequence needs a block and none is free, the youngest
 //! sequence (by arrival) is preempted and recomputed later, never everything; the oldest
 //! sequence therefore always progresses and every request finishes.
@@ -13,6 +13,10 @@
 pub struct Limits {
     /// Tokens per forward (FastGen's `max_ragged_batch_size`).
     pub max_batch_tokens: usize,
+    /// Tokens per forward when no sequence is decoding, if more (a step that only prefills
+    /// slows no token stream down, and fewer, larger prompt chunks reach the first token
+    /// sooner).
+    pub prefill_tokens: usize,
     /// Sequences per forward (`max_ragged_sequence_count`).
     pub max_batch_seqs: usize,
     /// Tokens per KV block.
@@ -70,7 +74,12 @@ pub fn schedule(
 ) -> Plan {
     let bs = limits.block_size;
     let mut plan = Plan::default();
-    let mut budget = limits.max_batch_tokens;
+    let decoding = running.iter().any(|r| r.total - r.computed == 1);
+    let mut budget = if decoding {
+        limits.max_batch_tokens
+    } else {
+        limits.max_batch_tokens.max(limits.prefill_tokens)
+    };
     let mut seqs_left = limits.max_batch_seqs;
     let mut free = free_blocks;
     let mut order: Vec<&Running> = running.iter().collect();
@@ -139,6 +148,7 @@ mod tests {
 
     const L: Limits = Limits {
         max_batch_tokens: 64,
+        prefill_tokens: 64,
         max_batch_seqs: 4,
         block_size: 8,
     };
@@ -160,6 +170,30 @@ mod tests {
         let p = schedule(&running, &waiting, 100, &L);
         assert_eq!(p.chunks, vec![(1, 1), (2, 63)]);
         assert_eq!(p.admit, vec![2]);
+    }
+
+    #[test]
+    fn a_step_without_decodes_takes_the_prefill_budget() {
+        let lim = Limits {
+            max_batch_tokens: 24,
+            prefill_tokens: 64,
+            ..L
+        };
+        let prompt = |id| Waiting {
+            id,
+            total: 100,
+            cached_blocks: 0,
+            cached_free: 0,
+        };
+        assert_eq!(schedule(&[], &[prompt(2)], 100, &lim).chunks, vec![(2, 64)]);
+        let decoding = [Running {
+            id: 1,
+            total: 11,
+            computed: 10,
+            blocks: 2,
+        }];
+        let p = schedule(&decoding, &[prompt(2)], 100, &lim);
+        assert_eq!(p.chunks, vec![(1, 1), (2, 23)]);
     }
 
     #[test]
@@ -200,8 +234,8 @@ mod tests {
         /// (no deadlock, no starvation) in a bounded number of steps.
         #[test]
         fn every_request_finishes(reqs in proptest::collection::vec((1usize..60, 1usize..40), 1..12),
-                                  pool in 12usize..40, budget in 1usize..80, max_seqs in 1usize..6) {
-            let lim = Limits { max_batch_tokens: budget, max_batch_seqs: max_seqs, block_size: 8 };
+                                  pool in 12usize..40, budget in 1usize..80, prefill in 1usize..120, max_seqs in 1usize..6) {
+            let lim = Limits { max_batch_tokens: budget, prefill_tokens: prefill, max_batch_seqs: max_seqs, block_size: 8 };
             // Requests larger than the pool are rejected at submission, as the engine does.
             let mut waiting: Vec<Req> = reqs.iter().enumerate()
                 .map(|(i, &(p, g))| Req { id: i as u64, prompt: p, gen: g, generated: 0, computed: 0, blocks: 0 })
@@ -217,7 +251,9 @@ mod tests {
                 let wv: Vec<Waiting> = waiting.iter().map(|r| Waiting { id: r.id, total: r.prompt + r.generated, cached_blocks: 0, cached_free: 0 }).collect();
                 let plan = schedule(&rv, &wv, free, &lim);
                 let tokens: usize = plan.chunks.iter().map(|c| c.1).sum();
-                prop_assert!(tokens <= budget && plan.chunks.len() <= max_seqs);
+                let decoding = rv.iter().any(|r| r.total - r.computed == 1);
+                let cap = if decoding { budget } else { budget.max(prefill) };
+                prop_assert!(tokens <= cap && plan.chunks.len() <= max_seqs);
                 prop_assert!(!plan.chunks.is_empty() || !plan.preempt.is_empty(), "no progress: {:?} {:?} free {}", rv, wv, free);
                 for id in &plan.preempt {
                     let k = running.iter().position(|r| r.id == *id).unwrap();

@@ -70,6 +70,7 @@ impl Worker {
         stats: Arc<Mutex<EngineStats>>,
     ) -> Worker {
         let kv = model.new_kv_cache(num_blocks, cfg.block_size, cfg.kv_dtype);
+        let max_batch_tokens = cfg.batch_tokens(model.config());
         let mut eos = tok.eos_ids().to_vec();
         for e in model.config().eos_ids() {
             if !eos.contains(&e) {
@@ -82,7 +83,8 @@ impl Worker {
             kv,
             blocks: KvBlocks::new(num_blocks),
             limits: Limits {
-                max_batch_tokens: cfg.max_batch_tokens,
+                max_batch_tokens,
+                prefill_tokens: cfg.prefill_tokens(),
                 max_batch_seqs: cfg.max_batch_seqs,
                 block_size: cfg.block_size,
             },

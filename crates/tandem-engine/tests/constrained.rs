@@ -217,7 +217,7 @@ fn prompt_logprobs_equal_the_models_log_softmax() {
             precision: Precision::Exact,
             kv_dtype: tandem_model::KvDType::F32,
             // Small chunks: the prompt is scored across several steps.
-            max_batch_tokens: 4,
+            max_batch_tokens: Some(4),
             ..Default::default()
         },
     )

@@ -100,7 +100,7 @@ fn batch_and_thread_invariance(
         let p = Pipeline::from_loaded(
             loaded,
             EngineConfig {
-                max_batch_tokens: 64,
+                max_batch_tokens: Some(64),
                 ..Default::default()
             },
         )
@@ -193,7 +193,7 @@ fn preemption_completes_identically(model: fn() -> LoadedModel, prompts: Vec<Vec
         model(),
         EngineConfig {
             num_blocks: Some(8),
-            max_batch_tokens: 48,
+            max_batch_tokens: Some(48),
             ..Default::default()
         },
     )
@@ -507,7 +507,7 @@ fn handoff_matches_colocated(
 ) -> (Engine, Engine, tokio::runtime::Runtime) {
     let cfg = EngineConfig {
         num_blocks: Some(256),
-        max_batch_tokens: 64,
+        max_batch_tokens: Some(64),
         kv_hold_timeout: Duration::from_millis(300),
         ..Default::default()
     };
