@@ -66,9 +66,9 @@ fn default_prefill_tokens() -> usize {
 /// thread and at least 1.5 x `max_batch_seqs` (so prompts still advance by half a token per
 /// decoding sequence). A small model keeps 64 tokens on two threads; a 1.5B one gets 24, since
 /// there each prompt token a step carries costs as much as ten small-model tokens and
-/// lengthens the step of every sequence decoding in it: at 32 concurrent, TPOT 175 -> 139 ms
-/// for 2.5% less throughput (docs/perf-notes.md). Steps in which nothing decodes still take
-/// 32 tokens per thread (see [`EngineConfig::prefill_tokens`]).
+/// lengthens the step of every sequence decoding in it: at 32 concurrent, TPOT ~183 -> ~150
+/// ms for ~4.5% less throughput (docs/perf-notes.md). Steps in which nothing decodes still
+/// take 32 tokens per thread (see [`EngineConfig::prefill_tokens`]).
 pub fn default_max_batch_tokens(mcfg: &tandem_model::LlamaConfig, max_batch_seqs: usize) -> usize {
     let threads = tandem_model::default_threads();
     let (d, hd) = (mcfg.hidden_size, mcfg.head_dim());

@@ -3,10 +3,11 @@
 //!
 //! Each step fills a token budget (a larger one when nothing is decoding): decodes first (one
 //! token each, oldest first), then prompt chunks in arrival order, the prompt that overflows
-//! the budget split so the budget is met exactly. A prompt is admitted only if KV for all of it can be reserved, so admitted work
-//! always progresses. When a running sequence needs a block and none is free, the youngest
-//! sequence (by arrival) is preempted and recomputed later, never everything; the oldest
-//! sequence therefore always progresses and every request finishes.
+//! the budget split so the budget is met exactly. A prompt is admitted only if KV for all of
+//! it can be reserved, so admitted work always progresses. When a running sequence needs a
+//! block and none is free, the youngest sequence (by arrival) is preempted and recomputed
+//! later, never everything; the oldest sequence therefore always progresses and every request
+//! finishes.
 
 /// Batch limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
