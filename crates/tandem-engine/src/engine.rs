@@ -54,7 +54,7 @@ pub fn default_max_batch_seqs() -> usize {
 /// Multiply-adds per compute thread a step is sized for by default: the reference model's 64
 /// tokens on two threads, where steps of fewer tokens lose throughput to the fixed cost of a
 /// step (~1-2 ms against ~20 ms).
-const STEP_MACS_PER_THREAD: f64 = 4.3e9;
+const STEP_MACS_PER_THREAD: f64 = 4.4e9;
 
 /// The most tokens a default budget gives a step: 32 per compute thread.
 fn default_prefill_tokens() -> usize {
@@ -71,11 +71,12 @@ fn default_prefill_tokens() -> usize {
 /// take 32 tokens per thread (see [`EngineConfig::prefill_tokens`]).
 pub fn default_max_batch_tokens(mcfg: &tandem_model::LlamaConfig, max_batch_seqs: usize) -> usize {
     let threads = tandem_model::default_threads();
-    let (d, hd) = (mcfg.hidden_size, mcfg.head_dim());
-    let attn = d * hd * (2 * mcfg.num_heads + 2 * mcfg.kv_heads());
-    let per_layer = attn + 3 * d * mcfg.intermediate_size();
-    let macs = (mcfg.num_layers * per_layer + d * mcfg.vocab_size).max(1);
-    let sized = (STEP_MACS_PER_THREAD * threads as f64 / macs as f64) as usize;
+    // In floats: a config's sizes multiply past usize only in absurd files, but never wrap.
+    let (d, hd) = (mcfg.hidden_size as f64, mcfg.head_dim() as f64);
+    let attn = d * hd * (2 * mcfg.num_heads + 2 * mcfg.kv_heads()) as f64;
+    let per_layer = attn + 3.0 * d * mcfg.intermediate_size() as f64;
+    let macs = (mcfg.num_layers as f64 * per_layer + d * mcfg.vocab_size as f64).max(1.0);
+    let sized = (STEP_MACS_PER_THREAD * threads as f64 / macs) as usize;
     let most = default_prefill_tokens();
     let least = max_batch_seqs.saturating_add(max_batch_seqs / 2);
     sized.min(most).max(least).max(1)
