@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::KvRef;
+use super::{rescale, KvRef};
 
 /// Keys one step handles (one 16-lane vector of scores).
 pub(super) const LANES: usize = 16;
@@ -210,7 +210,7 @@ unsafe fn update_rows<const N: usize, E: Lane>(
         let sr = _mm512_mul_ps(sr, _mm512_set1_ps(scale));
         let mx = _mm512_mask_reduce_max_ps(live, sr).max(m[r]);
         let p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sr, _mm512_set1_ps(mx))));
-        let c = (m[r] - mx).exp();
+        let c = rescale(m[r], mx);
         l[r] = l[r] * c + _mm512_reduce_add_ps(p);
         m[r] = mx;
         _mm512_storeu_ps(pj[r].as_mut_ptr(), p);

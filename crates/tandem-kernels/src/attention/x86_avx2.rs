@@ -8,6 +8,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
+use super::rescale;
 use super::x86::{Keys, EXP2_POLY};
 
 /// Keys one step handles.
@@ -151,7 +152,7 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
         let masked = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), sr, live);
         let mx = hmax(masked).max(m[r]);
         let p = _mm256_and_ps(exp8(_mm256_sub_ps(sr, _mm256_set1_ps(mx))), live);
-        let c = (m[r] - mx).exp();
+        let c = rescale(m[r], mx);
         l[r] = l[r] * c + hsum(p);
         m[r] = mx;
         _mm256_storeu_ps(pj[r].as_mut_ptr(), p);
