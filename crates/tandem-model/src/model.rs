@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tandem_collective::Collective;
 
-use tandem_kernels::packed::{matmul_packed, matmul_packed_many, worth_packing};
+use tandem_kernels::packed::{matmul_packed, matmul_packed_many, read_ahead_packed, worth_packing};
 use tandem_kernels::{
     matmul, ops, paged_attention, write_kv, AttnSeq, KvDType, PackedMat, Precision, RopeStyle,
     SimdLevel, ThreadPool,
@@ -428,6 +428,20 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// Tells the compute pool that matrices `which` of `layer` (the LM head past the last
+    /// layer) come next on `rows` rows (see [`read_ahead_packed`]).
+    fn read_ahead(&self, layer: usize, which: &[usize], rows: usize) {
+        let Some(p) = self.packed() else { return };
+        // As in `linears`: packed kernels only when every matrix of the call has them.
+        let mats: Option<Vec<&PackedMat>> = match p.layers.get(layer) {
+            Some(l) => which.iter().map(|&i| l[i].as_ref()).collect(),
+            None => p.lm_head.as_ref().map(|h| vec![h]),
+        };
+        if let Some(mats) = mats {
+            read_ahead_packed(&mats, rows);
+        }
+    }
+
     fn run(&self, tokens: &[u32], seqs: &[SeqInput], kv: &mut KvCache) -> Result<Logits> {
         let c = &self.config;
         let (t, d, hd) = (tokens.len(), c.hidden_size, c.head_dim());
@@ -483,6 +497,15 @@ impl LlamaModel {
         }
         let layout = kv.layout();
         let scale = 1.0 / (hd as f32).sqrt();
+        let logit_rows: usize = seqs
+            .iter()
+            .map(|s| match s.logits {
+                LogitsMode::None => 0,
+                LogitsMode::Last => 1,
+                LogitsMode::All => s.n_tokens,
+            })
+            .sum();
+        self.read_ahead(0, &[WQ, WK, WV], t);
         for (l, w) in self.weights.layers.iter().enumerate() {
             // The residual add of the layer before goes with this norm (one pass).
             if l == 0 {
@@ -497,6 +520,7 @@ impl LlamaModel {
                 &[WQ, WK, WV],
                 &mut [&mut b.q, &mut b.k, &mut b.v],
             );
+            self.read_ahead(l, &[WO], t);
             ops::rope(&mut b.q, nh, hd, &cos, &sin, self.style);
             ops::rope(&mut b.k, nkv, hd, &cos, &sin, self.style);
             {
@@ -509,11 +533,18 @@ impl LlamaModel {
                 &layout, &attn_seqs, &b.q, nh, scale, window, kr, vr, &mut b.att,
             );
             self.linear(&b.att, t, l, WO, &mut b.o);
+            self.read_ahead(l, &[W_GATE, W_UP], t);
             self.all_reduce(&mut b.o)?;
             ops::add_rms_norm(&mut b.x, &b.o, &w.ffn_norm, eps, &mut b.h);
             self.linears(&b.h, t, l, &[W_GATE, W_UP], &mut [&mut b.gate, &mut b.up]);
+            self.read_ahead(l, &[W_DOWN], t);
             ops::silu_mul(&mut b.gate, &b.up);
             self.linear(&b.gate, t, l, W_DOWN, &mut b.o);
+            // The next layer's q/k/v, or past the last layer the LM head.
+            match l + 1 < self.weights.layers.len() {
+                true => self.read_ahead(l + 1, &[WQ, WK, WV], t),
+                false => self.read_ahead(l + 1, &[], logit_rows),
+            }
             self.all_reduce(&mut b.o)?;
         }
         ops::add_assign(&mut b.x, &b.o);

@@ -8,7 +8,9 @@
 //!
 //! Kernels call [`for_each_task`], which uses the pool installed on the calling thread by
 //! [`ThreadPool::install`] and runs the tasks inline when there is none (or when called from
-//! inside a task).
+//! inside a task); the matmuls call [`for_each_range`] (each thread walks its own share of the
+//! weights), and say with [`read_ahead`] what they will read next, which workers waiting
+//! between jobs bring into their caches.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -16,6 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+mod ahead;
+mod range;
+
+use ahead::AheadReader;
+pub(crate) use ahead::{read_ahead, Ahead};
+pub(crate) use range::for_each_range;
 
 /// How long an idle worker spins before it parks.
 const SPIN_LIMIT: Duration = Duration::from_millis(2);
@@ -41,6 +50,11 @@ struct Shared {
     /// A task of the current job panicked on a worker.
     panicked: AtomicBool,
     stop: AtomicBool,
+    /// What idle threads read ahead (see [`read_ahead`]), and a count bumped on each change.
+    ahead: Mutex<Ahead>,
+    ahead_gen: AtomicU64,
+    /// Threads in the pool, the caller included.
+    threads: usize,
     /// More threads than cores: waiting threads yield their core instead of spinning on it
     /// (a spinning thread would hold the core a working one needs).
     oversubscribed: bool,
@@ -77,6 +91,8 @@ thread_local! {
     /// The pool installed on this thread, and whether the thread is inside a task.
     static CURRENT: Cell<Option<*const ThreadPool>> = const { Cell::new(None) };
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
+    /// This thread's index in its pool (0: the calling thread; workers count from 1).
+    static INDEX: Cell<usize> = const { Cell::new(0) };
     /// The core this thread was pinned to by a pool.
     static PINNED: Cell<Option<usize>> = const { Cell::new(None) };
 }
@@ -183,6 +199,9 @@ impl ThreadPool {
             parked: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            ahead: Mutex::new(Ahead::default()),
+            ahead_gen: AtomicU64::new(0),
+            threads: threads.max(1),
             oversubscribed: threads
                 > std::thread::available_parallelism().map_or(usize::MAX, |n| n.get()),
         });
@@ -198,6 +217,7 @@ impl ThreadPool {
                             tracing::warn!("cannot pin a compute thread to core {c}: {e}");
                         }
                     }
+                    INDEX.with(|x| x.set(i));
                     worker(&s)
                 });
             match spawned {
@@ -321,10 +341,14 @@ fn claim_tasks(s: &Shared, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
 fn worker(s: &Shared) {
     // The epoch the pool was created with: a job started before this thread ran is still seen.
     let mut seen = 0;
+    let mut reader = AheadReader::default();
     loop {
         let mut idle_since = Instant::now();
         let mut spins = 0u32;
         while s.epoch.load(Ordering::Acquire) == seen {
+            if reader.step(s) {
+                continue;
+            }
             spins = spins.wrapping_add(1);
             s.wait_step(spins);
             if spins.is_multiple_of(1 << 10) && idle_since.elapsed() > SPIN_LIMIT {
