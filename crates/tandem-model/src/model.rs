@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use tandem_collective::Collective;
 
-use tandem_kernels::packed::{matmul_packed, matmul_packed_many, read_ahead_packed, worth_packing};
+use tandem_kernels::packed::{
+    matmul_packed, matmul_packed_many, read_ahead_packed, read_ahead_packed_next, worth_packing,
+};
 use tandem_kernels::{
     matmul, ops, paged_attention, write_kv, AttnSeq, KvDType, PackedMat, Precision, RopeStyle,
     SimdLevel, ThreadPool,
@@ -429,16 +431,19 @@ impl LlamaModel {
     }
 
     /// Tells the compute pool that matrices `which` of `layer` (the LM head past the last
-    /// layer) come next on `rows` rows (see [`read_ahead_packed`]).
-    fn read_ahead(&self, layer: usize, which: &[usize], rows: usize) {
+    /// layer) come next on `rows` rows (see [`read_ahead_packed`]); with `soon`, from the start
+    /// of its next parallel loop on rather than now (said before a matmul about the one after).
+    fn read_ahead(&self, layer: usize, which: &[usize], rows: usize, soon: bool) {
         let Some(p) = self.packed() else { return };
         // As in `linears`: packed kernels only when every matrix of the call has them.
         let mats: Option<Vec<&PackedMat>> = match p.layers.get(layer) {
             Some(l) => which.iter().map(|&i| l[i].as_ref()).collect(),
             None => p.lm_head.as_ref().map(|h| vec![h]),
         };
-        if let Some(mats) = mats {
-            read_ahead_packed(&mats, rows);
+        match mats {
+            Some(mats) if soon => read_ahead_packed_next(&mats, rows),
+            Some(mats) => read_ahead_packed(&mats, rows),
+            None => {}
         }
     }
 
@@ -505,7 +510,8 @@ impl LlamaModel {
                 LogitsMode::All => s.n_tokens,
             })
             .sum();
-        self.read_ahead(0, &[WQ, WK, WV], t);
+        // Before each matmul, the one after it (see `read_ahead`); the first one now.
+        self.read_ahead(0, &[WQ, WK, WV], t, false);
         for (l, w) in self.weights.layers.iter().enumerate() {
             // The residual add of the layer before goes with this norm (one pass).
             if l == 0 {
@@ -513,6 +519,7 @@ impl LlamaModel {
             } else {
                 ops::add_rms_norm(&mut b.x, &b.o, &w.attn_norm, eps, &mut b.h);
             }
+            self.read_ahead(l, &[WO], t, true);
             self.linears(
                 &b.h,
                 t,
@@ -520,7 +527,6 @@ impl LlamaModel {
                 &[WQ, WK, WV],
                 &mut [&mut b.q, &mut b.k, &mut b.v],
             );
-            self.read_ahead(l, &[WO], t);
             ops::rope(&mut b.q, nh, hd, &cos, &sin, self.style);
             ops::rope(&mut b.k, nkv, hd, &cos, &sin, self.style);
             {
@@ -532,19 +538,19 @@ impl LlamaModel {
             paged_attention(
                 &layout, &attn_seqs, &b.q, nh, scale, window, kr, vr, &mut b.att,
             );
+            self.read_ahead(l, &[W_GATE, W_UP], t, true);
             self.linear(&b.att, t, l, WO, &mut b.o);
-            self.read_ahead(l, &[W_GATE, W_UP], t);
             self.all_reduce(&mut b.o)?;
             ops::add_rms_norm(&mut b.x, &b.o, &w.ffn_norm, eps, &mut b.h);
+            self.read_ahead(l, &[W_DOWN], t, true);
             self.linears(&b.h, t, l, &[W_GATE, W_UP], &mut [&mut b.gate, &mut b.up]);
-            self.read_ahead(l, &[W_DOWN], t);
             ops::silu_mul(&mut b.gate, &b.up);
-            self.linear(&b.gate, t, l, W_DOWN, &mut b.o);
             // The next layer's q/k/v, or past the last layer the LM head.
             match l + 1 < self.weights.layers.len() {
-                true => self.read_ahead(l + 1, &[WQ, WK, WV], t),
-                false => self.read_ahead(l + 1, &[], logit_rows),
+                true => self.read_ahead(l + 1, &[WQ, WK, WV], t, true),
+                false => self.read_ahead(l + 1, &[], logit_rows, true),
             }
+            self.linear(&b.gate, t, l, W_DOWN, &mut b.o);
             self.all_reduce(&mut b.o)?;
         }
         ops::add_assign(&mut b.x, &b.o);

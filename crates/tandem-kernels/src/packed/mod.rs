@@ -28,7 +28,7 @@ mod scalar;
 use crate::dtype::{DType, QK, QK_K};
 use crate::matmul::MatRef;
 use crate::mem::WeightBytes;
-use crate::par::{for_each_range, for_each_task, read_ahead, Ahead, SyncPtr};
+use crate::par::{for_each_range, for_each_task, read_ahead, read_ahead_next, Ahead, SyncPtr};
 use crate::simd::SimdLevel;
 
 pub use layout::TILE_ROWS;
@@ -543,14 +543,28 @@ fn claim_tiles(ws: &[&PackedMat], m: usize) -> usize {
 /// matmul streams its weights from memory (one or two rows; more rows reuse each tile long
 /// enough to hide its load); nothing is computed, and a wrong hint costs only bandwidth.
 pub fn read_ahead_packed(ws: &[&PackedMat], m: usize) {
+    if let Some(a) = ahead_of(ws, m) {
+        read_ahead(a)
+    }
+}
+
+/// [`read_ahead_packed`] from the start of the pool's next parallel loop on: said before a
+/// matmul about the one after it.
+pub fn read_ahead_packed_next(ws: &[&PackedMat], m: usize) {
+    if let Some(a) = ahead_of(ws, m) {
+        read_ahead_next(a)
+    }
+}
+
+fn ahead_of(ws: &[&PackedMat], m: usize) -> Option<Ahead> {
     if m > 2 || ws.is_empty() {
-        return;
+        return None;
     }
     let mut ahead = Ahead::default();
     for w in ws {
         ahead.push(w.bytes().as_ptr(), w.format.tile_bytes(w.cols), w.tiles());
     }
-    read_ahead(ahead.with_grain(claim_tiles(ws, m)));
+    Some(ahead.with_grain(claim_tiles(ws, m)))
 }
 
 thread_local! {

@@ -132,6 +132,40 @@ impl AheadReader {
     }
 }
 
+thread_local! {
+    /// The calling thread's progress, read ahead while it waits for the workers at a job's end.
+    pub(super) static CALLER_READER: std::cell::RefCell<AheadReader> =
+        std::cell::RefCell::new(AheadReader::default());
+}
+
+/// Like [`read_ahead`], but from the start of the pool's next job on: said before a matmul
+/// about the one after it, so that threads done with their part of the first read the second
+/// meanwhile, and the serial work between them then finds it under way.
+pub(crate) fn read_ahead_next(ahead: Ahead) {
+    let pool = CURRENT.with(|c| c.get());
+    if let Some(p) = pool.filter(|_| !IN_TASK.with(|t| t.get())) {
+        // SAFETY: `install` keeps the pool alive while it is current on this thread.
+        let s = &*unsafe { &*p }.shared;
+        *s.ahead_next.lock().unwrap_or_else(|e| e.into_inner()) = Some(ahead);
+        s.has_ahead_next.store(true, Ordering::Release);
+    }
+}
+
+/// Called as a job starts: what [`read_ahead_next`] left becomes what threads read ahead.
+pub(super) fn start_next(s: &Shared) {
+    if s.has_ahead_next.swap(false, Ordering::AcqRel) {
+        let next = s
+            .ahead_next
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(next) = next {
+            *s.ahead.lock().unwrap_or_else(|e| e.into_inner()) = next;
+            s.ahead_gen.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
 /// Tells the installed pool's threads what the next parallel loop will read, so that those
 /// idle until then (while the caller runs serial code, or waits for a slower thread) bring
 /// the start of their shares into their caches: a decode step's matmuls stream the weights

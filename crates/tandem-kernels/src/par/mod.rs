@@ -23,7 +23,7 @@ mod ahead;
 mod range;
 
 use ahead::AheadReader;
-pub(crate) use ahead::{read_ahead, Ahead};
+pub(crate) use ahead::{read_ahead, read_ahead_next, Ahead};
 pub(crate) use range::for_each_range;
 
 /// How long an idle worker spins before it parks.
@@ -53,6 +53,9 @@ struct Shared {
     /// What idle threads read ahead (see [`read_ahead`]), and a count bumped on each change.
     ahead: Mutex<Ahead>,
     ahead_gen: AtomicU64,
+    /// What they read ahead once the next job has started (see [`read_ahead_next`]).
+    ahead_next: Mutex<Option<Ahead>>,
+    has_ahead_next: AtomicBool,
     /// Threads in the pool, the caller included.
     threads: usize,
     /// More threads than cores: waiting threads yield their core instead of spinning on it
@@ -201,6 +204,8 @@ impl ThreadPool {
             stop: AtomicBool::new(false),
             ahead: Mutex::new(Ahead::default()),
             ahead_gen: AtomicU64::new(0),
+            ahead_next: Mutex::new(None),
+            has_ahead_next: AtomicBool::new(false),
             threads: threads.max(1),
             oversubscribed: threads
                 > std::thread::available_parallelism().map_or(usize::MAX, |n| n.get()),
@@ -285,10 +290,14 @@ impl ThreadPool {
                 w.thread().unpark();
             }
         }
+        ahead::start_next(s);
         // SAFETY: `f` is alive for this whole call. A panic is held until the workers are out.
         let mine = catch_unwind(AssertUnwindSafe(|| claim_tasks(s, tasks, unsafe { &*f })));
         let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) < self.workers.len() {
+            if ahead::CALLER_READER.with_borrow_mut(|r| r.step(s)) {
+                continue;
+            }
             spins = spins.wrapping_add(1);
             s.wait_step(spins);
         }
