@@ -10,7 +10,7 @@ use std::cell::Cell;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::par::{for_each_task, SyncPtr};
+use crate::par::{for_each_range, SyncPtr};
 use crate::simd::SimdLevel;
 
 mod split;
@@ -216,8 +216,15 @@ pub fn paged_attention(
     };
     let level = crate::simd::active();
     let hd = layout.head_dim;
-    for_each_task(works.len(), |t| {
+    let one = |t: usize| {
         let w = &works[t];
+        // The work this thread most likely runs next (see below).
+        #[cfg(target_arch = "x86_64")]
+        if level >= SimdLevel::Avx2 {
+            if let Some(next) = works.get(t + 1) {
+                task.prefetch_start(next);
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if level >= SimdLevel::Avx512Vnni && hd.is_multiple_of(x86::LANES) {
             // SAFETY: AVX-512F/BW/VL and F16C were detected (SimdLevel::Avx512Vnni); the
@@ -232,7 +239,12 @@ pub fn paged_attention(
         }
         let _ = level;
         task.run::<0>(w);
-    });
+    };
+    // Each thread walks its own share of the works in order (so its next work is usually the
+    // next one, whose first blocks it asks for), one claim on its own cache line per work:
+    // against first-come claims from one counter, 16 / 32 sequences x 144 positions and 32 x
+    // 512 (30 layers, pinned, alternating): -10%, -13% and -10% a step.
+    for_each_range(works.len(), 1, |r| r.for_each(one));
     merge_chunks(&works, seqs, n_heads, n_rep, layout.head_dim, &partial, out);
 }
 
@@ -315,6 +327,21 @@ thread_local! {
 }
 
 impl Task<'_> {
+    /// Asks for the first blocks `w` reads (its first key chunk's), so that a thread that
+    /// goes on to `w` after its current work finds them on the way.
+    #[cfg(target_arch = "x86_64")]
+    fn prefetch_start(&self, w: &Work) {
+        let layout = self.layout;
+        let (bs, hd) = (layout.block_size, layout.head_dim);
+        let s = &self.seqs[w.si];
+        let end = s.context_len + ((w.c + 1) * Q_CHUNK).min(s.n_new);
+        let first = w.chunks.start * chunk_blocks(bs);
+        for b in first..(first + PREFETCH_BLOCKS).min(end.div_ceil(bs)) {
+            let at = layout.head_offset(s.block_table[b] as usize, w.g);
+            x86::prefetch(self.k, self.v, at, bs * hd);
+        }
+    }
+
     /// The task compiled for AVX2 + FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
