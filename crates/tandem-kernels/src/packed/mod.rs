@@ -489,8 +489,8 @@ pub fn matmul_packed_many(
         }
     });
     // The matrices' tiles as one index space, walked by each thread from its own share (see
-    // `for_each_range`); a claim is a few tiles for one or two activation rows, and a group
-    // that stays in L2 (below) for more, so every row goes over it while it is there.
+    // `for_each_range`), in claims of `CLAIM_BYTES` of weights for one or two activation rows
+    // and `BATCH_CLAIM_BYTES` for more.
     let starts: Vec<usize> = ws
         .iter()
         .scan(0, |acc, w| {

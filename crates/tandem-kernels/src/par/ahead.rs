@@ -6,8 +6,8 @@ use super::range::share_of;
 use super::{Shared, CURRENT, INDEX, IN_TASK};
 
 /// Memory a parallel loop is about to read, as one item space over up to four regions (the
-/// tiles of the matrices of one matmul call), split between threads as [`for_each_range`]
-/// splits it.
+/// tiles of the matrices of one matmul call), split between threads as
+/// [`for_each_range`](super::for_each_range) splits it.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Ahead {
     /// (address, bytes per item, items) of each region, in item order.
@@ -18,8 +18,8 @@ pub(crate) struct Ahead {
 }
 
 impl Ahead {
-    /// Adds a region of `items` items of `item_bytes` bytes at `at`; regions past the fourth
-    /// are not read ahead.
+    /// Adds a region of `items` items of `item_bytes` bytes at `at` (a fifth and later ones
+    /// are left out: nothing reads them ahead).
     pub(crate) fn push(&mut self, at: *const u8, item_bytes: usize, items: usize) {
         if self.count < self.regions.len() {
             self.regions[self.count] = (at as usize, item_bytes, items);
@@ -27,6 +27,7 @@ impl Ahead {
         }
     }
 
+    /// The claim size the loop will use, which decides how many shares it is cut into.
     pub(crate) fn with_grain(mut self, grain: usize) -> Ahead {
         self.grain = grain;
         self
@@ -47,6 +48,7 @@ impl Ahead {
         None
     }
 
+    /// The size of item `item` (0 past the regions).
     fn item_bytes(&self, item: usize) -> usize {
         let mut i = item;
         for &(_, bytes, items) in &self.regions[..self.count] {
@@ -60,14 +62,15 @@ impl Ahead {
 }
 
 /// How much of its share of the next loop an idle thread reads ahead into its L2 (of 1-2 MiB
-/// on the parts this targets; the loop's own prefetches take over from there).
+/// on the parts this targets; the hardware's and the kernels' own prefetching take over from
+/// there).
 const AHEAD_BYTES: usize = 512 << 10;
 
 /// Cache lines read ahead between two looks at the pool's epoch (a new job waits at most
 /// this long for an idle thread).
 const AHEAD_LINES_PER_STEP: usize = 8;
 
-/// A worker's progress through the latest [`Ahead`].
+/// A thread's progress through the latest [`Ahead`].
 #[derive(Default)]
 pub(super) struct AheadReader {
     generation: u64,

@@ -8,9 +8,10 @@
 //!
 //! Kernels call [`for_each_task`], which uses the pool installed on the calling thread by
 //! [`ThreadPool::install`] and runs the tasks inline when there is none (or when called from
-//! inside a task); the matmuls call [`for_each_range`] (each thread walks its own share of the
-//! weights), and say with [`read_ahead`] what they will read next, which workers waiting
-//! between jobs bring into their caches.
+//! inside a task); the matmuls and attention call [`for_each_range`] (each thread walks its
+//! own share of the weight tiles or the works), and the model says with [`read_ahead`] (or
+//! [`read_ahead_next`]) which weights come next, which threads with nothing to do bring into
+//! their caches.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
