@@ -4,23 +4,12 @@
 //! `GAP_US` microseconds of serial spinning after each call (0) standing for the norms and
 //! the like between them (its time is not counted):
 //! `cargo run --release -p tandem-kernels --example decode_matmuls`.
+mod common;
+
+use common::synthetic_packed as mat;
 use std::time::Instant;
 use tandem_kernels::packed::{matmul_packed_many, PackedMat};
-use tandem_kernels::{DType, MatRef, SimdLevel, ThreadPool};
-
-fn mat(d: DType, n: usize, k: usize, seed: usize) -> PackedMat {
-    let rb = d.row_bytes(k).unwrap();
-    let data: Vec<u8> = (0..n * rb)
-        .map(|i| {
-            if i % 2 == 1 {
-                0x2c
-            } else {
-                ((i + seed) * 7 % 251) as u8
-            }
-        })
-        .collect();
-    PackedMat::pack(&MatRef::new(d, n, k, &data).unwrap()).unwrap()
-}
+use tandem_kernels::{DType, SimdLevel, ThreadPool};
 
 fn main() {
     let pool = ThreadPool::with_default_threads().unwrap();

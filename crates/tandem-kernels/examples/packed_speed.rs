@@ -2,9 +2,12 @@
 //! format: GB/s of weights streamed with one activation row (decode) and integer GMAC/s with
 //! 64 rows (prefill), on a pool of one thread per core:
 //! `cargo run --release -p tandem-kernels --example packed_speed [Q4_K Q6_K ...]`.
+mod common;
+
+use common::synthetic_packed;
 use std::time::Instant;
-use tandem_kernels::packed::{matmul_packed, worth_packing, PackedMat};
-use tandem_kernels::{DType, MatRef, SimdLevel, ThreadPool};
+use tandem_kernels::packed::{matmul_packed, worth_packing};
+use tandem_kernels::{DType, SimdLevel, ThreadPool};
 
 fn main() {
     let formats: Vec<DType> = std::env::args()
@@ -28,19 +31,7 @@ fn main() {
     let env = |v: &str, d: usize| std::env::var(v).map_or(d, |s| s.parse().unwrap());
     let (n, k) = (env("N", 64 * 1024), env("K", 4096));
     for d in formats {
-        // Bytes with sane f16 scales (0x3c00 = 1.0 everywhere scales are read).
-        let rb = d.row_bytes(k).unwrap();
-        let data: Vec<u8> = (0..n * rb)
-            .map(|i| {
-                if i % 2 == 1 {
-                    0x2c
-                } else {
-                    (i * 7 % 251) as u8
-                }
-            })
-            .collect();
-        let w = MatRef::new(d, n, k, &data).unwrap();
-        let p = PackedMat::pack(&w).unwrap();
+        let p = synthetic_packed(d, n, k, 0);
         for level in SimdLevel::supported()
             .into_iter()
             .filter(|l| worth_packing(*l))

@@ -23,41 +23,40 @@ impl Share {
 
     /// Takes up to `grain` items from the front (the owner's end).
     fn take_front(&self, grain: usize) -> Option<std::ops::Range<usize>> {
-        let mut v = self.0.load(Ordering::Acquire);
-        loop {
-            let (lo, hi) = unpack(v);
-            if lo >= hi {
-                return None;
-            }
+        self.take(|lo, hi| {
             let end = hi.min(lo + grain);
-            match self.0.compare_exchange_weak(
-                v,
-                pack(end, hi),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(lo..end),
-                Err(now) => v = now,
-            }
-        }
+            (lo..end, end..hi)
+        })
     }
 
     /// Takes half of what is left (at least `grain` items, or all) from the back.
     fn take_back(&self, grain: usize) -> Option<std::ops::Range<usize>> {
+        self.take(|lo, hi| {
+            let start = hi - (hi - lo).div_ceil(2).max(grain).min(hi - lo);
+            (start..hi, lo..start)
+        })
+    }
+
+    /// Takes what `cut(lo, hi)` picks of a non-empty remainder `lo..hi` (it returns the part
+    /// taken and the part left), with one compare-and-swap, retried if another thread took
+    /// first.
+    fn take(
+        &self,
+        cut: impl Fn(usize, usize) -> (std::ops::Range<usize>, std::ops::Range<usize>),
+    ) -> Option<std::ops::Range<usize>> {
         let mut v = self.0.load(Ordering::Acquire);
         loop {
             let (lo, hi) = unpack(v);
             if lo >= hi {
                 return None;
             }
-            let start = hi - (hi - lo).div_ceil(2).max(grain).min(hi - lo);
-            match self.0.compare_exchange_weak(
-                v,
-                pack(lo, start),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(start..hi),
+            let (taken, left) = cut(lo, hi);
+            let new = pack(left.start, left.end);
+            match self
+                .0
+                .compare_exchange_weak(v, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(taken),
                 Err(now) => v = now,
             }
         }
