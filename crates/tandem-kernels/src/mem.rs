@@ -35,7 +35,7 @@ fn advise(ptr: *mut u8, len: usize) {
 /// A zero-initialized byte buffer for weights: aligned to a cache line (so every 64-byte
 /// register load of a packed tile is one line) and backed by huge pages where the kernel gives
 /// them. Buffers are carved one after the other, in the order a model loads its matrices, from
-/// shared 2 MiB-aligned [`Slab`]s: a matrix smaller than a huge page (every matrix of a small
+/// shared 2 MiB-aligned slabs: a matrix smaller than a huge page (every matrix of a small
 /// model) would otherwise sit in 4 KiB pages, and so would the tail of a larger one. In 4 KiB
 /// pages a decode step's weight stream runs slower: a 552 KB matrix (1536 x 576 Q4_1) read by
 /// two threads gave 29-33 GB/s where the same in huge pages gave 37-41, and 36 MB matrices
