@@ -40,16 +40,18 @@ pub struct ModelBenchArgs {
     /// SIMD level to use: scalar, avx2 or avx512 (default: best available).
     #[arg(long)]
     simd: Option<String>,
-    /// Memory read bandwidth in GB/s for the decode roofline (default: measured right before
-    /// each decode run, one reading thread per core over a buffer far larger than the caches).
+    /// Memory read bandwidth in GB/s for the decode roofline (default: measured before every
+    /// `PROBE_EVERY` decoded tokens, one reading thread per core over a buffer far larger than
+    /// the caches).
     #[arg(long)]
     bandwidth_gbs: Option<f64>,
 }
 
-/// Read bandwidth in GB/s of `threads` threads each summing its share of a 1 GiB buffer.
-/// Taken right before each decode run: a VM's bandwidth drifts by half between minutes (the
-/// same binary decoded at 36 tok/s in one minute and 29 in the next), so a roofline measured
-/// once would judge every run against another moment's machine.
+/// Read bandwidth in GB/s of `threads` threads each summing its share of a 256 MiB buffer.
+/// Taken before every [`PROBE_EVERY`] decoded tokens: a VM's bandwidth doubles and halves
+/// from one minute to the next (probe readings of 33-72 GB/s on one machine), and a reading
+/// per decode run judged runs that crossed a change against the other phase (one run decoded
+/// the 1.5B at 116% of the roofline read before it, another at 67%).
 struct BandwidthProbe {
     buf: Vec<u64>,
     threads: usize,
@@ -57,7 +59,7 @@ struct BandwidthProbe {
 
 impl BandwidthProbe {
     fn new(threads: usize) -> BandwidthProbe {
-        const WORDS: usize = 1 << 27;
+        const WORDS: usize = 1 << 25;
         // Huge pages, as the packed weights ask for, so both are read through the same kind
         // of page; the writes fault the pages in.
         let mut buf = vec![0u64; WORDS];
@@ -92,6 +94,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Decoded tokens between two bandwidth readings: 0.1-0.8 s of decoding on the models here,
+/// short against the minutes a bandwidth phase lasts.
+const PROBE_EVERY: usize = 32;
+
+/// One decode run: tokens per second over the whole run (the probes' time left out), and per
+/// stretch of [`PROBE_EVERY`] tokens its tokens per second and the bandwidth read before it.
+struct DecodeRun {
+    tps: f64,
+    stretches: Vec<(f64, f64)>,
+}
+
 fn argmax(x: &[f32]) -> u32 {
     x.iter()
         .enumerate()
@@ -99,27 +112,42 @@ fn argmax(x: &[f32]) -> u32 {
         .map_or(0, |(i, _)| i as u32)
 }
 
-/// Decodes `n` tokens after `ctx` cached ones; returns tokens per second.
+/// Decodes `n` tokens after `ctx` cached ones, reading the bandwidth with `bandwidth` before
+/// every [`PROBE_EVERY`] of them.
 fn decode(
     model: &LlamaModel,
     kv: &mut KvCache,
     table: &[u32],
-    mut ctx: usize,
-    mut next: u32,
+    (mut ctx, mut next): (usize, u32),
     n: usize,
-) -> anyhow::Result<f64> {
-    let t0 = Instant::now();
-    for _ in 0..n {
-        let seq = SeqInput {
-            n_tokens: 1,
-            context_len: ctx,
-            block_table: table,
-            logits: LogitsMode::Last,
-        };
-        next = argmax(model.forward(&[next], &[seq], kv)?.row(0));
-        ctx += 1;
+    bandwidth: &dyn Fn() -> f64,
+) -> anyhow::Result<DecodeRun> {
+    let mut stretches = Vec::new();
+    let mut total = 0.0;
+    let mut left = n;
+    while left > 0 {
+        let len = left.min(PROBE_EVERY);
+        let bw = bandwidth();
+        let t0 = Instant::now();
+        for _ in 0..len {
+            let seq = SeqInput {
+                n_tokens: 1,
+                context_len: ctx,
+                block_table: table,
+                logits: LogitsMode::Last,
+            };
+            next = argmax(model.forward(&[next], &[seq], kv)?.row(0));
+            ctx += 1;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        total += secs;
+        stretches.push((len as f64 / secs, bw));
+        left -= len;
     }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+    Ok(DecodeRun {
+        tps: n as f64 / total,
+        stretches,
+    })
 }
 
 /// Runs `tandem bench ...`.
@@ -172,8 +200,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             .map_or_else(|| a.bandwidth_gbs.unwrap_or(0.0), BandwidthProbe::measure)
     };
     let (mut prefill, mut dec_empty, mut dec_after) = (vec![], vec![], vec![]);
-    // The bandwidth right before each decode run, for its roofline.
-    let (mut bw_empty, mut bw_after) = (vec![], vec![]);
     for _ in 0..a.repeats {
         let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
         let t0 = Instant::now();
@@ -185,18 +211,11 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         };
         let next = argmax(model.forward(&prompt, &[seq], &mut kv)?.row(0));
         prefill.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
-        bw_after.push(bandwidth());
-        dec_after.push(decode(
-            &model,
-            &mut kv,
-            &table,
-            prompt.len(),
-            next,
-            a.gen_tokens,
-        )?);
+        let run =
+            |kv: &mut KvCache, start| decode(&model, kv, &table, start, a.gen_tokens, &bandwidth);
+        dec_after.push(run(&mut kv, (prompt.len(), next))?);
         let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
-        bw_empty.push(bandwidth());
-        dec_empty.push(decode(&model, &mut kv, &table, 0, prompt[0], a.gen_tokens)?);
+        dec_empty.push(run(&mut kv, (0, prompt[0]))?);
     }
     let w = model.weights();
     let weight_bytes: usize = w
@@ -209,18 +228,23 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let kv_per_token = KvCache::bytes_per_token(&cfg, KvDType::F16);
     let bytes_empty = weight_bytes as f64;
     let bytes_after = (weight_bytes + kv_per_token * (a.prompt_tokens + a.gen_tokens / 2)) as f64;
-    // Each run's tok/s against its own moment's roofline (bandwidth / bytes read per token).
-    let fraction = |tps: &[f64], bw: &[f64], bytes: f64| {
+    // Each stretch's tok/s against its own moment's roofline (bandwidth / bytes read per
+    // token); the median over every stretch of every run.
+    let fraction = |runs: &[DecodeRun], bytes: f64| {
         median(
-            tps.iter()
-                .zip(bw)
+            runs.iter()
+                .flat_map(|r| &r.stretches)
                 .map(|(t, b)| t * bytes / (b * 1e9))
                 .collect(),
         )
     };
-    let frac_empty = fraction(&dec_empty, &bw_empty, bytes_empty);
-    let frac_after = fraction(&dec_after, &bw_after, bytes_after);
-    let all_bw: Vec<f64> = bw_empty.iter().chain(&bw_after).copied().collect();
+    let frac_empty = fraction(&dec_empty, bytes_empty);
+    let frac_after = fraction(&dec_after, bytes_after);
+    let all_bw: Vec<f64> = dec_empty
+        .iter()
+        .chain(&dec_after)
+        .flat_map(|r| r.stretches.iter().map(|s| s.1))
+        .collect();
     let (bw_lo, bw_hi) = (
         all_bw.iter().copied().fold(f64::INFINITY, f64::min),
         all_bw.iter().copied().fold(0f64, f64::max),
@@ -249,8 +273,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         median(prefill),
         "compute-bound"
     );
-    let de = median(dec_empty);
-    let da = median(dec_after);
+    let de = median(dec_empty.iter().map(|r| r.tps).collect());
+    let da = median(dec_after.iter().map(|r| r.tps).collect());
     println!(
         "{:<34} {:>10.1} {:>15.0}%",
         "decode, empty cache",
@@ -269,8 +293,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "(decode roofline: {:.1} GB/s (measured before each decode run: {bw_lo:.1}-{bw_hi:.1}) \
-             over the weights and KV read per token)",
+            "(decode roofline: {:.1} GB/s (median of the readings before every {PROBE_EVERY} \
+             decoded tokens: {bw_lo:.1}-{bw_hi:.1}) over the weights and KV read per token; \
+             each stretch judged against the reading before it)",
             median(all_bw)
         );
     }
