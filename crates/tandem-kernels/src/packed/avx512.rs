@@ -124,7 +124,7 @@ unsafe fn act_dword(a: &ActBlock, j: usize) -> __m512i {
 /// [`values`] with `hi16`), the chains are the low nibbles' and the high ones' at sixteen
 /// times their value (at most 4 x 4 x 240 x 128 a lane, far inside i32), whose sum is a
 /// multiple of 16 shifted back once: three operations fewer a block (four shifts out, one
-/// in), 103-105 -> 109-113 GB/s for Q4_K rows in L2 on two Zen 4 threads. Integer sums, so
+/// in), 103-109 -> 109-117 GB/s for Q4_K rows in L2 on two Zen 4 threads. Integer sums, so
 /// the result is the same bits every way.
 #[inline(always)]
 unsafe fn dot_block(
