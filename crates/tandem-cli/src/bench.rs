@@ -112,7 +112,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Decoded tokens between two bandwidth readings: 0.1-0.8 s of decoding on the models here,
-/// short against the minutes a bandwidth phase lasts.
+/// short against the seconds to minutes a bandwidth phase lasts. (Each reading also evicts
+/// the caches, so a stretch starts as cold as it would after other work.)
 const PROBE_EVERY: usize = 32;
 
 /// One decode run: tokens per second over the whole run (the probes' time left out), and per
