@@ -60,13 +60,16 @@ unsafe fn values<const F: u8>(p: *const u8, hi16: bool) -> [__m512i; 8] {
         }
         return v;
     }
+    // `dot_block` reads the registers the same way, so a `hi16` for other formats would be a
+    // wrong result, not a slower one.
+    debug_assert!(!hi16 || format.bits() == 4);
     let low = _mm512_set1_epi8(0x0f);
     let high = _mm512_set1_epi8(0xf0u8 as i8);
     let mut v = [_mm512_setzero_si512(); 8];
     for k in 0..4 {
         let raw = load(k);
         v[k] = _mm512_and_si512(raw, low);
-        v[4 + k] = if hi16 && format.bits() == 4 {
+        v[4 + k] = if hi16 {
             _mm512_and_si512(raw, high)
         } else {
             _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low)
