@@ -206,7 +206,7 @@ impl LlamaModel {
     }
 
     /// Runs on one compute thread per core in `cores`, each pinned to its core (the caller
-    /// to the first).
+    /// to the first while it runs a forward).
     pub fn with_cores(mut self, cores: &[usize]) -> std::io::Result<Self> {
         self.pool = std::sync::Arc::new(ThreadPool::pinned(cores)?);
         Ok(self)
