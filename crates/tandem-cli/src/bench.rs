@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
+use tandem_engine::argmax;
 use tandem_model::{KvCache, KvDType, LlamaModel, LogitsMode, SeqInput, SimdLevel};
 
 /// `tandem bench` subcommands.
@@ -123,13 +124,6 @@ struct DecodeRun {
     stretches: Vec<(f64, f64)>,
 }
 
-fn argmax(x: &[f32]) -> u32 {
-    x.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
-}
-
 /// Decodes `n` tokens after `ctx` cached ones, reading the bandwidth with `bandwidth` before
 /// every [`PROBE_EVERY`] of them.
 fn decode(
@@ -218,8 +212,11 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             .map_or_else(|| a.bandwidth_gbs.unwrap_or(0.0), BandwidthProbe::measure)
     };
     let (mut prefill, mut dec_empty, mut dec_after) = (vec![], vec![], vec![]);
+    // One cache for every run, as llama-bench keeps its context: every run writes the
+    // positions it reads, and a fresh cache per run timed its page faults too (each is
+    // unmapped when dropped).
+    let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
     for _ in 0..a.repeats {
-        let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
         let t0 = Instant::now();
         let seq = SeqInput {
             n_tokens: prompt.len(),
@@ -232,7 +229,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         let run =
             |kv: &mut KvCache, start| decode(&model, kv, &table, start, a.gen_tokens, &bandwidth);
         dec_after.push(run(&mut kv, (prompt.len(), next))?);
-        let mut kv = KvCache::new(&cfg, table.len(), block, KvDType::F16);
         dec_empty.push(run(&mut kv, (0, prompt[0]))?);
     }
     let w = model.weights();

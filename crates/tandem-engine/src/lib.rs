@@ -26,4 +26,4 @@ pub use handoff::{HeldKv, KvRegion, Reservation};
 pub use params::GenerateParams;
 pub use pipeline::{Pipeline, Response};
 pub use request::{Event, EventStream, FinishReason, Usage};
-pub use sampler::TokenLogprobs;
+pub use sampler::{argmax, TokenLogprobs};

@@ -50,7 +50,7 @@ fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
 /// without its vocabulary-sized index vector: a greedy step's whole sampling cost, on the
 /// engine thread while the compute threads wait. Floats are compared through the integer keys
 /// `total_cmp` uses, so that the maximum is a plain integer reduction the compiler vectorizes.
-fn argmax(logits: &[f32]) -> u32 {
+pub fn argmax(logits: &[f32]) -> u32 {
     #[inline(always)]
     fn key(x: f32) -> i32 {
         let b = x.to_bits() as i32;
