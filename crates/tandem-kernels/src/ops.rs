@@ -13,10 +13,36 @@ fn for_each_row(rows: usize, f: impl Fn(usize) + Sync) {
     });
 }
 
+/// The sum of `x[i]²`, in sixteen lanes (element `i` into lane `i % 16`) folded pairwise in a
+/// fixed order, then the tail. One sequential sum was a chain of dependent adds the compiler
+/// may not reorder: the norms were 4.7% of the reference model's prefill, at ~0.9 ns an element.
+/// The order depends only on the row's length, so every row's bits are the same on any SIMD
+/// level, thread count or batch.
+#[inline]
+fn sum_squares(x: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v * v;
+        }
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+    }
+    tail.iter().fold(lanes[0], |s, v| s + v * v)
+}
+
 /// One row of [`rms_norm`].
 #[inline]
 fn norm_row(xr: &[f32], weight: &[f32], eps: f32, o: &mut [f32]) {
-    let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / xr.len() as f32;
+    let ss = sum_squares(xr) / xr.len() as f32;
     let inv = 1.0 / (ss + eps).sqrt();
     for ((o, &v), &g) in o.iter_mut().zip(xr).zip(weight) {
         *o = v * inv * g;

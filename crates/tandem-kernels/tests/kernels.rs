@@ -336,6 +336,24 @@ proptest! {
         prop_assert_eq!(got, want);
         prop_assert_eq!(got_q, want_q);
     }
+
+    /// RMSNorm (its sum of squares in lanes, then the tail) against the textbook formula in
+    /// f64, on row widths with and without a tail.
+    #[test]
+    fn rms_norm_matches_f64(seed in any::<u64>(), rows in 1usize..4, d in 1usize..100) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (x, w) = (random_vec(&mut rng, rows * d), random_vec(&mut rng, d));
+        let mut got = vec![0f32; rows * d];
+        ops::rms_norm(&x, &w, 1e-5, &mut got);
+        for (xr, gr) in x.chunks(d).zip(got.chunks(d)) {
+            let ms = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for ((&v, &g), &o) in xr.iter().zip(&w).zip(gr) {
+                let want = v as f64 * inv * g as f64;
+                prop_assert!((o as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{o} vs {want}");
+            }
+        }
+    }
 }
 
 #[test]
