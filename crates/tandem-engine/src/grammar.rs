@@ -33,13 +33,32 @@ pub enum Grammar {
     Lark(String),
 }
 
+/// Whitespace allowed between two tokens of a JSON value, unless the schema sets its own
+/// (llguidance's `x-guidance` options): any mix of spaces, tabs and newlines, at most twenty
+/// characters (a newline and nineteen of indentation; llama.cpp's JSON grammars bound it
+/// likewise). llguidance's default (any run of whitespace) let the reference model, sampling at
+/// temperature 0.8, fill all of its `max_tokens` with newlines after a value and never close
+/// the object.
+const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,20}";
+
+/// `schema` with [`JSON_WHITESPACE`] as its whitespace, where it names none.
+fn bounded_whitespace(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE }));
+    }
+    schema
+}
+
 impl Grammar {
     fn top_level(&self) -> Result<TopLevelGrammar, String> {
         Ok(match self {
-            Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(schema.clone()),
-            Grammar::JsonObject => {
-                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
+            Grammar::JsonSchema(schema) => {
+                TopLevelGrammar::from_json_schema(bounded_whitespace(schema.clone()))
             }
+            Grammar::JsonObject => TopLevelGrammar::from_json_schema(bounded_whitespace(
+                serde_json::json!({"type": "object"}),
+            )),
             Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
             Grammar::Choice(options) => {
                 if options.is_empty() {

@@ -83,6 +83,57 @@ fn json_schema_outputs_validate() {
     }
 }
 
+/// Between two tokens of a JSON value the grammar allows at most twenty characters of
+/// whitespace, in any mix (sampling at temperature 0.8, the model once spent all of its
+/// `max_tokens` on newlines after a value); a schema's own `x-guidance` wins.
+#[test]
+fn json_whitespace_is_bounded_unless_the_schema_says_otherwise() {
+    let p = pipeline(EngineConfig::default());
+    let engine = p.engine().unwrap();
+    let tok = engine.tokenizer().clone();
+    let id = |s: &str| {
+        let ids = tok.encode(s, false).unwrap();
+        assert_eq!(ids.len(), 1, "{s:?} is one token");
+        ids[0]
+    };
+    let (nl, sp, close) = (id("\n"), id(" "), id("}"));
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": false
+    });
+    // A constraint that has read `{"ok": false`.
+    let after_value = |schema: &serde_json::Value| {
+        let mut c = engine
+            .grammars()
+            .compile(&Grammar::JsonSchema(schema.clone()))
+            .unwrap();
+        for t in tok.encode("{\"ok\": false", false).unwrap() {
+            c.consume(t).unwrap();
+        }
+        c
+    };
+    let mut c = after_value(&schema);
+    for i in 0..20 {
+        c.consume(if i % 3 == 1 { sp } else { nl }).unwrap();
+    }
+    assert!(c.consume(nl).is_err(), "a 21st character of whitespace");
+    let mut c = after_value(&schema);
+    for t in [nl, sp, nl, close] {
+        c.consume(t).unwrap();
+    }
+    assert!(c.is_finished());
+    let mut own = schema.clone();
+    own["x-guidance"] = serde_json::json!({"whitespace_flexible": true});
+    let mut c = after_value(&own);
+    for _ in 0..30 {
+        c.consume(nl).unwrap();
+    }
+    c.consume(close).unwrap();
+    assert!(c.is_finished());
+}
+
 #[test]
 fn regex_choice_and_json_object() {
     let p = pipeline(EngineConfig::default());
