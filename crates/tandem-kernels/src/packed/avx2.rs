@@ -1,6 +1,7 @@
-//! AVX2 kernels on packed tiles, for CPUs without AVX-512 VNNI: each half-tile (eight rows,
-//! one 256-bit register per value register) at a time, the dot products through
-//! `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd`. The float work follows the VNNI kernel
+//! AVX2 kernels on packed tiles, for CPUs without AVX-512 VNNI: a half-tile is eight rows, one
+//! 256-bit register per value register; one activation row runs against both halves at once,
+//! more rows half by half; the dot products go through `vpmaddubsw` + `vpmaddwd` in place of
+//! `vpdpbusd`. The float work follows the VNNI kernel
 //! and the scalar reference operation for operation, so all three agree bit for bit.
 //!
 //! [`kernels`] is only called after AVX2/FMA/F16C were checked as supported, which is what
@@ -108,249 +109,309 @@ unsafe fn act_dword(a: &ActBlock, j: usize) -> __m256i {
     _mm256_set1_epi32((a.qs.as_ptr() as *const i32).add(j).read_unaligned())
 }
 
-/// The integer dot products of value registers `j0` and `j1` (at most 6-bit values, so two
-/// `vpmaddubsw` results add up without saturating) with one activation row, each 16-bit
-/// partial sum times the matching 16-bit lane of `w` (ones for a plain dot product).
+/// Value registers `2 * pairs.start .. 2 * pairs.end` of the block at `p` (half `h`) dotted with
+/// one activation row: `vpmaddubsw` pair sums added in 16 bits, then widened once by
+/// `vpmaddwd` with `w`'s 16-bit lanes (ones for a plain dot product, else the block's
+/// scales). The caller keeps the sum of 16-bit terms below 2^15 (see [`pair_span`]).
 #[inline(always)]
-unsafe fn dot_pair(
-    v0: __m256i,
-    v1: __m256i,
+unsafe fn dot_pairs<const F: u8>(
+    p: *const u8,
+    h: usize,
+    pairs: std::ops::Range<usize>,
     a: &ActBlock,
-    j0: usize,
-    j1: usize,
     w: __m256i,
 ) -> __m256i {
-    let s16 = _mm256_add_epi16(
-        _mm256_maddubs_epi16(v0, act_dword(a, j0)),
-        _mm256_maddubs_epi16(v1, act_dword(a, j1)),
-    );
+    let mut s16 = _mm256_setzero_si256();
+    for pair in pairs {
+        let (j0, j1) = (2 * pair, 2 * pair + 1);
+        s16 = _mm256_add_epi16(
+            s16,
+            _mm256_add_epi16(
+                _mm256_maddubs_epi16(value::<F>(p, h, j0), act_dword(a, j0)),
+                _mm256_maddubs_epi16(value::<F>(p, h, j1), act_dword(a, j1)),
+            ),
+        );
+    }
     _mm256_madd_epi16(s16, w)
 }
 
-/// Half `h` of a Block32 tile against `R` activation rows.
+/// Pairs of value registers whose products [`dot_pairs`] may add in 16 bits: each pair adds
+/// at most 2 x 2 x (2^bits - 1) x 127 (activations are within ±127), so b-bit values allow
+/// 32767 / (508 x (2^b - 1)) pairs (4-bit: all four of a block, 5-bit two, 6-bit one), and no
+/// more than share one scale (two for the formats with a scale per 16 elements). Fewer
+/// `vpmaddwd` and `vpaddd` than a widening per pair; used for one or two rows only, as four
+/// rows' 16-bit sums would take four more of the sixteen registers.
+const fn pair_span(format: PackedFormat) -> usize {
+    let by_bits = 32767 / (508 * ((1 << format.bits()) - 1));
+    let by_scale = match format.scheme() {
+        Scheme::K16 { .. } => 2,
+        _ => 4,
+    };
+    let span = if by_bits < by_scale {
+        by_bits
+    } else {
+        by_scale
+    };
+    if span == 0 {
+        1
+    } else {
+        span
+    }
+}
+
+/// Halves `h0..h0 + NH` of a Block32 tile against `R` activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_half<const R: usize, const F: u8>(
+unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
     tile: &[u8],
-    h: usize,
+    h0: usize,
     acts: &[&[ActBlock]],
     nb: usize,
-) -> [__m256; R] {
+) -> [[__m256; R]; NH] {
     let format = PackedFormat::from_id(F);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut macc = [_mm256_setzero_ps(); R];
+    let mut acc = [[_mm256_setzero_ps(); R]; NH];
+    let mut macc = [[_mm256_setzero_ps(); R]; NH];
     let mut p = tile.as_ptr();
     let prefetch = crate::simd::prefetch_weights();
-    let row = |field: *const u8, width: usize| field.add(width * HALF * h);
+    let row = |field: *const u8, width: usize, x: usize| field.add(width * HALF * (h0 + x));
     for blk in 0..nb {
-        let d = halves(row(p, 2));
-        let min = if format.float_min() {
-            halves(row(p.add(2 * TILE_ROWS), 2))
-        } else {
-            _mm256_setzero_ps()
-        };
+        let d: [__m256; NH] = std::array::from_fn(|x| halves(row(p, 2, x)));
+        let min: [__m256; NH] = std::array::from_fn(|x| {
+            if format.float_min() {
+                halves(row(p.add(2 * TILE_ROWS), 2, x))
+            } else {
+                _mm256_setzero_ps()
+            }
+        });
         p = p.add(format.header_bytes());
         // The first half asks for the block; the second finds it in L2.
-        if h == 0 && prefetch {
+        if h0 == 0 && prefetch {
             prefetch_block(p, format.block_value_bytes());
         }
-        let mut isum = [_mm256_setzero_si256(); R];
+        let mut isum = [[_mm256_setzero_si256(); R]; NH];
         if format.bits() == 8 {
             // u = q + 128 would overflow vpmaddubsw's pair sums: multiply the signed
             // values (|q| by the activation with q's sign), which is already the offset
             // sum(u * a) - 128 * sum(a) the other formats subtract below.
             for j in 0..8 {
-                let q = _mm256_xor_si256(value::<F>(p, h, j), _mm256_set1_epi8(-128));
-                let aq = _mm256_abs_epi8(q);
-                for (t, a) in isum.iter_mut().zip(acts) {
-                    let a = a.get_unchecked(blk);
-                    let prod = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(aq, _mm256_sign_epi8(act_dword(a, j), q)),
-                        _mm256_set1_epi16(1),
-                    );
-                    *t = _mm256_add_epi32(*t, prod);
+                for (x, isum) in isum.iter_mut().enumerate() {
+                    let q = _mm256_xor_si256(value::<F>(p, h0 + x, j), _mm256_set1_epi8(-128));
+                    let aq = _mm256_abs_epi8(q);
+                    for (t, a) in isum.iter_mut().zip(acts) {
+                        let a = a.get_unchecked(blk);
+                        let prod = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(aq, _mm256_sign_epi8(act_dword(a, j), q)),
+                            _mm256_set1_epi16(1),
+                        );
+                        *t = _mm256_add_epi32(*t, prod);
+                    }
                 }
             }
         } else {
-            for pair in 0..4 {
-                let (j0, j1) = (2 * pair, 2 * pair + 1);
-                let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
-                for (t, a) in isum.iter_mut().zip(acts) {
-                    *t = _mm256_add_epi32(
-                        *t,
-                        dot_pair(v0, v1, a.get_unchecked(blk), j0, j1, _mm256_set1_epi16(1)),
-                    );
+            let span = if R <= 2 { pair_span(format) } else { 1 };
+            for first in (0..4).step_by(span) {
+                for (x, isum) in isum.iter_mut().enumerate() {
+                    for (t, a) in isum.iter_mut().zip(acts) {
+                        let a = a.get_unchecked(blk);
+                        let ones = _mm256_set1_epi16(1);
+                        let dot = dot_pairs::<F>(p, h0 + x, first..first + span, a, ones);
+                        *t = _mm256_add_epi32(*t, dot);
+                    }
                 }
             }
         }
-        for r in 0..R {
-            let a = acts.get_unchecked(r).get_unchecked(blk);
-            let mut i = isum[r];
-            if format.bits() != 8 && format.int_offset() != 0 {
-                let sum = a.half_sums[0] + a.half_sums[1];
-                let off = _mm256_set1_epi32(sum.wrapping_mul(format.int_offset()));
-                i = _mm256_sub_epi32(i, off);
-            }
-            let da = _mm256_set1_ps(a.d);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d, da), acc[r]);
-            if format.float_min() {
-                macc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(a.s), macc[r]);
+        for x in 0..NH {
+            for r in 0..R {
+                let a = acts.get_unchecked(r).get_unchecked(blk);
+                let mut i = isum[x][r];
+                if format.bits() != 8 && format.int_offset() != 0 {
+                    let sum = a.half_sums[0] + a.half_sums[1];
+                    let off = _mm256_set1_epi32(sum.wrapping_mul(format.int_offset()));
+                    i = _mm256_sub_epi32(i, off);
+                }
+                let da = _mm256_set1_ps(a.d);
+                acc[x][r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d[x], da), acc[x][r]);
+                if format.float_min() {
+                    macc[x][r] = _mm256_fmadd_ps(min[x], _mm256_set1_ps(a.s), macc[x][r]);
+                }
             }
         }
         p = p.add(format.block_value_bytes());
     }
-    std::array::from_fn(|r| _mm256_add_ps(acc[r], macc[r]))
+    std::array::from_fn(|x| std::array::from_fn(|r| _mm256_add_ps(acc[x][r], macc[x][r])))
 }
 
-/// Half `h` of a k-quant tile against `R` activation rows (one activation scale per
-/// super-block), as the VNNI kernel's `super_rows`: integer sums under the integer block (or
-/// half-block) scales, one float step per super-block, the minimums by `vpmaddwd` on pairs.
+/// Halves `h0..h0 + NH` of a k-quant tile against `R` activation rows (one activation scale
+/// per super-block), as the VNNI kernel's `super_rows`: integer sums under the integer block
+/// (or half-block) scales, one float step per super-block, the minimums by `vpmaddwd` on
+/// pairs.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn super_half<const R: usize, const F: u8>(
+unsafe fn super_half<const R: usize, const NH: usize, const F: u8>(
     tile: &[u8],
-    h: usize,
+    h0: usize,
     acts: &[&[ActBlock]],
     nb: usize,
-) -> [__m256; R] {
+) -> [[__m256; R]; NH] {
     let format = PackedFormat::from_id(F);
     let scheme = format.scheme();
     let blocks = QK_K / QK;
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc = [[_mm256_setzero_ps(); R]; NH];
     let mut p = tile.as_ptr();
     let prefetch = crate::simd::prefetch_weights();
-    let row = |field: *const u8, width: usize| field.add(width * HALF * h);
+    let row = |field: *const u8, width: usize, x: usize| field.add(width * HALF * (h0 + x));
     for s in 0..nb / blocks {
         let hd = p;
         p = p.add(format.header_bytes());
-        let mut isum = [_mm256_setzero_si256(); R];
+        let mut isum = [[_mm256_setzero_si256(); R]; NH];
         for bi in 0..blocks {
             let blk = s * blocks + bi;
-            if h == 0 && prefetch {
+            if h0 == 0 && prefetch {
                 prefetch_block(p, format.block_value_bytes());
             }
-            // The scales of elements 0..16 and 16..32 (equal for K32), and the offsets the
-            // K16 formats subtract.
-            let (sc, offset) = match scheme {
-                Scheme::K32 => {
-                    let sc = bytes_epi32::<false>(row(hd.add(4 * TILE_ROWS + TILE_ROWS * bi), 1));
-                    ([sc, sc], 0)
+            for (x, isum) in isum.iter_mut().enumerate() {
+                // The scales of elements 0..16 and 16..32 (equal for K32), and the offsets
+                // the K16 formats subtract.
+                let (sc, offset) = match scheme {
+                    Scheme::K32 => {
+                        let at = hd.add(4 * TILE_ROWS + TILE_ROWS * bi);
+                        let sc = bytes_epi32::<false>(row(at, 1, x));
+                        ([sc, sc], 0)
+                    }
+                    Scheme::K16 { offset, mins } => {
+                        let at = hd.add(if mins { 4 } else { 2 } * TILE_ROWS + 2 * TILE_ROWS * bi);
+                        let at = [row(at, 1, x), row(at.add(TILE_ROWS), 1, x)];
+                        let sc = if mins {
+                            let nib = _mm256_set1_epi32(0x0f);
+                            at.map(|q| _mm256_and_si256(bytes_epi32::<false>(q), nib))
+                        } else {
+                            at.map(|q| bytes_epi32::<true>(q))
+                        };
+                        (sc, offset)
+                    }
+                    Scheme::Block32 { .. } => unreachable!("Block32 formats run block_half"),
+                };
+                // Each scale in both 16-bit halves of its lane: `vpmaddwd` of the pair sums
+                // with it applies the scale where a plain dot product would multiply by one.
+                let sc16 = sc.map(|s| _mm256_blend_epi16::<0xaa>(s, _mm256_slli_epi32::<16>(s)));
+                let span = if R <= 2 { pair_span(format) } else { 1 };
+                for first in (0..4).step_by(span) {
+                    let w = sc16[first / 2];
+                    for (t, a) in isum.iter_mut().zip(acts) {
+                        let a = a.get_unchecked(blk);
+                        let dot = dot_pairs::<F>(p, h0 + x, first..first + span, a, w);
+                        *t = _mm256_add_epi32(*t, dot);
+                    }
                 }
-                Scheme::K16 { offset, mins } => {
-                    let at = hd.add(if mins { 4 } else { 2 } * TILE_ROWS + 2 * TILE_ROWS * bi);
-                    let at = [row(at, 1), row(at.add(TILE_ROWS), 1)];
-                    let sc = if mins {
-                        let nib = _mm256_set1_epi32(0x0f);
-                        at.map(|q| _mm256_and_si256(bytes_epi32::<false>(q), nib))
-                    } else {
-                        at.map(|q| bytes_epi32::<true>(q))
-                    };
-                    (sc, offset)
-                }
-                Scheme::Block32 { .. } => unreachable!("Block32 formats run block_half"),
-            };
-            // Each scale in both 16-bit halves of its lane: `vpmaddwd` of the pair sums with
-            // it applies the scale where a plain dot product would multiply by one.
-            let sc16 = sc.map(|s| _mm256_blend_epi16::<0xaa>(s, _mm256_slli_epi32::<16>(s)));
-            for pair in 0..4 {
-                let (j0, j1) = (2 * pair, 2 * pair + 1);
-                let (v0, v1) = (value::<F>(p, h, j0), value::<F>(p, h, j1));
-                let w = sc16[pair / 2];
-                for (t, a) in isum.iter_mut().zip(acts) {
-                    *t = _mm256_add_epi32(*t, dot_pair(v0, v1, a.get_unchecked(blk), j0, j1, w));
-                }
-            }
-            if offset != 0 {
-                // sc * offset * sum(a) of both halves by one `vpmaddwd` (|sc * offset| fits 16
-                // bits; the low half's product is masked, its lane's sign bits dropped).
-                let so = _mm256_or_si256(
-                    _mm256_and_si256(
-                        _mm256_mullo_epi16(sc[0], _mm256_set1_epi16(offset as i16)),
-                        _mm256_set1_epi32(0xffff),
-                    ),
-                    _mm256_slli_epi32::<16>(_mm256_mullo_epi16(
-                        sc[1],
-                        _mm256_set1_epi16(offset as i16),
-                    )),
-                );
-                for (t, a) in isum.iter_mut().zip(acts) {
-                    let a = a.get_unchecked(blk);
-                    let hs = _mm256_set1_epi32(pair_i16(a.half_sums[0], a.half_sums[1]));
-                    *t = _mm256_sub_epi32(*t, _mm256_madd_epi16(so, hs));
+                if offset != 0 {
+                    // sc * offset * sum(a) of both halves by one `vpmaddwd` (|sc * offset|
+                    // fits 16 bits; the low half's product is masked, its lane's sign bits
+                    // dropped).
+                    let so = _mm256_or_si256(
+                        _mm256_and_si256(
+                            _mm256_mullo_epi16(sc[0], _mm256_set1_epi16(offset as i16)),
+                            _mm256_set1_epi32(0xffff),
+                        ),
+                        _mm256_slli_epi32::<16>(_mm256_mullo_epi16(
+                            sc[1],
+                            _mm256_set1_epi16(offset as i16),
+                        )),
+                    );
+                    for (t, a) in isum.iter_mut().zip(acts) {
+                        let a = a.get_unchecked(blk);
+                        let hs = _mm256_set1_epi32(pair_i16(a.half_sums[0], a.half_sums[1]));
+                        *t = _mm256_sub_epi32(*t, _mm256_madd_epi16(so, hs));
+                    }
                 }
             }
             p = p.add(format.block_value_bytes());
         }
-        let d = halves(row(hd, 2));
         let da: [__m256; R] =
             std::array::from_fn(|r| _mm256_set1_ps(acts.get_unchecked(r)[s * blocks].d));
-        for r in 0..R {
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, da[r]), acc[r]);
+        for x in 0..NH {
+            let d = halves(row(hd, 2, x));
+            for r in 0..R {
+                acc[x][r] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[x][r]),
+                    _mm256_mul_ps(d, da[r]),
+                    acc[x][r],
+                );
+            }
         }
         if format.float_min() {
             let k32 = scheme == Scheme::K32;
             let pairs = if k32 { blocks / 2 } else { blocks };
-            let mut msum = [_mm256_setzero_si256(); R];
-            for q in 0..pairs {
-                let (mlo, mhi) = if k32 {
-                    let at = hd.add(12 * TILE_ROWS + 2 * q * TILE_ROWS);
-                    (
-                        bytes_epi32::<false>(row(at, 1)),
-                        bytes_epi32::<false>(row(at.add(TILE_ROWS), 1)),
-                    )
-                } else {
-                    let at = hd.add(4 * TILE_ROWS + 2 * TILE_ROWS * q);
-                    let m = |q: *const u8| _mm256_srli_epi32::<4>(bytes_epi32::<false>(q));
-                    (m(row(at, 1)), m(row(at.add(TILE_ROWS), 1)))
-                };
-                let mp = _mm256_or_si256(mlo, _mm256_slli_epi32::<16>(mhi));
-                for (t, a) in msum.iter_mut().zip(acts) {
-                    let sums = if k32 {
-                        let bsum = |b: usize| {
-                            let x = a.get_unchecked(s * blocks + b);
-                            x.half_sums[0] + x.half_sums[1]
-                        };
-                        pair_i16(bsum(2 * q), bsum(2 * q + 1))
+            for (x, acc) in acc.iter_mut().enumerate() {
+                let mut msum = [_mm256_setzero_si256(); R];
+                for q in 0..pairs {
+                    let (mlo, mhi) = if k32 {
+                        let at = hd.add(12 * TILE_ROWS + 2 * q * TILE_ROWS);
+                        (
+                            bytes_epi32::<false>(row(at, 1, x)),
+                            bytes_epi32::<false>(row(at.add(TILE_ROWS), 1, x)),
+                        )
                     } else {
-                        let x = a.get_unchecked(s * blocks + q);
-                        pair_i16(x.half_sums[0], x.half_sums[1])
+                        let at = hd.add(4 * TILE_ROWS + 2 * TILE_ROWS * q);
+                        let m = |q: *const u8| _mm256_srli_epi32::<4>(bytes_epi32::<false>(q));
+                        (m(row(at, 1, x)), m(row(at.add(TILE_ROWS), 1, x)))
                     };
-                    *t = _mm256_add_epi32(*t, _mm256_madd_epi16(mp, _mm256_set1_epi32(sums)));
+                    let mp = _mm256_or_si256(mlo, _mm256_slli_epi32::<16>(mhi));
+                    for (t, a) in msum.iter_mut().zip(acts) {
+                        let sums = if k32 {
+                            let bsum = |b: usize| {
+                                let ab = a.get_unchecked(s * blocks + b);
+                                ab.half_sums[0] + ab.half_sums[1]
+                            };
+                            pair_i16(bsum(2 * q), bsum(2 * q + 1))
+                        } else {
+                            let ab = a.get_unchecked(s * blocks + q);
+                            pair_i16(ab.half_sums[0], ab.half_sums[1])
+                        };
+                        *t = _mm256_add_epi32(*t, _mm256_madd_epi16(mp, _mm256_set1_epi32(sums)));
+                    }
                 }
-            }
-            let nmin = _mm256_xor_ps(halves(row(hd.add(2 * TILE_ROWS), 2)), _mm256_set1_ps(-0.0));
-            for r in 0..R {
-                acc[r] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(msum[r]),
-                    _mm256_mul_ps(nmin, da[r]),
-                    acc[r],
+                let nmin = _mm256_xor_ps(
+                    halves(row(hd.add(2 * TILE_ROWS), 2, x)),
+                    _mm256_set1_ps(-0.0),
                 );
+                for r in 0..R {
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(msum[r]),
+                        _mm256_mul_ps(nmin, da[r]),
+                        acc[r],
+                    );
+                }
             }
         }
     }
     acc
 }
 
-/// Half `h` of a tile against `R` activation rows, as eight floats per row.
+/// Halves `h0..h0 + NH` of a tile against `R` activation rows, as eight floats per row and
+/// half.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half<const R: usize, const F: u8>(
+unsafe fn half<const R: usize, const NH: usize, const F: u8>(
     tile: &[u8],
-    h: usize,
+    h0: usize,
     acts: &[&[ActBlock]],
     nb: usize,
-) -> [[f32; HALF]; R] {
+) -> [[[f32; HALF]; R]; NH] {
     let res = if PackedFormat::from_id(F).super_len() == QK_K {
-        super_half::<R, F>(tile, h, acts, nb)
+        super_half::<R, NH, F>(tile, h0, acts, nb)
     } else {
-        block_half::<R, F>(tile, h, acts, nb)
+        block_half::<R, NH, F>(tile, h0, acts, nb)
     };
-    let mut out = [[0f32; HALF]; R];
-    for r in 0..R {
-        _mm256_storeu_ps(out[r].as_mut_ptr(), res[r]);
+    let mut out = [[[0f32; HALF]; R]; NH];
+    for x in 0..NH {
+        for r in 0..R {
+            _mm256_storeu_ps(out[x][r].as_mut_ptr(), res[x][r]);
+        }
     }
     out
 }
 
-/// A whole tile against `R` activation rows, at most four at a time (the register file has
-/// sixteen registers).
+/// A whole tile against `R` activation rows: one row against both halves at once (each
+/// activation dword broadcast once for sixteen weight rows, the tile read in one pass), more
+/// rows at most four at a time and half by half (the register file has sixteen registers).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows<const R: usize, const F: u8>(
     tile: &[u8],
@@ -362,17 +423,18 @@ unsafe fn rows<const R: usize, const F: u8>(
     debug_assert_eq!(tile.len(), PackedFormat::from_id(F).tile_bytes(nb * QK));
     debug_assert!(acts.iter().all(|a| a.len() == nb));
     for (c, chunk) in acts.chunks(4).enumerate() {
-        for h in 0..2 {
-            let put = |res: &[[f32; HALF]]| {
-                for (q, r) in res.iter().enumerate() {
-                    let o = out.add((4 * c + q) * stride + HALF * h);
-                    (o as *mut [f32; HALF]).write_unaligned(*r);
-                }
-            };
-            match chunk.len() {
-                4 => put(&half::<4, F>(tile, h, chunk, nb)),
-                2 => put(&half::<2, F>(tile, h, chunk, nb)),
-                _ => put(&half::<1, F>(tile, h, chunk, nb)),
+        let put = |h: usize, res: &[[f32; HALF]]| {
+            for (q, r) in res.iter().enumerate() {
+                let o = out.add((4 * c + q) * stride + HALF * h);
+                (o as *mut [f32; HALF]).write_unaligned(*r);
+            }
+        };
+        match chunk.len() {
+            4 => (0..2).for_each(|h| put(h, &half::<4, 1, F>(tile, h, chunk, nb)[0])),
+            2 => (0..2).for_each(|h| put(h, &half::<2, 1, F>(tile, h, chunk, nb)[0])),
+            _ => {
+                let both = half::<1, 2, F>(tile, 0, chunk, nb);
+                (0..2).for_each(|h| put(h, &both[h]));
             }
         }
     }
