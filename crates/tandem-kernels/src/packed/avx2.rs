@@ -10,7 +10,9 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{pair_i16, prefetch_block, ActBlock, PackedFormat, PackedKernels, Scheme};
+use super::{
+    min_pair_sums, pair_i16, prefetch_block, ActBlock, PackedFormat, PackedKernels, Scheme,
+};
 use crate::dtype::{QK, QK_K};
 
 /// Rows per half-tile.
@@ -356,16 +358,7 @@ unsafe fn super_half<const R: usize, const NH: usize, const F: u8>(
                     };
                     let mp = _mm256_or_si256(mlo, _mm256_slli_epi32::<16>(mhi));
                     for (t, a) in msum.iter_mut().zip(acts) {
-                        let sums = if k32 {
-                            let bsum = |b: usize| {
-                                let ab = a.get_unchecked(s * blocks + b);
-                                ab.half_sums[0] + ab.half_sums[1]
-                            };
-                            pair_i16(bsum(2 * q), bsum(2 * q + 1))
-                        } else {
-                            let ab = a.get_unchecked(s * blocks + q);
-                            pair_i16(ab.half_sums[0], ab.half_sums[1])
-                        };
+                        let sums = min_pair_sums(a, s * blocks, q, k32);
                         *t = _mm256_add_epi32(*t, _mm256_madd_epi16(mp, _mm256_set1_epi32(sums)));
                     }
                 }

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{pair_i16, prefetch_block, ActBlock, PackedFormat, PackedKernels, Scheme};
+use super::{min_pair_sums, prefetch_block, ActBlock, PackedFormat, PackedKernels, Scheme};
 use crate::dtype::{QK, QK_K};
 
 /// Adds `bit` to the bytes of `v` whose bits are set in the top-bit masks at `masks` (Q5: bit
@@ -305,16 +305,7 @@ unsafe fn super_rows<const R: usize, const F: u8>(
                 let mp = _mm512_or_si512(mlo, _mm512_slli_epi32::<16>(mhi));
                 for r in 0..R {
                     let a = acts[r];
-                    let sums = if k32 {
-                        let bsum = |b: usize| {
-                            let x = a.get_unchecked(s * blocks + b);
-                            x.half_sums[0] + x.half_sums[1]
-                        };
-                        pair_i16(bsum(2 * q), bsum(2 * q + 1))
-                    } else {
-                        let x = a.get_unchecked(s * blocks + q);
-                        pair_i16(x.half_sums[0], x.half_sums[1])
-                    };
+                    let sums = min_pair_sums(a, s * blocks, q, k32);
                     msum[r] = _mm512_dpwssd_epi32(msum[r], mp, _mm512_set1_epi32(sums));
                 }
             }

@@ -308,6 +308,26 @@ pub(crate) fn pair_i16(lo: i32, hi: i32) -> i32 {
     (lo & 0xffff) | (hi << 16)
 }
 
+/// The activation sums that pair `q` of a k-quant super-block's minimums multiply, as one
+/// dword of two 16-bit halves: blocks `2q` and `2q + 1` of the super-block starting at block
+/// `first` (K32), or the two halves of its block `q` (Q2_K).
+///
+/// # Safety
+/// `a` holds the blocks read (`first + 2q + 1`, or `first + q`).
+#[inline(always)]
+pub(crate) unsafe fn min_pair_sums(a: &[ActBlock], first: usize, q: usize, k32: bool) -> i32 {
+    if k32 {
+        let sum = |b: usize| {
+            let x = a.get_unchecked(first + b);
+            x.half_sums[0] + x.half_sums[1]
+        };
+        pair_i16(sum(2 * q), sum(2 * q + 1))
+    } else {
+        let x = a.get_unchecked(first + q);
+        pair_i16(x.half_sums[0], x.half_sums[1])
+    }
+}
+
 /// Quantizes one activation row (a multiple of `32 * group` long) into `out` (`len / 32`
 /// blocks), each `group` consecutive blocks under one scale (see [`PackedFormat::act_group`]),
 /// rounding to nearest, ties to even (as the SIMD twins' conversions round).
