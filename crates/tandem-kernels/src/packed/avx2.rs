@@ -34,24 +34,41 @@ unsafe fn bits_to_bytes(m: u32) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
 }
 
+/// Register `i` of the block's values at `p` for half `h` of the tile.
+#[inline(always)]
+unsafe fn load(p: *const u8, h: usize, i: usize) -> __m256i {
+    _mm256_loadu_si256(p.add(64 * i + 32 * h) as *const __m256i)
+}
+
+/// The top bit (`bit`: Q5 16, Q3_K 4) of value register `4 * high + k` for half `h`, from
+/// the masks after the block's low bits (at `2k + high`).
+#[inline(always)]
+unsafe fn top_bit(
+    p: *const u8,
+    format: PackedFormat,
+    h: usize,
+    k: usize,
+    high: bool,
+    bit: i8,
+) -> __m256i {
+    let masks = p.add(format.block_value_bytes() - 64);
+    let m = (masks.add(8 * (2 * k + high as usize) + 4 * h) as *const u32).read_unaligned();
+    _mm256_and_si256(bits_to_bytes(m), _mm256_set1_epi8(bit))
+}
+
 /// Value register `j` of the block at `p` for half `h` of the tile, as unsigned bytes.
+///
+/// Written without closures: a closure has no target features, and where the compiler does
+/// not inline it (the incremental test profile) every intrinsic in it becomes a call.
 #[inline(always)]
 unsafe fn value<const F: u8>(p: *const u8, h: usize, j: usize) -> __m256i {
     let format = PackedFormat::from_id(F);
-    let load = |i: usize| _mm256_loadu_si256(p.add(64 * i + 32 * h) as *const __m256i);
     if format.bits() == 8 {
-        return load(j);
+        return load(p, h, j);
     }
     let (k, high) = (j % 4, j >= 4);
-    // Top bit (Q5: 16, Q3_K: 4) from the masks after the low bits, for value register
-    // `4 * high + k` at `2k + high`.
-    let top_bit = |bit: i8| {
-        let masks = p.add(format.block_value_bytes() - 64);
-        let m = (masks.add(8 * (2 * k + high as usize) + 4 * h) as *const u32).read_unaligned();
-        _mm256_and_si256(bits_to_bytes(m), _mm256_set1_epi8(bit))
-    };
     if format.bits() <= 3 {
-        let reg = load(j % 2);
+        let reg = load(p, h, j % 2);
         let reg = match j / 2 {
             0 => reg,
             1 => _mm256_srli_epi16::<2>(reg),
@@ -60,12 +77,12 @@ unsafe fn value<const F: u8>(p: *const u8, h: usize, j: usize) -> __m256i {
         };
         let v = _mm256_and_si256(reg, _mm256_set1_epi8(3));
         return if format.bits() == 3 {
-            _mm256_or_si256(v, top_bit(4))
+            _mm256_or_si256(v, top_bit(p, format, h, k, high, 4))
         } else {
             v
         };
     }
-    let raw = load(k);
+    let raw = load(p, h, k);
     let raw = if high {
         _mm256_srli_epi16::<4>(raw)
     } else {
@@ -73,9 +90,9 @@ unsafe fn value<const F: u8>(p: *const u8, h: usize, j: usize) -> __m256i {
     };
     let v = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
     match format.bits() {
-        5 => _mm256_or_si256(v, top_bit(0x10)),
+        5 => _mm256_or_si256(v, top_bit(p, format, h, k, high, 0x10)),
         6 => {
-            let top = load(4 + high as usize);
+            let top = load(p, h, 4 + high as usize);
             let top = match k {
                 0 => _mm256_slli_epi16::<4>(top),
                 1 => _mm256_slli_epi16::<2>(top),
