@@ -158,8 +158,10 @@ unsafe fn dot_pairs<const F: u8>(
 /// at most 2 x 2 x (2^bits - 1) x 127 (activations are within ±127), so b-bit values allow
 /// 32767 / (508 x (2^b - 1)) pairs (4-bit: all four of a block, 5-bit two, 6-bit one), and no
 /// more than share one scale (two for the formats with a scale per 16 elements). Fewer
-/// `vpmaddwd` and `vpaddd` than a widening per pair; used for one or two rows only, as four
-/// rows' 16-bit sums would take four more of the sixteen registers.
+/// `vpmaddwd` and `vpaddd` than a widening per pair, for any number of rows: with four rows
+/// the 16-bit sums take four more of the sixteen registers, and still 64-row products ran
+/// faster on an AVX2-only Zen 3 (one thread, 1536 x 1536: Q4_K 74-76 -> 76-83 GMAC/s, Q4_1
+/// 70-73 -> 72-75; Q6_K and Q5_0, one pair either way, unchanged).
 const fn pair_span(format: PackedFormat) -> usize {
     let by_bits = 32767 / (508 * ((1 << format.bits()) - 1));
     let by_scale = match format.scheme() {
@@ -226,7 +228,7 @@ unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
                 }
             }
         } else {
-            let span = if R <= 2 { pair_span(format) } else { 1 };
+            let span = pair_span(format);
             for first in (0..4).step_by(span) {
                 for (x, isum) in isum.iter_mut().enumerate() {
                     for (t, a) in isum.iter_mut().zip(acts) {
@@ -312,7 +314,7 @@ unsafe fn super_half<const R: usize, const NH: usize, const F: u8>(
                 // Each scale in both 16-bit halves of its lane: `vpmaddwd` of the pair sums
                 // with it applies the scale where a plain dot product would multiply by one.
                 let sc16 = sc.map(|s| _mm256_blend_epi16::<0xaa>(s, _mm256_slli_epi32::<16>(s)));
-                let span = if R <= 2 { pair_span(format) } else { 1 };
+                let span = pair_span(format);
                 for first in (0..4).step_by(span) {
                     let w = sc16[first / 2];
                     for (t, a) in isum.iter_mut().zip(acts) {
