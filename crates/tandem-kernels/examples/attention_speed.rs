@@ -1,5 +1,6 @@
 //! Speed of batched decode attention over an f16 pool far larger than the caches: `SEQS`
-//! sequences (16) each decoding one token at `CTX` positions (144), the reference model's
+//! sequences (16) each decoding one token (or prefilling `NEW` tokens) at `CTX` positions
+//! (144), the reference model's
 //! shape (9 query heads over 3 KV heads of 64), `LAYERS` (30) layers' pools, blocks scattered
 //! over the pool as a long-running server leaves them; on `THREADS` threads (2), pinned to the
 //! first cores with `PIN=1`:
@@ -10,11 +11,12 @@ use tandem_kernels::{paged_attention, AttnSeq, KvRef, PagedLayout, ThreadPool};
 
 fn main() {
     let env = |v: &str, d: usize| std::env::var(v).map_or(d, |s| s.parse().unwrap());
-    let (seqs, ctx, threads, layers) = (
+    let (seqs, ctx, threads, layers, new) = (
         env("SEQS", 16),
         env("CTX", 144),
         env("THREADS", 2),
         env("LAYERS", 30),
+        env("NEW", 1),
     );
     let layout = PagedLayout {
         block_size: 16,
@@ -22,7 +24,7 @@ fn main() {
         head_dim: 64,
     };
     let n_heads = 9;
-    let per_seq = (ctx + 1).div_ceil(layout.block_size);
+    let per_seq = (ctx + new).div_ceil(layout.block_size);
     // Every sequence's blocks drawn from a pool twice the size needed, shuffled.
     let pool_blocks = 2 * seqs * per_seq;
     let mut ids: Vec<u32> = (0..pool_blocks as u32).collect();
@@ -47,13 +49,13 @@ fn main() {
         .take(seqs)
         .enumerate()
         .map(|(i, table)| AttnSeq {
-            row_start: i,
-            n_new: 1,
+            row_start: i * new,
+            n_new: new,
             context_len: ctx,
             block_table: table,
         })
         .collect();
-    let q: Vec<f32> = (0..seqs * n_heads * 64)
+    let q: Vec<f32> = (0..seqs * new * n_heads * 64)
         .map(|i| (i % 17) as f32 * 0.1 - 0.8)
         .collect();
     let mut out = vec![0f32; q.len()];
@@ -62,7 +64,7 @@ fn main() {
     } else {
         ThreadPool::new(threads).expect("a pool")
     };
-    let bytes = (layers * seqs * (ctx + 1) * layout.token_width() * 2 * 2) as f64;
+    let bytes = (layers * seqs * (ctx + new) * layout.token_width() * 2 * 2) as f64;
     for _ in 0..5 {
         let reps = 20;
         let secs = pool.install(|| {

@@ -39,7 +39,7 @@ fn main() {
             for m in [1usize, 64] {
                 let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
                 let mut out = vec![0f32; m * n];
-                let reps = if m == 1 { 20 } else { 3 };
+                let reps = env("REPS", 1) * if m == 1 { 20 } else { 3 };
                 let secs = pool.install(|| {
                     matmul_packed(&x, m, &p, &mut out, level);
                     let t = Instant::now();

@@ -246,14 +246,14 @@ pub fn paged_attention(
             // head size was checked.
             unsafe { task.run_avx512(w) };
             return;
-        } else if level >= SimdLevel::Avx2 && hd.is_multiple_of(x86_avx2::LANES) {
+        } else if level >= SimdLevel::Avx2 && hd.is_multiple_of(x86_avx2::W) {
             // SAFETY: AVX2, FMA and F16C were detected (SimdLevel::Avx2 requires them); the
             // head size was checked.
             unsafe { task.run_avx2(w) };
             return;
         }
         let _ = level;
-        task.run::<0>(w);
+        task.run::<PORTABLE_STEP>(w);
     };
     // Each thread walks its own share of the works in order (so its next work is usually the
     // next one, whose first blocks it asks for), one claim on its own cache line per work:
@@ -275,6 +275,18 @@ pub(crate) fn rescale(old: f32, new: f32) -> f32 {
         (old - new).exp()
     }
 }
+
+/// The inner steps a task can run (a const parameter of [`Task::run`]).
+const PORTABLE_STEP: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const AVX2_STEP: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const AVX512_STEP: u8 = 2;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(
+    x86::LANES == x86_avx2::LANES,
+    "both steps take sixteen keys"
+);
 
 /// Queries per task: enough work per task, and enough tasks to balance the pool.
 const Q_CHUNK: usize = 8;
@@ -361,28 +373,29 @@ impl Task<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, w: &Work) {
-        self.run::<{ x86_avx2::LANES }>(w)
+        self.run::<AVX2_STEP>(w)
     }
 
     /// The task with the AVX-512 block step (vectorized scores and softmax).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     unsafe fn run_avx512(&self, w: &Work) {
-        self.run::<{ x86::LANES }>(w)
+        self.run::<AVX512_STEP>(w)
     }
 
-    /// `LANES`: each token's step for a KV head's query group is [`x86::update_group`] (16) or
-    /// [`x86_avx2::update_group`] (8) on that many keys at a time, reading the pool directly;
-    /// only instantiated behind the level checks in `paged_attention`. 0: portable code.
+    /// `STEP`: each token's step for a KV head's query group is [`x86::update_group`]
+    /// ([`AVX512_STEP`]) or [`x86_avx2::update_group`] ([`AVX2_STEP`]) on up to a block's
+    /// sixteen keys at a time, reading the pool directly; only instantiated behind the level
+    /// checks in `paged_attention`. [`PORTABLE_STEP`]: portable code.
     #[inline(always)]
-    fn run<const LANES: usize>(&self, w: &Work) {
+    fn run<const STEP: u8>(&self, w: &Work) {
         let mut scratch = SCRATCH.take();
-        self.run_in::<LANES>(w, &mut scratch);
+        self.run_in::<STEP>(w, &mut scratch);
         SCRATCH.set(scratch);
     }
 
     #[inline(always)]
-    fn run_in<const LANES: usize>(&self, w: &Work, sc: &mut Scratch) {
+    fn run_in<const STEP: u8>(&self, w: &Work, sc: &mut Scratch) {
         let (si, g, c) = (w.si, w.g, w.c);
         let (seqs, layout, q, k, v, dst) =
             (self.seqs, self.layout, self.q, self.k, self.v, self.dst);
@@ -421,7 +434,8 @@ impl Task<'_> {
                 }
                 let base = layout.head_offset(s.block_table[blk] as usize, g);
                 #[cfg(target_arch = "x86_64")]
-                if LANES > 0 {
+                if STEP != PORTABLE_STEP {
+                    const LANES: usize = x86::LANES;
                     // Ask for the blocks ahead (at a chunk's first block, all of them).
                     let ahead = blk + PREFETCH_BLOCKS;
                     let from = if blk == chunk * cb { blk + 1 } else { ahead };
@@ -434,15 +448,14 @@ impl Task<'_> {
                         let p0 = p0 + j0;
                         let mut src = x86::Keys::in_pool(k, v, base, j0, bs, hd);
                         // Several queries read these keys: convert them once. The AVX2 step
-                        // reads eight keys whatever `n`: in the pool where eight fit in the
+                        // reads sixteen keys whatever `n`: in the pool where sixteen fit in the
                         // block (the keys past `n` are masked out of the softmax and their
                         // values never read), staged where they do not.
-                        // SAFETY: LANES > 0 is only instantiated on the level its kernels
+                        // SAFETY: each STEP is only instantiated on the level its kernels
                         // need; the n keys are in the pool; `reset` sized kt and vb.
-                        if LANES == x86::LANES && queries.len() > 1 {
+                        if STEP == AVX512_STEP && queries.len() > 1 {
                             src = unsafe { x86::stage(src, n, hd, kt, vb) };
-                        } else if LANES == x86_avx2::LANES && (queries.len() > 1 || j0 + LANES > bs)
-                        {
+                        } else if STEP == AVX2_STEP && (queries.len() > 1 || j0 + LANES > bs) {
                             src = unsafe { x86_avx2::stage(src, n, hd, kt, vb) };
                         }
                         for (qi, t) in queries.clone().enumerate() {
@@ -463,11 +476,12 @@ impl Task<'_> {
                             let st = qi * n_rep..(qi + 1) * n_rep;
                             let (m, l) = (&mut m[st.clone()], &mut l[st.clone()]);
                             let acc = &mut acc[st.start * hd..st.end * hd];
-                            // SAFETY: as for `stage`; head_dim is a multiple of LANES (checked
-                            // in `paged_attention`); keys below `valid` <= n are readable, and
-                            // for the AVX2 step all eight (a whole step or staged).
+                            // SAFETY: as for `stage`; head_dim is a multiple of the step's
+                            // vector (checked in `paged_attention`); keys below `valid` <= n are
+                            // readable, and for the AVX2 step all sixteen (a whole step or
+                            // staged).
                             unsafe {
-                                if LANES == x86::LANES {
+                                if STEP == AVX512_STEP {
                                     x86::update_group(qg, src, skip..valid, scale, m, l, acc)
                                 } else {
                                     x86_avx2::update_group(qg, src, skip..valid, scale, m, l, acc)

@@ -1,7 +1,8 @@
-//! AVX2 inner step of paged attention: [`super::x86`]'s step on eight keys at a time, for CPUs
-//! without AVX-512. Same reading of the transposed keys (one load is one dimension of eight
-//! keys), same online softmax; its sums are grouped for eight lanes, so its results are its
-//! own (and, like the AVX-512 step's, independent of the batch and the thread count).
+//! AVX2 inner step of paged attention: [`super::x86`]'s step with its sixteen keys in two
+//! 8-lane vectors, for CPUs without AVX-512. Same reading of the transposed keys (one load is
+//! one dimension of eight keys), same online softmax over a whole block of sixteen keys at a
+//! time; its sums are grouped for eight lanes, so its results are its own (and, like the
+//! AVX-512 step's, independent of the batch and the thread count).
 //! Only called after AVX2, FMA and F16C were detected (`SimdLevel::Avx2`).
 
 use std::arch::x86_64::*;
@@ -11,8 +12,14 @@ use half::f16;
 use super::rescale;
 use super::x86::{Keys, EXP2_POLY};
 
-/// Keys one step handles.
-pub(super) const LANES: usize = 8;
+/// Keys one step handles: a block of sixteen, as the AVX-512 step. Eight keys a step (one
+/// vector) paid the softmax's update, the value sums' rescaling and a broadcast of every query
+/// element twice as often: one sequence at 512 positions, the reference shape, 30 layers,
+/// pinned, 0.98-1.18 -> 0.78-0.93 ms a step (see docs/perf-notes.md).
+pub(super) const LANES: usize = 16;
+
+/// Floats in a vector: the head size must be a multiple of it.
+pub(super) const W: usize = 8;
 
 /// `e^x` for 8 lanes, as `super::x86`'s `exp16` (x clamped to [-87, 0], so `2^n` is built
 /// in the exponent field of a normal float).
@@ -65,13 +72,13 @@ impl Lane8 for f32 {
     }
 }
 
-/// Copies `n <= 8` keys and their values into `kt` (`[hd, 8]`, zero past `n`) and `vb`
-/// (`[n, hd]`) in f32: once for all the queries of a task, or where eight keys from the step's
-/// first would run past its block.
+/// Copies `n <= 16` keys and their values into `kt` (`[hd, 16]`, zero past `n`) and `vb`
+/// (`[n, hd]`) in f32: once for all the queries of a task, or where sixteen keys from the
+/// step's first would run past its block.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `n <= 8` keys readable at `src`; `kt` holds `8 * hd`
-/// and `vb` `n * hd` floats.
+/// AVX2, FMA and F16C must be available; `n <= 16` keys readable at `src`; `kt` holds
+/// `16 * hd` and `vb` `n * hd` floats.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &mut [f32]) -> Keys {
     debug_assert!(n <= LANES && kt.len() >= LANES * hd && vb.len() >= n * hd);
@@ -80,7 +87,10 @@ pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &
             for d in 0..hd {
                 let row = &mut kt[d * LANES..(d + 1) * LANES];
                 if n == LANES {
-                    _mm256_storeu_ps(row.as_mut_ptr(), f16::load(k.add(d * stride)));
+                    for h in 0..LANES / W {
+                        let x = f16::load(k.add(d * stride + W * h));
+                        _mm256_storeu_ps(row.as_mut_ptr().add(W * h), x);
+                    }
                     continue;
                 }
                 for (j, x) in row.iter_mut().enumerate() {
@@ -91,7 +101,7 @@ pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &
                     };
                 }
             }
-            for i in (0..n * hd).step_by(LANES) {
+            for i in (0..n * hd).step_by(W) {
                 _mm256_storeu_ps(vb.as_mut_ptr().add(i), f16::load(v.add(i)));
             }
         }
@@ -112,8 +122,8 @@ pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &
     }
 }
 
-/// `super::x86::update_rows` on eight keys: `keys.end <= 8`, and eight keys readable at `k`
-/// (in the pool, or staged). Keys at and past `keys.end` may hold anything, even NaN: each
+/// `super::x86::update_rows` on sixteen keys: `keys.end <= 16`, and sixteen keys readable at
+/// `k` (in the pool, or staged). Keys at and past `keys.end` may hold anything, even NaN: each
 /// lane's score involves its own key only, and dead lanes are selected away (never multiplied)
 /// before the maximum, the weights and the values.
 #[inline(always)]
@@ -130,39 +140,55 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
     acc: &mut [f32],
 ) {
     let hd = q.len() / N;
-    debug_assert!(hd.is_multiple_of(8) && !keys.is_empty() && keys.end <= LANES);
+    debug_assert!(hd.is_multiple_of(W) && !keys.is_empty() && keys.end <= LANES);
     debug_assert!(acc.len() == N * hd && m.len() == N && l.len() == N);
-    // Dimension d feeds sum d % 2 (sixteen registers in all: two sums for up to four rows).
+    // Keys 0..8 feed sum 0, keys 8..16 sum 1: each broadcast query element serves two FMAs
+    // (eight registers of sums for four rows).
     let mut s = [[_mm256_setzero_ps(); 2]; N];
     let qp = q.as_ptr();
-    for d0 in (0..hd).step_by(2) {
-        for u in 0..2 {
-            let kd = E::load(k.add((d0 + u) * stride));
-            for (r, s) in s.iter_mut().enumerate() {
-                s[u] = _mm256_fmadd_ps(_mm256_set1_ps(*qp.add(r * hd + d0 + u)), kd, s[u]);
-            }
+    for d in 0..hd {
+        let kd = [E::load(k.add(d * stride)), E::load(k.add(d * stride + W))];
+        for (r, s) in s.iter_mut().enumerate() {
+            let qd = _mm256_set1_ps(*qp.add(r * hd + d));
+            s[0] = _mm256_fmadd_ps(qd, kd[0], s[0]);
+            s[1] = _mm256_fmadd_ps(qd, kd[1], s[1]);
         }
     }
     let live: [i32; LANES] = std::array::from_fn(|j| -(keys.contains(&j) as i32));
-    let live = _mm256_castsi256_ps(_mm256_loadu_si256(live.as_ptr() as *const __m256i));
+    let live = live.as_ptr() as *const __m256i;
+    let live = [
+        _mm256_castsi256_ps(_mm256_loadu_si256(live)),
+        _mm256_castsi256_ps(_mm256_loadu_si256(live.add(1))),
+    ];
     let mut pj = [[0f32; LANES]; N];
     let mut corr = [_mm256_setzero_ps(); N];
     for r in 0..N {
-        let sr = _mm256_mul_ps(_mm256_add_ps(s[r][0], s[r][1]), _mm256_set1_ps(scale));
-        let masked = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), sr, live);
+        let sr = [
+            _mm256_mul_ps(s[r][0], _mm256_set1_ps(scale)),
+            _mm256_mul_ps(s[r][1], _mm256_set1_ps(scale)),
+        ];
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let masked = _mm256_max_ps(
+            _mm256_blendv_ps(ninf, sr[0], live[0]),
+            _mm256_blendv_ps(ninf, sr[1], live[1]),
+        );
         let mx = hmax(masked).max(m[r]);
-        let p = _mm256_and_ps(exp8(_mm256_sub_ps(sr, _mm256_set1_ps(mx))), live);
+        let p = [
+            _mm256_and_ps(exp8(_mm256_sub_ps(sr[0], _mm256_set1_ps(mx))), live[0]),
+            _mm256_and_ps(exp8(_mm256_sub_ps(sr[1], _mm256_set1_ps(mx))), live[1]),
+        ];
         let c = rescale(m[r], mx);
-        l[r] = l[r] * c + hsum(p);
+        l[r] = l[r] * c + hsum(_mm256_add_ps(p[0], p[1]));
         m[r] = mx;
-        _mm256_storeu_ps(pj[r].as_mut_ptr(), p);
+        _mm256_storeu_ps(pj[r].as_mut_ptr(), p[0]);
+        _mm256_storeu_ps(pj[r].as_mut_ptr().add(W), p[1]);
         corr[r] = _mm256_set1_ps(c);
     }
     let ap = acc.as_mut_ptr();
     let mut c = 0;
-    while c + 16 <= hd {
+    while c + 2 * W <= hd {
         add_values::<N, 2, E>(ap, hd, c, &corr, &pj, v, keys.clone());
-        c += 16;
+        c += 2 * W;
     }
     if c < hd {
         add_values::<N, 1, E>(ap, hd, c, &corr, &pj, v, keys);
@@ -209,7 +235,7 @@ unsafe fn add_values<const N: usize, const K: usize, E: Lane8>(
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `hd` a multiple of 8; `keys` non-empty,
-/// `keys.end <= 8`, eight keys and their values readable at `src`.
+/// `keys.end <= 16`, sixteen keys and their values readable at `src`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn update_group(
