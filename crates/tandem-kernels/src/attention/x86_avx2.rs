@@ -142,16 +142,24 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
     let hd = q.len() / N;
     debug_assert!(hd.is_multiple_of(W) && !keys.is_empty() && keys.end <= LANES);
     debug_assert!(acc.len() == N * hd && m.len() == N && l.len() == N);
-    // Keys 0..8 feed sum 0, keys 8..16 sum 1: each broadcast query element serves two FMAs
-    // (eight registers of sums for four rows).
-    let mut s = [[_mm256_setzero_ps(); 2]; N];
+    // Keys 0..8 feed sums [_][0], keys 8..16 sums [_][1], so each broadcast query element
+    // serves two FMAs; up to three rows also split the dimensions by parity (sums [0][_] and
+    // [1][_]): twelve chains where six left the FMA latency exposed, in fifteen registers
+    // (four rows take eight in one set). Which rows split depends only on the model's query
+    // group, never on the batch.
+    const PARITY_ROWS: usize = 3;
+    let mut s = [[[_mm256_setzero_ps(); 2]; 2]; N];
     let qp = q.as_ptr();
-    for d in 0..hd {
-        let kd = [E::load(k.add(d * stride)), E::load(k.add(d * stride + W))];
-        for (r, s) in s.iter_mut().enumerate() {
-            let qd = _mm256_set1_ps(*qp.add(r * hd + d));
-            s[0] = _mm256_fmadd_ps(qd, kd[0], s[0]);
-            s[1] = _mm256_fmadd_ps(qd, kd[1], s[1]);
+    for d0 in (0..hd).step_by(2) {
+        for u in 0..2 {
+            let d = d0 + u;
+            let kd = [E::load(k.add(d * stride)), E::load(k.add(d * stride + W))];
+            let set = if N <= PARITY_ROWS { u } else { 0 };
+            for (r, s) in s.iter_mut().enumerate() {
+                let qd = _mm256_set1_ps(*qp.add(r * hd + d));
+                s[set][0] = _mm256_fmadd_ps(qd, kd[0], s[set][0]);
+                s[set][1] = _mm256_fmadd_ps(qd, kd[1], s[set][1]);
+            }
         }
     }
     let live: [i32; LANES] = std::array::from_fn(|j| -(keys.contains(&j) as i32));
@@ -163,9 +171,17 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
     let mut pj = [[0f32; LANES]; N];
     let mut corr = [_mm256_setzero_ps(); N];
     for r in 0..N {
+        let sum = if N <= PARITY_ROWS {
+            [
+                _mm256_add_ps(s[r][0][0], s[r][1][0]),
+                _mm256_add_ps(s[r][0][1], s[r][1][1]),
+            ]
+        } else {
+            s[r][0]
+        };
         let sr = [
-            _mm256_mul_ps(s[r][0], _mm256_set1_ps(scale)),
-            _mm256_mul_ps(s[r][1], _mm256_set1_ps(scale)),
+            _mm256_mul_ps(sum[0], _mm256_set1_ps(scale)),
+            _mm256_mul_ps(sum[1], _mm256_set1_ps(scale)),
         ];
         let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
         let masked = _mm256_max_ps(
