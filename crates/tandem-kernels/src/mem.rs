@@ -17,6 +17,27 @@ pub fn advise_huge_pages<T>(buf: &mut [T]) {
     advise(buf.as_mut_ptr() as *mut u8, std::mem::size_of_val(buf));
 }
 
+/// The wrapping sum of `words`, read as the packed kernels read weights: with a software
+/// prefetch of every cache line [`crate::packed::PREFETCH`] bytes ahead where
+/// [`crate::simd::prefetch_weights`] is on. A bandwidth probe reads this way beside a plain
+/// read, so that a roofline holds the faster of the two.
+pub fn sum_streamed(words: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::prefetch_weights() {
+        const LINE: usize = 64 / std::mem::size_of::<u64>();
+        let ahead = crate::packed::PREFETCH / std::mem::size_of::<u64>();
+        let mut sum = 0u64;
+        for (i, line) in words.chunks(LINE).enumerate() {
+            let p = words.as_ptr().wrapping_add(i * LINE + ahead) as *const i8;
+            // SAFETY: a prefetch never faults, wherever it points.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) };
+            sum = line.iter().fold(sum, |a, &v| a.wrapping_add(v));
+        }
+        return sum;
+    }
+    words.iter().fold(0u64, |a, &v| a.wrapping_add(v))
+}
+
 fn advise(ptr: *mut u8, len: usize) {
     #[cfg(target_os = "linux")]
     {

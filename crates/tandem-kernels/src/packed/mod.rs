@@ -398,7 +398,7 @@ use kernel_set;
 
 /// How far ahead of the weight stream the SIMD kernels prefetch.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH: usize = 8192;
+pub(crate) const PREFETCH: usize = 8192;
 
 /// Asks for every cache line of the block of `bytes` at `p`, [`PREFETCH`] bytes ahead (one
 /// prefetch per block left the hardware prefetcher to find the rest: 16.5 -> 21 GB/s on a
