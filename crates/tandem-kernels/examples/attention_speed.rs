@@ -1,9 +1,8 @@
 //! Speed of batched decode attention over an f16 pool far larger than the caches: `SEQS`
 //! sequences (16) each decoding one token (or prefilling `NEW` tokens) at `CTX` positions
-//! (144), the reference model's
-//! shape (9 query heads over 3 KV heads of 64), `LAYERS` (30) layers' pools, blocks scattered
-//! over the pool as a long-running server leaves them; on `THREADS` threads (2), pinned to the
-//! first cores with `PIN=1`:
+//! (144), the reference model's shape (9 query heads over 3 KV heads of 64), `LAYERS` (30)
+//! layers' pools, blocks scattered over the pool as a long-running server leaves them; on
+//! `THREADS` threads (2), pinned to the first cores with `PIN=1`:
 //! `cargo run --release -p tandem-kernels --example attention_speed`.
 use half::f16;
 use std::time::Instant;

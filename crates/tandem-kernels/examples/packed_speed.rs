@@ -1,6 +1,7 @@
 //! Speed of the packed matmul on a matrix far larger than the caches, per SIMD level and
 //! format: GB/s of weights streamed with one activation row (decode) and integer GMAC/s with
-//! 64 rows (prefill), on a pool of one thread per core:
+//! 64 rows (prefill), on a pool of one thread per core (`THREADS`), an `N` x `K` matrix (65536 x
+//! 4096), `REPS` times the default repetitions (for a profiler):
 //! `cargo run --release -p tandem-kernels --example packed_speed [Q4_K Q6_K ...]`.
 mod common;
 

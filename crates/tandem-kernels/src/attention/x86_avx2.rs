@@ -15,7 +15,7 @@ use super::x86::{Keys, EXP2_POLY};
 /// Keys one step handles: a block of sixteen, as the AVX-512 step. Eight keys a step (one
 /// vector) paid the softmax's update, the value sums' rescaling and a broadcast of every query
 /// element twice as often: one sequence at 512 positions, the reference shape, 30 layers,
-/// pinned, 0.98-1.18 -> 0.78-0.93 ms a step (see docs/perf-notes.md).
+/// pinned, 1.01-1.16 -> 0.90-0.93 ms a step (see docs/perf-notes.md).
 pub(super) const LANES: usize = 16;
 
 /// Floats in a vector: the head size must be a multiple of it.
