@@ -140,9 +140,7 @@ pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &
 /// which of them the query sees.
 #[derive(Clone, Copy)]
 pub(super) struct Step {
-    /// Where the step's keys and values are read.
     pub src: Keys,
-    /// The keys the query sees: `from..to` of the step's (the others may hold anything).
     pub from: usize,
     pub to: usize,
 }
