@@ -210,31 +210,18 @@ fn tensor_parallel_sampling_preemption_and_cancellation_behave_as_one_rank() {
     let two = start("tp-sampling-two", &tp_args);
     let prompts = golden_prompts();
 
-    // Sampling options (seeded): the same tokens as one rank. The ranks' logits differ from one
-    // rank's by up to ~5e-5 (the all-reduce adds the partial sums in another order; see
-    // `tandem-model/tests/tensor_parallel.rs`), so a draw that falls that close to the edge of
-    // a token's share, or of the top-p cut, can pick another token: over these three prompts
-    // and 24 tokens that happened once (a prompt's tenth token) when the attention's rounding
-    // changed. A sampler misapplied across ranks (seed, penalties, filters) changes every
-    // prompt from its first tokens. So every prompt's first 8 tokens must agree, and whole
-    // 24-token completions on all but at most one prompt.
-    let sampled = |d: &Deployment, p: &[u32], n: usize| {
+    // Sampling options (seeded): the same tokens as one rank.
+    let sampled = |d: &Deployment, p: &[u32]| {
         completion(
             d,
-            json!({"prompt": p, "max_tokens": n, "temperature": 0.8, "top_p": 0.9,
+            json!({"prompt": p, "max_tokens": 24, "temperature": 0.8, "top_p": 0.9,
                 "top_k": 40, "seed": 7, "presence_penalty": 0.5, "frequency_penalty": 0.3,
                 "ignore_eos": true}),
         )
     };
-    let mut whole_same = 0;
     for p in prompts.iter().take(3) {
-        assert_eq!(sampled(&one, p, 8), sampled(&two, p, 8));
-        whole_same += usize::from(sampled(&one, p, 24) == sampled(&two, p, 24));
+        assert_eq!(sampled(&one, p), sampled(&two, p));
     }
-    assert!(
-        whole_same >= 2,
-        "{whole_same} of 3 sampled completions agree"
-    );
 
     // Preemption under a full pool: the greedy outputs are unchanged.
     let run_four = |d: &Deployment| -> Vec<String> {
