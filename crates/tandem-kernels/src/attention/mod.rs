@@ -333,44 +333,20 @@ struct Scratch {
     /// The key chunks' states of a task that merges them itself (per chunk, per row and
     /// head: max, sum, value sums).
     states: Vec<f32>,
-    /// The AVX2 chunk's steps (with their block and first key), and one query's share of them
-    /// (with the index of each in the chunk's).
-    #[cfg(target_arch = "x86_64")]
-    steps: Vec<(x86_avx2::Step, usize, usize)>,
-    #[cfg(target_arch = "x86_64")]
-    seen: Vec<x86_avx2::Step>,
-    #[cfg(target_arch = "x86_64")]
-    seen_at: Vec<usize>,
 }
 
 impl Scratch {
     /// Sizes the buffers for `nq` query rows of `hd` against `block_size`-token blocks.
     fn reset(&mut self, nq: usize, hd: usize, block_size: usize, chunks: usize) {
-        // A whole key chunk in sixteen-key steps (the AVX2 step stages and scores a chunk at
-        // once, for up to four rows).
-        let keys = chunk_blocks(block_size) * block_size.div_ceil(16) * 16;
+        let keys = block_size.max(16);
         self.m.resize(nq, 0.0);
         self.l.resize(nq, 0.0);
         self.acc.resize(nq * hd, 0.0);
         self.kt.resize(keys * hd, 0.0);
         self.vb.resize(keys * hd, 0.0);
-        self.scores.resize(4 * keys, 0.0);
+        self.scores.resize(keys, 0.0);
         self.states.resize(chunks * nq * (2 + hd), 0.0);
     }
-}
-
-/// The parts of a task's [`Scratch`] one AVX2 key chunk works in.
-#[cfg(target_arch = "x86_64")]
-struct ChunkScratch<'a> {
-    m: &'a mut [f32],
-    l: &'a mut [f32],
-    acc: &'a mut [f32],
-    kt: &'a mut [f32],
-    vb: &'a mut [f32],
-    p: &'a mut [f32],
-    steps: &'a mut Vec<(x86_avx2::Step, usize, usize)>,
-    seen: &'a mut Vec<x86_avx2::Step>,
-    seen_at: &'a mut Vec<usize>,
 }
 
 thread_local! {
@@ -378,11 +354,6 @@ thread_local! {
 }
 
 impl Task<'_> {
-    /// The first key query position `pos` sees.
-    fn first_key(&self, pos: usize) -> usize {
-        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
-    }
-
     /// Asks for the first blocks `w` reads (its first key chunk's), so that a thread that
     /// goes on to `w` after its current work finds them on the way.
     #[cfg(target_arch = "x86_64")]
@@ -405,120 +376,6 @@ impl Task<'_> {
         self.run::<AVX2_STEP>(w)
     }
 
-    /// One key chunk (`blocks`, keys below `end` and from `seen_from`) of the task's queries
-    /// with the AVX2 chunk step ([`x86_avx2::chunk_group`]): its sixteen-key steps listed
-    /// once, staged once for all the queries when there are several (or when sixteen keys
-    /// from a step's first run past its block), then each query's state over the steps it
-    /// sees. Same keys, same order and same arithmetic whatever the batch or thread count.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available, and the head size a multiple of 8.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn chunk_avx2(
-        &self,
-        w: &Work,
-        queries: &std::ops::Range<usize>,
-        blocks: std::ops::Range<usize>,
-        end: usize,
-        seen_from: usize,
-        sc: ChunkScratch,
-    ) {
-        const LANES: usize = x86_avx2::LANES;
-        let layout = self.layout;
-        let (bs, hd, n_rep, g) = (layout.block_size, layout.head_dim, self.n_rep, w.g);
-        let (k, v, s) = (self.k, self.v, &self.seqs[w.si]);
-        let end_blk = end.div_ceil(bs);
-        sc.steps.clear();
-        for blk in blocks {
-            let p0 = blk * bs;
-            let nb = (end - p0).min(bs);
-            if p0 + nb <= seen_from {
-                continue;
-            }
-            let base = layout.head_offset(s.block_table[blk] as usize, g);
-            for j0 in (0..nb).step_by(LANES) {
-                let src = x86::Keys::in_pool(k, v, base, j0, bs, hd);
-                let n = (nb - j0).min(LANES);
-                sc.steps.push((
-                    x86_avx2::Step {
-                        src,
-                        from: 0,
-                        to: n,
-                    },
-                    blk,
-                    j0,
-                ));
-            }
-        }
-        let Some(&(_, first_blk, _)) = sc.steps.first() else {
-            return;
-        };
-        // The blocks ahead of `blk` (at the chunk's first, all of them; see PREFETCH_BLOCKS).
-        let prefetch = |blk: usize| {
-            let ahead = blk + PREFETCH_BLOCKS;
-            let from = if blk == first_blk { blk + 1 } else { ahead };
-            for b in from..(ahead + 1).min(end_blk) {
-                let at = layout.head_offset(s.block_table[b] as usize, g);
-                x86::prefetch(k, v, at, bs * hd);
-            }
-        };
-        // Several queries read these keys: convert them once. A lone query reads the pool
-        // where each step's sixteen keys are in its block.
-        let staged = queries.len() > 1 || sc.steps.iter().any(|&(_, _, j0)| j0 + LANES > bs);
-        if staged {
-            for (i, (st, blk, j0)) in sc.steps.iter_mut().enumerate() {
-                if *j0 == 0 {
-                    prefetch(*blk);
-                }
-                let kt = &mut sc.kt[i * LANES * hd..(i + 1) * LANES * hd];
-                st.src = x86_avx2::stage(st.src, st.to, hd, kt, &mut sc.vb[i * LANES * hd..]);
-            }
-        }
-        for (qi, t) in queries.clone().enumerate() {
-            let pos = s.context_len + t;
-            let fk = self.first_key(pos);
-            sc.seen.clear();
-            sc.seen_at.clear();
-            for (i, &(st, blk, j0)) in sc.steps.iter().enumerate() {
-                let p0 = blk * bs + j0;
-                if pos < p0 {
-                    break;
-                }
-                let to = (pos + 1 - p0).min(st.to);
-                let from = fk.saturating_sub(p0);
-                if from < to {
-                    sc.seen.push(x86_avx2::Step { from, to, ..st });
-                    sc.seen_at.push(i);
-                }
-            }
-            if sc.seen.is_empty() {
-                continue;
-            }
-            let row = (s.row_start + t) * self.n_heads * hd;
-            // The group's query heads are adjacent in the row, as are their states.
-            let qg = &self.q[row + g * n_rep * hd..row + (g + 1) * n_rep * hd];
-            let st = qi * n_rep..(qi + 1) * n_rep;
-            let (steps, seen_at) = (&sc.steps, &sc.seen_at);
-            let ahead = |j: usize| {
-                let (_, blk, j0) = steps[seen_at[j]];
-                if !staged && j0 == 0 {
-                    prefetch(blk);
-                }
-            };
-            x86_avx2::chunk_group(
-                qg,
-                sc.seen,
-                self.scale,
-                sc.p,
-                &mut sc.m[st.clone()],
-                &mut sc.l[st.clone()],
-                &mut sc.acc[st.start * hd..st.end * hd],
-                ahead,
-            );
-        }
-    }
-
     /// The task with the AVX-512 block step (vectorized scores and softmax).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
@@ -526,11 +383,10 @@ impl Task<'_> {
         self.run::<AVX512_STEP>(w)
     }
 
-    /// `STEP`: each token's step for a KV head's query group is [`x86::update_group`] on up
-    /// to a block's sixteen keys at a time ([`AVX512_STEP`]), or [`x86_avx2::chunk_group`]
-    /// on a whole key chunk ([`AVX2_STEP`], see [`Task::chunk_avx2`]), reading the pool
-    /// directly; only instantiated behind the level checks in `paged_attention`.
-    /// [`PORTABLE_STEP`]: portable code.
+    /// `STEP`: each token's step for a KV head's query group is [`x86::update_group`]
+    /// ([`AVX512_STEP`]) or [`x86_avx2::update_group`] ([`AVX2_STEP`]) on up to a block's
+    /// sixteen keys at a time, reading the pool directly; only instantiated behind the level
+    /// checks in `paged_attention`. [`PORTABLE_STEP`]: portable code.
     #[inline(always)]
     fn run<const STEP: u8>(&self, w: &Work) {
         let mut scratch = SCRATCH.take();
@@ -558,16 +414,11 @@ impl Task<'_> {
             vb,
             scores,
             states,
-            #[cfg(target_arch = "x86_64")]
-            steps,
-            #[cfg(target_arch = "x86_64")]
-            seen,
-            #[cfg(target_arch = "x86_64")]
-            seen_at,
         } = sc;
         let end = s.context_len + queries.end;
         let end_blk = end.div_ceil(bs);
-        let first_key = |pos: usize| self.first_key(pos);
+        // The first key query position `pos` sees.
+        let first_key = |pos: usize| self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         // Keys before the first query's window are seen by none of this task's queries.
         let seen_from = first_key(s.context_len + queries.start);
         let cb = chunk_blocks(bs);
@@ -575,26 +426,7 @@ impl Task<'_> {
             m.fill(f32::NEG_INFINITY);
             l.fill(0.0);
             acc.fill(0.0);
-            let blocks = chunk * cb..((chunk + 1) * cb).min(end_blk);
-            #[cfg(target_arch = "x86_64")]
-            if STEP == AVX2_STEP {
-                let sc = ChunkScratch {
-                    m,
-                    l,
-                    acc,
-                    kt,
-                    vb,
-                    p: scores,
-                    steps,
-                    seen,
-                    seen_at,
-                };
-                // SAFETY: AVX2_STEP is only instantiated behind the AVX2 level check in
-                // `paged_attention`, which also checked the head size.
-                unsafe { self.chunk_avx2(w, &queries, blocks.clone(), end, seen_from, sc) };
-            }
-            // The AVX2 step took the chunk whole above; the others go block by block.
-            for blk in blocks.filter(|_| STEP != AVX2_STEP) {
+            for blk in chunk * cb..((chunk + 1) * cb).min(end_blk) {
                 let p0 = blk * bs;
                 let nb = (end - p0).min(bs);
                 if p0 + nb <= seen_from {
@@ -602,7 +434,7 @@ impl Task<'_> {
                 }
                 let base = layout.head_offset(s.block_table[blk] as usize, g);
                 #[cfg(target_arch = "x86_64")]
-                if STEP == AVX512_STEP {
+                if STEP != PORTABLE_STEP {
                     const LANES: usize = x86::LANES;
                     // Ask for the blocks ahead (at a chunk's first block, all of them).
                     let ahead = blk + PREFETCH_BLOCKS;
@@ -615,11 +447,16 @@ impl Task<'_> {
                         let n = (nb - j0).min(LANES);
                         let p0 = p0 + j0;
                         let mut src = x86::Keys::in_pool(k, v, base, j0, bs, hd);
-                        // Several queries read these keys: convert them once.
-                        // SAFETY: AVX512_STEP is only instantiated behind its level check; the
-                        // n keys are in the pool; `reset` sized kt and vb.
-                        if queries.len() > 1 {
+                        // Several queries read these keys: convert them once. The AVX2 step
+                        // reads sixteen keys whatever `n`: in the pool where sixteen fit in the
+                        // block (the keys past `n` are masked out of the softmax and their
+                        // values never read), staged where they do not.
+                        // SAFETY: each STEP is only instantiated on the level its kernels
+                        // need; the n keys are in the pool; `reset` sized kt and vb.
+                        if STEP == AVX512_STEP && queries.len() > 1 {
                             src = unsafe { x86::stage(src, n, hd, kt, vb) };
+                        } else if STEP == AVX2_STEP && (queries.len() > 1 || j0 + LANES > bs) {
+                            src = unsafe { x86_avx2::stage(src, n, hd, kt, vb) };
                         }
                         for (qi, t) in queries.clone().enumerate() {
                             let pos = s.context_len + t;
@@ -640,9 +477,16 @@ impl Task<'_> {
                             let (m, l) = (&mut m[st.clone()], &mut l[st.clone()]);
                             let acc = &mut acc[st.start * hd..st.end * hd];
                             // SAFETY: as for `stage`; head_dim is a multiple of the step's
-                            // vector (checked in `paged_attention`); keys below `valid` <= n
-                            // are readable.
-                            unsafe { x86::update_group(qg, src, skip..valid, scale, m, l, acc) };
+                            // vector (checked in `paged_attention`); keys below `valid` <= n are
+                            // readable, and for the AVX2 step all sixteen (a whole step or
+                            // staged).
+                            unsafe {
+                                if STEP == AVX512_STEP {
+                                    x86::update_group(qg, src, skip..valid, scale, m, l, acc)
+                                } else {
+                                    x86_avx2::update_group(qg, src, skip..valid, scale, m, l, acc)
+                                }
+                            };
                         }
                     }
                     continue;

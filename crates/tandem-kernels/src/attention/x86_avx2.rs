@@ -1,8 +1,7 @@
-//! AVX2 inner step of paged attention, for CPUs without AVX-512: one query token's heads of a
-//! KV group against a whole key chunk at once. Same reading of the transposed keys as
-//! [`super::x86`]'s step (one load is one dimension of eight keys, sixteen keys a step in two
-//! 8-lane vectors), but no online softmax: a chunk's state starts fresh, so its scores are all
-//! computed first, then one softmax, then the value sums. Its sums are its own (and, like the
+//! AVX2 inner step of paged attention: [`super::x86`]'s step with its sixteen keys in two
+//! 8-lane vectors, for CPUs without AVX-512. Same reading of the transposed keys (one load is
+//! one dimension of eight keys), same online softmax over a whole block of sixteen keys at a
+//! time; its sums are grouped for eight lanes, so its results are its own (and, like the
 //! AVX-512 step's, independent of the batch and the thread count).
 //! Only called after AVX2, FMA and F16C were detected (`SimdLevel::Avx2`).
 
@@ -10,10 +9,13 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
+use super::rescale;
 use super::x86::{Keys, EXP2_POLY};
 
-/// Keys one step handles: sixteen, as the AVX-512 step (each broadcast query element feeds
-/// two FMAs).
+/// Keys one step handles: a block of sixteen, as the AVX-512 step. Eight keys a step (one
+/// vector) paid the softmax's update, the value sums' rescaling and a broadcast of every query
+/// element twice as often: one sequence at 512 positions, the reference shape, 30 layers,
+/// pinned, 1.01-1.16 -> 0.90-0.93 ms a step (see docs/perf-notes.md).
 pub(super) const LANES: usize = 16;
 
 /// Floats in a vector: the head size must be a multiple of it.
@@ -54,8 +56,6 @@ unsafe fn hsum(v: __m256) -> f32 {
 trait Lane8: Copy {
     /// The eight elements at `p` as f32.
     unsafe fn load(p: *const Self) -> __m256;
-    /// The keys' pointer, their stride and the values' pointer (`src` holds this type).
-    unsafe fn parts(src: Keys) -> (*const Self, usize, *const Self);
 }
 
 impl Lane8 for f16 {
@@ -63,26 +63,12 @@ impl Lane8 for f16 {
     unsafe fn load(p: *const f16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
-    #[inline(always)]
-    unsafe fn parts(src: Keys) -> (*const f16, usize, *const f16) {
-        match src {
-            Keys::F16 { k, stride, v } => (k, stride, v),
-            Keys::F32 { .. } => std::hint::unreachable_unchecked(),
-        }
-    }
 }
 
 impl Lane8 for f32 {
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m256 {
         _mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn parts(src: Keys) -> (*const f32, usize, *const f32) {
-        match src {
-            Keys::F32 { k, stride, v } => (k, stride, v),
-            Keys::F16 { .. } => std::hint::unreachable_unchecked(),
-        }
     }
 }
 
@@ -136,218 +122,167 @@ pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &
     }
 }
 
-/// One step of a key chunk as one query sees it: where its (up to) sixteen keys are read, and
-/// which of them the query sees.
-#[derive(Clone, Copy)]
-pub(super) struct Step {
-    pub src: Keys,
-    pub from: usize,
-    pub to: usize,
-}
-
-/// Lanes `from..to` of a step's sixteen, as two 8-lane masks.
-#[inline(always)]
-unsafe fn live_mask(from: usize, to: usize) -> [__m256; 2] {
-    let lo = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let hi = _mm256_add_epi32(lo, _mm256_set1_epi32(W as i32));
-    let (a, b) = (
-        _mm256_set1_epi32(from as i32 - 1),
-        _mm256_set1_epi32(to as i32),
-    );
-    let inside = |x: __m256i| {
-        _mm256_castsi256_ps(_mm256_and_si256(
-            _mm256_cmpgt_epi32(x, a),
-            _mm256_cmpgt_epi32(b, x),
-        ))
-    };
-    [inside(lo), inside(hi)]
-}
-
-/// A whole key chunk for `N <= 4` rows (query heads of one token): every step's scores
-/// first, then one softmax over the chunk, then the value sums with each element's
-/// accumulators in registers across all the chunk's keys. A chunk's state starts fresh (see
-/// `super::split`), so nothing is rescaled: where the online softmax paid a maximum, a
-/// rescale of the value sums and their load and store per sixteen keys, this pays them once
-/// per chunk. `ahead(i)` is called before step `i`'s keys are read (the caller's prefetch).
+/// `super::x86::update_rows` on sixteen keys: `keys.end <= 16`, and sixteen keys readable at
+/// `k` (in the pool, or staged). Keys at and past `keys.end` may hold anything, even NaN: each
+/// lane's score involves its own key only, and dead lanes are selected away (never multiplied)
+/// before the maximum, the weights and the values.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn chunk_rows<const N: usize, E: Lane8>(
+unsafe fn update_rows<const N: usize, E: Lane8>(
     q: &[f32],
-    steps: &[Step],
+    k: *const E,
+    stride: usize,
+    v: *const E,
+    keys: std::ops::Range<usize>,
     scale: f32,
-    p: &mut [f32],
     m: &mut [f32],
     l: &mut [f32],
     acc: &mut [f32],
-    ahead: &mut impl FnMut(usize),
 ) {
     let hd = q.len() / N;
-    let ns = steps.len();
-    debug_assert!(hd.is_multiple_of(W) && ns > 0 && p.len() >= N * ns * LANES);
+    debug_assert!(hd.is_multiple_of(W) && !keys.is_empty() && keys.end <= LANES);
+    debug_assert!(acc.len() == N * hd && m.len() == N && l.len() == N);
+    // Keys 0..8 feed sums [_][0], keys 8..16 sums [_][1], so each broadcast query element
+    // serves two FMAs; up to three rows also split the dimensions by parity (sums [0][_] and
+    // [1][_]): twelve chains where six left the FMA latency exposed, in fifteen registers
+    // (four rows take eight in one set). Which rows split depends only on the model's query
+    // group, never on the batch.
     const PARITY_ROWS: usize = 3;
-    let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-    let mut vmax = [ninf; N];
+    let mut s = [[[_mm256_setzero_ps(); 2]; 2]; N];
     let qp = q.as_ptr();
-    let pp = p.as_mut_ptr();
-    // Scores, scaled. Dead lanes (keys outside `from..to` may hold anything, even NaN: each
-    // lane involves its own key only) are set to -inf, and their values are never read.
-    for (i, st) in steps.iter().enumerate() {
-        ahead(i);
-        let (k, stride, _) = E::parts(st.src);
-        let mut s = [[[_mm256_setzero_ps(); 2]; 2]; N];
-        for d0 in (0..hd).step_by(2) {
-            for u in 0..2 {
-                let d = d0 + u;
-                let kd = [E::load(k.add(d * stride)), E::load(k.add(d * stride + W))];
-                let set = if N <= PARITY_ROWS { u } else { 0 };
-                for (r, s) in s.iter_mut().enumerate() {
-                    let qd = _mm256_set1_ps(*qp.add(r * hd + d));
-                    s[set][0] = _mm256_fmadd_ps(qd, kd[0], s[set][0]);
-                    s[set][1] = _mm256_fmadd_ps(qd, kd[1], s[set][1]);
-                }
-            }
-        }
-        let live = live_mask(st.from, st.to);
-        for r in 0..N {
-            let at = pp.add((r * ns + i) * LANES);
-            for h in 0..2 {
-                let sum = if N <= PARITY_ROWS {
-                    _mm256_add_ps(s[r][0][h], s[r][1][h])
-                } else {
-                    s[r][0][h]
-                };
-                let x = _mm256_blendv_ps(ninf, _mm256_mul_ps(sum, _mm256_set1_ps(scale)), live[h]);
-                _mm256_storeu_ps(at.add(W * h), x);
-                vmax[r] = _mm256_max_ps(vmax[r], x);
+    for d0 in (0..hd).step_by(2) {
+        for u in 0..2 {
+            let d = d0 + u;
+            let kd = [E::load(k.add(d * stride)), E::load(k.add(d * stride + W))];
+            let set = if N <= PARITY_ROWS { u } else { 0 };
+            for (r, s) in s.iter_mut().enumerate() {
+                let qd = _mm256_set1_ps(*qp.add(r * hd + d));
+                s[set][0] = _mm256_fmadd_ps(qd, kd[0], s[set][0]);
+                s[set][1] = _mm256_fmadd_ps(qd, kd[1], s[set][1]);
             }
         }
     }
-    // Weights: one maximum and one sum per row for the chunk.
+    let live: [i32; LANES] = std::array::from_fn(|j| -(keys.contains(&j) as i32));
+    let live = live.as_ptr() as *const __m256i;
+    let live = [
+        _mm256_castsi256_ps(_mm256_loadu_si256(live)),
+        _mm256_castsi256_ps(_mm256_loadu_si256(live.add(1))),
+    ];
+    let mut pj = [[0f32; LANES]; N];
+    let mut corr = [_mm256_setzero_ps(); N];
     for r in 0..N {
-        let mx = hmax(vmax[r]);
-        let mv = _mm256_set1_ps(mx);
-        let mut sum = _mm256_setzero_ps();
-        for (i, st) in steps.iter().enumerate() {
-            let live = live_mask(st.from, st.to);
-            let at = pp.add((r * ns + i) * LANES);
-            for (h, live) in live.into_iter().enumerate() {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(at.add(W * h)), mv));
-                let e = _mm256_and_ps(e, live);
-                _mm256_storeu_ps(at.add(W * h), e);
-                sum = _mm256_add_ps(sum, e);
-            }
-        }
+        let sum = if N <= PARITY_ROWS {
+            [
+                _mm256_add_ps(s[r][0][0], s[r][1][0]),
+                _mm256_add_ps(s[r][0][1], s[r][1][1]),
+            ]
+        } else {
+            s[r][0]
+        };
+        let sr = [
+            _mm256_mul_ps(sum[0], _mm256_set1_ps(scale)),
+            _mm256_mul_ps(sum[1], _mm256_set1_ps(scale)),
+        ];
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let masked = _mm256_max_ps(
+            _mm256_blendv_ps(ninf, sr[0], live[0]),
+            _mm256_blendv_ps(ninf, sr[1], live[1]),
+        );
+        let mx = hmax(masked).max(m[r]);
+        let p = [
+            _mm256_and_ps(exp8(_mm256_sub_ps(sr[0], _mm256_set1_ps(mx))), live[0]),
+            _mm256_and_ps(exp8(_mm256_sub_ps(sr[1], _mm256_set1_ps(mx))), live[1]),
+        ];
+        let c = rescale(m[r], mx);
+        l[r] = l[r] * c + hsum(_mm256_add_ps(p[0], p[1]));
         m[r] = mx;
-        l[r] = hsum(sum);
+        _mm256_storeu_ps(pj[r].as_mut_ptr(), p[0]);
+        _mm256_storeu_ps(pj[r].as_mut_ptr().add(W), p[1]);
+        corr[r] = _mm256_set1_ps(c);
     }
     let ap = acc.as_mut_ptr();
     let mut c = 0;
     while c + 2 * W <= hd {
-        chunk_values::<N, 2, E>(ap, hd, c, pp, steps);
+        add_values::<N, 2, E>(ap, hd, c, &corr, &pj, v, keys.clone());
         c += 2 * W;
     }
     if c < hd {
-        chunk_values::<N, 1, E>(ap, hd, c, pp, steps);
+        add_values::<N, 1, E>(ap, hd, c, &corr, &pj, v, keys);
     }
 }
 
-/// `K` 8-dimension chunks (from `c`) of each row's value sums over a whole key chunk, key by
-/// key in order, from zero: `acc = Σ p_j v_j` with the weights `p` as [`chunk_rows`] left them.
+/// Rescales `K` 8-dimension chunks (from `c`) of each row's value sums at `acc` by
+/// `corr` and adds the values of `keys` weighted by `pj`, key by key. Two chunks at a time give
+/// 2N independent FMA chains where one gave N (one to four rows) and left their latency
+/// exposed, and each broadcast weight serves both; every element still sums its keys in
+/// order, so the result is the same bits either way.
 #[inline(always)]
-unsafe fn chunk_values<const N: usize, const K: usize, E: Lane8>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_values<const N: usize, const K: usize, E: Lane8>(
     acc: *mut f32,
     hd: usize,
     c: usize,
-    p: *const f32,
-    steps: &[Step],
+    corr: &[__m256; N],
+    pj: &[[f32; LANES]; N],
+    v: *const E,
+    keys: std::ops::Range<usize>,
 ) {
-    let ns = steps.len();
-    // Even keys of a step into `a`, odd ones into `b`: twice the FMA chains.
-    let mut a = [[_mm256_setzero_ps(); K]; N];
-    let mut b = [[_mm256_setzero_ps(); K]; N];
-    /// Adds one key's values at `v` weighted by row `r`'s weight at `w + r * stride`.
-    #[inline(always)]
-    unsafe fn add<const N: usize, const K: usize, E: Lane8>(
-        a: &mut [[__m256; K]; N],
-        v: *const E,
-        w: *const f32,
-        stride: usize,
-    ) {
-        let vj: [__m256; K] = std::array::from_fn(|u| E::load(v.add(W * u)));
-        for (r, a) in a.iter_mut().enumerate() {
-            let w = _mm256_set1_ps(*w.add(r * stride));
-            for (a, vj) in a.iter_mut().zip(vj) {
-                *a = _mm256_fmadd_ps(w, vj, *a);
+    let at = |r: usize, u: usize| acc.add(r * hd + c + 8 * u);
+    let mut a: [[__m256; K]; N] = std::array::from_fn(|r| {
+        std::array::from_fn(|u| _mm256_mul_ps(_mm256_loadu_ps(at(r, u)), corr[r]))
+    });
+    for j in keys {
+        let vj: [__m256; K] = std::array::from_fn(|u| E::load(v.add(j * hd + c + 8 * u)));
+        for r in 0..N {
+            let p = _mm256_set1_ps(*pj[r].get_unchecked(j));
+            for u in 0..K {
+                a[r][u] = _mm256_fmadd_ps(p, vj[u], a[r][u]);
             }
-        }
-    }
-    let stride = ns * LANES;
-    for (i, st) in steps.iter().enumerate() {
-        let (_, _, v) = E::parts(st.src);
-        let (v, w) = (v.add(c), p.add(i * LANES));
-        let mut j = st.from;
-        while j + 2 <= st.to {
-            add::<N, K, E>(&mut a, v.add(j * hd), w.add(j), stride);
-            add::<N, K, E>(&mut b, v.add((j + 1) * hd), w.add(j + 1), stride);
-            j += 2;
-        }
-        if j < st.to {
-            add::<N, K, E>(&mut a, v.add(j * hd), w.add(j), stride);
-        }
-    }
-    for r in 0..N {
-        for u in 0..K {
-            a[r][u] = _mm256_add_ps(a[r][u], b[r][u]);
         }
     }
     for (r, row) in a.iter().enumerate() {
         for (u, x) in row.iter().enumerate() {
-            _mm256_storeu_ps(acc.add(r * hd + c + W * u), *x);
+            _mm256_storeu_ps(at(r, u), *x);
         }
     }
 }
 
-/// [`chunk_rows`] for any number of rows, four at a time: the state (`m`, `l`, `acc`) of
-/// `q`'s rows over the key chunk `steps` (at least one, every one with a live key, all read
-/// from the same element type). `p` holds `4 * 16 * steps.len()` floats of scratch.
+/// [`update_rows`] for any number of rows, four at a time, reading from `src`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `hd` a multiple of 8; each step's sixteen keys and
-/// its live keys' values readable.
+/// AVX2, FMA and F16C must be available; `hd` a multiple of 8; `keys` non-empty,
+/// `keys.end <= 16`, sixteen keys and their values readable at `src`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn chunk_group(
+pub(super) unsafe fn update_group(
     q: &[f32],
-    steps: &[Step],
+    src: Keys,
+    keys: std::ops::Range<usize>,
     scale: f32,
-    p: &mut [f32],
     m: &mut [f32],
     l: &mut [f32],
     acc: &mut [f32],
-    mut ahead: impl FnMut(usize),
 ) {
     let hd = acc.len() / m.len();
     let mut r = 0;
-    let mut none = |_: usize| {};
     while r < m.len() {
         let n = (m.len() - r).min(4);
         let (q, m, l) = (&q[r * hd..(r + n) * hd], &mut m[r..r + n], &mut l[r..r + n]);
         let acc = &mut acc[r * hd..(r + n) * hd];
-        // Only the first rows' pass reads the keys from memory.
-        let ahead: &mut dyn FnMut(usize) = if r == 0 { &mut ahead } else { &mut none };
+        let ks = keys.clone();
         macro_rules! rows {
-            ($e:ty) => {
+            ($k:expr, $stride:expr, $v:expr) => {
                 match n {
-                    4 => chunk_rows::<4, $e>(q, steps, scale, p, m, l, acc, &mut |i| ahead(i)),
-                    3 => chunk_rows::<3, $e>(q, steps, scale, p, m, l, acc, &mut |i| ahead(i)),
-                    2 => chunk_rows::<2, $e>(q, steps, scale, p, m, l, acc, &mut |i| ahead(i)),
-                    _ => chunk_rows::<1, $e>(q, steps, scale, p, m, l, acc, &mut |i| ahead(i)),
+                    4 => update_rows::<4, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    3 => update_rows::<3, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    2 => update_rows::<2, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    _ => update_rows::<1, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
                 }
             };
         }
-        match steps[0].src {
-            Keys::F16 { .. } => rows!(f16),
-            Keys::F32 { .. } => rows!(f32),
+        match src {
+            Keys::F16 { k, stride, v } => rows!(k, stride, v),
+            Keys::F32 { k, stride, v } => rows!(k, stride, v),
         }
         r += n;
     }
