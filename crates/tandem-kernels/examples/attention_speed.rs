@@ -1,8 +1,10 @@
 //! Speed of batched decode attention over an f16 pool far larger than the caches: `SEQS`
 //! sequences (16) each decoding one token (or prefilling `NEW` tokens) at `CTX` positions
-//! (144), the reference model's shape (9 query heads over 3 KV heads of 64), `LAYERS` (30)
-//! layers' pools, blocks scattered over the pool as a long-running server leaves them; on
-//! `THREADS` threads (2), pinned to the first cores with `PIN=1`:
+//! (144), the reference model's shape (9 query heads over 3 KV heads of 64; `KVH` KV heads,
+//! each with three query heads), `LAYERS` (30) layers' pools, blocks scattered over the pool
+//! as a long-running server leaves them (in order with `SORTED=1`, as a fresh pool hands them
+//! out); on `THREADS` threads (2), pinned to the first cores with `PIN=1`; five timings of
+//! `REPS` (20) steps each, the KV read from memory as in a decode step with `COLD=1`:
 //! `cargo run --release -p tandem-kernels --example attention_speed`.
 use half::f16;
 use std::time::Instant;
@@ -19,10 +21,10 @@ fn main() {
     );
     let layout = PagedLayout {
         block_size: 16,
-        n_kv_heads: 3,
+        n_kv_heads: env("KVH", 3),
         head_dim: 64,
     };
-    let n_heads = 9;
+    let n_heads = 3 * layout.n_kv_heads;
     let per_seq = (ctx + new).div_ceil(layout.block_size);
     // Every sequence's blocks drawn from a pool twice the size needed, shuffled.
     let pool_blocks = 2 * seqs * per_seq;
@@ -33,6 +35,10 @@ fn main() {
         r ^= r >> 7;
         r ^= r << 17;
         ids.swap(i, (r % (i as u64 + 1)) as usize);
+    }
+    // With SORTED=1 each sequence's blocks follow one another, as a fresh pool hands them out.
+    if std::env::var_os("SORTED").is_some() {
+        ids.sort_unstable();
     }
     let len = pool_blocks * layout.block_width();
     let value = |i: usize, l: usize| f16::from_f32(((i * 7 + l) % 13) as f32 * 0.05 - 0.3);
@@ -64,22 +70,32 @@ fn main() {
         ThreadPool::new(threads).expect("a pool")
     };
     let bytes = (layers * seqs * (ctx + new) * layout.token_width() * 2 * 2) as f64;
+    // With COLD=1 a model's worth of weights (96 MB) is read before each step, untimed, so
+    // the KV comes from memory as in a decode step, not from the L3 the pools fit in.
+    let cold = std::env::var_os("COLD").map(|_| vec![1u64; 96 << 17]);
+    let mut sink = 0u64;
     for _ in 0..5 {
-        let reps = 20;
+        let reps = env("REPS", 20);
         let secs = pool.install(|| {
-            let t = Instant::now();
+            let mut secs = 0.0;
             for _ in 0..reps {
+                if let Some(c) = &cold {
+                    sink = sink.wrapping_add(tandem_kernels::mem::sum_streamed(c));
+                }
+                let t = Instant::now();
                 for (k, v) in &pools {
                     let (k, v) = (KvRef::F16(k), KvRef::F16(v));
                     paged_attention(&layout, &batch, &q, n_heads, 0.125, None, k, v, &mut out);
                 }
+                secs += t.elapsed().as_secs_f64();
             }
-            t.elapsed().as_secs_f64() / reps as f64
+            secs / reps as f64
         });
         println!(
-            "{:.3} ms per step ({layers} layers), {:.1} GB/s of K and V",
+            "{:.4} ms per step ({layers} layers), {:.1} GB/s of K and V",
             secs * 1e3,
             bytes / secs / 1e9
         );
     }
+    std::hint::black_box(sink);
 }
