@@ -151,6 +151,9 @@ pub struct PdRouter {
     restarts: AtomicU64,
     retried: AtomicU64,
     failed: AtomicU64,
+    /// Held while a worker is put into rotation or switched between roles: a worker being
+    /// switched is in no list meanwhile, and discovery must not add (and link) it back then.
+    membership: tokio::sync::Mutex<()>,
 }
 
 /// POSTs `body` as JSON and reads the JSON answer; any failure as text.
@@ -247,6 +250,7 @@ impl PdRouter {
             restarts: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            membership: tokio::sync::Mutex::new(()),
             prefill: RwLock::new(prefill),
             decode: RwLock::new(decode),
             replica: RwLock::new(Vec::new()),
@@ -459,6 +463,7 @@ impl PdRouter {
     /// worker to every decode worker, a decode worker to every prefill worker. A worker that
     /// does not answer (or refuses the deployment's token) stays out.
     pub async fn add_worker(&self, role: PdRole, w: Arc<WorkerHandle>) -> Result<(), String> {
+        let _membership = self.membership.lock().await;
         if let Some(r) = self.role_of(&w.url) {
             return Err(format!("{} is already in rotation as {}", w.url, r.name()));
         }
@@ -575,6 +580,7 @@ impl PdRouter {
             PdRole::Decode => PdRole::Prefill,
             PdRole::Replica => return Err("replicas are started as such, not switched to".into()),
         };
+        let _membership = self.membership.lock().await;
         let w = {
             let mut list = self.list(from).write().unwrap_or_else(|p| p.into_inner());
             let i = list
