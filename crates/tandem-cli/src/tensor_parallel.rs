@@ -188,6 +188,14 @@ impl Collective for RankGroup {
     fn all_reduce_sum(&self, x: &mut [f32]) -> Result<(), CollectiveError> {
         self.shm.all_reduce_sum(x)
     }
+    fn all_reduce_parts(
+        &self,
+        mine: &[f32],
+        held: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), CollectiveError> {
+        self.shm.all_reduce_parts(mine, held, out)
+    }
     fn gather(
         &self,
         part: &[f32],

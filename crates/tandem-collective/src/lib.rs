@@ -42,6 +42,16 @@ pub trait Collective: Send + Sync {
     /// Replaces `x` on every rank with the elementwise sum of all ranks' `x`, added in rank
     /// order (rank 0 + rank 1 + ...), so all ranks hold the same bits.
     fn all_reduce_sum(&self, x: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Every rank gets in `out` the sum of the parts of a sum that ranks hold in turn (rank
+    /// `r` the next `held[r]` parts, `mine` holding this rank's one after another, each
+    /// `out.len()` long), added in part order by [`fold_parts`]: the sum a process holding
+    /// every part makes, so the result does not depend on how the parts are spread.
+    fn all_reduce_parts(
+        &self,
+        mine: &[f32],
+        held: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), CollectiveError>;
     /// Rank 0 receives every rank's `part` (rank `r`'s has `lens[r]` values) concatenated in
     /// rank order in `out`; other ranks' `out` is left empty.
     fn gather(
@@ -82,5 +92,40 @@ fn check_gather(
         "gather of {} values where rank {rank} of {lens:?} should give {:?}",
         part.len(),
         lens.get(rank)
+    )))
+}
+
+/// `out` = the sum of `parts` (each `out.len()` long) added one after another in their order,
+/// the first copied (zeros for none): the one order in which a whole model and every group
+/// of ranks add a sum cut into parts, so that they get the same bits.
+pub fn fold_parts<'a>(parts: impl IntoIterator<Item = &'a [f32]>, out: &mut [f32]) {
+    let mut parts = parts.into_iter();
+    match parts.next() {
+        Some(first) => out.copy_from_slice(first),
+        None => out.fill(0.0),
+    }
+    for p in parts {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+}
+
+/// Checks an all-reduce of parts on `rank` of `world`: a count per rank, and this rank's
+/// values for its count (a mismatch is a bug in the caller, which then aborts the group).
+fn check_parts(
+    rank: usize,
+    world: usize,
+    mine: &[f32],
+    held: &[usize],
+    len: usize,
+) -> Result<(), CollectiveError> {
+    if held.len() == world && held.get(rank).map(|h| h * len) == Some(mine.len()) {
+        return Ok(());
+    }
+    Err(CollectiveError::Protocol(format!(
+        "all-reduce of {} values in parts of {len} where rank {rank} of {held:?} should hold {:?}",
+        mine.len(),
+        held.get(rank)
     )))
 }

@@ -334,6 +334,51 @@ impl Collective for ShmGroup {
         })
     }
 
+    fn all_reduce_parts(
+        &self,
+        mine: &[f32],
+        held: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), CollectiveError> {
+        let len = out.len();
+        if let Err(e) = crate::check_parts(self.rank, self.world, mine, held, len) {
+            self.abort();
+            return Err(e);
+        }
+        if self.world == 1 {
+            crate::fold_parts(mine.chunks_exact(len.max(1)), out);
+            return Ok(());
+        }
+        // Each round carries the same columns of every part a rank holds.
+        let most = held.iter().copied().max().unwrap_or(0).max(1);
+        let per = self.floats_per_slot() / most;
+        if per == 0 {
+            self.abort();
+            return Err(CollectiveError::Protocol(format!(
+                "{most} parts do not fit a slot of {} bytes",
+                self.slot_bytes
+            )));
+        }
+        self.op(|round| {
+            let mut piece = Vec::with_capacity(held[self.rank] * per);
+            for start in (0..len).step_by(per) {
+                let span = start..(start + per).min(len);
+                piece.clear();
+                for p in 0..held[self.rank] {
+                    piece.extend_from_slice(&mine[p * len + span.start..p * len + span.end]);
+                }
+                let r = self.round(round, as_bytes(&piece))?;
+                let n = span.len();
+                let parts = (0..self.world).flat_map(|k| {
+                    let slot = as_floats(self.slot(r, k));
+                    (0..held[k]).map(move |p| &slot[p * n..(p + 1) * n])
+                });
+                crate::fold_parts(parts, &mut out[span]);
+            }
+            Ok(())
+        })
+    }
+
     fn gather(
         &self,
         part: &[f32],

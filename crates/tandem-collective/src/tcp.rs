@@ -32,6 +32,7 @@ const POLL_FOR: Duration = Duration::from_micros(200);
 const OP_ALL_REDUCE: u32 = 1;
 const OP_GATHER: u32 = 2;
 const OP_BROADCAST: u32 = 3;
+const OP_ALL_REDUCE_PARTS: u32 = 4;
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> CollectiveError + '_ {
     move |e| CollectiveError::Setup(format!("{what}: {e}"))
@@ -447,6 +448,47 @@ impl Collective for TcpGroup {
                 self.send(&mut links[0], OP_ALL_REDUCE, &floats_to_bytes(x))?;
                 self.recv(&mut links[0], OP_ALL_REDUCE, Some(bytes), &mut buf)?;
                 for (a, b) in x.iter_mut().zip(bytes_to_floats(&buf)) {
+                    *a = b;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn all_reduce_parts(
+        &self,
+        mine: &[f32],
+        held: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), CollectiveError> {
+        let len = out.len();
+        if let Err(e) = crate::check_parts(self.rank, self.world, mine, held, len) {
+            self.abort();
+            return Err(e);
+        }
+        if self.world == 1 {
+            crate::fold_parts(mine.chunks_exact(len.max(1)), out);
+            return Ok(());
+        }
+        self.op(|links| {
+            let mut buf = Vec::new();
+            if self.rank == 0 {
+                // Every rank's parts in rank order, then one sum in part order.
+                let mut all = mine.to_vec();
+                for link in links.iter_mut() {
+                    let bytes = held[link.rank] * len * 4;
+                    self.recv(link, OP_ALL_REDUCE_PARTS, Some(bytes), &mut buf)?;
+                    all.extend(bytes_to_floats(&buf));
+                }
+                crate::fold_parts(all.chunks_exact(len.max(1)), out);
+                let sum = floats_to_bytes(out);
+                for link in links.iter_mut() {
+                    self.send(link, OP_ALL_REDUCE_PARTS, &sum)?;
+                }
+            } else {
+                self.send(&mut links[0], OP_ALL_REDUCE_PARTS, &floats_to_bytes(mine))?;
+                self.recv(&mut links[0], OP_ALL_REDUCE_PARTS, Some(len * 4), &mut buf)?;
+                for (a, b) in out.iter_mut().zip(bytes_to_floats(&buf)) {
                     *a = b;
                 }
             }

@@ -64,6 +64,20 @@ proptest! {
         prop_assert!(got.iter().all(|g| g.1 == got[0].1));
     }
 
+    /// However the parts are spread over ranks (none on some), every rank gets the bits of
+    /// one process adding them all in order, also when they take several slot rounds.
+    #[test]
+    fn all_reduce_parts_gives_one_processs_sum(held in proptest::collection::vec(0usize..4, 1..5), n in 0usize..400, slot in 64usize..1024) {
+        let most = held.iter().copied().max().unwrap_or(0).max(1);
+        let slot = slot.max(4 * most);
+        let h2 = held.clone();
+        let got = on_ranks(held.len(), slot, move |r, g| parts_on(r, g, &h2, n));
+        let want = parts_folded(&held, n);
+        for g in &got {
+            prop_assert_eq!(g, &want);
+        }
+    }
+
     #[test]
     fn gather_concatenates_uneven_parts(lens in proptest::collection::vec(0usize..300, 1..5), slot in 64usize..512) {
         let world = lens.len();

@@ -91,6 +91,16 @@ proptest! {
     }
 
     #[test]
+    fn all_reduce_parts_gives_one_processs_sum(held in proptest::collection::vec(0usize..4, 1..5), n in 0usize..3000) {
+        let h2 = held.clone();
+        let got = on_ranks(held.len(), move |r, g| parts_on(r, g, &h2, n));
+        let want = parts_folded(&held, n);
+        for g in &got {
+            prop_assert_eq!(g, &want);
+        }
+    }
+
+    #[test]
     fn gather_concatenates_uneven_parts(lens in proptest::collection::vec(0usize..2000, 1..5)) {
         let world = lens.len();
         let l2 = lens.clone();

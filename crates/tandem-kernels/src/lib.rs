@@ -21,7 +21,7 @@ pub mod simd;
 
 pub use attention::{paged_attention, write_kv, AttnSeq, KvDType, KvMut, KvRef, PagedLayout};
 pub use dtype::DType;
-pub use matmul::{matmul, MatRef, Precision};
+pub use matmul::{matmul, matmul_parts, MatRef, Precision};
 pub use ops::RopeStyle;
 pub use packed::PackedMat;
 pub use par::{allowed_cores, default_threads, pin_current_thread, ThreadPool};

@@ -6,6 +6,8 @@
 //! byte is read once per call whatever the batch size. Float weights and the exact path
 //! dequantize a tile of weight rows to f32 and hand it to `gemm`.
 
+use std::ops::Range;
+
 use crate::act::{quantize_q8, quantize_q8k, BlockQ8, BlockQ8K};
 use crate::dequant::dequantize_row;
 use crate::dot::{kernel, DotKernel};
@@ -84,24 +86,64 @@ pub enum Precision {
 
 /// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ` (`n = w.rows`, `k = w.cols`).
 pub fn matmul(x: &[f32], m: usize, w: &MatRef, out: &mut [f32], precision: Precision) {
-    let (n, k) = (w.rows, w.cols);
+    matmul_parts(x, m, w, std::slice::from_ref(&(0..w.cols)), out, precision)
+}
+
+/// `out[p, m, n] = x[m, cols_p] · w[n, cols_p]ᵀ` for each part `p` of the input columns
+/// (consecutive, covering them, bounds on `w`'s blocks): a row-parallel matrix's sum in the
+/// parts tensor-parallel ranks hold (see `matmul_packed_parts`). Each part is computed
+/// exactly as [`matmul`] computes a matrix of those columns alone.
+pub fn matmul_parts(
+    x: &[f32],
+    m: usize,
+    w: &MatRef,
+    parts: &[Range<usize>],
+    out: &mut [f32],
+    precision: Precision,
+) {
+    let (n, k, p) = (w.rows, w.cols, parts.len());
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
-    assert_eq!(out.len(), m * n, "matmul: out is not [{m}, {n}]");
+    assert_eq!(out.len(), p * m * n, "matmul: out is not [{p}, {m}, {n}]");
     if m == 0 || n == 0 {
         return;
     }
     match (precision, kernel(w.dtype)) {
         (Precision::Fast, Some(DotKernel::Q8(dot, dot4))) => {
+            check_parts(parts, k, [w.dtype.block_len(), QK]);
             let mut act = vec![BlockQ8::default(); m * k / QK];
             quantize_rows(x, k, &mut act, k / QK, quantize_q8);
-            quantized(w, &act, k / QK, m, out, dot, dot4);
+            quantized(w, &act, QK, m, parts, out, dot, dot4);
         }
         (Precision::Fast, Some(DotKernel::Q8K(dot, dot4))) => {
+            check_parts(parts, k, [w.dtype.block_len(), QK_K]);
             let mut act = vec![BlockQ8K::default(); m * k / QK_K];
             quantize_rows(x, k, &mut act, k / QK_K, quantize_q8k);
-            quantized(w, &act, k / QK_K, m, out, dot, dot4);
+            quantized(w, &act, QK_K, m, parts, out, dot, dot4);
         }
-        _ => float(x, m, w, out),
+        _ => {
+            check_parts(parts, k, [w.dtype.block_len()]);
+            float(x, m, w, parts, out)
+        }
+    }
+}
+
+/// Panics unless `parts` are consecutive column ranges covering `0..k` whose bounds are
+/// multiples of every block length in `blocks` (a caller's bug otherwise).
+pub(crate) fn check_parts(
+    parts: &[Range<usize>],
+    k: usize,
+    blocks: impl IntoIterator<Item = usize>,
+) {
+    let bounds_ok = parts.first().is_some_and(|p| p.start == 0)
+        && parts.last().is_some_and(|p| p.end == k)
+        && parts.windows(2).all(|w| w[0].end == w[1].start)
+        && parts.iter().all(|p| p.start < p.end);
+    assert!(bounds_ok, "matmul: parts {parts:?} do not cut 0..{k}");
+    for b in blocks {
+        assert!(
+            parts.iter().all(|p| p.end % b == 0),
+            "matmul: parts {parts:?} cut blocks of {b}"
+        );
     }
 }
 
@@ -128,43 +170,64 @@ fn quantize_rows<A: Send>(
 /// A four-activation-row dot kernel over activation blocks `A`.
 type Dot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
 
+/// Each task takes a slice of weight rows; every part of every row is one dot product over
+/// the part's bytes of the row and its activation blocks (`ablock` elements each).
 #[allow(clippy::too_many_arguments)]
 fn quantized<A: Sync>(
     w: &MatRef,
     act: &[A],
-    blocks: usize,
+    ablock: usize,
     m: usize,
+    parts: &[Range<usize>],
     out: &mut [f32],
     dot: fn(&[u8], &[A]) -> f32,
     dot4: Option<Dot4<A>>,
 ) {
-    let n = w.rows;
-    let rb = w.row_bytes();
+    let (n, k) = (w.rows, w.cols);
+    let blocks = k / ablock;
     let chunk = chunk_rows(n, 8);
     let dst = SyncPtr(out.as_mut_ptr());
-    let row_act = |i: usize| &act[i * blocks..(i + 1) * blocks];
+    // Each part's byte range in a row and block range in an activation row.
+    let spans: Vec<(Range<usize>, Range<usize>)> = parts
+        .iter()
+        .map(|c| {
+            let bytes = |cols: usize| w.dtype.row_bytes(cols).expect("checked block bounds");
+            (
+                bytes(c.start)..bytes(c.end),
+                c.start / ablock..c.end / ablock,
+            )
+        })
+        .collect();
     for_each_task(n.div_ceil(chunk), |c| {
         let rows = c * chunk..((c + 1) * chunk).min(n);
-        // Activation rows four at a time against this task's weight rows (which stay in cache).
-        let mut i = 0;
-        if let Some(dot4) = dot4 {
-            while i + 4 <= m {
-                let a = [row_act(i), row_act(i + 1), row_act(i + 2), row_act(i + 3)];
-                for j in rows.clone() {
-                    let r = dot4(&w.data[j * rb..(j + 1) * rb], a);
-                    for (q, v) in r.into_iter().enumerate() {
-                        // SAFETY: column j is in this task's row range; no other task writes it.
-                        unsafe { dst.write((i + q) * n + j, v) };
+        for (p, (bytes, ab)) in spans.iter().enumerate() {
+            let row_act = |i: usize| &act[i * blocks + ab.start..i * blocks + ab.end];
+            let row_w = |j: usize| &w.row(j)[bytes.clone()];
+            let at = |i: usize, j: usize| (p * m + i) * n + j;
+            // Activation rows four at a time against this task's weight rows (which stay in
+            // cache).
+            let mut i = 0;
+            if let Some(dot4) = dot4 {
+                while i + 4 <= m {
+                    let a = [row_act(i), row_act(i + 1), row_act(i + 2), row_act(i + 3)];
+                    for j in rows.clone() {
+                        let r = dot4(row_w(j), a);
+                        for (q, v) in r.into_iter().enumerate() {
+                            // SAFETY: column j is in this task's row range; no other task
+                            // writes it.
+                            unsafe { dst.write(at(i + q, j), v) };
+                        }
                     }
+                    i += 4;
                 }
-                i += 4;
             }
-        }
-        for i in i..m {
-            let a = row_act(i);
-            for j in rows.clone() {
-                // SAFETY: (i, j) with j in this task's row range is written by this task only.
-                unsafe { dst.write(i * n + j, dot(&w.data[j * rb..(j + 1) * rb], a)) };
+            for i in i..m {
+                let a = row_act(i);
+                for j in rows.clone() {
+                    // SAFETY: (i, j) with j in this task's row range is written by this task
+                    // only.
+                    unsafe { dst.write(at(i, j), dot(row_w(j), a)) };
+                }
             }
         }
     });
@@ -182,7 +245,7 @@ fn as_f32<'a>(w: &MatRef<'a>) -> Option<&'a [f32]> {
     Some(unsafe { std::slice::from_raw_parts(w.data.as_ptr() as *const f32, w.data.len() / 4) })
 }
 
-fn float(x: &[f32], m: usize, w: &MatRef, out: &mut [f32]) {
+fn float(x: &[f32], m: usize, w: &MatRef, parts: &[Range<usize>], out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     let chunk = chunk_rows(n, 16);
     let dst = SyncPtr(out.as_mut_ptr());
@@ -201,30 +264,33 @@ fn float(x: &[f32], m: usize, w: &MatRef, out: &mut [f32]) {
                 &scratch
             }
         };
-        // SAFETY: the destination is the m x nc sub-matrix at column rows.start, row stride n;
-        // only this task writes those columns. Sources are m x k and nc x k, read as k x nc.
-        unsafe {
-            gemm::gemm(
-                m,
-                nc,
-                k,
-                dst.ptr().add(rows.start),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                tile.as_ptr(),
-                k as isize,
-                1,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+        for (p, cols) in parts.iter().enumerate() {
+            // SAFETY: the destination is part p's m x nc sub-matrix at column rows.start, row
+            // stride n; only this task writes those columns. Sources are the part's columns
+            // of x (m x k) and of the tile (nc x k), read as kp x nc.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nc,
+                    cols.len(),
+                    dst.ptr().add(p * m * n + rows.start),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr().add(cols.start),
+                    1,
+                    k as isize,
+                    tile.as_ptr().add(cols.start),
+                    k as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
         }
     });
 }

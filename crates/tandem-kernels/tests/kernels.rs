@@ -565,3 +565,74 @@ proptest! {
         }
     }
 }
+
+/// Rows `cols` of each row of `data` (`n` rows of `k` elements of `d`), as a matrix's bytes.
+fn column_slice(d: DType, data: &[u8], k: usize, cols: std::ops::Range<usize>) -> Vec<u8> {
+    let rb = d.row_bytes(k).unwrap();
+    let (a, b) = (
+        d.row_bytes(cols.start).unwrap(),
+        d.row_bytes(cols.end).unwrap(),
+    );
+    data.chunks_exact(rb)
+        .flat_map(|r| r[a..b].to_vec())
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// A sum cut into parts of the input columns (as tensor-parallel ranks hold them): each
+    /// part is bitwise what a matrix of those columns alone gives on those columns of the
+    /// activations, on the packed path at every level and on both unpacked paths, on 1 or 3
+    /// threads; the packed path's in-kernel sum is the parts added in order.
+    #[test]
+    fn matmul_parts_equal_column_slices(seed in any::<u64>(), which in 0usize..10, supers in 1usize..7, cuts in proptest::collection::vec(1usize..48, 0..4), m in 1usize..11, n in 1usize..40, pooled in any::<bool>()) {
+        let d = QUANTS[which];
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (bl, k) = (d.block_len(), supers * 256);
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c * bl).filter(|&c| c < k).collect();
+        bounds.extend([0, k]);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let parts: Vec<_> = bounds.windows(2).map(|b| b[0]..b[1]).collect();
+        let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();
+        let w = MatRef::new(d, n, k, &data).unwrap();
+        let x = random_vec(&mut rng, m * k);
+        let slice = |c: &std::ops::Range<usize>| -> (Vec<f32>, Vec<u8>) {
+            let xs = x.chunks_exact(k).flat_map(|r| r[c.clone()].to_vec()).collect();
+            (xs, column_slice(d, &data, k, c.clone()))
+        };
+        let p = parts.len();
+        let run = |f: &mut dyn FnMut()| if pooled { ThreadPool::new(3).unwrap().install(f) } else { f() };
+        for level in SimdLevel::supported() {
+            let mut got = vec![0f32; p * m * n];
+            let packed = PackedMat::pack(&w).unwrap();
+            run(&mut || packed::matmul_packed_parts(&x, m, &packed, &parts, &mut got, level));
+            // Summed in the kernel: the parts added one after another in part order.
+            let mut summed = vec![0f32; m * n];
+            run(&mut || packed::matmul_packed_summed(&x, m, &packed, &parts, &mut summed, level));
+            let mut want = got[..m * n].to_vec();
+            for part in got.chunks_exact(m * n).skip(1) {
+                want.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
+            prop_assert_eq!(&summed, &want, "{} {:?} summed", d, level);
+            for (i, c) in parts.iter().enumerate() {
+                let (xs, ws) = slice(c);
+                let part = PackedMat::pack(&MatRef::new(d, n, c.len(), &ws).unwrap()).unwrap();
+                let mut want = vec![0f32; m * n];
+                packed::matmul_packed(&xs, m, &part, &mut want, level);
+                prop_assert_eq!(&got[i * m * n..(i + 1) * m * n], &want[..], "{} {:?} part {:?}", d, level, c);
+            }
+        }
+        for precision in [Precision::Fast, Precision::Exact] {
+            let mut got = vec![0f32; p * m * n];
+            run(&mut || matmul_parts(&x, m, &w, &parts, &mut got, precision));
+            for (i, c) in parts.iter().enumerate() {
+                let (xs, ws) = slice(c);
+                let mut want = vec![0f32; m * n];
+                matmul(&xs, m, &MatRef::new(d, n, c.len(), &ws).unwrap(), &mut want, precision);
+                prop_assert_eq!(&got[i * m * n..(i + 1) * m * n], &want[..], "{} {:?} part {:?}", d, precision, c);
+            }
+        }
+    }
+}

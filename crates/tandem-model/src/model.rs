@@ -5,20 +5,21 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use tandem_collective::Collective;
+use tandem_collective::{fold_parts, Collective};
 
 use tandem_kernels::packed::{
-    matmul_packed, matmul_packed_many, read_ahead_packed, read_ahead_packed_next, worth_packing,
+    matmul_packed, matmul_packed_many, matmul_packed_parts, matmul_packed_summed,
+    read_ahead_packed, read_ahead_packed_next, worth_packing,
 };
 use tandem_kernels::{
-    matmul, ops, paged_attention, write_kv, AttnSeq, KvDType, PackedMat, Precision, RopeStyle,
-    SimdLevel, ThreadPool,
+    matmul, matmul_parts, ops, paged_attention, write_kv, AttnSeq, KvDType, PackedMat, Precision,
+    RopeStyle, SimdLevel, ThreadPool,
 };
 
 use crate::config::{LlamaConfig, RopeParams};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::shard::ShardPlan;
+use crate::shard::{ShardPlan, SumParts};
 use crate::step::{self, Step};
 use crate::weights::{Linear, LlamaWeights};
 
@@ -126,6 +127,9 @@ pub struct LlamaModel {
     precision: Precision,
     level: SimdLevel,
     tp: Option<TensorParallel>,
+    /// The parts the output and down projections' sums are cut in (see [`SumParts`]).
+    o_parts: SumParts,
+    down_parts: SumParts,
 }
 
 /// Scratch activations for one forward call.
@@ -139,6 +143,8 @@ struct Buffers {
     o: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// The parts of a row-parallel matrix's sum, `[parts, t, d]`.
+    parts: Vec<f32>,
 }
 
 impl LlamaModel {
@@ -180,6 +186,14 @@ impl LlamaModel {
         })?;
         let level = tandem_kernels::simd::active();
         let packed = worth_packing(level).then(|| PackedWeights::new(&weights));
+        // A whole model cuts its sums as a group's ranks do (the plan of a group of one).
+        let (o_parts, down_parts) = match &tp {
+            Some(t) => (t.plan.o_parts.clone(), t.plan.down_parts.clone()),
+            None => {
+                let whole = ShardPlan::new(&config, &weights, 0, 1)?;
+                (whole.o_parts, whole.down_parts)
+            }
+        };
         Ok(LlamaModel {
             pool: std::sync::Arc::new(pool),
             config,
@@ -190,6 +204,8 @@ impl LlamaModel {
             precision: Precision::Fast,
             level,
             tp,
+            o_parts,
+            down_parts,
         })
     }
 
@@ -264,11 +280,6 @@ impl LlamaModel {
         self.packed
             .as_ref()
             .filter(|_| self.precision == Precision::Fast && worth_packing(self.level))
-    }
-
-    /// `out = x · wᵀ (+ bias)` for matrix `which` of layer `layer` (see [`layer_mats`]).
-    fn linear(&self, x: &[f32], rows: usize, layer: usize, which: usize, out: &mut [f32]) {
-        self.linears(x, rows, layer, &[which], &mut [out]);
     }
 
     /// Several of a layer's matrices on the same input (q/k/v, gate/up): packed ones in one
@@ -422,6 +433,46 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// `out = x · wᵀ (+ bias)` for row-parallel matrix `which` (the output or down
+    /// projection) of `layer`: its sum cut into `parts`, each computed alone, then added in
+    /// part order here or, across a group, by its all-reduce; `scratch` holds the parts.
+    #[allow(clippy::too_many_arguments)]
+    fn row_parallel(
+        &self,
+        x: &[f32],
+        rows: usize,
+        layer: usize,
+        which: usize,
+        parts: &SumParts,
+        scratch: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let linear = layer_mats(&self.weights.layers[layer])[which];
+        let packed = self.packed().and_then(|p| p.layers[layer][which].as_ref());
+        match (packed, &self.tp) {
+            // A whole model adds its parts in the kernel, while each tile's are in L1.
+            (Some(p), None) => matmul_packed_summed(x, rows, p, &parts.mine, out, self.level),
+            (packed, tp) => {
+                scratch.resize(parts.mine.len() * out.len(), 0.0);
+                match packed {
+                    Some(p) => matmul_packed_parts(x, rows, p, &parts.mine, scratch, self.level),
+                    None => {
+                        let w = linear.weight.mat();
+                        matmul_parts(x, rows, &w, &parts.mine, scratch, self.precision)
+                    }
+                }
+                match tp {
+                    Some(tp) => tp.comm.all_reduce_parts(scratch, &parts.held, out)?,
+                    None => fold_parts(scratch.chunks_exact(out.len().max(1)), out),
+                }
+            }
+        }
+        if let Some(b) = &linear.bias {
+            ops::add_bias(out, b);
+        }
+        Ok(())
+    }
+
     /// Sums a partial result over the group (nothing to do for a whole model).
     fn all_reduce(&self, x: &mut [f32]) -> Result<()> {
         if let Some(tp) = &self.tp {
@@ -466,6 +517,7 @@ impl LlamaModel {
             o: vec![0.0; t * d],
             gate: vec![0.0; t * ffn],
             up: vec![0.0; t * ffn],
+            parts: Vec::new(),
         };
         // A shard holds some vocabulary rows: each token's row comes from one rank, zeros from
         // the others, and the sum over ranks is the embedding.
@@ -539,8 +591,7 @@ impl LlamaModel {
                 &layout, &attn_seqs, &b.q, nh, scale, window, kr, vr, &mut b.att,
             );
             self.read_ahead(l, &[W_GATE, W_UP], t, true);
-            self.linear(&b.att, t, l, WO, &mut b.o);
-            self.all_reduce(&mut b.o)?;
+            self.row_parallel(&b.att, t, l, WO, &self.o_parts, &mut b.parts, &mut b.o)?;
             ops::add_rms_norm(&mut b.x, &b.o, &w.ffn_norm, eps, &mut b.h);
             self.read_ahead(l, &[W_DOWN], t, true);
             self.linears(&b.h, t, l, &[W_GATE, W_UP], &mut [&mut b.gate, &mut b.up]);
@@ -550,8 +601,8 @@ impl LlamaModel {
                 true => self.read_ahead(l + 1, &[WQ, WK, WV], t, true),
                 false => self.read_ahead(l + 1, &[], logit_rows, true),
             }
-            self.linear(&b.gate, t, l, W_DOWN, &mut b.o);
-            self.all_reduce(&mut b.o)?;
+            let down = &self.down_parts;
+            self.row_parallel(&b.gate, t, l, W_DOWN, down, &mut b.parts, &mut b.o)?;
         }
         ops::add_assign(&mut b.x, &b.o);
         // Final norm and LM head only on the rows that need logits.

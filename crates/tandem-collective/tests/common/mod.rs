@@ -39,3 +39,23 @@ pub fn broadcast_on(r: usize, g: &dyn Collective, msgs: &[Vec<u8>]) -> Vec<Vec<u
         })
         .collect()
 }
+
+/// Rank `r`'s all-reduce of the parts it holds (`held[r]` parts of `n` values, parts numbered
+/// across ranks in order): the bits every rank gets.
+pub fn parts_on(r: usize, g: &dyn Collective, held: &[usize], n: usize) -> Vec<u32> {
+    let first: usize = held[..r].iter().sum();
+    let mine: Vec<f32> = (first..first + held[r])
+        .flat_map(|p| values(p, n, 11))
+        .collect();
+    let mut out = vec![7.0; n];
+    g.all_reduce_parts(&mine, held, &mut out).unwrap();
+    out.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The bits of the parts' sum as one process holding all of them adds it.
+pub fn parts_folded(held: &[usize], n: usize) -> Vec<u32> {
+    let all: Vec<Vec<f32>> = (0..held.iter().sum()).map(|p| values(p, n, 11)).collect();
+    let mut out = vec![0.0; n];
+    tandem_collective::fold_parts(all.iter().map(|p| &p[..]), &mut out);
+    out.iter().map(|v| v.to_bits()).collect()
+}

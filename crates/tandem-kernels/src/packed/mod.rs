@@ -25,8 +25,10 @@ mod avx512;
 mod layout;
 mod scalar;
 
+use std::ops::Range;
+
 use crate::dtype::{DType, QK, QK_K};
-use crate::matmul::MatRef;
+use crate::matmul::{check_parts, MatRef};
 use crate::mem::WeightBytes;
 use crate::par::{for_each_range, for_each_task, read_ahead, read_ahead_next, Ahead, SyncPtr};
 use crate::simd::SimdLevel;
@@ -467,18 +469,82 @@ pub fn matmul_packed_many(
     outs: &mut [&mut [f32]],
     level: SimdLevel,
 ) {
+    let Some(k) = ws.first().map(|w| w.cols) else {
+        return;
+    };
+    packed_parts(
+        x,
+        m,
+        ws,
+        std::slice::from_ref(&(0..k)),
+        Parts::Apart,
+        outs,
+        level,
+    )
+}
+
+/// `out[p, m, n] = x[m, cols_p] · w[n, cols_p]ᵀ` for each part `p` of the input columns
+/// (`parts` are consecutive and cover them; their bounds fall on `w`'s super-blocks): the
+/// sums a tensor-parallel rank makes over its share of the columns, computed by the whole
+/// model in the same parts so that both add the same numbers in the same order. Each part is
+/// computed exactly as [`matmul_packed`] computes a matrix of those columns alone.
+pub fn matmul_packed_parts(
+    x: &[f32],
+    m: usize,
+    w: &PackedMat,
+    parts: &[Range<usize>],
+    out: &mut [f32],
+    level: SimdLevel,
+) {
+    packed_parts(x, m, &[w], parts, Parts::Apart, &mut [out], level)
+}
+
+/// `out[m, n]` = the parts of [`matmul_packed_parts`] added one after another in part order
+/// (as `tandem_collective::fold_parts` adds them), each tile's parts summed while they are in
+/// L1: the whole model's result for a sum tensor-parallel ranks cut into those parts.
+pub fn matmul_packed_summed(
+    x: &[f32],
+    m: usize,
+    w: &PackedMat,
+    parts: &[Range<usize>],
+    out: &mut [f32],
+    level: SimdLevel,
+) {
+    packed_parts(x, m, &[w], parts, Parts::Summed, &mut [out], level)
+}
+
+/// Whether a call's parts come back apart (`[parts, m, n]`) or summed (`[m, n]`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    Apart,
+    Summed,
+}
+
+/// [`matmul_packed_many`] with each matrix's sum cut into `parts` (see
+/// [`matmul_packed_parts`]): `outs[i]` is `[parts.len(), m, n_i]`, or `[m, n_i]` summed.
+fn packed_parts(
+    x: &[f32],
+    m: usize,
+    ws: &[&PackedMat],
+    parts: &[Range<usize>],
+    how: Parts,
+    outs: &mut [&mut [f32]],
+    level: SimdLevel,
+) {
     assert_eq!(ws.len(), outs.len(), "matmul: one output per matrix");
     let Some(k) = ws.first().map(|w| w.cols) else {
         return;
     };
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
+    check_parts(parts, k, ws.iter().map(|w| w.format.super_len()));
     for (w, out) in ws.iter().zip(outs.iter()) {
         assert_eq!(
             w.cols, k,
             "matmul: matrices of one call share their input width"
         );
         let n = w.rows;
-        assert_eq!(out.len(), m * n, "matmul: out is not [{m}, {n}]");
+        let p = if how == Parts::Summed { 1 } else { parts.len() };
+        assert_eq!(out.len(), p * m * n, "matmul: out is not [{p}, {m}, {n}]");
     }
     if m == 0 {
         return;
@@ -539,7 +605,7 @@ pub fn matmul_packed_many(
             if lo < hi {
                 let mine = lo - starts[wi]..hi - starts[wi];
                 // SAFETY: the range's tiles are this call's only; rows are nb blocks.
-                unsafe { tile_run(w, &sets[wi], acts[wi], m, mine, dsts[wi]) }
+                unsafe { tile_run(w, &sets[wi], acts[wi], m, parts, how, mine, dsts[wi]) }
             }
         }
     });
@@ -607,28 +673,39 @@ const BATCH_CLAIM_BYTES: usize = 64 << 10;
 /// this targets).
 const TILE_GROUP_BYTES: usize = 256 << 10;
 
-/// Tiles `mine` of `w` against the `m` quantized activation rows `act`, into `dst` (`[m, n]`).
+/// Tiles `mine` of `w` against the `m` quantized activation rows `act`, into `dst` (`[parts,
+/// m, n]`, or `[m, n]` summed): each part of the columns by its own kernel call on the tile's
+/// bytes and the activations' blocks of those columns.
 ///
 /// # Safety
 /// `kern` must be `w`'s kernels for a supported level; `act` holds `m` rows of `w.cols / 32`
-/// blocks; `dst` points at `m * w.rows` floats whose columns of tiles `mine` no other thread
-/// touches meanwhile.
+/// blocks; `parts` are checked by [`check_parts`]; `dst` points at `parts.len() * m * w.rows`
+/// floats (`m * w.rows` summed) whose columns of tiles `mine` no other thread touches
+/// meanwhile.
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_run(
     w: &PackedMat,
     kern: &PackedKernels,
     act: &[ActBlock],
     m: usize,
+    parts: &[Range<usize>],
+    how: Parts,
     mine: std::ops::Range<usize>,
     dst: SyncPtr<f32>,
 ) {
     let (n, nb) = (w.rows, w.cols / QK);
     let group = (TILE_GROUP_BYTES / w.format.tile_bytes(w.cols).max(1)).max(1);
-    let row_act = |i: usize| act.get_unchecked(i * nb..(i + 1) * nb);
-    // A last tile of fewer than sixteen rows goes through a buffer.
+    // Bytes of a tile per super-block: its header and values together.
+    let super_len = w.format.super_len();
+    let super_bytes = w.format.tile_bytes(super_len);
+    // A last tile of fewer than sixteen rows, and parts to be summed, go through buffers.
     // (Uninitialized: the kernels write every element read back, and zeroing it was ~2% of a
     // decode step once tile runs became many short claims.)
-    let mut part = std::mem::MaybeUninit::<[f32; 8 * TILE_ROWS]>::uninit();
-    let part = part.as_mut_ptr() as *mut f32;
+    let mut edge = std::mem::MaybeUninit::<[f32; 8 * TILE_ROWS]>::uninit();
+    let edge = edge.as_mut_ptr() as *mut f32;
+    let mut sum = std::mem::MaybeUninit::<[f32; 8 * TILE_ROWS]>::uninit();
+    let sum = sum.as_mut_ptr() as *mut f32;
+    let summed = how == Parts::Summed && parts.len() > 1;
     for g in mine.clone().step_by(group) {
         let mut i = 0;
         while i < m {
@@ -642,32 +719,59 @@ unsafe fn tile_run(
                 let tile = w.tile(t);
                 let j0 = t * TILE_ROWS;
                 let valid = (n - j0).min(TILE_ROWS);
-                let (out, stride) = if valid == TILE_ROWS {
-                    (dst.0.add(i * n + j0), n)
-                } else {
-                    (part, TILE_ROWS)
-                };
-                macro_rules! run {
-                    ($kernel:expr) => {
-                        $kernel(
-                            tile,
-                            std::array::from_fn(|q| row_act(i + q)),
-                            nb,
-                            out,
-                            stride,
-                        )
+                for (p, cols) in parts.iter().enumerate() {
+                    let part_dst = match how {
+                        Parts::Apart => dst.0.add(p * m * n),
+                        Parts::Summed => dst.0,
                     };
-                }
-                match r {
-                    8 => run!(kern.eight),
-                    4 => run!(kern.four),
-                    2 => run!(kern.two),
-                    _ => run!(kern.one),
-                }
-                if valid < TILE_ROWS {
-                    for q in 0..r {
-                        let o = dst.0.add((i + q) * n + j0);
-                        std::ptr::copy_nonoverlapping(part.add(q * TILE_ROWS), o, valid);
+                    let (out, stride) = match (summed, p) {
+                        (true, 0) => (sum, TILE_ROWS),
+                        (true, _) => (edge, TILE_ROWS),
+                        (false, _) if valid == TILE_ROWS => (part_dst.add(i * n + j0), n),
+                        (false, _) => (edge, TILE_ROWS),
+                    };
+                    let bytes = tile.get_unchecked(
+                        cols.start / super_len * super_bytes..cols.end / super_len * super_bytes,
+                    );
+                    let blocks = cols.start / QK..cols.end / QK;
+                    let row_act = |q: usize| {
+                        let row = (i + q) * nb;
+                        act.get_unchecked(row + blocks.start..row + blocks.end)
+                    };
+                    macro_rules! run {
+                        ($kernel:expr) => {
+                            $kernel(
+                                bytes,
+                                std::array::from_fn(row_act),
+                                blocks.len(),
+                                out,
+                                stride,
+                            )
+                        };
+                    }
+                    match r {
+                        8 => run!(kern.eight),
+                        4 => run!(kern.four),
+                        2 => run!(kern.two),
+                        _ => run!(kern.one),
+                    }
+                    if summed {
+                        // The running sum, in part order.
+                        if p > 0 {
+                            for e in 0..r * TILE_ROWS {
+                                *sum.add(e) += *edge.add(e);
+                            }
+                        }
+                        if p + 1 < parts.len() {
+                            continue;
+                        }
+                    }
+                    let from = if summed { sum } else { edge };
+                    if summed || valid < TILE_ROWS {
+                        for q in 0..r {
+                            let o = part_dst.add((i + q) * n + j0);
+                            std::ptr::copy_nonoverlapping(from.add(q * TILE_ROWS), o, valid);
+                        }
                     }
                 }
             }
