@@ -50,12 +50,7 @@ fn ranks_on_other_hosts_join_through_etcd_and_recover_from_a_dead_rank() {
     let etcd_url = net.etcd(2, &etcd);
     let router_addr = net.host(3);
     let deployment = ["--etcd", &etcd_url, "--deployment-name", "tpmulti"];
-    let engine = [
-        "--max-batch-tokens",
-        "64",
-        "--kv-memory-fraction",
-        "0.02",
-    ];
+    let engine = ["--max-batch-tokens", "64", "--kv-memory-fraction", "0.02"];
     let mut cmd = vec![tandem, "serve", "--model", model];
     cmd.extend(deployment);
     cmd.extend(engine);

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod dequant;
 pub mod dot;
 pub mod dtype;
+mod fdot;
 mod kquant;
 pub mod math;
 pub mod matmul;

@@ -4,7 +4,8 @@
 //! [`crate::packed`]): the activations are quantized once to int8 blocks, then each parallel
 //! task takes a slice of weight rows and runs every activation row against it, so each weight
 //! byte is read once per call whatever the batch size. Float weights and the exact path
-//! dequantize a tile of weight rows to f32 and hand it to `gemm`.
+//! dequantize a tile of weight rows to f32 and take dot products in a fixed order
+//! ([`crate::fdot`]), so that each result is the same whatever the matrix's shape.
 
 use std::ops::Range;
 
@@ -12,6 +13,7 @@ use crate::act::{quantize_q8, quantize_q8k, BlockQ8, BlockQ8K};
 use crate::dequant::dequantize_row;
 use crate::dot::{kernel, DotKernel};
 use crate::dtype::{DType, QK, QK_K};
+use crate::fdot::{dots, Rows};
 use crate::par::{chunk_rows, for_each_task, SyncPtr};
 use crate::KernelError;
 
@@ -264,33 +266,23 @@ fn float(x: &[f32], m: usize, w: &MatRef, parts: &[Range<usize>], out: &mut [f32
                 &scratch
             }
         };
+        let level = crate::simd::active();
         for (p, cols) in parts.iter().enumerate() {
-            // SAFETY: the destination is part p's m x nc sub-matrix at column rows.start, row
-            // stride n; only this task writes those columns. Sources are the part's columns
-            // of x (m x k) and of the tile (nc x k), read as kp x nc.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    nc,
-                    cols.len(),
-                    dst.ptr().add(p * m * n + rows.start),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr().add(cols.start),
-                    1,
-                    k as isize,
-                    tile.as_ptr().add(cols.start),
-                    k as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let xs = Rows {
+                data: &x[cols.start..],
+                rows: m,
+                stride: k,
+            };
+            let ws = Rows {
+                data: &tile[cols.start..],
+                rows: nc,
+                stride: k,
+            };
+            dots(xs, ws, cols.len(), level, &mut |i, j, v| {
+                // SAFETY: (i, rows.start + j) of part p is in this task's columns; no other
+                // task writes it.
+                unsafe { dst.write((p * m + i) * n + rows.start + j, v) }
+            });
         }
     });
 }

@@ -636,3 +636,56 @@ proptest! {
         }
     }
 }
+
+/// The float path's documented order: product `e` into sum `e % 8` by a fused multiply-add,
+/// a partial last step adding zero products to the other sums, the eight sums added as
+/// (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then the two.
+fn fixed_order_dot(x: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let padded = x.len().div_ceil(8) * 8;
+    for e in 0..padded {
+        let (a, b) = if e < x.len() {
+            (x[e], w[e])
+        } else {
+            (0.0, 0.0)
+        };
+        acc[e % 8] = a.mul_add(b, acc[e % 8]);
+    }
+    let q = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The float path adds in one fixed order: every result equals the documented dot product
+    /// bit for bit, so a row's result does not depend on the batch, the matrix's other rows,
+    /// the thread count or the SIMD level (`scripts/test.sh` runs this at every level).
+    #[test]
+    fn float_path_adds_in_a_fixed_order(seed in any::<u64>(), m in 1usize..11, n in 1usize..30, k8 in 1usize..40, odd in 0usize..8, quant in any::<bool>(), pooled in any::<bool>()) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (d, k) = if quant { (DType::Q4_0, k8 * 32) } else { (DType::F32, k8 * 8 + odd) };
+        let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();
+        let data = if quant { data } else {
+            (0..n * k).flat_map(|_| rng.gen_range(-1f32..1.0).to_le_bytes()).collect()
+        };
+        let w = MatRef::new(d, n, k, &data).unwrap();
+        let x = random_vec(&mut rng, m * k);
+        let mut got = vec![0f32; m * n];
+        let mut run = || matmul(&x, m, &w, &mut got, Precision::Exact);
+        if pooled { ThreadPool::new(3).unwrap().install(&mut run) } else { run() }
+        let mut wrow = vec![0f32; k];
+        for j in 0..n {
+            w.row_f32(j, &mut wrow);
+            for i in 0..m {
+                let want = fixed_order_dot(&x[i * k..(i + 1) * k], &wrow);
+                prop_assert_eq!(got[i * n + j].to_bits(), want.to_bits(), "[{}, {}] of {}x{}x{}", i, j, m, n, k);
+            }
+        }
+    }
+}

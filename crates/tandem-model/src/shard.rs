@@ -266,7 +266,7 @@ mod tests {
         fn groups_cut_the_whole_models_parts(units in 1usize..200, heads in 1usize..12, world in 1usize..12, unit in prop::sample::select(vec![1usize, 32, 256])) {
             let world = world.min(heads);
             let bounds = group_bounds(units, heads, unit);
-            let whole = global_parts(&bounds, &[0..units * unit]);
+            let whole = global_parts(&bounds, std::slice::from_ref(&(0..units * unit)));
             let ranks: Vec<_> = (0..world)
                 .map(|r| split(units, world, r))
                 .map(|u| u.start * unit..u.end * unit)

@@ -513,12 +513,6 @@ unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 
 impl<T> SyncPtr<T> {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    #[inline(always)]
-    pub fn ptr(self) -> *mut T {
-        self.0
-    }
-
     /// # Safety
     /// `i` must be in bounds of the original buffer and written by no other task concurrently.
     #[inline(always)]
