@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tandem_engine::*;
-use tandem_model::{load, LoadedModel};
+use tandem_model::{load, LoadedModel, Precision};
 
 fn model() -> LoadedModel {
     static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
@@ -68,7 +68,13 @@ fn greedy(n: usize) -> GenerateParams {
 /// threads: the reference prompts, and two long ones whose keys span several attention chunks.
 #[test]
 fn tokens_do_not_depend_on_batch_or_thread_count() {
-    batch_and_thread_invariance(model, golden_prompts(), &[1, 2, 3]);
+    batch_and_thread_invariance(model, golden_prompts(), &[1, 2, 3], Precision::Fast);
+}
+
+/// The same on the float path (its dot products add in one fixed order).
+#[test]
+fn float_path_tokens_do_not_depend_on_batch_or_thread_count() {
+    batch_and_thread_invariance(model, golden_prompts(), &[1, 3], Precision::Exact);
 }
 
 /// The same on Qwen2.5-Coder-0.5B (1 and 2 threads: its forward is ~4x the reference's).
@@ -78,6 +84,7 @@ fn qwen_tokens_do_not_depend_on_batch_or_thread_count() {
         qwen,
         golden_prompts_of("qwen2.5-coder-0.5b_golden.json"),
         &[1, 2],
+        Precision::Fast,
     );
 }
 
@@ -85,6 +92,7 @@ fn batch_and_thread_invariance(
     model: fn() -> LoadedModel,
     mut prompts: Vec<Vec<u32>>,
     thread_counts: &[usize],
+    precision: Precision,
 ) {
     let tok = model().tokenizer;
     for text in [
@@ -96,7 +104,11 @@ fn batch_and_thread_invariance(
     let mut reference: Option<Vec<Vec<u32>>> = None;
     for &threads in thread_counts {
         let mut loaded = model();
-        loaded.model = loaded.model.with_threads(threads).unwrap();
+        loaded.model = loaded
+            .model
+            .with_threads(threads)
+            .unwrap()
+            .with_precision(precision);
         let p = Pipeline::from_loaded(
             loaded,
             EngineConfig {
