@@ -455,6 +455,8 @@ impl LlamaModel {
             (packed, tp) => {
                 scratch.resize(parts.mine.len() * out.len(), 0.0);
                 match packed {
+                    // A rank left no columns (more ranks than units) contributes no parts.
+                    _ if parts.mine.is_empty() => {}
                     Some(p) => matmul_packed_parts(x, rows, p, &parts.mine, scratch, self.level),
                     None => {
                         let w = linear.weight.mat();
