@@ -169,8 +169,11 @@ def test_gil_is_released_while_generating(pipe):
 def test_ctrl_c_interrupts_a_long_call():
     script = textwrap.dedent(
         """
-        import sys, time
+        import signal, sys, time
         import tandem
+        # As at a terminal: a parent started in the background (CI under nohup, `cmd &`) hands
+        # its children SIGINT ignored, and then no Ctrl-C reaches Python at all.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         pipe = tandem.pipeline("SmolLM2-135M-Instruct")
         print("ready", flush=True)
         t = time.time()
