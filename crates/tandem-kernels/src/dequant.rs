@@ -2,6 +2,7 @@
 //! against, and the way embeddings and the exact (float) matmul read quantized weights.
 
 use crate::dtype::{f16_at, DType, QK, QK_K};
+use crate::iq4;
 use crate::kquant;
 
 /// Dequantizes `out.len()` elements of `dtype` from `src` (which must hold exactly that many).
@@ -37,7 +38,8 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
         DType::Q5_0 => blocks(src, out, 22, QK, q5_0_block),
         DType::Q5_1 => blocks(src, out, 24, QK, q5_1_block),
         DType::Q8_0 => blocks(src, out, 34, QK, q8_0_block),
-        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+        DType::IQ4_NL => blocks(src, out, 18, QK, iq4_nl_block),
+        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
             for (b, o) in src
                 .chunks_exact(dtype.block_bytes())
                 .zip(out.chunks_exact_mut(QK_K))
@@ -104,5 +106,12 @@ fn q8_0_block(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for j in 0..32 {
         y[j] = b[2 + j] as i8 as f32 * d;
+    }
+}
+
+fn iq4_nl_block(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (o, i) in y.iter_mut().zip(iq4::indices(&b[2..18])) {
+        *o = d * iq4::VALUES[i as usize] as f32;
     }
 }

@@ -1,4 +1,5 @@
-//! The k-quant formats (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) decoded into one common shape.
+//! The k-quant formats (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), and IQ4_XS, whose 256-element
+//! super-blocks have the same structure, decoded into one common shape.
 //!
 //! Every k-quant block holds 256 values in 16-element groups `g`, each value
 //! `(d * sc[g]) * (u - offset) - dmin * mn[g]` with small unsigned integers `u` (2 to 6 bits),
@@ -7,6 +8,7 @@
 //! all five.
 
 use crate::dtype::{f16_at, DType, QK_K};
+use crate::iq4;
 
 /// One k-quant block in the common shape.
 #[derive(Clone, Copy, Debug)]
@@ -33,6 +35,8 @@ pub(crate) const K_Q4: u8 = 2;
 pub(crate) const K_Q5: u8 = 3;
 /// See [`K_Q2`].
 pub(crate) const K_Q6: u8 = 4;
+/// See [`K_Q2`].
+pub(crate) const K_IQ4_XS: u8 = 5;
 
 /// The format of a const-generic id.
 pub(crate) const fn k_format(id: u8) -> DType {
@@ -41,15 +45,18 @@ pub(crate) const fn k_format(id: u8) -> DType {
         K_Q3 => DType::Q3_K,
         K_Q4 => DType::Q4_K,
         K_Q5 => DType::Q5_K,
-        _ => DType::Q6_K,
+        K_Q6 => DType::Q6_K,
+        _ => DType::IQ4_XS,
     }
 }
 
-/// The constant subtracted from every unsigned value of `dtype` (Q3_K: 4, Q6_K: 32).
+/// The constant subtracted from every unsigned value of `dtype` (Q3_K: 4, Q6_K: 32, IQ4_XS:
+/// 128, its table values being stored as `u = value + 128`).
 pub(crate) const fn offset(dtype: DType) -> i32 {
     match dtype {
         DType::Q3_K => 4,
         DType::Q6_K => 32,
+        DType::IQ4_XS => 128,
         _ => 0,
     }
 }
@@ -99,6 +106,11 @@ pub(crate) fn scales(dtype: DType, b: &[u8]) -> (f32, f32, [i8; 16], [i8; 16]) {
         DType::Q6_K => {
             let sc = std::array::from_fn(|g| b[192 + g] as i8);
             (f16_at(b, 208), 0.0, sc, [0; 16])
+        }
+        DType::IQ4_XS => {
+            // One scale per 32 elements: both of its 16-element groups.
+            let sc = std::array::from_fn(|g| iq4::xs_scale(b, g / 2));
+            (f16_at(b, 0), 0.0, sc, [0; 16])
         }
         _ => unreachable!("{dtype} is not a k-quant format"),
     }
@@ -158,6 +170,13 @@ pub(crate) fn decode(dtype: DType, b: &[u8]) -> KBlock {
                     o[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
                     o[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
                     o[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+        }
+        DType::IQ4_XS => {
+            for (blk, qs) in b[8..136].chunks_exact(16).enumerate() {
+                for (e, i) in iq4::indices(qs).into_iter().enumerate() {
+                    u[32 * blk + e] = iq4::UNSIGNED[i as usize];
                 }
             }
         }

@@ -11,6 +11,7 @@ pub mod dequant;
 pub mod dot;
 pub mod dtype;
 mod fdot;
+mod iq4;
 mod kquant;
 pub mod math;
 pub mod matmul;

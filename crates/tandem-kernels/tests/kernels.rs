@@ -9,7 +9,7 @@ use tandem_kernels::dequant::dequantize_row;
 use tandem_kernels::dot::{kernel, DotKernel};
 use tandem_kernels::*;
 
-const QUANTS: [DType; 10] = [
+const QUANTS: [DType; 12] = [
     DType::Q4_0,
     DType::Q4_1,
     DType::Q5_0,
@@ -20,11 +20,13 @@ const QUANTS: [DType; 10] = [
     DType::Q4_K,
     DType::Q5_K,
     DType::Q6_K,
+    DType::IQ4_NL,
+    DType::IQ4_XS,
 ];
 
 fn scale_offsets(d: DType) -> &'static [usize] {
     match d {
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
         DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
         DType::Q2_K => &[80, 82],
         DType::Q3_K => &[108],
@@ -241,8 +243,8 @@ proptest! {
     /// every level agrees with the scalar kernel bit for bit; and a row's result is bitwise
     /// the same alone as among 1..13 rows (8-, 4-, 2- and 1-row kernels).
     #[test]
-    fn packed_matmul_matches_dequantized(seed in any::<u64>(), which in 0usize..10, supers in 1usize..4, m in 1usize..14, n in 1usize..40) {
-        let d = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K][which];
+    fn packed_matmul_matches_dequantized(seed in any::<u64>(), which in 0usize..12, supers in 1usize..4, m in 1usize..14, n in 1usize..40) {
+        let d = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K, DType::IQ4_NL, DType::IQ4_XS][which];
         let mut rng = StdRng::seed_from_u64(seed);
         let k = supers * d.block_len();
         let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();
@@ -287,8 +289,8 @@ proptest! {
     /// Matrices of different formats sharing one call (q/k/v, gate/up) give bitwise what each
     /// gives alone, on 1 or 3 threads.
     #[test]
-    fn packed_matmul_many_equals_separate_calls(seed in any::<u64>(), a in 0usize..10, b in 0usize..10, m in 1usize..12, n1 in 1usize..70, n2 in 1usize..40, pooled in any::<bool>()) {
-        let types = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K];
+    fn packed_matmul_many_equals_separate_calls(seed in any::<u64>(), a in 0usize..12, b in 0usize..12, m in 1usize..12, n1 in 1usize..70, n2 in 1usize..40, pooled in any::<bool>()) {
+        let types = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K, DType::IQ4_NL, DType::IQ4_XS];
         let mut rng = StdRng::seed_from_u64(seed);
         let k = 256;
         let mut mat = |d: DType, n: usize| {
@@ -586,7 +588,7 @@ proptest! {
     /// activations, on the packed path at every level and on both unpacked paths, on 1 or 3
     /// threads; the packed path's in-kernel sum is the parts added in order.
     #[test]
-    fn matmul_parts_equal_column_slices(seed in any::<u64>(), which in 0usize..10, supers in 1usize..7, cuts in proptest::collection::vec(1usize..48, 0..4), m in 1usize..11, n in 1usize..40, pooled in any::<bool>()) {
+    fn matmul_parts_equal_column_slices(seed in any::<u64>(), which in 0usize..QUANTS.len(), supers in 1usize..7, cuts in proptest::collection::vec(1usize..48, 0..4), m in 1usize..11, n in 1usize..40, pooled in any::<bool>()) {
         let d = QUANTS[which];
         let mut rng = StdRng::seed_from_u64(seed);
         let (bl, k) = (d.block_len(), supers * 256);

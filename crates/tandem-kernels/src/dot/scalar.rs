@@ -4,7 +4,8 @@ use super::DotKernel;
 use crate::act::{BlockQ8, BlockQ8K};
 use crate::dequant::q5_values;
 use crate::dtype::{f16_at, DType};
-use crate::kquant::{self, k_format, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6};
+use crate::iq4;
+use crate::kquant::{self, k_format, K_IQ4_XS, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6};
 
 pub(super) fn kernel(dtype: DType) -> Option<DotKernel> {
     Some(match dtype {
@@ -18,6 +19,8 @@ pub(super) fn kernel(dtype: DType) -> Option<DotKernel> {
         DType::Q4_K => DotKernel::Q8K(k_quant::<{ K_Q4 }>, None),
         DType::Q5_K => DotKernel::Q8K(k_quant::<{ K_Q5 }>, None),
         DType::Q6_K => DotKernel::Q8K(k_quant::<{ K_Q6 }>, None),
+        DType::IQ4_NL => DotKernel::Q8(iq4_nl, None),
+        DType::IQ4_XS => DotKernel::Q8K(k_quant::<{ K_IQ4_XS }>, None),
         DType::F32 | DType::F16 | DType::BF16 => return None,
     })
 }
@@ -81,6 +84,19 @@ fn q8_0(w: &[u8], a: &[BlockQ8]) -> f32 {
             .iter()
             .zip(&y.qs)
             .map(|(&q, &v)| q as i8 as i32 * v as i32)
+            .sum();
+        acc += f16_at(b, 0) * y.d * s as f32;
+    }
+    acc
+}
+
+fn iq4_nl(w: &[u8], a: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(18).zip(a) {
+        let s: i32 = iq4::indices(&b[2..18])
+            .iter()
+            .zip(&y.qs)
+            .map(|(&i, &v)| iq4::VALUES[i as usize] as i32 * v as i32)
             .sum();
         acc += f16_at(b, 0) * y.d * s as f32;
     }

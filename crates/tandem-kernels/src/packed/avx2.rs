@@ -56,7 +56,8 @@ unsafe fn top_bit(
     _mm256_and_si256(bits_to_bytes(m), _mm256_set1_epi8(bit))
 }
 
-/// Value register `j` of the block at `p` for half `h` of the tile, as unsigned bytes.
+/// Value register `j` of the block at `p` for half `h` of the tile, as unsigned bytes (the table
+/// formats' indices looked up).
 ///
 /// Written without closures: a closure has no target features, and where the compiler does
 /// not inline it (the incremental test profile) every intrinsic in it becomes a call.
@@ -89,6 +90,10 @@ unsafe fn value<const F: u8>(p: *const u8, h: usize, j: usize) -> __m256i {
         raw
     };
     let v = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
+    if format.table() {
+        let table = _mm_loadu_si128(crate::iq4::UNSIGNED.as_ptr() as *const __m128i);
+        return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table), v);
+    }
     match format.bits() {
         5 => _mm256_or_si256(v, top_bit(p, format, h, k, high, 0x10)),
         6 => {
@@ -154,6 +159,27 @@ unsafe fn dot_pairs<const F: u8>(
     _mm256_madd_epi16(s16, w)
 }
 
+/// Value register `j` of the block at `p` (half `h`) of an eight-bit format dotted with one
+/// activation row, widened by `vpmaddwd` with `w` as in [`dot_pairs`]. `u = q + 128` would
+/// overflow `vpmaddubsw`'s pair sums, so the signed values are multiplied (|q| by the
+/// activation with q's sign): that is already `sum(u * a) - 128 * sum(a)`, the offset the other
+/// formats subtract afterwards.
+#[inline(always)]
+unsafe fn dot_signed<const F: u8>(
+    p: *const u8,
+    h: usize,
+    j: usize,
+    a: &ActBlock,
+    w: __m256i,
+) -> __m256i {
+    let q = _mm256_xor_si256(value::<F>(p, h, j), _mm256_set1_epi8(-128));
+    let aq = _mm256_abs_epi8(q);
+    _mm256_madd_epi16(
+        _mm256_maddubs_epi16(aq, _mm256_sign_epi8(act_dword(a, j), q)),
+        w,
+    )
+}
+
 /// Pairs of value registers whose products [`dot_pairs`] may add in 16 bits: each pair adds
 /// at most 2 x 2 x (2^bits - 1) x 127 (activations are within ±127), so b-bit values allow
 /// 32767 / (508 x (2^b - 1)) pairs (4-bit: all four of a block, 5-bit two, 6-bit one), and no
@@ -209,21 +235,13 @@ unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
             prefetch_block(p, format.block_value_bytes());
         }
         let mut isum = [[_mm256_setzero_si256(); R]; NH];
-        if format.bits() == 8 {
-            // u = q + 128 would overflow vpmaddubsw's pair sums: multiply the signed
-            // values (|q| by the activation with q's sign), which is already the offset
-            // sum(u * a) - 128 * sum(a) the other formats subtract below.
+        if format.eight_bit() {
             for j in 0..8 {
                 for (x, isum) in isum.iter_mut().enumerate() {
-                    let q = _mm256_xor_si256(value::<F>(p, h0 + x, j), _mm256_set1_epi8(-128));
-                    let aq = _mm256_abs_epi8(q);
                     for (t, a) in isum.iter_mut().zip(acts) {
                         let a = a.get_unchecked(blk);
-                        let prod = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(aq, _mm256_sign_epi8(act_dword(a, j), q)),
-                            _mm256_set1_epi16(1),
-                        );
-                        *t = _mm256_add_epi32(*t, prod);
+                        let ones = _mm256_set1_epi16(1);
+                        *t = _mm256_add_epi32(*t, dot_signed::<F>(p, h0 + x, j, a, ones));
                     }
                 }
             }
@@ -244,7 +262,7 @@ unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
             for r in 0..R {
                 let a = acts.get_unchecked(r).get_unchecked(blk);
                 let mut i = isum[x][r];
-                if format.bits() != 8 && format.int_offset() != 0 {
+                if !format.eight_bit() && format.int_offset() != 0 {
                     let sum = a.half_sums[0] + a.half_sums[1];
                     let off = _mm256_set1_epi32(sum.wrapping_mul(format.int_offset()));
                     i = _mm256_sub_epi32(i, off);
@@ -314,6 +332,17 @@ unsafe fn super_half<const R: usize, const NH: usize, const F: u8>(
                 // Each scale in both 16-bit halves of its lane: `vpmaddwd` of the pair sums
                 // with it applies the scale where a plain dot product would multiply by one.
                 let sc16 = sc.map(|s| _mm256_blend_epi16::<0xaa>(s, _mm256_slli_epi32::<16>(s)));
+                if format.eight_bit() {
+                    // Registers 0..4 are elements 0..16, 4..8 elements 16..32.
+                    for j in 0..8 {
+                        for (t, a) in isum.iter_mut().zip(acts) {
+                            let a = a.get_unchecked(blk);
+                            let dot = dot_signed::<F>(p, h0 + x, j, a, sc16[j / 4]);
+                            *t = _mm256_add_epi32(*t, dot);
+                        }
+                    }
+                    continue;
+                }
                 let span = pair_span(format);
                 for first in (0..4).step_by(span) {
                     let w = sc16[first / 2];

@@ -353,6 +353,8 @@ unsafe fn rows<const R: usize, const F: u8>(
     }
 }
 
+/// The table formats (IQ4) run the AVX2 kernels: VNNI kernels for them would need a table
+/// lookup here, with no machine at hand to test it on.
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
-    super::kernel_set!(rows, format)
+    super::kernel_set!(rows, format, tables: super::avx2::kernels(format))
 }

@@ -16,13 +16,17 @@
 //!   values) or the top two bits (Q6_K: one 64-byte register for the low nibbles, one for the
 //!   high, byte `4r + i` holding register `k`'s bits at `2k`). Q2_K and Q3_K store two
 //!   registers of 2-bit fields, value register `2t + m` in bits `2t` of register `m`; Q3_K
-//!   follows them with its third bits as masks ordered as the Q5 fifth bits.
+//!   follows them with its third bits as masks ordered as the Q5 fifth bits. IQ4_NL and IQ4_XS
+//!   store their 4-bit table indices as Q4_0 stores its nibbles (IQ4_NL's header is Q4_0's,
+//!   IQ4_XS's is Q6_K's, each 32-element scale repeated for both of its 16-element groups).
 //!
 //! A tile has the bytes its rows have in the stored format, plus, for Q4_K / Q5_K / Q3_K,
-//! their 6-bit scales (and minimums) widened to bytes (+2.8% / +2.3% / +3.6%).
+//! their 6-bit scales (and minimums) widened to bytes (+2.8% / +2.3% / +3.6%), and for IQ4_XS
+//! its scales widened to a byte per 16 elements (+7.4%).
 
 use super::{PackedFormat, Scheme};
 use crate::dtype::{QK, QK_K};
+use crate::iq4;
 use crate::kquant;
 use crate::matmul::MatRef;
 use crate::mem::WeightBytes;
@@ -93,6 +97,19 @@ fn decode(format: PackedFormat, b: &[u8]) -> Decoded {
             for e in 0..QK {
                 out.u[e] = b[2 + e] ^ 0x80;
             }
+        }
+        // The table formats keep their indices; `read_values` and the kernels look them up.
+        PackedFormat::IQ4_NL => {
+            out.h[0] = f16_bits(b, 0);
+            out.u[..QK].copy_from_slice(&iq4::indices(&b[2..18]));
+        }
+        PackedFormat::IQ4_XS => {
+            out.h[0] = f16_bits(b, 0);
+            for (blk, qs) in b[8..136].chunks_exact(16).enumerate() {
+                out.u[QK * blk..QK * (blk + 1)].copy_from_slice(&iq4::indices(qs));
+            }
+            let (_, _, sc, _) = kquant::scales(format.dtype(), b);
+            out.sc = sc.map(|s| s as u8);
         }
         _ => {
             let k = kquant::decode(format.dtype(), b);
@@ -355,7 +372,8 @@ pub(super) fn k_scales(format: PackedFormat, tile: &[u8], s: usize, r: usize) ->
     k
 }
 
-/// Row `r`'s unsigned values of 32-element block `b` of a tile, read back from the layout.
+/// Row `r`'s unsigned values of 32-element block `b` of a tile, read back from the layout (for
+/// the table formats, looked up).
 pub(super) fn read_values(format: PackedFormat, tile: &[u8], b: usize, r: usize) -> [u8; QK] {
     let (_, v) = block_parts(format, tile, b);
     // Bit `4r + i` of top-bit mask `idx`.
@@ -379,6 +397,9 @@ pub(super) fn read_values(format: PackedFormat, tile: &[u8], b: usize, r: usize)
         } else {
             let nib = v[64 * (j % 4) + 4 * r + i];
             let low = if j < 4 { nib & 0x0f } else { nib >> 4 };
+            if format.table() {
+                return iq4::UNSIGNED[low as usize];
+            }
             let extra = &v[256..];
             let high = match format.bits() {
                 5 => mask_bit(2 * (j % 4) + j / 4, i) << 4,

@@ -9,8 +9,9 @@
 //! A tile's bytes are contiguous, read once per group of activation rows.
 //!
 //! Every format becomes unsigned values `u` with, per 32-element block `b` of row `r`,
-//! `value = scale * u + min` (the K16 formats Q6_K, Q3_K and Q2_K: a scale per 16 elements and
-//! a constant offset or, for Q2_K, a minimum per 16 elements):
+//! `value = scale * u + min` (the K16 formats Q6_K, Q3_K, Q2_K and IQ4_XS: a scale per 16
+//! elements and a constant offset or, for Q2_K, a minimum per 16 elements; the IQ4 formats'
+//! `u` are their table's values + 128, looked up from 4-bit indices):
 //! see [`layout`] for the byte order. The repacking is lossless: scales stay in their stored
 //! f16 (or k-quant integer) form and are combined in f32 exactly as the dequantizer does.
 //! Activations are quantized per 32 elements ([`ActBlock`]), in element order, with one scale
@@ -59,6 +60,10 @@ pub enum PackedFormat {
     Q2_K,
     /// 3-bit values offset by 4, a 6-bit signed scale per 16 elements under an f16 `d`.
     Q3_K,
+    /// 4-bit indices into [`crate::iq4::VALUES`] (as `u = value + 128`), an f16 scale per 32.
+    IQ4_NL,
+    /// IQ4_NL's values under a signed scale per 32 elements and an f16 `d` per 256.
+    IQ4_XS,
 }
 
 /// How a format's blocks are scaled.
@@ -77,7 +82,7 @@ pub(crate) enum Scheme {
 
 impl PackedFormat {
     /// Every format, in const-parameter order.
-    pub(crate) const ALL: [PackedFormat; 10] = [
+    pub(crate) const ALL: [PackedFormat; 12] = [
         PackedFormat::Q4_0,
         PackedFormat::Q4_1,
         PackedFormat::Q5_0,
@@ -88,6 +93,8 @@ impl PackedFormat {
         PackedFormat::Q6_K,
         PackedFormat::Q2_K,
         PackedFormat::Q3_K,
+        PackedFormat::IQ4_NL,
+        PackedFormat::IQ4_XS,
     ];
 
     /// The format of a kernel's const parameter (its index in [`Self::ALL`]).
@@ -108,6 +115,8 @@ impl PackedFormat {
             DType::Q6_K => PackedFormat::Q6_K,
             DType::Q2_K => PackedFormat::Q2_K,
             DType::Q3_K => PackedFormat::Q3_K,
+            DType::IQ4_NL => PackedFormat::IQ4_NL,
+            DType::IQ4_XS => PackedFormat::IQ4_XS,
             _ => return None,
         })
     }
@@ -125,19 +134,37 @@ impl PackedFormat {
             PackedFormat::Q6_K => DType::Q6_K,
             PackedFormat::Q2_K => DType::Q2_K,
             PackedFormat::Q3_K => DType::Q3_K,
+            PackedFormat::IQ4_NL => DType::IQ4_NL,
+            PackedFormat::IQ4_XS => DType::IQ4_XS,
         }
     }
 
-    /// Bits per value.
+    /// Bits per stored value (the IQ4 formats: per table index).
     pub(crate) const fn bits(self) -> usize {
         match self {
-            PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4_K => 4,
+            PackedFormat::Q4_0
+            | PackedFormat::Q4_1
+            | PackedFormat::Q4_K
+            | PackedFormat::IQ4_NL
+            | PackedFormat::IQ4_XS => 4,
             PackedFormat::Q5_0 | PackedFormat::Q5_1 | PackedFormat::Q5_K => 5,
             PackedFormat::Q6_K => 6,
             PackedFormat::Q8_0 => 8,
             PackedFormat::Q2_K => 2,
             PackedFormat::Q3_K => 3,
         }
+    }
+
+    /// Whether the stored 4-bit fields are indices into [`crate::iq4::UNSIGNED`] rather than
+    /// the values themselves.
+    pub(crate) const fn table(self) -> bool {
+        matches!(self, PackedFormat::IQ4_NL | PackedFormat::IQ4_XS)
+    }
+
+    /// Whether the values span eight bits (`u = q + 128`), too wide for `vpmaddubsw`'s 16-bit
+    /// pair sums: the AVX2 kernels multiply the signed `q` instead.
+    pub(crate) const fn eight_bit(self) -> bool {
+        self.bits() == 8 || self.table()
     }
 
     /// The scaling scheme.
@@ -151,7 +178,7 @@ impl PackedFormat {
                 stored_min: false,
                 implied: -16.0,
             },
-            PackedFormat::Q8_0 => Scheme::Block32 {
+            PackedFormat::Q8_0 | PackedFormat::IQ4_NL => Scheme::Block32 {
                 stored_min: false,
                 implied: -128.0,
             },
@@ -171,6 +198,11 @@ impl PackedFormat {
             PackedFormat::Q2_K => Scheme::K16 {
                 offset: 0,
                 mins: true,
+            },
+            // The scale per 32 elements goes in both of its 16-element groups.
+            PackedFormat::IQ4_XS => Scheme::K16 {
+                offset: 128,
+                mins: false,
             },
         }
     }
@@ -369,9 +401,21 @@ pub(crate) struct PackedKernels {
     pub eight: TileRows<8>,
 }
 
-/// The 1/2/4/8-row instances of a kernel `$rows::<R, FORMAT_ID>` for `$format`.
+/// The 1/2/4/8-row instances of a kernel `$rows::<R, FORMAT_ID>` for `$format`; with
+/// `tables: $other`, the table formats (IQ4) take `$other`'s kernels instead.
 macro_rules! kernel_set {
-    ($rows:ident, $format:expr) => {{
+    ($rows:ident, $format:expr) => {
+        super::kernel_set!($rows, $format, {
+            PackedFormat::IQ4_NL => set!(10),
+            PackedFormat::IQ4_XS => set!(11),
+        })
+    };
+    ($rows:ident, $format:expr, tables: $other:expr) => {
+        super::kernel_set!($rows, $format, {
+            PackedFormat::IQ4_NL | PackedFormat::IQ4_XS => $other,
+        })
+    };
+    ($rows:ident, $format:expr, { $($tables:tt)* }) => {{
         macro_rules! set {
             ($f:literal) => {
                 PackedKernels {
@@ -393,6 +437,7 @@ macro_rules! kernel_set {
             PackedFormat::Q6_K => set!(7),
             PackedFormat::Q2_K => set!(8),
             PackedFormat::Q3_K => set!(9),
+            $($tables)*
         }
     }};
 }
