@@ -23,7 +23,8 @@
 # Usage: scripts/bench_vs_llamacpp.sh
 # Env: TANDEM_HOME (model + venv location), LLAMACPP_VENV, IK_LLAMA_SRC, ROUNDS (2), PROMPT_LEN (128),
 #      GEN_LEN (128), PARTS ("engine serve"), MODEL_NAME (a named model, default
-#      SmolLM2-135M-Instruct; its prefill roofline is 2500 tok/s unless ROOF_PREFILL is given)
+#      SmolLM2-135M-Instruct; its prefill roofline is 2500 tok/s unless ROOF_PREFILL is given),
+#      MODEL_PATH (any GGUF file instead of a named model)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOME_DIR=${TANDEM_HOME:-$HOME/.cache/tandem}
@@ -35,7 +36,8 @@ PARTS=${PARTS:-engine serve}
 # Roofline (BENCHMARKS.md): int8 VNNI compute for prefill and batched work, memory bandwidth
 # over the weights (+ KV) read per token for single-stream decode.
 MODEL_NAME=${MODEL_NAME:-SmolLM2-135M-Instruct}
-if [ "$MODEL_NAME" = SmolLM2-135M-Instruct ]; then
+MODEL_PATH=${MODEL_PATH:-}
+if [ "$MODEL_NAME" = SmolLM2-135M-Instruct ] && [ -z "$MODEL_PATH" ]; then
   ROOF_PREFILL=${ROOF_PREFILL:-2500}
 else
   ROOF_PREFILL=${ROOF_PREFILL:--}
@@ -86,11 +88,15 @@ fi
 
 cargo build --release -q --bin tandem --manifest-path "$ROOT/Cargo.toml"
 TANDEM="$ROOT/target/release/tandem"
-"$TANDEM" generate --model "$MODEL_NAME" --prompt warmup --max-new-tokens 1 --greedy >/dev/null # fetches it
-case "$MODEL_NAME" in
-  SmolLM2-135M-Instruct) MODEL="$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
-  *) MODEL="$HOME_DIR/models/$MODEL_NAME.gguf" ;;
-esac
+if [ -n "$MODEL_PATH" ]; then
+  MODEL=$(realpath "$MODEL_PATH")
+else
+  "$TANDEM" generate --model "$MODEL_NAME" --prompt warmup --max-new-tokens 1 --greedy >/dev/null # fetches it
+  case "$MODEL_NAME" in
+    SmolLM2-135M-Instruct) MODEL="$HOME_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+    *) MODEL="$HOME_DIR/models/$MODEL_NAME.gguf" ;;
+  esac
+fi
 LOGS=$(mktemp -d)
 cd "$LOGS" # ik_llama.cpp's tools write llama.log into the working directory
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }

@@ -159,21 +159,20 @@ unsafe fn dot_pairs<const F: u8>(
     _mm256_madd_epi16(s16, w)
 }
 
-/// Value register `j` of the block at `p` (half `h`) of an eight-bit format dotted with one
-/// activation row, widened by `vpmaddwd` with `w` as in [`dot_pairs`]. `u = q + 128` would
-/// overflow `vpmaddubsw`'s pair sums, so the signed values are multiplied (|q| by the
-/// activation with q's sign): that is already `sum(u * a) - 128 * sum(a)`, the offset the other
-/// formats subtract afterwards.
+/// Value register `j` of the block at `p` (half `h`) of an eight-bit format as signed values
+/// `q = u - 128` and their magnitudes, for [`dot_signed`].
 #[inline(always)]
-unsafe fn dot_signed<const F: u8>(
-    p: *const u8,
-    h: usize,
-    j: usize,
-    a: &ActBlock,
-    w: __m256i,
-) -> __m256i {
+unsafe fn signed_value<const F: u8>(p: *const u8, h: usize, j: usize) -> (__m256i, __m256i) {
     let q = _mm256_xor_si256(value::<F>(p, h, j), _mm256_set1_epi8(-128));
-    let aq = _mm256_abs_epi8(q);
+    (q, _mm256_abs_epi8(q))
+}
+
+/// Signed value register `j` ([`signed_value`]) dotted with one activation row, widened by
+/// `vpmaddwd` with `w` as in [`dot_pairs`]. `u = q + 128` would overflow `vpmaddubsw`'s pair
+/// sums, so the signed values are multiplied (|q| by the activation with q's sign): that is
+/// already `sum(u * a) - 128 * sum(a)`, the offset the other formats subtract afterwards.
+#[inline(always)]
+unsafe fn dot_signed((q, aq): (__m256i, __m256i), j: usize, a: &ActBlock, w: __m256i) -> __m256i {
     _mm256_madd_epi16(
         _mm256_maddubs_epi16(aq, _mm256_sign_epi8(act_dword(a, j), q)),
         w,
@@ -238,10 +237,11 @@ unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
         if format.eight_bit() {
             for j in 0..8 {
                 for (x, isum) in isum.iter_mut().enumerate() {
+                    let v = signed_value::<F>(p, h0 + x, j);
                     for (t, a) in isum.iter_mut().zip(acts) {
                         let a = a.get_unchecked(blk);
                         let ones = _mm256_set1_epi16(1);
-                        *t = _mm256_add_epi32(*t, dot_signed::<F>(p, h0 + x, j, a, ones));
+                        *t = _mm256_add_epi32(*t, dot_signed(v, j, a, ones));
                     }
                 }
             }
@@ -335,10 +335,10 @@ unsafe fn super_half<const R: usize, const NH: usize, const F: u8>(
                 if format.eight_bit() {
                     // Registers 0..4 are elements 0..16, 4..8 elements 16..32.
                     for j in 0..8 {
+                        let v = signed_value::<F>(p, h0 + x, j);
                         for (t, a) in isum.iter_mut().zip(acts) {
                             let a = a.get_unchecked(blk);
-                            let dot = dot_signed::<F>(p, h0 + x, j, a, sc16[j / 4]);
-                            *t = _mm256_add_epi32(*t, dot);
+                            *t = _mm256_add_epi32(*t, dot_signed(v, j, a, sc16[j / 4]));
                         }
                     }
                     continue;
