@@ -2,10 +2,10 @@
 //! super-blocks have the same structure, decoded into one common shape.
 //!
 //! Every k-quant block holds 256 values in 16-element groups `g`, each value
-//! `(d * sc[g]) * (u - offset) - dmin * mn[g]` with small unsigned integers `u` (2 to 6 bits),
-//! integer group scales `sc` and minimums `mn`. Decoding each format into [`KBlock`] lets one
-//! dequantizer, one scalar dot product and one repacking into tiles ([`crate::packed`]) serve
-//! all five.
+//! `(d * sc[g]) * (u - offset) - dmin * mn[g]` with small unsigned integers `u` (2 to 6 bits;
+//! IQ4_XS: its table's values + 128), integer group scales `sc` and minimums `mn`. Decoding each
+//! format into [`KBlock`] lets one dequantizer and one scalar dot product serve all six (and the
+//! repacking into tiles, [`crate::packed`], the k-quants).
 
 use crate::dtype::{f16_at, DType, QK_K};
 use crate::iq4;

@@ -60,7 +60,7 @@ pub enum PackedFormat {
     Q2_K,
     /// 3-bit values offset by 4, a 6-bit signed scale per 16 elements under an f16 `d`.
     Q3_K,
-    /// 4-bit indices into [`crate::iq4::VALUES`] (as `u = value + 128`), an f16 scale per 32.
+    /// 4-bit indices into ggml's 16-value IQ4 table (as `u = value + 128`), an f16 scale per 32.
     IQ4_NL,
     /// IQ4_NL's values under a signed scale per 32 elements and an f16 `d` per 256.
     IQ4_XS,
@@ -155,8 +155,8 @@ impl PackedFormat {
         }
     }
 
-    /// Whether the stored 4-bit fields are indices into [`crate::iq4::UNSIGNED`] rather than
-    /// the values themselves.
+    /// Whether the stored 4-bit fields are indices into the IQ4 table (`iq4::UNSIGNED`)
+    /// rather than the values themselves.
     pub(crate) const fn table(self) -> bool {
         matches!(self, PackedFormat::IQ4_NL | PackedFormat::IQ4_XS)
     }
