@@ -75,6 +75,12 @@ unsafe fn values<const F: u8>(p: *const u8, hi16: bool) -> [__m512i; 8] {
             _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low)
         };
     }
+    if format.table() {
+        // The nibbles are table indices: `vpshufb` looks up `u = value + 128` in each lane.
+        let table = _mm_loadu_si128(crate::iq4::UNSIGNED.as_ptr() as *const __m128i);
+        let table = _mm512_broadcast_i32x4(table);
+        return v.map(|idx| _mm512_shuffle_epi8(table, idx));
+    }
     match format.bits() {
         5 => add_masked(&mut v, p.add(format.block_value_bytes() - 64), 0x10),
         6 => {
@@ -173,8 +179,9 @@ unsafe fn block_rows<const R: usize, const F: u8>(
     let mut macc = [_mm512_setzero_ps(); R];
     let mut p = tile.as_ptr();
     let prefetch = crate::simd::prefetch_weights();
-    // Decode's one or two rows: the high nibbles' own chain (see `dot_block`).
-    let hi16 = R <= 2 && format.bits() == 4;
+    // Decode's one or two rows: the high nibbles' own chain (see `dot_block`); not for the
+    // table formats, whose nibbles are indices.
+    let hi16 = R <= 2 && format.bits() == 4 && !format.table();
     for blk in 0..nb {
         let d = halves(p);
         let min = if format.float_min() {
@@ -226,8 +233,9 @@ unsafe fn super_rows<const R: usize, const F: u8>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut p = tile.as_ptr();
     let prefetch = crate::simd::prefetch_weights();
-    // Decode's one or two rows: the high nibbles' own chain (see `dot_block`).
-    let hi16 = R <= 2 && format.bits() == 4;
+    // Decode's one or two rows: the high nibbles' own chain (see `dot_block`); not for the
+    // table formats, whose nibbles are indices.
+    let hi16 = R <= 2 && format.bits() == 4 && !format.table();
     for s in 0..nb / blocks {
         let h = p;
         p = p.add(format.header_bytes());
@@ -353,8 +361,6 @@ unsafe fn rows<const R: usize, const F: u8>(
     }
 }
 
-/// The table formats (IQ4) run the AVX2 kernels: VNNI kernels for them would need a table
-/// lookup here, with no machine at hand to test it on.
 pub(super) fn kernels(format: PackedFormat) -> PackedKernels {
-    super::kernel_set!(rows, format, tables: super::avx2::kernels(format))
+    super::kernel_set!(rows, format)
 }

@@ -401,21 +401,9 @@ pub(crate) struct PackedKernels {
     pub eight: TileRows<8>,
 }
 
-/// The 1/2/4/8-row instances of a kernel `$rows::<R, FORMAT_ID>` for `$format`; with
-/// `tables: $other`, the table formats (IQ4) take `$other`'s kernels instead.
+/// The 1/2/4/8-row instances of a kernel `$rows::<R, FORMAT_ID>` for `$format`.
 macro_rules! kernel_set {
-    ($rows:ident, $format:expr) => {
-        super::kernel_set!($rows, $format, {
-            PackedFormat::IQ4_NL => set!(10),
-            PackedFormat::IQ4_XS => set!(11),
-        })
-    };
-    ($rows:ident, $format:expr, tables: $other:expr) => {
-        super::kernel_set!($rows, $format, {
-            PackedFormat::IQ4_NL | PackedFormat::IQ4_XS => $other,
-        })
-    };
-    ($rows:ident, $format:expr, { $($tables:tt)* }) => {{
+    ($rows:ident, $format:expr) => {{
         macro_rules! set {
             ($f:literal) => {
                 PackedKernels {
@@ -437,7 +425,8 @@ macro_rules! kernel_set {
             PackedFormat::Q6_K => set!(7),
             PackedFormat::Q2_K => set!(8),
             PackedFormat::Q3_K => set!(9),
-            $($tables)*
+            PackedFormat::IQ4_NL => set!(10),
+            PackedFormat::IQ4_XS => set!(11),
         }
     }};
 }
