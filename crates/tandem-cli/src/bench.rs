@@ -38,7 +38,7 @@ pub struct ModelBenchArgs {
     /// Repetitions (medians are reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// SIMD level to use: scalar, avx2 or avx512 (default: best available).
+    /// SIMD level to use: scalar, avx2, avx512 or amx (default: best available).
     #[arg(long)]
     simd: Option<String>,
     /// Memory read bandwidth in GB/s for the decode roofline (default: measured before every
@@ -188,7 +188,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let mut model = loaded.model;
     if let Some(s) = &a.simd {
         let level = SimdLevel::parse(s)
-            .ok_or_else(|| anyhow::anyhow!("unknown --simd {s:?} (scalar, avx2, avx512)"))?;
+            .ok_or_else(|| anyhow::anyhow!("unknown --simd {s:?} (scalar, avx2, avx512, amx)"))?;
         anyhow::ensure!(level.is_supported(), "this CPU does not support {level:?}");
         model = model.with_simd(level);
     }

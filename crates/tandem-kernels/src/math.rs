@@ -62,7 +62,7 @@ pub(crate) fn silu_mul_chunk(gate: &mut [f32], up: &[f32]) {
     match crate::simd::active() {
         // SAFETY: the level is only active where the CPU supports it.
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512Vnni => unsafe { silu_mul_avx512(gate, up) },
+        SimdLevel::Avx512Vnni | SimdLevel::Amx => unsafe { silu_mul_avx512(gate, up) },
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => unsafe { silu_mul_avx2(gate, up) },
         _ => silu_mul_body(gate, up),
@@ -108,7 +108,7 @@ mod tests {
             let mut got = gate.clone();
             match level {
                 // SAFETY: the CPU supports the level.
-                SimdLevel::Avx512Vnni => unsafe { silu_mul_avx512(&mut got, &up) },
+                SimdLevel::Avx512Vnni | SimdLevel::Amx => unsafe { silu_mul_avx512(&mut got, &up) },
                 SimdLevel::Avx2 => unsafe { silu_mul_avx2(&mut got, &up) },
                 _ => silu_mul_body(&mut got, &up),
             }

@@ -11,6 +11,9 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512 F/BW/VL with VNNI (`vpdpbusd` integer dot products).
     Avx512Vnni,
+    /// [`SimdLevel::Avx512Vnni`] with AMX-INT8 tile multiplies for matmuls of sixteen
+    /// activation rows or more (their results are the same bits: integer sums).
+    Amx,
 }
 
 impl SimdLevel {
@@ -32,6 +35,8 @@ impl SimdLevel {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Amx => SimdLevel::Avx512Vnni.is_supported() && amx_usable(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -39,10 +44,15 @@ impl SimdLevel {
 
     /// All levels this CPU supports, scalar first.
     pub fn supported() -> Vec<SimdLevel> {
-        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]
-            .into_iter()
-            .filter(|l| l.is_supported())
-            .collect()
+        [
+            SimdLevel::Scalar,
+            SimdLevel::Avx2,
+            SimdLevel::Avx512Vnni,
+            SimdLevel::Amx,
+        ]
+        .into_iter()
+        .filter(|l| l.is_supported())
+        .collect()
     }
 
     /// The best level this CPU supports.
@@ -52,19 +62,55 @@ impl SimdLevel {
             .expect("scalar is always supported")
     }
 
-    /// Parses `scalar`, `avx2` or `avx512`.
+    /// Parses `scalar`, `avx2`, `avx512` or `amx`.
     pub fn parse(s: &str) -> Option<SimdLevel> {
         match s.to_ascii_lowercase().as_str() {
             "scalar" => Some(SimdLevel::Scalar),
             "avx2" => Some(SimdLevel::Avx2),
             "avx512" | "avx512vnni" => Some(SimdLevel::Avx512Vnni),
+            "amx" => Some(SimdLevel::Amx),
             _ => None,
         }
     }
 }
 
+/// Whether the CPU has AMX-INT8 tiles (CPUID leaf 7: AMX-TILE and AMX-INT8) and Linux lets
+/// this process use them: their 8 KiB of register state is off until a process asks for it
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and a VM may refuse. Asked once, for the process.
+#[cfg(target_arch = "x86_64")]
+fn amx_usable() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[allow(unused_unsafe)] // `__cpuid_count` is safe on newer toolchains
+        // SAFETY: leaf 7 exists on every CPU with AVX-512 (checked by the caller first).
+        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+        let (tile, int8) = (edx & (1 << 24) != 0, edx & (1 << 25) != 0);
+        tile && int8 && request_amx_state()
+    })
+}
+
+/// Asks Linux for the AMX tile data state (`XFEATURE_XTILEDATA`, 18) for this process.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_amx_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with this code only changes which register state the process may use.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_amx_state() -> bool {
+    false
+}
+
 /// The level used by default: the best supported, or `TANDEM_SIMD` (`scalar`, `avx2`,
-/// `avx512`) capped at what the CPU supports.
+/// `avx512`, `amx`) capped at what the CPU supports.
 pub fn active() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {

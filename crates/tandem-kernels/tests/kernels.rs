@@ -241,9 +241,10 @@ proptest! {
     /// Packed weights (every packed format, ragged last tiles): the result equals the
     /// dequantized weights times the dequantized activations (f64) within float rounding;
     /// every level agrees with the scalar kernel bit for bit; and a row's result is bitwise
-    /// the same alone as among 1..13 rows (8-, 4-, 2- and 1-row kernels).
+    /// the same alone as among 1..39 rows (the AMX level's 16-row products for the k-quants,
+    /// 8-, 4-, 2- and 1-row kernels).
     #[test]
-    fn packed_matmul_matches_dequantized(seed in any::<u64>(), which in 0usize..12, supers in 1usize..4, m in 1usize..14, n in 1usize..40) {
+    fn packed_matmul_matches_dequantized(seed in any::<u64>(), which in 0usize..12, supers in 1usize..4, m in 1usize..40, n in 1usize..40) {
         let d = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K, DType::IQ4_NL, DType::IQ4_XS][which];
         let mut rng = StdRng::seed_from_u64(seed);
         let k = supers * d.block_len();
@@ -289,7 +290,7 @@ proptest! {
     /// Matrices of different formats sharing one call (q/k/v, gate/up) give bitwise what each
     /// gives alone, on 1 or 3 threads.
     #[test]
-    fn packed_matmul_many_equals_separate_calls(seed in any::<u64>(), a in 0usize..12, b in 0usize..12, m in 1usize..12, n1 in 1usize..70, n2 in 1usize..40, pooled in any::<bool>()) {
+    fn packed_matmul_many_equals_separate_calls(seed in any::<u64>(), a in 0usize..12, b in 0usize..12, m in 1usize..36, n1 in 1usize..70, n2 in 1usize..40, pooled in any::<bool>()) {
         let types = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K, DType::IQ4_NL, DType::IQ4_XS];
         let mut rng = StdRng::seed_from_u64(seed);
         let k = 256;
@@ -588,7 +589,7 @@ proptest! {
     /// activations, on the packed path at every level and on both unpacked paths, on 1 or 3
     /// threads; the packed path's in-kernel sum is the parts added in order.
     #[test]
-    fn matmul_parts_equal_column_slices(seed in any::<u64>(), which in 0usize..QUANTS.len(), supers in 1usize..7, cuts in proptest::collection::vec(1usize..48, 0..4), m in 1usize..11, n in 1usize..40, pooled in any::<bool>()) {
+    fn matmul_parts_equal_column_slices(seed in any::<u64>(), which in 0usize..QUANTS.len(), supers in 1usize..7, cuts in proptest::collection::vec(1usize..48, 0..4), m in 1usize..20, n in 1usize..40, pooled in any::<bool>()) {
         let d = QUANTS[which];
         let mut rng = StdRng::seed_from_u64(seed);
         let (bl, k) = (d.block_len(), supers * 256);

@@ -34,7 +34,7 @@ unsafe fn add_masked(v: &mut [__m512i; 8], masks: *const u8, bit: i8) {
 /// `hi16` (4-bit formats only), the high nibbles are left in place, sixteen times their value,
 /// one AND each instead of a shift and an AND (see [`dot_block`]).
 #[inline(always)]
-unsafe fn values<const F: u8>(p: *const u8, hi16: bool) -> [__m512i; 8] {
+pub(super) unsafe fn values<const F: u8>(p: *const u8, hi16: bool) -> [__m512i; 8] {
     let format = PackedFormat::from_id(F);
     let load = |i: usize| _mm512_loadu_si512(p.add(64 * i) as *const __m512i);
     if format.bits() == 8 {
@@ -112,7 +112,7 @@ unsafe fn halves(h: *const u8) -> __m512 {
 
 /// Sixteen bytes at `p` as i32 lanes (unsigned, or signed when `SIGNED`).
 #[inline(always)]
-unsafe fn bytes_epi32<const SIGNED: bool>(p: *const u8) -> __m512i {
+pub(super) unsafe fn bytes_epi32<const SIGNED: bool>(p: *const u8) -> __m512i {
     let b = _mm_loadu_si128(p as *const __m128i);
     if SIGNED {
         _mm512_cvtepi8_epi32(b)
@@ -289,45 +289,64 @@ unsafe fn super_rows<const R: usize, const F: u8>(
             }
             p = p.add(format.block_value_bytes());
         }
-        let d = halves(h);
-        let da: [__m512; R] =
-            std::array::from_fn(|r| _mm512_set1_ps(acts[r].get_unchecked(s * blocks).d));
-        for r in 0..R {
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, da[r]), acc[r]);
-        }
-        if format.float_min() {
-            // Pairs of minimums (blocks 2q and 2q + 1 for K32, the halves of block q for
-            // Q2_K) as 16-bit lanes, against the activation sums they multiply.
-            let k32 = scheme == Scheme::K32;
-            let pairs = if k32 { blocks / 2 } else { blocks };
-            let mut msum = [_mm512_setzero_si512(); R];
-            for q in 0..pairs {
-                let (mlo, mhi) = if k32 {
-                    let at = h.add(12 * rows + 2 * q * rows);
-                    (bytes_epi32::<false>(at), bytes_epi32::<false>(at.add(rows)))
-                } else {
-                    let at = h.add(4 * rows + 2 * rows * q);
-                    let m = |q: *const u8| _mm512_srli_epi32::<4>(bytes_epi32::<false>(q));
-                    (m(at), m(at.add(rows)))
-                };
-                let mp = _mm512_or_si512(mlo, _mm512_slli_epi32::<16>(mhi));
-                for r in 0..R {
-                    let a = acts[r];
-                    let sums = min_pair_sums(a, s * blocks, q, k32);
-                    msum[r] = _mm512_dpwssd_epi32(msum[r], mp, _mm512_set1_epi32(sums));
-                }
-            }
-            let nmin = neg(halves(h.add(2 * rows)));
-            for r in 0..R {
-                acc[r] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(msum[r]),
-                    _mm512_mul_ps(nmin, da[r]),
-                    acc[r],
-                );
-            }
-        }
+        super_step::<R, F>(h, &acts, s, &isum, &mut acc);
     }
     acc
+}
+
+/// Super-block `s`'s float step (header at `h`) for `R` activation rows: the integer sums
+/// `isum` (block scales applied) times `d` and each row's activation scale, and for the
+/// formats with minimums their products with the activation sums, into `acc`. Shared by the
+/// `vpdpbusd` kernels and the AMX ones, so that both give the same bits.
+#[inline(always)]
+pub(super) unsafe fn super_step<const R: usize, const F: u8>(
+    h: *const u8,
+    acts: &[&[ActBlock]; R],
+    s: usize,
+    isum: &[__m512i; R],
+    acc: &mut [__m512; R],
+) {
+    let format = PackedFormat::from_id(F);
+    let scheme = format.scheme();
+    let blocks = QK_K / QK;
+    let rows = TILE_ROWS;
+    let d = halves(h);
+    let da: [__m512; R] =
+        std::array::from_fn(|r| _mm512_set1_ps(acts[r].get_unchecked(s * blocks).d));
+    for r in 0..R {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, da[r]), acc[r]);
+    }
+    if format.float_min() {
+        // Pairs of minimums (blocks 2q and 2q + 1 for K32, the halves of block q for
+        // Q2_K) as 16-bit lanes, against the activation sums they multiply.
+        let k32 = scheme == Scheme::K32;
+        let pairs = if k32 { blocks / 2 } else { blocks };
+        let mut msum = [_mm512_setzero_si512(); R];
+        for q in 0..pairs {
+            let (mlo, mhi) = if k32 {
+                let at = h.add(12 * rows + 2 * q * rows);
+                (bytes_epi32::<false>(at), bytes_epi32::<false>(at.add(rows)))
+            } else {
+                let at = h.add(4 * rows + 2 * rows * q);
+                let m = |q: *const u8| _mm512_srli_epi32::<4>(bytes_epi32::<false>(q));
+                (m(at), m(at.add(rows)))
+            };
+            let mp = _mm512_or_si512(mlo, _mm512_slli_epi32::<16>(mhi));
+            for r in 0..R {
+                let a = acts[r];
+                let sums = min_pair_sums(a, s * blocks, q, k32);
+                msum[r] = _mm512_dpwssd_epi32(msum[r], mp, _mm512_set1_epi32(sums));
+            }
+        }
+        let nmin = neg(halves(h.add(2 * rows)));
+        for r in 0..R {
+            acc[r] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(msum[r]),
+                _mm512_mul_ps(nmin, da[r]),
+                acc[r],
+            );
+        }
+    }
 }
 
 /// `-x`, by flipping the sign bits.

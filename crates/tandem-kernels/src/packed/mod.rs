@@ -20,6 +20,8 @@
 //! one float step per super-block (ggml's Q8_K activations do the same).
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -462,7 +464,7 @@ fn kernels(format: PackedFormat, level: SimdLevel) -> PackedKernels {
     #[cfg(target_arch = "x86_64")]
     if worth_packing(level) {
         return match level {
-            SimdLevel::Avx512Vnni => avx512::kernels(format),
+            SimdLevel::Avx512Vnni | SimdLevel::Amx => avx512::kernels(format),
             _ => avx2::kernels(format),
         };
     }
@@ -599,6 +601,16 @@ fn packed_parts(
     let act = &mut scratch[..len];
     let act_ptr = SyncPtr(act.as_mut_ptr());
     let quantize = act_quantizer(level);
+    // The AMX kernels (k-quants, sixteen rows or more, one part) read the activations of the
+    // k-quants' grouping as rows of contiguous int8.
+    let amx = amx_plans(ws, m, parts.len(), level);
+    let amx_group = groups.iter().position(|&g| g == QK_K / QK);
+    let mut rows_scratch = AMX_ROWS_SCRATCH.take();
+    if amx.iter().any(Option::is_some) {
+        rows_scratch.resize(m * k, 0);
+    }
+    let rows_ptr = SyncPtr(rows_scratch.as_mut_ptr());
+    let want_rows = amx.iter().any(Option::is_some);
     let row_tasks = m.div_ceil(8);
     for_each_task(row_tasks * groups.len(), |c| {
         let (g, c) = (c / row_tasks, c % row_tasks);
@@ -606,6 +618,13 @@ fn packed_parts(
             // SAFETY: row i's blocks of grouping g are written by this task only.
             let dst = unsafe { act_ptr.slice_mut((g * m + i) * nb, nb) };
             quantize(&x[i * k..(i + 1) * k], dst, groups[g]);
+            if want_rows && amx_group == Some(g) {
+                // SAFETY: row i of the int8 rows is written by this task only.
+                let row = unsafe { rows_ptr.slice_mut(i * k, k) };
+                for (r, a) in row.chunks_exact_mut(QK).zip(dst.iter()) {
+                    r.copy_from_slice(&a.qs);
+                }
+            }
         }
     });
     // The matrices' tiles as one index space, walked by each thread from its own share (see
@@ -632,18 +651,114 @@ fn packed_parts(
             &act[g * m * nb..(g + 1) * m * nb]
         })
         .collect();
+    let amx_rows = SyncPtr(rows_scratch.as_mut_ptr());
     for_each_range(tiles, grain, |r| {
         // The range's part in each matrix it spans.
         for (wi, w) in ws.iter().enumerate() {
             let (lo, hi) = (r.start.max(starts[wi]), r.end.min(starts[wi] + w.tiles()));
             if lo < hi {
                 let mine = lo - starts[wi]..hi - starts[wi];
-                // SAFETY: the range's tiles are this call's only; rows are nb blocks.
-                unsafe { tile_run(w, &sets[wi], acts[wi], m, parts, how, mine, dsts[wi]) }
+                let amx = amx[wi].map(|k| (k, amx_rows));
+                // SAFETY: the range's tiles are this call's only; rows are nb blocks; the
+                // int8 rows were filled for every AMX plan.
+                unsafe { tile_run(w, &sets[wi], amx, acts[wi], m, parts, how, mine, dsts[wi]) }
             }
         }
     });
     ACT_SCRATCH.set(scratch);
+    AMX_ROWS_SCRATCH.set(rows_scratch);
+}
+
+/// The AMX kernels of an AMX-level call, per matrix: where the level is [`SimdLevel::Amx`],
+/// the call has sixteen rows or more and one part, and the matrix is a k-quant.
+#[cfg(target_arch = "x86_64")]
+fn amx_plans(
+    ws: &[&PackedMat],
+    m: usize,
+    parts: usize,
+    level: SimdLevel,
+) -> Vec<Option<amx::Kernels>> {
+    let on = level == SimdLevel::Amx && level.is_supported() && m >= amx::ROWS && parts == 1;
+    ws.iter()
+        .map(|w| if on { amx::kernels(w.format) } else { None })
+        .collect()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_plans(ws: &[&PackedMat], _: usize, _: usize, _: SimdLevel) -> Vec<Option<AmxKernels>> {
+    vec![None; ws.len()]
+}
+
+#[cfg(target_arch = "x86_64")]
+use amx::Kernels as AmxKernels;
+
+/// Nothing: AMX is x86-64's.
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy)]
+enum AmxKernels {}
+
+/// Rows of activations the AMX path runs against a tile before the next one: its weight
+/// planes (two bytes a weight) are built once per tile and chunk, and the chunk's int8 rows
+/// stay in L2 across the tiles of a claim.
+const AMX_CHUNK_ROWS: usize = 128;
+
+/// Sixteen rows at a time of the first `m / 16 * 16` rows against tiles `mine` of `w` through
+/// the AMX kernels `k`, into `dst` (`[m, n]`); returns the rows done.
+///
+/// # Safety
+/// As for [`tile_run`] (one part); `rows` holds `m` rows of `w.cols` int8, the values of
+/// `act`'s blocks.
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_tile_run(
+    w: &PackedMat,
+    k: AmxKernels,
+    rows: SyncPtr<i8>,
+    act: &[ActBlock],
+    m: usize,
+    mine: std::ops::Range<usize>,
+    dst: SyncPtr<f32>,
+) -> usize {
+    let (n, cols) = (w.rows, w.cols);
+    let nb = cols / QK;
+    let full = m / amx::ROWS * amx::ROWS;
+    let _tiles = amx::Tiles::configure();
+    let mut planes = AMX_PLANES.take();
+    let mut edge = [0f32; amx::ROWS * TILE_ROWS];
+    for chunk in (0..full).step_by(AMX_CHUNK_ROWS) {
+        for t in mine.clone() {
+            let tile = w.tile(t);
+            (k.planes)(tile, nb, &mut planes);
+            let j0 = t * TILE_ROWS;
+            let valid = (n - j0).min(TILE_ROWS);
+            for i in (chunk..(chunk + AMX_CHUNK_ROWS).min(full)).step_by(amx::ROWS) {
+                let (out, stride) = if valid == TILE_ROWS {
+                    (dst.0.add(i * n + j0), n)
+                } else {
+                    (edge.as_mut_ptr(), TILE_ROWS)
+                };
+                let blocks =
+                    std::array::from_fn(|q| act.get_unchecked((i + q) * nb..(i + q + 1) * nb));
+                (k.rows)(
+                    &planes,
+                    tile,
+                    rows.0.add(i * cols),
+                    cols,
+                    blocks,
+                    nb,
+                    out,
+                    stride,
+                );
+                if valid < TILE_ROWS {
+                    for q in 0..amx::ROWS {
+                        let o = dst.0.add((i + q) * n + j0);
+                        std::ptr::copy_nonoverlapping(edge.as_ptr().add(q * TILE_ROWS), o, valid);
+                    }
+                }
+            }
+        }
+    }
+    AMX_PLANES.set(planes);
+    full
 }
 
 /// Tiles a thread claims at a time in [`matmul_packed_many`] with `m` activation rows.
@@ -690,6 +805,15 @@ fn ahead_of(ws: &[&PackedMat], m: usize) -> Option<Ahead> {
 thread_local! {
     /// Quantized activations of [`matmul_packed_many`], kept between calls on each thread.
     static ACT_SCRATCH: std::cell::Cell<Vec<ActBlock>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The same activations' values as contiguous int8 rows, for the AMX kernels.
+    static AMX_ROWS_SCRATCH: std::cell::Cell<Vec<i8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// A tile's weight planes for the AMX kernels, kept between calls on each thread.
+    static AMX_PLANES: std::cell::Cell<Vec<std::arch::x86_64::__m512i>> =
+        const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Bytes of weight tiles one claim takes for one or two activation rows: a claim is a
@@ -720,6 +844,7 @@ const TILE_GROUP_BYTES: usize = 256 << 10;
 unsafe fn tile_run(
     w: &PackedMat,
     kern: &PackedKernels,
+    amx: Option<(AmxKernels, SyncPtr<i8>)>,
     act: &[ActBlock],
     m: usize,
     parts: &[Range<usize>],
@@ -740,8 +865,15 @@ unsafe fn tile_run(
     let mut sum = std::mem::MaybeUninit::<[f32; 8 * TILE_ROWS]>::uninit();
     let sum = sum.as_mut_ptr() as *mut f32;
     let summed = how == Parts::Summed && parts.len() > 1;
+    // Rows the AMX kernels take, sixteen at a time; the rest below.
+    #[cfg(target_arch = "x86_64")]
+    let first = amx.map_or(0, |(k, rows)| {
+        amx_tile_run(w, k, rows, act, m, mine.clone(), dst)
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    let first = amx.map_or(0, |(k, _)| match k {});
     for g in mine.clone().step_by(group) {
-        let mut i = 0;
+        let mut i = first;
         while i < m {
             let r = match m - i {
                 8.. => 8,
