@@ -1,7 +1,8 @@
 //! Speed of the packed matmul on a matrix far larger than the caches, per SIMD level and
 //! format: GB/s of weights streamed with one activation row (decode) and integer GMAC/s with
 //! 64 rows (prefill), on a pool of one thread per core (`THREADS`), an `N` x `K` matrix (65536 x
-//! 4096), `REPS` times the default repetitions (for a profiler):
+//! 4096), `REPS` times the default repetitions (for a profiler), `M` rows for the batched figure
+//! (64):
 //! `cargo run --release -p tandem-kernels --example packed_speed [Q4_K Q6_K ...]`.
 mod common;
 
@@ -37,7 +38,7 @@ fn main() {
             .into_iter()
             .filter(|l| worth_packing(*l))
         {
-            for m in [1usize, 64] {
+            for m in [1usize, env("M", 64)] {
                 let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
                 let mut out = vec![0f32; m * n];
                 let reps = env("REPS", 1) * if m == 1 { 20 } else { 3 };

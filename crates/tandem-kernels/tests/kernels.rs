@@ -241,8 +241,8 @@ proptest! {
     /// Packed weights (every packed format, ragged last tiles): the result equals the
     /// dequantized weights times the dequantized activations (f64) within float rounding;
     /// every level agrees with the scalar kernel bit for bit; and a row's result is bitwise
-    /// the same alone as among 1..39 rows (the AMX level's 16-row products for the k-quants,
-    /// 8-, 4-, 2- and 1-row kernels).
+    /// the same alone as among 1..39 rows (8-, 4-, 2- and 1-row kernels, and from 32 rows the
+    /// AMX level's products for the per-16-scale k-quants; see also the next test).
     #[test]
     fn packed_matmul_matches_dequantized(seed in any::<u64>(), which in 0usize..12, supers in 1usize..4, m in 1usize..40, n in 1usize..40) {
         let d = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K, DType::IQ4_NL, DType::IQ4_XS][which];
@@ -280,6 +280,43 @@ proptest! {
             let mut alone = vec![0f32; n];
             packed::matmul_packed(&x[(m - 1) * k..], 1, &p, &mut alone, level);
             prop_assert_eq!(&alone[..], &all[(m - 1) * n..]);
+        }
+    }
+}
+
+/// Batches large enough for the AMX level's k-quant products (32 rows for the per-16-scale
+/// formats, 64 for the others; ragged row counts and tiles): every level equals the scalar
+/// kernel bit for bit, and a row's result is the same in the batch as alone.
+#[test]
+fn packed_k_quant_batches_equal_the_scalar_kernel() {
+    let k_quants = [
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+        DType::Q2_K,
+        DType::Q3_K,
+        DType::IQ4_XS,
+    ];
+    for (f, d) in k_quants.into_iter().enumerate() {
+        for (c, (m, n, supers)) in [(32, 17, 1), (64, 16, 2), (79, 33, 1), (130, 5, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut rng = StdRng::seed_from_u64((f * 16 + c) as u64);
+            let k = supers * d.block_len();
+            let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();
+            let p = PackedMat::pack(&MatRef::new(d, n, k, &data).unwrap()).unwrap();
+            let x = random_vec(&mut rng, m * k);
+            let mut scalar = vec![0f32; m * n];
+            packed::matmul_packed(&x, m, &p, &mut scalar, SimdLevel::Scalar);
+            for level in SimdLevel::supported() {
+                let mut all = vec![0f32; m * n];
+                packed::matmul_packed(&x, m, &p, &mut all, level);
+                assert_eq!(all, scalar, "{d} {level:?} m={m}");
+                let mut alone = vec![0f32; n];
+                packed::matmul_packed(&x[(m - 1) * k..], 1, &p, &mut alone, level);
+                assert_eq!(&alone[..], &all[(m - 1) * n..], "{d} {level:?} m={m}");
+            }
         }
     }
 }

@@ -670,7 +670,8 @@ fn packed_parts(
 }
 
 /// The AMX kernels of an AMX-level call, per matrix: where the level is [`SimdLevel::Amx`],
-/// the call has sixteen rows or more and one part, and the matrix is a k-quant.
+/// the call has one part and enough rows for the matrix's format ([`amx::min_rows`]), and the
+/// matrix is a k-quant.
 #[cfg(target_arch = "x86_64")]
 fn amx_plans(
     ws: &[&PackedMat],
@@ -678,9 +679,12 @@ fn amx_plans(
     parts: usize,
     level: SimdLevel,
 ) -> Vec<Option<amx::Kernels>> {
-    let on = level == SimdLevel::Amx && level.is_supported() && m >= amx::ROWS && parts == 1;
+    let on = level == SimdLevel::Amx && level.is_supported() && parts == 1;
     ws.iter()
-        .map(|w| if on { amx::kernels(w.format) } else { None })
+        .map(|w| match on && m >= amx::min_rows(w.format) {
+            true => amx::kernels(w.format),
+            false => None,
+        })
         .collect()
 }
 
