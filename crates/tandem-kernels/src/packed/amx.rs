@@ -21,8 +21,9 @@ use std::arch::x86_64::*;
 
 use super::avx512::{bytes_epi32, super_step, values};
 use super::layout::TILE_ROWS;
-use super::{ActBlock, PackedFormat, Scheme};
+use super::{ActBlock, PackedFormat, PackedMat, Scheme};
 use crate::dtype::{QK, QK_K};
+use crate::par::SyncPtr;
 
 /// Activation rows per tile product.
 pub(super) const ROWS: usize = 16;
@@ -290,4 +291,73 @@ unsafe fn rows<const F: u8>(
     for (r, x) in acc.iter().enumerate() {
         _mm512_storeu_ps(out.add(r * out_stride), *x);
     }
+}
+
+thread_local! {
+    /// A tile's weight planes for the AMX kernels, kept between calls on each thread.
+    static AMX_PLANES: std::cell::Cell<Vec<std::arch::x86_64::__m512i>> =
+        const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Rows of activations the AMX kernels run against a tile before the next one: its weight
+/// planes (two bytes a weight) are built once per tile and chunk, and the chunk's int8 rows
+/// stay in L2 across the tiles of a claim.
+const AMX_CHUNK_ROWS: usize = 128;
+
+/// Sixteen rows at a time of the first `m / 16 * 16` rows against tiles `mine` of `w` through
+/// the AMX kernels `k`, into `dst` (`[m, n]`); returns the rows done.
+///
+/// # Safety
+/// As for `packed::tile_run` (one part); `k` are `w`'s kernels; `rows` holds `m` rows of `w.cols` int8, the values of
+/// `act`'s blocks.
+pub(super) unsafe fn tile_run(
+    w: &PackedMat,
+    k: Kernels,
+    rows: SyncPtr<i8>,
+    act: &[ActBlock],
+    m: usize,
+    mine: std::ops::Range<usize>,
+    dst: SyncPtr<f32>,
+) -> usize {
+    let (n, cols) = (w.rows, w.cols);
+    let nb = cols / QK;
+    let full = m / ROWS * ROWS;
+    let _tiles = Tiles::configure();
+    let mut planes = AMX_PLANES.take();
+    let mut edge = [0f32; ROWS * TILE_ROWS];
+    for chunk in (0..full).step_by(AMX_CHUNK_ROWS) {
+        for t in mine.clone() {
+            let tile = w.tile(t);
+            (k.planes)(tile, nb, &mut planes);
+            let j0 = t * TILE_ROWS;
+            let valid = (n - j0).min(TILE_ROWS);
+            for i in (chunk..(chunk + AMX_CHUNK_ROWS).min(full)).step_by(ROWS) {
+                let (out, stride) = if valid == TILE_ROWS {
+                    (dst.0.add(i * n + j0), n)
+                } else {
+                    (edge.as_mut_ptr(), TILE_ROWS)
+                };
+                let blocks =
+                    std::array::from_fn(|q| act.get_unchecked((i + q) * nb..(i + q + 1) * nb));
+                (k.rows)(
+                    &planes,
+                    tile,
+                    rows.0.add(i * cols),
+                    cols,
+                    blocks,
+                    nb,
+                    out,
+                    stride,
+                );
+                if valid < TILE_ROWS {
+                    for q in 0..ROWS {
+                        let o = dst.0.add((i + q) * n + j0);
+                        std::ptr::copy_nonoverlapping(edge.as_ptr().add(q * TILE_ROWS), o, valid);
+                    }
+                }
+            }
+        }
+    }
+    AMX_PLANES.set(planes);
+    full
 }

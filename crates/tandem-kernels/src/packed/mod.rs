@@ -17,7 +17,8 @@
 //! Activations are quantized per 32 elements ([`ActBlock`]), in element order, with one scale
 //! per block or, for the k-quants, per 256 elements ([`PackedFormat::act_group`]): their kernels
 //! then sum a whole super-block's integer products, block scales applied as integers, before
-//! one float step per super-block (ggml's Q8_K activations do the same).
+//! one float step per super-block (ggml's Q8_K activations do the same). At the AMX level,
+//! the k-quants' larger batches take those integer sums from AMX tiles instead (see [`amx`]).
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -601,16 +602,16 @@ fn packed_parts(
     let act = &mut scratch[..len];
     let act_ptr = SyncPtr(act.as_mut_ptr());
     let quantize = act_quantizer(level);
-    // The AMX kernels (k-quants, sixteen rows or more, one part) read the activations of the
+    // The AMX kernels (k-quants, enough rows, one part) read the activations of the
     // k-quants' grouping as rows of contiguous int8.
     let amx = amx_plans(ws, m, parts.len(), level);
     let amx_group = groups.iter().position(|&g| g == QK_K / QK);
+    let want_rows = amx.iter().any(Option::is_some);
     let mut rows_scratch = AMX_ROWS_SCRATCH.take();
-    if amx.iter().any(Option::is_some) {
+    if want_rows {
         rows_scratch.resize(m * k, 0);
     }
     let rows_ptr = SyncPtr(rows_scratch.as_mut_ptr());
-    let want_rows = amx.iter().any(Option::is_some);
     let row_tasks = m.div_ceil(8);
     for_each_task(row_tasks * groups.len(), |c| {
         let (g, c) = (c / row_tasks, c % row_tasks);
@@ -701,70 +702,6 @@ use amx::Kernels as AmxKernels;
 #[derive(Clone, Copy)]
 enum AmxKernels {}
 
-/// Rows of activations the AMX path runs against a tile before the next one: its weight
-/// planes (two bytes a weight) are built once per tile and chunk, and the chunk's int8 rows
-/// stay in L2 across the tiles of a claim.
-const AMX_CHUNK_ROWS: usize = 128;
-
-/// Sixteen rows at a time of the first `m / 16 * 16` rows against tiles `mine` of `w` through
-/// the AMX kernels `k`, into `dst` (`[m, n]`); returns the rows done.
-///
-/// # Safety
-/// As for [`tile_run`] (one part); `rows` holds `m` rows of `w.cols` int8, the values of
-/// `act`'s blocks.
-#[cfg(target_arch = "x86_64")]
-unsafe fn amx_tile_run(
-    w: &PackedMat,
-    k: AmxKernels,
-    rows: SyncPtr<i8>,
-    act: &[ActBlock],
-    m: usize,
-    mine: std::ops::Range<usize>,
-    dst: SyncPtr<f32>,
-) -> usize {
-    let (n, cols) = (w.rows, w.cols);
-    let nb = cols / QK;
-    let full = m / amx::ROWS * amx::ROWS;
-    let _tiles = amx::Tiles::configure();
-    let mut planes = AMX_PLANES.take();
-    let mut edge = [0f32; amx::ROWS * TILE_ROWS];
-    for chunk in (0..full).step_by(AMX_CHUNK_ROWS) {
-        for t in mine.clone() {
-            let tile = w.tile(t);
-            (k.planes)(tile, nb, &mut planes);
-            let j0 = t * TILE_ROWS;
-            let valid = (n - j0).min(TILE_ROWS);
-            for i in (chunk..(chunk + AMX_CHUNK_ROWS).min(full)).step_by(amx::ROWS) {
-                let (out, stride) = if valid == TILE_ROWS {
-                    (dst.0.add(i * n + j0), n)
-                } else {
-                    (edge.as_mut_ptr(), TILE_ROWS)
-                };
-                let blocks =
-                    std::array::from_fn(|q| act.get_unchecked((i + q) * nb..(i + q + 1) * nb));
-                (k.rows)(
-                    &planes,
-                    tile,
-                    rows.0.add(i * cols),
-                    cols,
-                    blocks,
-                    nb,
-                    out,
-                    stride,
-                );
-                if valid < TILE_ROWS {
-                    for q in 0..amx::ROWS {
-                        let o = dst.0.add((i + q) * n + j0);
-                        std::ptr::copy_nonoverlapping(edge.as_ptr().add(q * TILE_ROWS), o, valid);
-                    }
-                }
-            }
-        }
-    }
-    AMX_PLANES.set(planes);
-    full
-}
-
 /// Tiles a thread claims at a time in [`matmul_packed_many`] with `m` activation rows.
 fn claim_tiles(ws: &[&PackedMat], m: usize) -> usize {
     let tile_bytes = ws.iter().map(|w| w.format.tile_bytes(w.cols)).max();
@@ -811,13 +748,6 @@ thread_local! {
     static ACT_SCRATCH: std::cell::Cell<Vec<ActBlock>> = const { std::cell::Cell::new(Vec::new()) };
     /// The same activations' values as contiguous int8 rows, for the AMX kernels.
     static AMX_ROWS_SCRATCH: std::cell::Cell<Vec<i8>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-#[cfg(target_arch = "x86_64")]
-thread_local! {
-    /// A tile's weight planes for the AMX kernels, kept between calls on each thread.
-    static AMX_PLANES: std::cell::Cell<Vec<std::arch::x86_64::__m512i>> =
-        const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Bytes of weight tiles one claim takes for one or two activation rows: a claim is a
@@ -872,7 +802,7 @@ unsafe fn tile_run(
     // Rows the AMX kernels take, sixteen at a time; the rest below.
     #[cfg(target_arch = "x86_64")]
     let first = amx.map_or(0, |(k, rows)| {
-        amx_tile_run(w, k, rows, act, m, mine.clone(), dst)
+        amx::tile_run(w, k, rows, act, m, mine.clone(), dst)
     });
     #[cfg(not(target_arch = "x86_64"))]
     let first = amx.map_or(0, |(k, _)| match k {});
