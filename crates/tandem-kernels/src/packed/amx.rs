@@ -12,9 +12,10 @@
 //! block by block, and the same float step follows ([`super::avx512::super_step`]), so every
 //! result has the same bits at every level.
 //!
-//! The weight planes are built from a tile's packed values once per tile and reused for every
-//! sixteen activation rows; the activations are read as rows of contiguous int8 (a copy of the
-//! quantized blocks' values, made once per matmul).
+//! The weight planes are built from a tile's packed values once per tile and chunk of
+//! [`AMX_CHUNK_ROWS`] activation rows, and serve each sixteen of them; so a call runs here only
+//! from [`min_rows`] rows on. The activations are read as rows of contiguous int8 (a copy of
+//! the quantized blocks' values, made once per matmul).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
