@@ -182,7 +182,8 @@ unsafe fn planes<const F: u8>(tile: &[u8], nb: usize, out: &mut Vec<__m512i>) {
     let format = PackedFormat::from_id(F);
     let blocks = QK_K / QK;
     let rows = TILE_ROWS;
-    out.clear();
+    // Every register is written below: only grow the buffer, never clear it (zeroing it
+    // doubled the stores of a plane build).
     out.resize(nb / blocks * 2 * PLANE_REGS, _mm512_setzero_si512());
     let low_byte = _mm512_set1_epi16(0x00ff);
     let high_byte = _mm512_set1_epi16(0xff00u16 as i16);

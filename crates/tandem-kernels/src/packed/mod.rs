@@ -659,7 +659,7 @@ fn packed_parts(
             let (lo, hi) = (r.start.max(starts[wi]), r.end.min(starts[wi] + w.tiles()));
             if lo < hi {
                 let mine = lo - starts[wi]..hi - starts[wi];
-                let amx = amx[wi].map(|k| (k, amx_rows));
+                let amx = amx.get(wi).copied().flatten().map(|k| (k, amx_rows));
                 // SAFETY: the range's tiles are this call's only; rows are nb blocks; the
                 // int8 rows were filled for every AMX plan.
                 unsafe { tile_run(w, &sets[wi], amx, acts[wi], m, parts, how, mine, dsts[wi]) }
@@ -672,7 +672,7 @@ fn packed_parts(
 
 /// The AMX kernels of an AMX-level call, per matrix: where the level is [`SimdLevel::Amx`],
 /// the call has one part and enough rows for the matrix's format ([`amx::min_rows`]), and the
-/// matrix is a k-quant.
+/// matrix is a k-quant; empty where no matrix of the call can.
 #[cfg(target_arch = "x86_64")]
 fn amx_plans(
     ws: &[&PackedMat],
@@ -680,9 +680,13 @@ fn amx_plans(
     parts: usize,
     level: SimdLevel,
 ) -> Vec<Option<amx::Kernels>> {
-    let on = level == SimdLevel::Amx && level.is_supported() && parts == 1;
+    // Nothing to allocate for the calls that cannot use AMX (decode's one or two rows).
+    let fewest = amx::min_rows(PackedFormat::Q6_K);
+    if level != SimdLevel::Amx || m < fewest || parts != 1 || !level.is_supported() {
+        return Vec::new();
+    }
     ws.iter()
-        .map(|w| match on && m >= amx::min_rows(w.format) {
+        .map(|w| match m >= amx::min_rows(w.format) {
             true => amx::kernels(w.format),
             false => None,
         })
@@ -690,8 +694,8 @@ fn amx_plans(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn amx_plans(ws: &[&PackedMat], _: usize, _: usize, _: SimdLevel) -> Vec<Option<AmxKernels>> {
-    vec![None; ws.len()]
+fn amx_plans(_: &[&PackedMat], _: usize, _: usize, _: SimdLevel) -> Vec<Option<AmxKernels>> {
+    Vec::new()
 }
 
 #[cfg(target_arch = "x86_64")]
