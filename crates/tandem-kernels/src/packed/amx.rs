@@ -194,7 +194,7 @@ unsafe fn planes<const F: u8>(tile: &[u8], nb: usize, out: &mut Vec<__m512i>) {
         let (lo_plane, hi_plane) =
             out[s * 2 * PLANE_REGS..(s + 1) * 2 * PLANE_REGS].split_at_mut(PLANE_REGS);
         for bi in 0..blocks {
-            let v = values::<F>(p, false);
+            let v = values::<F>(p, false, false);
             // Each register's scale per row (i32 lanes) and the offset its values carry.
             let (scales, offset) = match format.scheme() {
                 Scheme::K32 => {

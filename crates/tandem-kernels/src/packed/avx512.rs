@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{min_pair_sums, prefetch_block, ActBlock, PackedFormat, PackedKernels, Scheme};
+use super::{min_pair_sums, prefetch_line, ActBlock, PackedFormat, PackedKernels, Scheme};
 use crate::dtype::{QK, QK_K};
 
 /// Adds `bit` to the bytes of `v` whose bits are set in the top-bit masks at `masks` (Q5: bit
@@ -32,11 +32,23 @@ unsafe fn add_masked(v: &mut [__m512i; 8], masks: *const u8, bit: i8) {
 
 /// The eight value registers of one block at `p` (see `layout`), as unsigned bytes; with
 /// `hi16` (4-bit formats only), the high nibbles are left in place, sixteen times their value,
-/// one AND each instead of a shift and an AND (see [`dot_block`]).
+/// one AND each instead of a shift and an AND (see [`dot_block`]). With `prefetch`, each of
+/// the block's lines asks for the line [`PREFETCH`](super::PREFETCH) bytes further as it is
+/// loaded: spread among the work, not bunched after the block (see [`prefetch_line`]).
 #[inline(always)]
-pub(super) unsafe fn values<const F: u8>(p: *const u8, hi16: bool) -> [__m512i; 8] {
+pub(super) unsafe fn values<const F: u8>(p: *const u8, hi16: bool, prefetch: bool) -> [__m512i; 8] {
     let format = PackedFormat::from_id(F);
-    let load = |i: usize| _mm512_loadu_si512(p.add(64 * i) as *const __m512i);
+    let load = |i: usize| {
+        if prefetch {
+            prefetch_line(p.add(64 * i));
+        }
+        _mm512_loadu_si512(p.add(64 * i) as *const __m512i)
+    };
+    // Q5's and Q3_K's top-bit masks: the block's last line, read outside `load`.
+    let masks = p.add(format.block_value_bytes() - 64);
+    if prefetch && matches!(format.bits(), 3 | 5) {
+        prefetch_line(masks);
+    }
     if format.bits() == 8 {
         return std::array::from_fn(load);
     }
@@ -56,7 +68,7 @@ pub(super) unsafe fn values<const F: u8>(p: *const u8, hi16: bool) -> [__m512i; 
             }
         }
         if format.bits() == 3 {
-            add_masked(&mut v, p.add(format.block_value_bytes() - 64), 4);
+            add_masked(&mut v, masks, 4);
         }
         return v;
     }
@@ -82,7 +94,7 @@ pub(super) unsafe fn values<const F: u8>(p: *const u8, hi16: bool) -> [__m512i; 
         return v.map(|idx| _mm512_shuffle_epi8(table, idx));
     }
     match format.bits() {
-        5 => add_masked(&mut v, p.add(format.block_value_bytes() - 64), 0x10),
+        5 => add_masked(&mut v, masks, 0x10),
         6 => {
             let top = _mm512_set1_epi8(0x30);
             for half in 0..2 {
@@ -190,10 +202,7 @@ unsafe fn block_rows<const R: usize, const F: u8>(
             _mm512_setzero_ps()
         };
         p = p.add(format.header_bytes());
-        if prefetch {
-            prefetch_block(p, format.block_value_bytes());
-        }
-        let v = values::<F>(p, hi16);
+        let v = values::<F>(p, hi16, prefetch);
         // Unrolled by hand: LLVM kept some formats' eight-row loops rolled, with every
         // accumulator in memory (a load and a store per row and block).
         seq_macro::seq!(r in 0..8 {
@@ -242,10 +251,7 @@ unsafe fn super_rows<const R: usize, const F: u8>(
         let mut isum = [_mm512_setzero_si512(); R];
         for bi in 0..blocks {
             let blk = s * blocks + bi;
-            if prefetch {
-                prefetch_block(p, format.block_value_bytes());
-            }
-            let v = values::<F>(p, hi16);
+            let v = values::<F>(p, hi16, prefetch);
             match scheme {
                 Scheme::K32 => {
                     let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));

@@ -439,21 +439,36 @@ use kernel_set;
 #[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH: usize = 8192;
 
-/// Asks for every cache line of the block of `bytes` at `p`, [`PREFETCH`] bytes ahead (one
+/// Asks for every cache line of the block of `bytes` at `p` (see [`prefetch_line`]; one
 /// prefetch per block left the hardware prefetcher to find the rest: 16.5 -> 21 GB/s on a
 /// 150 MB matrix on the Xeon); the kernels call it only where that pays (see
-/// `simd::prefetch_weights`). May point past the matrix: a prefetch never faults.
+/// `simd::prefetch_weights`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_block(p: *const u8, bytes: usize) {
     for line in (0..bytes).step_by(64) {
-        // SAFETY: a prefetch never faults, wherever it points.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                p.wrapping_add(PREFETCH + line) as *const i8,
-            )
-        };
+        prefetch_line(p.wrapping_add(line));
     }
+}
+
+/// Asks for the cache line [`PREFETCH`] bytes past `p` into L2, not L1 (`prefetcht1`). May
+/// point past the matrix: a prefetch never faults.
+///
+/// Into L1, each prefetch holds one of the core's few L1 miss buffers for the whole trip to
+/// memory, and a full set stalls the loads behind it: the Xeon's profile put 60% of the Q4_K
+/// decode kernel's samples on its prefetch instructions. Into L2, and one after each of the
+/// block's loads instead of all of them after the block, the 1.5B's decode matmuls alone
+/// (`decode_matmuls`, MODEL=qwen1.5b) streamed 26.6-26.9 GB/s against 23.8-24.0 (AVX-512;
+/// AVX2 22.8-23.0 against 21.7-22.0), the whole decode 26.1-26.5 tok/s against 23.5-23.6.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_line(p: *const u8) {
+    // SAFETY: a prefetch never faults, wherever it points.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+            p.wrapping_add(PREFETCH) as *const i8,
+        )
+    };
 }
 
 /// Whether packed kernels faster than the stored-format ones exist at `level`.
