@@ -455,11 +455,15 @@ pub(crate) fn prefetch_block(p: *const u8, bytes: usize) {
 /// point past the matrix: a prefetch never faults.
 ///
 /// Into L1, each prefetch holds one of the core's few L1 miss buffers for the whole trip to
-/// memory, and a full set stalls the loads behind it: the Xeon's profile put 60% of the Q4_K
-/// decode kernel's samples on its prefetch instructions. Into L2, and one after each of the
+/// memory, and a full set stalls what comes behind it (so we read the Xeon's profile, which
+/// put 60% of the Q4_K decode kernel's samples on its four bunched prefetch instructions).
+/// Into L2, and one after each of the
 /// block's loads instead of all of them after the block, the 1.5B's decode matmuls alone
 /// (`decode_matmuls`, MODEL=qwen1.5b) streamed 26.6-26.9 GB/s against 23.8-24.0 (AVX-512;
-/// AVX2 22.8-23.0 against 21.7-22.0), the whole decode 26.1-26.5 tok/s against 23.5-23.6.
+/// AVX2 22.8-23.0 against 21.7-22.0), the whole decode 25.4-26.0 tok/s against 23.1-23.3.
+/// On AMD, T1 filling L2 only came with Zen 4 (earlier cores fill L1 for every hint, so on a
+/// Zen 3 the hint should change nothing; not measured), and from Zen 4 on the kernels do not
+/// prefetch at all (`simd::prefetch_weights`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_line(p: *const u8) {
