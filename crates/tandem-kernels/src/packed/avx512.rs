@@ -33,8 +33,8 @@ unsafe fn add_masked(v: &mut [__m512i; 8], masks: *const u8, bit: i8) {
 /// The eight value registers of one block at `p` (see `layout`), as unsigned bytes; with
 /// `hi16` (4-bit formats only), the high nibbles are left in place, sixteen times their value,
 /// one AND each instead of a shift and an AND (see [`dot_block`]). With `prefetch`, each of
-/// the block's lines asks for the line [`PREFETCH`](super::PREFETCH) bytes further as it is
-/// loaded: spread among the work, not bunched after the block (see [`prefetch_line`]).
+/// the block's lines asks for the lines ahead of it (see [`prefetch_line`]) as it is loaded:
+/// spread among the work, not bunched after the block.
 #[inline(always)]
 pub(super) unsafe fn values<const F: u8>(p: *const u8, hi16: bool, prefetch: bool) -> [__m512i; 8] {
     let format = PackedFormat::from_id(F);

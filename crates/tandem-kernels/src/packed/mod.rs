@@ -439,6 +439,10 @@ use kernel_set;
 #[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH: usize = 8192;
 
+/// How far ahead the SIMD kernels move weights from L2 into L1 (see [`prefetch_line`]).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_L1: usize = 512;
+
 /// Asks for every cache line of the block of `bytes` at `p` (see [`prefetch_line`]; one
 /// prefetch per block left the hardware prefetcher to find the rest: 16.5 -> 21 GB/s on a
 /// 150 MB matrix on the Xeon); the kernels call it only where that pays (see
@@ -451,28 +455,31 @@ pub(crate) fn prefetch_block(p: *const u8, bytes: usize) {
     }
 }
 
-/// Asks for the cache line [`PREFETCH`] bytes past `p` into L2, not L1 (`prefetcht1`). May
-/// point past the matrix: a prefetch never faults.
+/// Asks for the cache line [`PREFETCH`] bytes past `p` into L2, not L1 (`prefetcht1`), and
+/// for the one [`PREFETCH_L1`] bytes past it, by then in L2, into L1 (`prefetcht0`). May point
+/// past the matrix: a prefetch never faults.
 ///
-/// Into L1, each prefetch holds one of the core's few L1 miss buffers for the whole trip to
-/// memory, and a full set stalls what comes behind it (so we read the Xeon's profile, which
-/// put 60% of the Q4_K decode kernel's samples on its four bunched prefetch instructions).
-/// Into L2, and one after each of the
-/// block's loads instead of all of them after the block, the 1.5B's decode matmuls alone
-/// (`decode_matmuls`, MODEL=qwen1.5b) streamed 26.6-26.9 GB/s against 23.8-24.0 (AVX-512;
-/// AVX2 22.8-23.0 against 21.7-22.0), the whole decode 25.4-26.0 tok/s against 23.1-23.3.
-/// On AMD, T1 filling L2 only came with Zen 4 (earlier cores fill L1 for every hint, so on a
-/// Zen 3 the hint should change nothing; not measured), and from Zen 4 on the kernels do not
-/// prefetch at all (`simd::prefetch_weights`).
+/// Into L1 from memory, each prefetch holds one of the core's few L1 miss buffers for the whole
+/// trip, and a full set stalls what comes behind it (so we read the Xeon's profile, which put
+/// 60% of the Q4_K decode kernel's samples on its four bunched `prefetcht0`). Into L2, one
+/// after each of the block's loads instead of all of them after the block, the 1.5B's decode
+/// matmuls alone (`decode_matmuls`, MODEL=qwen1.5b) streamed 26.6-26.9 GB/s against 23.8-24.0
+/// (AVX-512; AVX2 22.8-23.0 against 21.7-22.0), the whole decode 25.4-26.0 tok/s against
+/// 23.1-23.3. The second, short hop into L1 (an L2 hit, so its buffer is soon free) then gave
+/// 27.5-28.9 GB/s against 26.5-27.3 (AVX2 24.2-24.7 against 22.9-23.1), the whole decode
+/// 27.6-28.0 tok/s against 26.1-26.3; 256 and 1,024 bytes ahead did as well as 512.
+/// On AMD, T1 filling L2 only came with Zen 4 (earlier cores fill L1 for every hint; on a
+/// Zen 3 not measured), and from Zen 4 on the kernels do not prefetch at all
+/// (`simd::prefetch_weights`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_line(p: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
     // SAFETY: a prefetch never faults, wherever it points.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-            p.wrapping_add(PREFETCH) as *const i8,
-        )
-    };
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_L1) as *const i8);
+    }
 }
 
 /// Whether packed kernels faster than the stored-format ones exist at `level`.
