@@ -1,7 +1,8 @@
 //! A model's decode matmuls alone (synthetic weights of its shapes and types), so their speed
 //! shows without the rest of the forward: ms and GB/s per token, `ROUNDS` (5) rounds of
-//! `TOKENS` (100) tokens on `THREADS` threads (one per core), with `GAP_US` microseconds of serial spinning after each call (0)
-//! standing for the norms and the like between them (its time is not counted). `MODEL`
+//! `TOKENS` (100) tokens on `THREADS` threads (one per core), with `GAP_US` microseconds of
+//! serial spinning after each call (0) standing for the norms and the like between them (its
+//! time is not counted). `MODEL`
 //! picks the shapes: `smollm` (default: the reference model, 30 layers of Q4_1 q/k/v,
 //! output, gate/up and down, and a Q8_0 LM head, 96 MB a token) or `qwen1.5b`
 //! (Qwen2.5-1.5B Q4_K_M: 28 layers of Q4_K, with Q6_K for v and down in 14 of them, and a
@@ -17,10 +18,14 @@ use tandem_kernels::{DType, ThreadPool};
 
 fn main() {
     let pool = match std::env::var("THREADS") {
-        Ok(t) => ThreadPool::new(t.parse().unwrap()).unwrap(),
-        _ => ThreadPool::with_default_threads().unwrap(),
+        Ok(_) => ThreadPool::new(env("THREADS", 0).max(1)).expect("a thread pool"),
+        _ => ThreadPool::with_default_threads().expect("a thread pool"),
     };
-    let qwen = std::env::var("MODEL").is_ok_and(|m| m == "qwen1.5b");
+    let qwen = match std::env::var("MODEL").as_deref() {
+        Err(_) | Ok("smollm") => false,
+        Ok("qwen1.5b") => true,
+        Ok(other) => panic!("MODEL={other}: expected smollm or qwen1.5b"),
+    };
     let (d, kv, f, layers, vocab) = if qwen {
         (1536, 256, 8960, 28, 151936)
     } else {
@@ -52,7 +57,7 @@ fn main() {
     let level = tandem_kernels::simd::active();
     let x: Vec<f32> = (0..f).map(|i| (i as f32 * 0.37).sin()).collect();
     let mut outs: Vec<Vec<f32>> = vec![vec![0.0; vocab]; 3];
-    let tokens = std::env::var("TOKENS").map_or(100, |r| r.parse().unwrap());
+    let tokens = env("TOKENS", 100).max(1);
     // Serial work between the matmuls, as the caller's norms and quantization leave.
     let gap_us: f64 = std::env::var("GAP_US").map_or(0.0, |g| g.parse().unwrap());
     let mut probe_buf = vec![0u64; 1 << 26];
@@ -61,7 +66,7 @@ fn main() {
         .iter_mut()
         .enumerate()
         .for_each(|(i, w)| *w = i as u64);
-    for round in 0..std::env::var("ROUNDS").map_or(5, |r| r.parse().unwrap()) {
+    for round in 0..env("ROUNDS", 5) {
         // Time and bytes per kind of call, named by its matrices' formats.
         let mut kinds: BTreeMap<String, (f64, usize)> = BTreeMap::new();
         let mut timed = |refs: &[&PackedMat], o: &mut [&mut [f32]], k: usize| {
@@ -108,6 +113,14 @@ fn main() {
             println!("  {name}: {:.1} GB/s", bytes as f64 / secs / 1e9);
         }
     }
+}
+
+/// The whole number in the environment variable `name`, or `default` where it is unset.
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: expected a whole number"))
+    })
 }
 
 /// The read bandwidth of `threads` threads summing `buf` (512 MiB, past the caches) in
