@@ -678,14 +678,13 @@ fn packed_parts(
             &act[g * m * nb..(g + 1) * m * nb]
         })
         .collect();
-    let amx_rows = SyncPtr(rows_scratch.as_mut_ptr());
     for_each_range(tiles, grain, |r| {
         // The range's part in each matrix it spans.
         for (wi, w) in ws.iter().enumerate() {
             let (lo, hi) = (r.start.max(starts[wi]), r.end.min(starts[wi] + w.tiles()));
             if lo < hi {
                 let mine = lo - starts[wi]..hi - starts[wi];
-                let amx = amx.get(wi).copied().flatten().map(|k| (k, amx_rows));
+                let amx = amx.get(wi).copied().flatten().map(|k| (k, rows_ptr));
                 // SAFETY: the range's tiles are this call's only; rows are nb blocks; the
                 // int8 rows were filled for every AMX plan.
                 unsafe { tile_run(w, &sets[wi], amx, acts[wi], m, parts, how, mine, dsts[wi]) }
