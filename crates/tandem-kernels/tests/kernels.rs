@@ -321,6 +321,60 @@ fn packed_k_quant_batches_equal_the_scalar_kernel() {
     }
 }
 
+/// The k-quant kernels' integer sums at their extremes: every 4-bit value 0 or 15 (all value
+/// bytes 0x00 or 0xff) against activations all at +-127, where a Q4_K block's sum taken around
+/// 8 reaches its 16-bit bound (32 x 8 x 127), at the row counts of each batched kernel.
+#[test]
+fn packed_k_quant_extreme_sums_equal_the_scalar_kernel() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let k = 2 * 256;
+    for d in [DType::Q4_K, DType::Q5_K, DType::Q6_K] {
+        for fill in [0x00u8, 0xff] {
+            let mut data: Vec<u8> = (0..16).flat_map(|_| random_row(&mut rng, d, k)).collect();
+            if d == DType::Q4_K {
+                // Q4_K's 144-byte block: d, dmin, 12 scale bytes, then the values.
+                for b in data.chunks_exact_mut(144) {
+                    b[16..].fill(fill);
+                }
+            } else {
+                for b in data.chunks_exact_mut(d.block_bytes()) {
+                    let keep: Vec<(usize, [u8; 2])> = scale_offsets(d)
+                        .iter()
+                        .map(|&o| (o, [b[o], b[o + 1]]))
+                        .collect();
+                    b.fill(fill);
+                    for (o, v) in keep {
+                        b[o..o + 2].copy_from_slice(&v);
+                    }
+                }
+            }
+            let p = PackedMat::pack(&MatRef::new(d, 16, k, &data).unwrap()).unwrap();
+            for m in [1, 2, 4, 8, 12, 16, 24] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| match (i / k) % 3 {
+                        0 => 1.5,
+                        1 => -1.5,
+                        _ => {
+                            if i % 2 == 0 {
+                                1.5
+                            } else {
+                                -1.5
+                            }
+                        }
+                    })
+                    .collect();
+                let mut scalar = vec![0f32; m * 16];
+                packed::matmul_packed(&x, m, &p, &mut scalar, SimdLevel::Scalar);
+                for level in SimdLevel::supported() {
+                    let mut got = vec![0f32; m * 16];
+                    packed::matmul_packed(&x, m, &p, &mut got, level);
+                    assert_eq!(got, scalar, "{d} {level:?} m={m} fill {fill:#x}");
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
 

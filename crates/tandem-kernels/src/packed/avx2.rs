@@ -536,4 +536,5 @@ pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock], group: usize)
             a.half_sums = sums;
         }
     }
+    super::finish_act_row(out);
 }

@@ -245,6 +245,8 @@ unsafe fn super_rows<const R: usize, const F: u8>(
     // Decode's one or two rows: the high nibbles' own chain (see `dot_block`); not for the
     // table formats, whose nibbles are indices.
     let hi16 = R <= 2 && format.bits() == 4 && !format.table();
+    // Q4_K's batches: its values centered at 8 (see the `Scheme::K32 if centered` arm).
+    let centered = !hi16 && scheme == Scheme::K32 && format.bits() == 4;
     for s in 0..nb / blocks {
         let h = p;
         p = p.add(format.header_bytes());
@@ -253,6 +255,30 @@ unsafe fn super_rows<const R: usize, const F: u8>(
             let blk = s * blocks + bi;
             let v = values::<F>(p, hi16, prefetch);
             match scheme {
+                Scheme::K32 if centered => {
+                    // The values taken as `q - 8` (the chain starts at -8 * sum(a)), so a
+                    // block's sum (at most 32 x 8 x 127 in size) fits 16 bits and `vpdpwssd`
+                    // against the scale in each dword's low half applies it: one operation
+                    // on the multiply ports instead of `vpmulld`'s two. The 8 * scale * sum(a)
+                    // this leaves out is added per super-block below. One chain a row, the
+                    // rows interleaved, so that R chains are in flight at once.
+                    let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));
+                    let a: [&ActBlock; R] = std::array::from_fn(|r| acts[r].get_unchecked(blk));
+                    let mut c: [__m512i; R] =
+                        std::array::from_fn(|r| _mm512_set1_epi32(a[r].neg8_sum));
+                    for (j, v) in v.iter().enumerate() {
+                        seq_macro::seq!(r in 0..8 {
+                            if r < R {
+                                c[r] = _mm512_dpbusd_epi32(c[r], *v, act_dword(a[r], j));
+                            }
+                        });
+                    }
+                    seq_macro::seq!(r in 0..8 {
+                        if r < R {
+                            isum[r] = _mm512_dpwssd_epi32(isum[r], c[r], sc);
+                        }
+                    });
+                }
                 Scheme::K32 => {
                     let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));
                     seq_macro::seq!(r in 0..8 {
@@ -294,6 +320,22 @@ unsafe fn super_rows<const R: usize, const F: u8>(
                 Scheme::Block32 { .. } => unreachable!("Block32 formats run block_rows"),
             }
             p = p.add(format.block_value_bytes());
+        }
+        if centered {
+            // The centering's 8 * scale * sum(a), by pairs of blocks: 8 * scale is at most
+            // 504 and a block's sum at most 32 x 127, both 16-bit halves.
+            for q in 0..blocks / 2 {
+                let at = h.add(4 * rows + 2 * q * rows);
+                let pair = _mm512_or_si512(
+                    bytes_epi32::<false>(at),
+                    _mm512_slli_epi32::<16>(bytes_epi32::<false>(at.add(rows))),
+                );
+                let pair8 = _mm512_slli_epi32::<3>(pair);
+                for r in 0..R {
+                    let sums = acts[r].get_unchecked(s * blocks + 2 * q).sum_pair;
+                    isum[r] = _mm512_dpwssd_epi32(isum[r], pair8, _mm512_set1_epi32(sums));
+                }
+            }
         }
         super_step::<R, F>(h, &acts, s, &isum, &mut acc);
     }

@@ -337,6 +337,24 @@ pub struct ActBlock {
     /// The sums of `qs[..16]` and `qs[16..]` (for the k-quants' offsets and minimums under
     /// per-16 scales).
     pub half_sums: [i32; 2],
+    /// `-8 * sum(qs)`: where a chain of products with 4-bit values starts when they are taken
+    /// as centered at 8, so that a whole block's sum fits 16 bits (`avx512`'s Q4_K kernels).
+    pub neg8_sum: i32,
+    /// `sum(qs)` of this block and of the next one (0 for the last) as two 16-bit halves: the
+    /// operand that pairs of per-block minimums (or scales) multiply by `vpdpwssd`.
+    pub sum_pair: i32,
+}
+
+/// Fills the fields of `out` that depend on more than one block's values, once `qs` and
+/// `half_sums` are set.
+pub(crate) fn finish_act_row(out: &mut [ActBlock]) {
+    let sum = |a: &ActBlock| a.half_sums[0] + a.half_sums[1];
+    for b in 0..out.len() {
+        let next = out.get(b + 1).map_or(0, sum);
+        let a = &mut out[b];
+        a.neg8_sum = -8 * sum(a);
+        a.sum_pair = pair_i16(sum(a), next);
+    }
 }
 
 /// Two 16-bit integers as one dword, `lo` in the low half: a `vpdpwssd` / `vpmaddwd` operand.
@@ -354,11 +372,7 @@ pub(crate) fn pair_i16(lo: i32, hi: i32) -> i32 {
 #[inline(always)]
 pub(crate) unsafe fn min_pair_sums(a: &[ActBlock], first: usize, q: usize, k32: bool) -> i32 {
     if k32 {
-        let sum = |b: usize| {
-            let x = a.get_unchecked(first + b);
-            x.half_sums[0] + x.half_sums[1]
-        };
-        pair_i16(sum(2 * q), sum(2 * q + 1))
+        a.get_unchecked(first + 2 * q).sum_pair
     } else {
         let x = a.get_unchecked(first + q);
         pair_i16(x.half_sums[0], x.half_sums[1])
@@ -387,6 +401,7 @@ pub fn quantize_act(x: &[f32], out: &mut [ActBlock], group: usize) {
             a.half_sums = sums;
         }
     }
+    finish_act_row(out);
 }
 
 /// Sixteen rows' dot products (one tile) with each of `R` activation rows: activation row
