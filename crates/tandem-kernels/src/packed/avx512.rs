@@ -247,6 +247,8 @@ unsafe fn super_rows<const R: usize, const F: u8>(
     let hi16 = R <= 2 && format.bits() == 4 && !format.table();
     // Q4_K's batches: its values centered at 8 (see the `Scheme::K32 if centered` arm).
     let centered = !hi16 && scheme == Scheme::K32 && format.bits() == 4;
+    // Q6_K: its values centered at 32, a quarter block at a time (see that arm).
+    let quarters = format == PackedFormat::Q6_K;
     for s in 0..nb / blocks {
         let h = p;
         p = p.add(format.header_bytes());
@@ -289,6 +291,28 @@ unsafe fn super_rows<const R: usize, const F: u8>(
                             isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(i, sc));
                         }
                     });
+                }
+                Scheme::K16 { .. } if quarters => {
+                    // Q6_K: each quarter's chain starts at -32 * sum(a) (values taken as
+                    // `q - 32`), so its sum (at most 8 x 32 x 127 in size) fits 16 bits and
+                    // `vpdpwssd` against the half's scale in each dword's low half applies it:
+                    // four operations on the multiply ports a row and block instead of two
+                    // `vpmulld` (four), two adds and the chains' two broadcast starts.
+                    let at = h.add(2 * rows + 2 * rows * bi);
+                    let low16 = _mm512_set1_epi32(0xffff);
+                    let [lo, hi] =
+                        [at, at.add(rows)].map(|q| _mm512_and_si512(bytes_epi32::<true>(q), low16));
+                    let a: [&ActBlock; R] = std::array::from_fn(|r| acts[r].get_unchecked(blk));
+                    for (q, sc) in [lo, lo, hi, hi].into_iter().enumerate() {
+                        seq_macro::seq!(r in 0..8 {
+                            if r < R {
+                                let mut c = _mm512_set1_epi32(a[r].neg32_quarter_sums[q]);
+                                c = _mm512_dpbusd_epi32(c, v[2 * q], act_dword(a[r], 2 * q));
+                                c = _mm512_dpbusd_epi32(c, v[2 * q + 1], act_dword(a[r], 2 * q + 1));
+                                isum[r] = _mm512_dpwssd_epi32(isum[r], c, sc);
+                            }
+                        });
+                    }
                 }
                 Scheme::K16 { offset, mins } => {
                     let at = h.add(if mins { 4 } else { 2 } * rows + 2 * rows * bi);

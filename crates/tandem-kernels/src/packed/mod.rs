@@ -343,6 +343,10 @@ pub struct ActBlock {
     /// `sum(qs)` of this block and of the next one (0 for the last) as two 16-bit halves: the
     /// operand that pairs of per-block minimums (or scales) multiply by `vpdpwssd`.
     pub sum_pair: i32,
+    /// `-32 *` the sums of `qs` in each quarter (eight values): where chains over a quarter
+    /// start when 6-bit values are taken as centered at 32, so that each quarter's sum fits 16
+    /// bits (`avx512`'s Q6_K kernels).
+    pub neg32_quarter_sums: [i32; 4],
 }
 
 /// Fills the fields of `out` that depend on more than one block's values, once `qs` and
@@ -354,6 +358,9 @@ pub(crate) fn finish_act_row(out: &mut [ActBlock]) {
         let a = &mut out[b];
         a.neg8_sum = -8 * sum(a);
         a.sum_pair = pair_i16(sum(a), next);
+        for (q, quarter) in a.qs.chunks_exact(QK / 4).enumerate() {
+            a.neg32_quarter_sums[q] = -32 * quarter.iter().map(|&v| v as i32).sum::<i32>();
+        }
     }
 }
 
