@@ -88,7 +88,7 @@ pub fn run(a: EngineBenchArgs) -> anyhow::Result<()> {
     let loaded = crate::load_model(a.model.as_deref())?;
     let vocab = loaded.model.config().vocab_size;
     let cfg = a.engine.config();
-    let budget = cfg.batch_tokens(loaded.model.config());
+    let budget = cfg.batch_tokens();
     let engine = Engine::start(loaded, cfg)?;
     let mut rng = StdRng::seed_from_u64(a.seed);
     // Warm-up: one short request (thread pools, page faults).

@@ -11,10 +11,8 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_length: Option<usize>,
     /// Tokens per forward pass (the Dynamic SplitFuse budget; lower keeps decodes smoother
-    /// while long prompts prefill). Default: sized to the model while sequences decode, 64 for
-    /// a small one on two compute threads, down to 1.5 x --max-batch-seqs for large ones (a
-    /// prompt token costs a large model's decoding sequences more of each step); 32 per
-    /// compute thread in steps where nothing decodes. A value given applies to every step.
+    /// while long prompts prefill). Default: 32 per compute thread, and at least 1.5 x
+    /// --max-batch-seqs. A value given applies to every step.
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
     /// Sequences per forward pass (default: 8 per compute thread; on a CPU more sequences per

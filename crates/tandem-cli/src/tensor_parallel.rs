@@ -312,7 +312,7 @@ fn start(
     let (_, num_blocks) = cfg.kv_plan(&mcfg, mcfg.max_positions())?;
     cfg.num_blocks = Some(num_blocks);
     // A slot holds one all-reduce of a full batch's hidden states.
-    let slot = (cfg.batch_tokens(&mcfg) * mcfg.hidden_size * 4).clamp(1 << 16, 16 << 20);
+    let slot = (cfg.batch_tokens() * mcfg.hidden_size * 4).clamp(1 << 16, 16 << 20);
     let shm = ShmGroup::create(world, slot)?;
     let mut rank_args = engine.clone();
     rank_args.num_blocks = Some(num_blocks);

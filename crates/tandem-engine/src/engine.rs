@@ -19,7 +19,7 @@ use crate::worker::{Command, Worker};
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Tokens per forward, the SplitFuse budget (FastGen's `max_ragged_batch_size`); `None`
-    /// sizes it to the model ([`default_max_batch_tokens`]). FastGen's 768 suits GPUs, where a
+    /// takes [`default_max_batch_tokens`]. FastGen's 768 suits GPUs, where a
     /// 768-token forward costs about as much as a 1-token one; on a CPU every token costs
     /// compute, and every prompt token in a step lengthens the step of each sequence decoding
     /// in it (measured in docs/perf-notes.md). Lower it for smoother decodes, raise it for TTFT.
@@ -51,35 +51,23 @@ pub fn default_max_batch_seqs() -> usize {
     tandem_model::default_threads().saturating_mul(8)
 }
 
-/// Multiply-adds per compute thread a step is sized for by default: the reference model's 64
-/// tokens on two threads, where steps of fewer tokens lose throughput to the fixed cost of a
-/// step (~1-2 ms against ~20 ms).
-const STEP_MACS_PER_THREAD: f64 = 4.4e9;
-
 /// The most tokens a default budget gives a step: 32 per compute thread.
 fn default_prefill_tokens() -> usize {
     tandem_model::default_threads().saturating_mul(32)
 }
 
-/// The default SplitFuse budget for a model of `mcfg` with `max_batch_seqs` sequences per step:
-/// the tokens whose matmuls make [`STEP_MACS_PER_THREAD`] per compute thread, at most 32 per
-/// thread and at least 1.5 x `max_batch_seqs` (so prompts still advance by half a token per
-/// decoding sequence). A small model keeps 64 tokens on two threads; a 1.5B one gets 24, since
-/// there each prompt token a step carries costs as much as ten small-model tokens and
-/// lengthens the step of every sequence decoding in it: at 32 concurrent, TPOT ~183 -> ~150
-/// ms for ~4.5% less throughput (docs/perf-notes.md). Steps in which nothing decodes still
-/// take 32 tokens per thread (see [`EngineConfig::prefill_tokens`]).
-pub fn default_max_batch_tokens(mcfg: &tandem_model::LlamaConfig, max_batch_seqs: usize) -> usize {
-    let threads = tandem_model::default_threads();
-    // In floats: a config's sizes multiply past usize only in absurd files, but never wrap.
-    let (d, hd) = (mcfg.hidden_size as f64, mcfg.head_dim() as f64);
-    let attn = d * hd * (2 * mcfg.num_heads + 2 * mcfg.kv_heads()) as f64;
-    let per_layer = attn + 3.0 * d * mcfg.intermediate_size() as f64;
-    let macs = (mcfg.num_layers as f64 * per_layer + d * mcfg.vocab_size as f64).max(1.0);
-    let sized = (STEP_MACS_PER_THREAD * threads as f64 / macs) as usize;
-    let most = default_prefill_tokens();
+/// The default SplitFuse budget with `max_batch_seqs` sequences per step: 32 tokens per
+/// compute thread, as in steps where nothing decodes, and at least 1.5 x `max_batch_seqs` (so
+/// prompts still advance by half a token per decoding sequence). Steps of that many rows
+/// share each weight read among more rows, and reach the rows from which the k-quants'
+/// matmuls run on AMX where the CPU has it. For a large model this lengthens the step of each
+/// decoding sequence, but less than it raises throughput: the 1.5B at 32 concurrent on an AMX
+/// Xeon served 77.8 -> 88.3 tok/s with TPOT 132 -> 150 ms against 24-token steps
+/// (llama-server: 222 ms), and at 8 concurrent 72.6 -> 82.6 tok/s with TPOT 85.7 -> 82.6
+/// (docs/perf-notes.md). Lower it for smoother decodes.
+pub fn default_max_batch_tokens(max_batch_seqs: usize) -> usize {
     let least = max_batch_seqs.saturating_add(max_batch_seqs / 2);
-    sized.min(most).max(least).max(1)
+    default_prefill_tokens().max(least).max(1)
 }
 
 impl Default for EngineConfig {
@@ -228,10 +216,10 @@ fn physical_memory() -> usize {
 }
 
 impl EngineConfig {
-    /// The SplitFuse budget for a model of `mcfg`: `max_batch_tokens`, or the model's default.
-    pub fn batch_tokens(&self, mcfg: &tandem_model::LlamaConfig) -> usize {
+    /// The SplitFuse budget: `max_batch_tokens`, or the default ([`default_max_batch_tokens`]).
+    pub fn batch_tokens(&self) -> usize {
         self.max_batch_tokens
-            .unwrap_or_else(|| default_max_batch_tokens(mcfg, self.max_batch_seqs))
+            .unwrap_or_else(|| default_max_batch_tokens(self.max_batch_seqs))
     }
 
     /// The budget of a step in which nothing decodes: `max_batch_tokens` when given (one

@@ -70,7 +70,7 @@ impl Worker {
         stats: Arc<Mutex<EngineStats>>,
     ) -> Worker {
         let kv = model.new_kv_cache(num_blocks, cfg.block_size, cfg.kv_dtype);
-        let max_batch_tokens = cfg.batch_tokens(model.config());
+        let max_batch_tokens = cfg.batch_tokens();
         let mut eos = tok.eos_ids().to_vec();
         for e in model.config().eos_ids() {
             if !eos.contains(&e) {
