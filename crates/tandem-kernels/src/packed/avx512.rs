@@ -203,6 +203,32 @@ unsafe fn block_rows<const R: usize, const F: u8>(
         };
         p = p.add(format.header_bytes());
         let v = values::<F>(p, hi16, prefetch);
+        if R > 2 {
+            // The rows' chains interleaved in program order, R in flight at once.
+            let a: [&ActBlock; R] = std::array::from_fn(|r| acts[r].get_unchecked(blk));
+            let mut c: [__m512i; R] = std::array::from_fn(|r| {
+                let sum = a[r].half_sums[0] + a[r].half_sums[1];
+                _mm512_set1_epi32(sum.wrapping_mul(-format.int_offset()))
+            });
+            for (j, v) in v.iter().enumerate() {
+                seq_macro::seq!(r in 0..8 {
+                    if r < R {
+                        c[r] = _mm512_dpbusd_epi32(c[r], *v, act_dword(a[r], j));
+                    }
+                });
+            }
+            seq_macro::seq!(r in 0..8 {
+                if r < R {
+                    let da = _mm512_set1_ps(a[r].d);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c[r]), _mm512_mul_ps(d, da), acc[r]);
+                    if format.float_min() {
+                        macc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(a[r].s), macc[r]);
+                    }
+                }
+            });
+            p = p.add(format.block_value_bytes());
+            continue;
+        }
         // Unrolled by hand: LLVM kept some formats' eight-row loops rolled, with every
         // accumulator in memory (a load and a store per row and block).
         seq_macro::seq!(r in 0..8 {
