@@ -178,6 +178,26 @@ unsafe fn dot_block(
     }
 }
 
+/// One block's integer dot products with each of `R` activation rows, each chain started at
+/// `init(row)`: the eight `vpdpbusd` of the rows interleaved in program order, so that R
+/// chains are in flight at once instead of one row's eight-long chain.
+#[inline(always)]
+unsafe fn interleaved_dots<const R: usize>(
+    v: &[__m512i; 8],
+    a: &[&ActBlock; R],
+    init: impl Fn(&ActBlock) -> i32,
+) -> [__m512i; R] {
+    let mut c: [__m512i; R] = std::array::from_fn(|r| _mm512_set1_epi32(init(a[r])));
+    for (j, v) in v.iter().enumerate() {
+        seq_macro::seq!(r in 0..8 {
+            if r < R {
+                c[r] = _mm512_dpbusd_epi32(c[r], *v, act_dword(a[r], j));
+            }
+        });
+    }
+    c
+}
+
 /// Sixteen rows of a Block32 format (one scale, and a minimum or an offset, per 32 elements)
 /// against `R` activation rows: per block and row, eight `vpdpbusd` and one float step.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -206,17 +226,10 @@ unsafe fn block_rows<const R: usize, const F: u8>(
         if R > 2 {
             // The rows' chains interleaved in program order, R in flight at once.
             let a: [&ActBlock; R] = std::array::from_fn(|r| acts[r].get_unchecked(blk));
-            let mut c: [__m512i; R] = std::array::from_fn(|r| {
-                let sum = a[r].half_sums[0] + a[r].half_sums[1];
-                _mm512_set1_epi32(sum.wrapping_mul(-format.int_offset()))
+            let c = interleaved_dots(&v, &a, |a| {
+                let sum = a.half_sums[0] + a.half_sums[1];
+                sum.wrapping_mul(-format.int_offset())
             });
-            for (j, v) in v.iter().enumerate() {
-                seq_macro::seq!(r in 0..8 {
-                    if r < R {
-                        c[r] = _mm512_dpbusd_epi32(c[r], *v, act_dword(a[r], j));
-                    }
-                });
-            }
             seq_macro::seq!(r in 0..8 {
                 if r < R {
                     let da = _mm512_set1_ps(a[r].d);
@@ -292,15 +305,7 @@ unsafe fn super_rows<const R: usize, const F: u8>(
                     // rows interleaved, so that R chains are in flight at once.
                     let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));
                     let a: [&ActBlock; R] = std::array::from_fn(|r| acts[r].get_unchecked(blk));
-                    let mut c: [__m512i; R] =
-                        std::array::from_fn(|r| _mm512_set1_epi32(a[r].neg8_sum));
-                    for (j, v) in v.iter().enumerate() {
-                        seq_macro::seq!(r in 0..8 {
-                            if r < R {
-                                c[r] = _mm512_dpbusd_epi32(c[r], *v, act_dword(a[r], j));
-                            }
-                        });
-                    }
+                    let c = interleaved_dots(&v, &a, |a| a.neg8_sum);
                     seq_macro::seq!(r in 0..8 {
                         if r < R {
                             isum[r] = _mm512_dpwssd_epi32(isum[r], c[r], sc);
