@@ -242,7 +242,7 @@ proptest! {
     /// dequantized weights times the dequantized activations (f64) within float rounding;
     /// every level agrees with the scalar kernel bit for bit; and a row's result is bitwise
     /// the same alone as among 1..39 rows (8-, 4-, 2- and 1-row kernels, and from 32 rows the
-    /// AMX level's products for the per-16-scale k-quants; see also the next test).
+    /// AMX level's products for the k-quants; see also the next test).
     #[test]
     fn packed_matmul_matches_dequantized(seed in any::<u64>(), which in 0usize..12, supers in 1usize..4, m in 1usize..40, n in 1usize..40) {
         let d = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K, DType::IQ4_NL, DType::IQ4_XS][which];
@@ -284,8 +284,8 @@ proptest! {
     }
 }
 
-/// Batches large enough for the AMX level's k-quant products (32 rows for the per-16-scale
-/// formats, 64 for the others; ragged row counts and tiles): every level equals the scalar
+/// Batches large enough for the AMX level's k-quant products (from 32 rows; ragged row
+/// counts and tiles): every level equals the scalar
 /// kernel bit for bit, and a row's result is the same in the batch as alone.
 #[test]
 fn packed_k_quant_batches_equal_the_scalar_kernel() {
@@ -672,61 +672,124 @@ fn column_slice(d: DType, data: &[u8], k: usize, cols: std::ops::Range<usize>) -
         .collect()
 }
 
+/// A sum cut into parts of the input columns (as tensor-parallel ranks hold them): each part
+/// is bitwise what a matrix of those columns alone gives on those columns of the activations,
+/// on the packed path at every level and on both unpacked paths, on 1 or 3 threads; the packed
+/// path's in-kernel sum is the parts added in order. `cuts` are in units of the format's
+/// block (those at or past the end are dropped).
+fn check_parts_equal_column_slices(
+    seed: u64,
+    d: DType,
+    supers: usize,
+    cuts: &[usize],
+    m: usize,
+    n: usize,
+    pooled: bool,
+) -> Result<(), TestCaseError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (bl, k) = (d.block_len(), supers * 256);
+    let mut bounds: Vec<usize> = cuts.iter().map(|c| c * bl).filter(|&c| c < k).collect();
+    bounds.extend([0, k]);
+    bounds.sort_unstable();
+    bounds.dedup();
+    let parts: Vec<_> = bounds.windows(2).map(|b| b[0]..b[1]).collect();
+    let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();
+    let w = MatRef::new(d, n, k, &data).unwrap();
+    let x = random_vec(&mut rng, m * k);
+    let slice = |c: &std::ops::Range<usize>| -> (Vec<f32>, Vec<u8>) {
+        let xs = x
+            .chunks_exact(k)
+            .flat_map(|r| r[c.clone()].to_vec())
+            .collect();
+        (xs, column_slice(d, &data, k, c.clone()))
+    };
+    let p = parts.len();
+    let run = |f: &mut dyn FnMut()| {
+        if pooled {
+            ThreadPool::new(3).unwrap().install(f)
+        } else {
+            f()
+        }
+    };
+    for level in SimdLevel::supported() {
+        let mut got = vec![0f32; p * m * n];
+        let packed = PackedMat::pack(&w).unwrap();
+        run(&mut || packed::matmul_packed_parts(&x, m, &packed, &parts, &mut got, level));
+        // Summed in the kernel: the parts added one after another in part order.
+        let mut summed = vec![0f32; m * n];
+        run(&mut || packed::matmul_packed_summed(&x, m, &packed, &parts, &mut summed, level));
+        let mut want = got[..m * n].to_vec();
+        for part in got.chunks_exact(m * n).skip(1) {
+            want.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        prop_assert_eq!(&summed, &want, "{} {:?} summed", d, level);
+        for (i, c) in parts.iter().enumerate() {
+            let (xs, ws) = slice(c);
+            let part = PackedMat::pack(&MatRef::new(d, n, c.len(), &ws).unwrap()).unwrap();
+            let mut want = vec![0f32; m * n];
+            packed::matmul_packed(&xs, m, &part, &mut want, level);
+            prop_assert_eq!(
+                &got[i * m * n..(i + 1) * m * n],
+                &want[..],
+                "{} {:?} part {:?}",
+                d,
+                level,
+                c
+            );
+        }
+    }
+    for precision in [Precision::Fast, Precision::Exact] {
+        let mut got = vec![0f32; p * m * n];
+        run(&mut || matmul_parts(&x, m, &w, &parts, &mut got, precision));
+        for (i, c) in parts.iter().enumerate() {
+            let (xs, ws) = slice(c);
+            let mut want = vec![0f32; m * n];
+            matmul(
+                &xs,
+                m,
+                &MatRef::new(d, n, c.len(), &ws).unwrap(),
+                &mut want,
+                precision,
+            );
+            prop_assert_eq!(
+                &got[i * m * n..(i + 1) * m * n],
+                &want[..],
+                "{} {:?} part {:?}",
+                d,
+                precision,
+                c
+            );
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// A sum cut into parts of the input columns (as tensor-parallel ranks hold them): each
-    /// part is bitwise what a matrix of those columns alone gives on those columns of the
-    /// activations, on the packed path at every level and on both unpacked paths, on 1 or 3
-    /// threads; the packed path's in-kernel sum is the parts added in order.
+    /// [`check_parts_equal_column_slices`] on random shapes and cuts.
     #[test]
     fn matmul_parts_equal_column_slices(seed in any::<u64>(), which in 0usize..QUANTS.len(), supers in 1usize..7, cuts in proptest::collection::vec(1usize..48, 0..4), m in 1usize..20, n in 1usize..40, pooled in any::<bool>()) {
-        let d = QUANTS[which];
-        let mut rng = StdRng::seed_from_u64(seed);
-        let (bl, k) = (d.block_len(), supers * 256);
-        let mut bounds: Vec<usize> = cuts.iter().map(|c| c * bl).filter(|&c| c < k).collect();
-        bounds.extend([0, k]);
-        bounds.sort_unstable();
-        bounds.dedup();
-        let parts: Vec<_> = bounds.windows(2).map(|b| b[0]..b[1]).collect();
-        let data: Vec<u8> = (0..n).flat_map(|_| random_row(&mut rng, d, k)).collect();
-        let w = MatRef::new(d, n, k, &data).unwrap();
-        let x = random_vec(&mut rng, m * k);
-        let slice = |c: &std::ops::Range<usize>| -> (Vec<f32>, Vec<u8>) {
-            let xs = x.chunks_exact(k).flat_map(|r| r[c.clone()].to_vec()).collect();
-            (xs, column_slice(d, &data, k, c.clone()))
-        };
-        let p = parts.len();
-        let run = |f: &mut dyn FnMut()| if pooled { ThreadPool::new(3).unwrap().install(f) } else { f() };
-        for level in SimdLevel::supported() {
-            let mut got = vec![0f32; p * m * n];
-            let packed = PackedMat::pack(&w).unwrap();
-            run(&mut || packed::matmul_packed_parts(&x, m, &packed, &parts, &mut got, level));
-            // Summed in the kernel: the parts added one after another in part order.
-            let mut summed = vec![0f32; m * n];
-            run(&mut || packed::matmul_packed_summed(&x, m, &packed, &parts, &mut summed, level));
-            let mut want = got[..m * n].to_vec();
-            for part in got.chunks_exact(m * n).skip(1) {
-                want.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-            }
-            prop_assert_eq!(&summed, &want, "{} {:?} summed", d, level);
-            for (i, c) in parts.iter().enumerate() {
-                let (xs, ws) = slice(c);
-                let part = PackedMat::pack(&MatRef::new(d, n, c.len(), &ws).unwrap()).unwrap();
-                let mut want = vec![0f32; m * n];
-                packed::matmul_packed(&xs, m, &part, &mut want, level);
-                prop_assert_eq!(&got[i * m * n..(i + 1) * m * n], &want[..], "{} {:?} part {:?}", d, level, c);
-            }
-        }
-        for precision in [Precision::Fast, Precision::Exact] {
-            let mut got = vec![0f32; p * m * n];
-            run(&mut || matmul_parts(&x, m, &w, &parts, &mut got, precision));
-            for (i, c) in parts.iter().enumerate() {
-                let (xs, ws) = slice(c);
-                let mut want = vec![0f32; m * n];
-                matmul(&xs, m, &MatRef::new(d, n, c.len(), &ws).unwrap(), &mut want, precision);
-                prop_assert_eq!(&got[i * m * n..(i + 1) * m * n], &want[..], "{} {:?} part {:?}", d, precision, c);
-            }
+        check_parts_equal_column_slices(seed, QUANTS[which], supers, &cuts, m, n, pooled)?;
+    }
+}
+
+/// [`check_parts_equal_column_slices`] for the k-quants in batches large enough for the AMX
+/// level's products (from 32 rows), cut into three and four parts, with a ragged last tile
+/// and rows past the last sixteen.
+#[test]
+fn k_quant_batch_parts_equal_column_slices() {
+    for (f, d) in QUANTS
+        .into_iter()
+        .filter(|d| d.block_len() == 256)
+        .enumerate()
+    {
+        for (c, (m, cuts)) in [(32, vec![1, 3]), (49, vec![2, 3, 4])]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = (f * 4 + c) as u64;
+            check_parts_equal_column_slices(seed, d, 5, &cuts, m, 21, c == 1).unwrap();
         }
     }
 }

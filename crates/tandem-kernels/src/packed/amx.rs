@@ -14,15 +14,16 @@
 //!
 //! The weight planes are built from a tile's packed values once per tile and chunk of
 //! [`AMX_CHUNK_ROWS`] activation rows, and serve each sixteen of them; so a call runs here only
-//! from [`min_rows`] rows on. The activations are read as rows of contiguous int8 (a copy of
+//! from [`MIN_ROWS`] rows on. The activations are read as rows of contiguous int8 (a copy of
 //! the quantized blocks' values, made once per matmul).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use super::avx512::{bytes_epi32, super_step, values};
 use super::layout::TILE_ROWS;
-use super::{ActBlock, PackedFormat, PackedMat, Scheme};
+use super::{ActBlock, CallAt, PackedFormat, PackedMat, PartBuffers, Parts, Scheme};
 use crate::dtype::{QK, QK_K};
 use crate::par::SyncPtr;
 
@@ -125,17 +126,13 @@ unsafe fn super_products(a: *const i8, stride: usize, lo: *const u8, hi: *const 
     }
 }
 
-/// Activation rows from which a matmul in `format` runs on AMX: the weight planes are built
-/// once per tile and call (about as many operations per block as the VNNI kernels spend on
-/// one activation row), so they must serve several sixteen-row products. `packed_speed`
-/// (32,768 x 1,536, two threads) at 16 / 32 / 64 / 128 rows: Q4_K 220 / 314 / 384 / 410 GMAC/s
-/// against the VNNI kernels' 312-337, Q6_K 237 / 380 / 497 / 634 against 272-292.
-pub(super) fn min_rows(format: PackedFormat) -> usize {
-    match format.scheme() {
-        Scheme::K16 { .. } => 32,
-        _ => 64,
-    }
-}
+/// Activation rows from which a k-quant matmul runs on AMX: the weight planes are built once
+/// per tile and call (about as many operations per block as the VNNI kernels spend on ten
+/// activation rows), so they must serve several sixteen-row products. `packed_speed` (16,384
+/// x 1,536, one thread) at 16 / 32 / 64 / 128 rows: Q4_K 136 / 184-199 / 232 / 238 GMAC/s
+/// against the VNNI kernels' 158-174, Q6_K 146 / 211-217 / 239 / 266 against 127-139. At 16
+/// rows Q6_K gains a little, but the LM head's shape ran slower (`docs/perf-notes.md`).
+pub(super) const MIN_ROWS: usize = 32;
 
 /// One format's AMX kernels: the planes of a tile and the tile against sixteen rows.
 #[derive(Clone, Copy)]
@@ -307,56 +304,60 @@ thread_local! {
 const AMX_CHUNK_ROWS: usize = 128;
 
 /// Sixteen rows at a time of the first `m / 16 * 16` rows against tiles `mine` of `w` through
-/// the AMX kernels `k`, into `dst` (`[m, n]`); returns the rows done.
+/// the AMX kernels `k`, into `dst` (each part of the columns alone, as `packed::tile_run`
+/// puts them); returns the rows done.
 ///
 /// # Safety
-/// As for `packed::tile_run` (one part); `k` are `w`'s kernels; `rows` holds `m` rows of `w.cols` int8, the values of
-/// `act`'s blocks.
+/// As for `packed::tile_run`; `k` are `w`'s kernels; `rows` holds `m` rows of `w.cols` int8,
+/// the values of `act`'s blocks.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn tile_run(
     w: &PackedMat,
     k: Kernels,
     rows: SyncPtr<i8>,
     act: &[ActBlock],
     m: usize,
-    mine: std::ops::Range<usize>,
+    parts: &[Range<usize>],
+    how: Parts,
+    mine: Range<usize>,
     dst: SyncPtr<f32>,
 ) -> usize {
     let (n, cols) = (w.rows, w.cols);
     let nb = cols / QK;
+    let super_bytes = w.format.tile_bytes(QK_K);
     let full = m / ROWS * ROWS;
     let _tiles = Tiles::configure();
     let mut planes = AMX_PLANES.take();
-    let mut edge = [0f32; ROWS * TILE_ROWS];
+    let mut buffers = PartBuffers::new();
     for chunk in (0..full).step_by(AMX_CHUNK_ROWS) {
         for t in mine.clone() {
             let tile = w.tile(t);
             (k.planes)(tile, nb, &mut planes);
-            let j0 = t * TILE_ROWS;
-            let valid = (n - j0).min(TILE_ROWS);
             for i in (chunk..(chunk + AMX_CHUNK_ROWS).min(full)).step_by(ROWS) {
-                let (out, stride) = if valid == TILE_ROWS {
-                    (dst.0.add(i * n + j0), n)
-                } else {
-                    (edge.as_mut_ptr(), TILE_ROWS)
+                let at = CallAt {
+                    m,
+                    n,
+                    i,
+                    r: ROWS,
+                    j0: t * TILE_ROWS,
                 };
-                let blocks =
-                    std::array::from_fn(|q| act.get_unchecked((i + q) * nb..(i + q + 1) * nb));
-                (k.rows)(
-                    &planes,
-                    tile,
-                    rows.0.add(i * cols),
-                    cols,
-                    blocks,
-                    nb,
-                    out,
-                    stride,
-                );
-                if valid < TILE_ROWS {
-                    for q in 0..ROWS {
-                        let o = dst.0.add((i + q) * n + j0);
-                        std::ptr::copy_nonoverlapping(edge.as_ptr().add(q * TILE_ROWS), o, valid);
-                    }
-                }
+                buffers.run(at, parts, how, dst, |part, out, stride| {
+                    // The part's super-blocks: its planes, headers, values and activations.
+                    let (s0, blocks) = (part.start / QK_K, part.start / QK..part.end / QK);
+                    let row_blocks = |q: usize| {
+                        act.get_unchecked((i + q) * nb + blocks.start..(i + q) * nb + blocks.end)
+                    };
+                    (k.rows)(
+                        planes.get_unchecked(s0 * 2 * PLANE_REGS..),
+                        tile.get_unchecked(s0 * super_bytes..),
+                        rows.0.add(i * cols + part.start),
+                        cols,
+                        std::array::from_fn(row_blocks),
+                        blocks.len(),
+                        out,
+                        stride,
+                    )
+                });
             }
         }
     }

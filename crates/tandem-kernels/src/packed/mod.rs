@@ -650,9 +650,9 @@ fn packed_parts(
     let act = &mut scratch[..len];
     let act_ptr = SyncPtr(act.as_mut_ptr());
     let quantize = act_quantizer(level);
-    // The AMX kernels (k-quants, enough rows, one part) read the activations of the
+    // The AMX kernels (k-quants, enough rows) read the activations of the
     // k-quants' grouping as rows of contiguous int8.
-    let amx = amx_plans(ws, m, parts.len(), level);
+    let amx = amx_plans(ws, m, level);
     let amx_group = groups.iter().position(|&g| g == QK_K / QK);
     let want_rows = amx.iter().any(Option::is_some);
     let mut rows_scratch = AMX_ROWS_SCRATCH.take();
@@ -718,30 +718,19 @@ fn packed_parts(
 }
 
 /// The AMX kernels of an AMX-level call, per matrix: where the level is [`SimdLevel::Amx`],
-/// the call has one part and enough rows for the matrix's format ([`amx::min_rows`]), and the
-/// matrix is a k-quant; empty where no matrix of the call can.
+/// the call has [`amx::MIN_ROWS`] rows or more, and the matrix is a k-quant; empty where no
+/// matrix of the call can.
 #[cfg(target_arch = "x86_64")]
-fn amx_plans(
-    ws: &[&PackedMat],
-    m: usize,
-    parts: usize,
-    level: SimdLevel,
-) -> Vec<Option<amx::Kernels>> {
+fn amx_plans(ws: &[&PackedMat], m: usize, level: SimdLevel) -> Vec<Option<amx::Kernels>> {
     // Nothing to allocate for the calls that cannot use AMX (decode's one or two rows).
-    let fewest = amx::min_rows(PackedFormat::Q6_K);
-    if level != SimdLevel::Amx || m < fewest || parts != 1 || !level.is_supported() {
+    if level != SimdLevel::Amx || m < amx::MIN_ROWS || !level.is_supported() {
         return Vec::new();
     }
-    ws.iter()
-        .map(|w| match m >= amx::min_rows(w.format) {
-            true => amx::kernels(w.format),
-            false => None,
-        })
-        .collect()
+    ws.iter().map(|w| amx::kernels(w.format)).collect()
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn amx_plans(_: &[&PackedMat], _: usize, _: usize, _: SimdLevel) -> Vec<Option<AmxKernels>> {
+fn amx_plans(_: &[&PackedMat], _: usize, _: SimdLevel) -> Vec<Option<AmxKernels>> {
     Vec::new()
 }
 
@@ -842,18 +831,11 @@ unsafe fn tile_run(
     // Bytes of a tile per super-block: its header and values together.
     let super_len = w.format.super_len();
     let super_bytes = w.format.tile_bytes(super_len);
-    // A last tile of fewer than sixteen rows, and parts to be summed, go through buffers.
-    // (Uninitialized: the kernels write every element read back, and zeroing it was ~2% of a
-    // decode step once tile runs became many short claims.)
-    let mut edge = std::mem::MaybeUninit::<[f32; 8 * TILE_ROWS]>::uninit();
-    let edge = edge.as_mut_ptr() as *mut f32;
-    let mut sum = std::mem::MaybeUninit::<[f32; 8 * TILE_ROWS]>::uninit();
-    let sum = sum.as_mut_ptr() as *mut f32;
-    let summed = how == Parts::Summed && parts.len() > 1;
+    let mut buffers = PartBuffers::new();
     // Rows the AMX kernels take, sixteen at a time; the rest below.
     #[cfg(target_arch = "x86_64")]
     let first = amx.map_or(0, |(k, rows)| {
-        amx::tile_run(w, k, rows, act, m, mine.clone(), dst)
+        amx::tile_run(w, k, rows, act, m, parts, how, mine.clone(), dst)
     });
     #[cfg(not(target_arch = "x86_64"))]
     let first = amx.map_or(0, |(k, _)| match k {});
@@ -868,19 +850,14 @@ unsafe fn tile_run(
             };
             for t in g..(g + group).min(mine.end) {
                 let tile = w.tile(t);
-                let j0 = t * TILE_ROWS;
-                let valid = (n - j0).min(TILE_ROWS);
-                for (p, cols) in parts.iter().enumerate() {
-                    let part_dst = match how {
-                        Parts::Apart => dst.0.add(p * m * n),
-                        Parts::Summed => dst.0,
-                    };
-                    let (out, stride) = match (summed, p) {
-                        (true, 0) => (sum, TILE_ROWS),
-                        (true, _) => (edge, TILE_ROWS),
-                        (false, _) if valid == TILE_ROWS => (part_dst.add(i * n + j0), n),
-                        (false, _) => (edge, TILE_ROWS),
-                    };
+                let at = CallAt {
+                    m,
+                    n,
+                    i,
+                    r,
+                    j0: t * TILE_ROWS,
+                };
+                buffers.run(at, parts, how, dst, |cols, out, stride| {
                     let bytes = tile.get_unchecked(
                         cols.start / super_len * super_bytes..cols.end / super_len * super_bytes,
                     );
@@ -906,27 +883,99 @@ unsafe fn tile_run(
                         2 => run!(kern.two),
                         _ => run!(kern.one),
                     }
-                    if summed {
-                        // The running sum, in part order.
-                        if p > 0 {
-                            for e in 0..r * TILE_ROWS {
-                                *sum.add(e) += *edge.add(e);
-                            }
-                        }
-                        if p + 1 < parts.len() {
-                            continue;
-                        }
-                    }
-                    let from = if summed { sum } else { edge };
-                    if summed || valid < TILE_ROWS {
-                        for q in 0..r {
-                            let o = part_dst.add((i + q) * n + j0);
-                            std::ptr::copy_nonoverlapping(from.add(q * TILE_ROWS), o, valid);
-                        }
-                    }
-                }
+                });
             }
             i += r;
+        }
+    }
+}
+
+/// Where in a `[m, n]` result (per part, or summed) one kernel call's block of results goes:
+/// rows `i..i + r` against the sixteen weight rows from `j0`.
+#[derive(Clone, Copy)]
+struct CallAt {
+    m: usize,
+    n: usize,
+    i: usize,
+    r: usize,
+    j0: usize,
+}
+
+/// Most activation rows one kernel call takes (the AMX kernels' sixteen).
+const MAX_CALL_ROWS: usize = 16;
+
+/// A tile run's buffers for the results that do not go straight to the destination: a last
+/// tile of fewer than sixteen rows, and the parts of a summed call. Uninitialized: the
+/// kernels write every element read back, and zeroing them was ~2% of a decode step once
+/// tile runs became many short claims.
+struct PartBuffers {
+    edge: std::mem::MaybeUninit<[f32; MAX_CALL_ROWS * TILE_ROWS]>,
+    sum: std::mem::MaybeUninit<[f32; MAX_CALL_ROWS * TILE_ROWS]>,
+}
+
+impl PartBuffers {
+    fn new() -> PartBuffers {
+        PartBuffers {
+            edge: std::mem::MaybeUninit::uninit(),
+            sum: std::mem::MaybeUninit::uninit(),
+        }
+    }
+
+    /// Runs `kernel(cols, out, stride)` for each part of the columns, the kernel writing its
+    /// `at.r` rows of sixteen results `stride` floats apart, and puts the results in `dst`
+    /// (`[parts, m, n]`, or `[m, n]` summed in part order): the same sums in the same order
+    /// whichever kernels ran.
+    ///
+    /// # Safety
+    /// `dst` holds what `how` says for `at`'s `m` and `n`, rows `at.i..at.i + at.r` of
+    /// columns `at.j0..` no other thread writes meanwhile; `at.r <= MAX_CALL_ROWS`.
+    #[inline(always)]
+    unsafe fn run(
+        &mut self,
+        at: CallAt,
+        parts: &[Range<usize>],
+        how: Parts,
+        dst: SyncPtr<f32>,
+        mut kernel: impl FnMut(&Range<usize>, *mut f32, usize),
+    ) {
+        let CallAt { m, n, i, r, j0 } = at;
+        debug_assert!(r <= MAX_CALL_ROWS);
+        let valid = (n - j0).min(TILE_ROWS);
+        let summed = how == Parts::Summed && parts.len() > 1;
+        let (sum, edge) = (
+            self.sum.as_mut_ptr() as *mut f32,
+            self.edge.as_mut_ptr() as *mut f32,
+        );
+        for (p, cols) in parts.iter().enumerate() {
+            let part_dst = match how {
+                Parts::Apart => dst.0.add(p * m * n),
+                Parts::Summed => dst.0,
+            };
+            let (out, stride) = match (summed, p) {
+                (true, 0) => (sum, TILE_ROWS),
+                (true, _) => (edge, TILE_ROWS),
+                (false, _) if valid == TILE_ROWS => (part_dst.add(i * n + j0), n),
+                (false, _) => (edge, TILE_ROWS),
+            };
+            kernel(cols, out, stride);
+            if summed {
+                // The running sum, in part order.
+                if p > 0 {
+                    for e in 0..r * TILE_ROWS {
+                        *sum.add(e) += *edge.add(e);
+                    }
+                }
+                if p + 1 < parts.len() {
+                    continue;
+                }
+            }
+            let from = if summed { sum } else { edge };
+            if summed || valid < TILE_ROWS {
+                for q in 0..r {
+                    let o = part_dst.add((i + q) * n + j0);
+                    std::ptr::copy_nonoverlapping(from.add(q * TILE_ROWS), o, valid);
+                }
+            }
         }
     }
 }
