@@ -12,10 +12,13 @@
 //! block by block, and the same float step follows ([`super::avx512::super_step`]), so every
 //! result has the same bits at every level.
 //!
-//! The weight planes are built from a tile's packed values once per tile and chunk of
-//! [`AMX_CHUNK_ROWS`] activation rows, and serve each sixteen of them; so a call runs here only
-//! from [`MIN_ROWS`] rows on. The activations are read as rows of contiguous int8 (a copy of
-//! the quantized blocks' values, made once per matmul).
+//! Q4_K splits the scale instead (`sc = 8 * sh + sl`, planes `u * sl` and `u * sh`), so one
+//! `vpermi2b` lookup builds each plane register ([`split_planes`]).
+//!
+//! Each super-block's planes are built from the tile's packed values once per tile and chunk
+//! of [`CHUNK_ROWS`] activation rows and serve all its sixteen-row groups while they are in L1,
+//! so a call runs here from one group on ([`MIN_ROWS`]). The activations are read as rows of
+//! contiguous int8 (a copy of the quantized blocks' values, made once per matmul).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -79,185 +82,230 @@ impl Drop for Tiles {
     }
 }
 
-/// The two products of one super-block: `c[0]` += `a` (16 rows of 256 int8, `stride` bytes
-/// apart) times the low plane `lo` (4 KiB), `c[1]` += `a` times the high plane `hi`, stored
-/// as 16 rows of 16 i32 each.
-///
-/// # Safety
-/// A [`Tiles`] of this thread is live; the pointers hold what is described.
-#[inline(always)]
-unsafe fn super_products(a: *const i8, stride: usize, lo: *const u8, hi: *const u8, c: *mut u8) {
-    // SAFETY: per the caller's contract.
-    unsafe {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tileloadd tmm2, [{a} + {sa} * 1]",
-            "tileloadd tmm3, [{lo} + {s64} * 1]",
-            "tileloadd tmm4, [{hi} + {s64} * 1]",
-            "tdpbsud tmm0, tmm2, tmm3",
-            "tdpbssd tmm1, tmm2, tmm4",
-            "tileloadd tmm5, [{a} + {sa} * 1 + 64]",
-            "tileloadd tmm6, [{lo} + {s64} * 1 + 1024]",
-            "tileloadd tmm7, [{hi} + {s64} * 1 + 1024]",
-            "tdpbsud tmm0, tmm5, tmm6",
-            "tdpbssd tmm1, tmm5, tmm7",
-            "tileloadd tmm2, [{a} + {sa} * 1 + 128]",
-            "tileloadd tmm3, [{lo} + {s64} * 1 + 2048]",
-            "tileloadd tmm4, [{hi} + {s64} * 1 + 2048]",
-            "tdpbsud tmm0, tmm2, tmm3",
-            "tdpbssd tmm1, tmm2, tmm4",
-            "tileloadd tmm5, [{a} + {sa} * 1 + 192]",
-            "tileloadd tmm6, [{lo} + {s64} * 1 + 3072]",
-            "tileloadd tmm7, [{hi} + {s64} * 1 + 3072]",
-            "tdpbsud tmm0, tmm5, tmm6",
-            "tdpbssd tmm1, tmm5, tmm7",
-            "tilestored [{c} + {s64} * 1], tmm0",
-            "tilestored [{c1} + {s64} * 1], tmm1",
-            a = in(reg) a,
-            sa = in(reg) stride,
-            lo = in(reg) lo,
-            hi = in(reg) hi,
-            c = in(reg) c,
-            c1 = in(reg) c.add(1024),
-            s64 = in(reg) 64usize,
-            options(nostack),
-        )
-    }
-}
-
-/// Activation rows from which a k-quant matmul runs on AMX: the weight planes are built once
-/// per tile and call (about as many operations per block as the VNNI kernels spend on ten
-/// activation rows), so they must serve several sixteen-row products. `packed_speed` (16,384
-/// x 1,536, one thread) at 16 / 32 / 64 / 128 rows: Q4_K 136 / 184-199 / 232 / 238 GMAC/s
-/// against the VNNI kernels' 158-174, Q6_K 146 / 211-217 / 239 / 266 against 127-139. At 16
-/// rows Q6_K gains a little, but the LM head's shape ran slower (`docs/perf-notes.md`).
-pub(super) const MIN_ROWS: usize = 32;
-
-/// One format's AMX kernels: the planes of a tile and the tile against sixteen rows.
-#[derive(Clone, Copy)]
-pub(super) struct Kernels {
-    /// Builds the weight planes of `nb` blocks of a tile (see [`planes`]).
-    pub planes: unsafe fn(&[u8], usize, &mut Vec<__m512i>),
-    /// Sixteen activation rows against a tile (see [`rows`]).
-    pub rows: Rows,
-}
-
-/// See [`rows`].
-pub(super) type Rows =
-    unsafe fn(&[__m512i], &[u8], *const i8, usize, [&[ActBlock]; ROWS], usize, *mut f32, usize);
-
-/// The AMX kernels of `format`, for the k-quants (the formats whose block scales are integers).
-pub(super) fn kernels(format: PackedFormat) -> Option<Kernels> {
-    macro_rules! set {
-        ($f:literal) => {
-            Kernels {
-                planes: planes::<$f>,
-                rows: rows::<$f>,
+/// Defines `$name(a, stride, lo, hi, c)`, the two products of one super-block: `c[0]` += `a`
+/// (16 rows of 256 int8, `stride` bytes apart) times the unsigned low plane `lo` (4 KiB),
+/// `c[1]` += `a` times the high plane `hi` (`$hi` the instruction that reads it as signed or
+/// unsigned bytes), stored as 16 rows of 16 i32 each.
+macro_rules! super_products {
+    ($name:ident, $hi:literal) => {
+        /// See `super_products!`.
+        ///
+        /// # Safety
+        /// A [`Tiles`] of this thread is live; the pointers hold what is described.
+        #[inline(always)]
+        unsafe fn $name(a: *const i8, stride: usize, lo: *const u8, hi: *const u8, c: *mut u8) {
+            // SAFETY: per the caller's contract.
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tileloadd tmm2, [{a} + {sa} * 1]",
+                    "tileloadd tmm3, [{lo} + {s64} * 1]",
+                    "tileloadd tmm4, [{hi} + {s64} * 1]",
+                    "tdpbsud tmm0, tmm2, tmm3",
+                    concat!($hi, " tmm1, tmm2, tmm4"),
+                    "tileloadd tmm5, [{a} + {sa} * 1 + 64]",
+                    "tileloadd tmm6, [{lo} + {s64} * 1 + 1024]",
+                    "tileloadd tmm7, [{hi} + {s64} * 1 + 1024]",
+                    "tdpbsud tmm0, tmm5, tmm6",
+                    concat!($hi, " tmm1, tmm5, tmm7"),
+                    "tileloadd tmm2, [{a} + {sa} * 1 + 128]",
+                    "tileloadd tmm3, [{lo} + {s64} * 1 + 2048]",
+                    "tileloadd tmm4, [{hi} + {s64} * 1 + 2048]",
+                    "tdpbsud tmm0, tmm2, tmm3",
+                    concat!($hi, " tmm1, tmm2, tmm4"),
+                    "tileloadd tmm5, [{a} + {sa} * 1 + 192]",
+                    "tileloadd tmm6, [{lo} + {s64} * 1 + 3072]",
+                    "tileloadd tmm7, [{hi} + {s64} * 1 + 3072]",
+                    "tdpbsud tmm0, tmm5, tmm6",
+                    concat!($hi, " tmm1, tmm5, tmm7"),
+                    "tilestored [{c} + {s64} * 1], tmm0",
+                    "tilestored [{c1} + {s64} * 1], tmm1",
+                    a = in(reg) a,
+                    sa = in(reg) stride,
+                    lo = in(reg) lo,
+                    hi = in(reg) hi,
+                    c = in(reg) c,
+                    c1 = in(reg) c.add(1024),
+                    s64 = in(reg) 64usize,
+                    options(nostack),
+                )
             }
-        };
+        }
+    };
+}
+
+super_products!(products_signed_high, "tdpbssd");
+super_products!(products_unsigned_high, "tdpbsud");
+
+/// Whether format `F`'s planes split the block scale instead of the weight (see
+/// [`split_planes`]): Q4_K's, whose 4-bit values and 6-bit scales allow it.
+const fn splits_scale(f: u8) -> bool {
+    f == PackedFormat::Q4_K as u8
+}
+
+/// `PRODUCTS[16 * s + u] = s * u` for `s < 8`, `u < 16`: `vpermi2b`'s two-register table.
+static PRODUCTS: Products = Products({
+    let mut t = [0u8; 128];
+    let mut i = 0;
+    while i < 128 {
+        t[i] = ((i / 16) * (i % 16)) as u8;
+        i += 1;
     }
+    t
+});
+
+#[repr(C, align(64))]
+struct Products([u8; 128]);
+
+/// Activation rows from which a k-quant matmul runs on AMX: one group. With each super-block's
+/// planes built where the products read them (in L1) and Q4_K's planes looked up, AMX wins at
+/// sixteen rows too: `packed_speed` at 16 rows, two threads, VNNI against AMX (GMAC/s): the LM
+/// head's shape (151,936 x 1,536, Q6_K) 211-215 / 237-245, the down projection's (1,536 x
+/// 8,960) Q4_K 306-311 / 341-355 and Q6_K 241-249 / 353-361, gate and up's (17,920 x 1,536,
+/// Q4_K) 320-336 / 333-355. Before, the planes of a whole tile (48 KiB on the 1.5B's shapes)
+/// were built first and read back from L2, and AMX paid only from 32 rows.
+pub(super) const MIN_ROWS: usize = ROWS;
+
+/// One format's AMX kernel: a tile against groups of sixteen activation rows (see [`rows`]).
+pub(super) type Kernels =
+    unsafe fn(&[u8], *const i8, usize, &[[&[ActBlock]; ROWS]], usize, *mut f32, usize);
+
+/// The AMX kernel of `format`, for the k-quants (the formats whose block scales are integers).
+pub(super) fn kernels(format: PackedFormat) -> Option<Kernels> {
     Some(match format {
-        PackedFormat::Q4_K => set!(5),
-        PackedFormat::Q5_K => set!(6),
-        PackedFormat::Q6_K => set!(7),
-        PackedFormat::Q2_K => set!(8),
-        PackedFormat::Q3_K => set!(9),
-        PackedFormat::IQ4_XS => set!(11),
+        PackedFormat::Q4_K => rows::<5>,
+        PackedFormat::Q5_K => rows::<6>,
+        PackedFormat::Q6_K => rows::<7>,
+        PackedFormat::Q2_K => rows::<8>,
+        PackedFormat::Q3_K => rows::<9>,
+        PackedFormat::IQ4_XS => rows::<11>,
         _ => return None,
     })
 }
 
-/// The weight planes of the first `nb` blocks of `tile` into `out`: per super-block the low
-/// plane's 64 registers, then the high plane's, each register four consecutive elements of
-/// sixteen rows (the packed values' order), holding `lo` and `hi` of `w = (u - offset) * sc`.
-/// The tile's lines are prefetched as they are read, as the VNNI kernels do
-/// (`simd::prefetch_weights`): the LM head's shape (151,936 x 1,536, two threads) at 32 / 64
-/// rows ran Q6_K at 284-303 / 369-394 GMAC/s against 269-275 / 322-363 without.
+/// The weight planes of the super-block at `sb` (its header, then its blocks' values) into
+/// `out`: the low plane's 64 registers, then the high plane's, each register four consecutive
+/// elements of sixteen rows (the packed values' order). In general they hold `lo` and `hi` of
+/// `w = (u - offset) * sc`; Q4_K's split the scale instead ([`split_planes`]). The lines are
+/// prefetched as they are read, as the VNNI kernels' are (`simd::prefetch_weights`): the LM
+/// head's shape (151,936 x 1,536, two threads) at 32 / 64 rows ran Q6_K at 284-303 / 369-394
+/// GMAC/s against 269-275 / 322-363 without.
 ///
 /// # Safety
-/// AVX-512 BW is supported; `tile` holds `nb` blocks of format `F`, a k-quant.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn planes<const F: u8>(tile: &[u8], nb: usize, out: &mut Vec<__m512i>) {
+/// AVX-512 BW and VBMI are supported; `sb` holds a super-block of format `F`, a k-quant.
+#[inline(always)]
+unsafe fn super_planes<const F: u8>(
+    sb: *const u8,
+    out: &mut [__m512i; 2 * PLANE_REGS],
+    prefetch: bool,
+) {
     let format = PackedFormat::from_id(F);
     let blocks = QK_K / QK;
     let rows = TILE_ROWS;
-    // Every register is written below: only grow the buffer, never clear it (zeroing it
-    // doubled the stores of a plane build).
-    out.resize(nb / blocks * 2 * PLANE_REGS, _mm512_setzero_si512());
     let low_byte = _mm512_set1_epi16(0x00ff);
     let high_byte = _mm512_set1_epi16(0xff00u16 as i16);
-    let prefetch = crate::simd::prefetch_weights();
-    let mut p = tile.as_ptr();
-    for s in 0..nb / blocks {
-        let h = p;
-        p = p.add(format.header_bytes());
-        let (lo_plane, hi_plane) =
-            out[s * 2 * PLANE_REGS..(s + 1) * 2 * PLANE_REGS].split_at_mut(PLANE_REGS);
-        for bi in 0..blocks {
-            let v = values::<F>(p, false, prefetch);
-            // Each register's scale per row (i32 lanes) and the offset its values carry.
-            let (scales, offset) = match format.scheme() {
-                Scheme::K32 => {
-                    let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));
-                    ([sc, sc], 0)
-                }
-                Scheme::K16 { offset, mins } => {
-                    let at = h.add(if mins { 4 } else { 2 } * rows + 2 * rows * bi);
-                    let halves = if mins {
-                        let nib = _mm512_set1_epi32(0x0f);
-                        [at, at.add(rows)].map(|q| _mm512_and_si512(bytes_epi32::<false>(q), nib))
-                    } else {
-                        [at, at.add(rows)].map(|q| bytes_epi32::<true>(q))
-                    };
-                    (halves, offset)
-                }
-                Scheme::Block32 { .. } => unreachable!("AMX kernels are the k-quants'"),
-            };
-            let off = _mm512_set1_epi16(offset as i16);
-            for (j, &reg) in v.iter().enumerate() {
-                let sc = scales[j / 4];
-                // The row's scale in both 16-bit halves of its dword.
-                let sc16 = _mm512_or_si512(
-                    _mm512_and_si512(sc, _mm512_set1_epi32(0xffff)),
-                    _mm512_slli_epi32::<16>(sc),
-                );
-                let even = _mm512_sub_epi16(_mm512_and_si512(reg, low_byte), off);
-                let odd = _mm512_sub_epi16(_mm512_srli_epi16::<8>(reg), off);
-                let pe = _mm512_mullo_epi16(even, sc16);
-                let po = _mm512_mullo_epi16(odd, sc16);
-                let lo =
-                    _mm512_or_si512(_mm512_and_si512(pe, low_byte), _mm512_slli_epi16::<8>(po));
-                let hi = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srai_epi16::<8>(pe), low_byte),
-                    _mm512_and_si512(po, high_byte),
-                );
-                // Block bi's register j is row 8 * (bi % 2) + j of 64-element chunk bi / 2.
-                let at = 16 * (bi / 2) + 8 * (bi % 2) + j;
-                lo_plane[at] = lo;
-                hi_plane[at] = hi;
+    let h = sb;
+    let mut p = sb.add(format.header_bytes());
+    let (lo_plane, hi_plane) = out.split_at_mut(PLANE_REGS);
+    for bi in 0..blocks {
+        let v = values::<F>(p, false, prefetch);
+        p = p.add(format.block_value_bytes());
+        if splits_scale(F) {
+            let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));
+            split_planes(v, sc, bi, lo_plane, hi_plane);
+            continue;
+        }
+        // Each register's scale per row (i32 lanes) and the offset its values carry.
+        let (scales, offset) = match format.scheme() {
+            Scheme::K32 => {
+                let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));
+                ([sc, sc], 0)
             }
-            p = p.add(format.block_value_bytes());
+            Scheme::K16 { offset, mins } => {
+                let at = h.add(if mins { 4 } else { 2 } * rows + 2 * rows * bi);
+                let halves = if mins {
+                    let nib = _mm512_set1_epi32(0x0f);
+                    [at, at.add(rows)].map(|q| _mm512_and_si512(bytes_epi32::<false>(q), nib))
+                } else {
+                    [at, at.add(rows)].map(|q| bytes_epi32::<true>(q))
+                };
+                (halves, offset)
+            }
+            Scheme::Block32 { .. } => unreachable!("AMX kernels are the k-quants'"),
+        };
+        let off = _mm512_set1_epi16(offset as i16);
+        for (j, &reg) in v.iter().enumerate() {
+            let sc = scales[j / 4];
+            // The row's scale in both 16-bit halves of its dword.
+            let sc16 = _mm512_or_si512(
+                _mm512_and_si512(sc, _mm512_set1_epi32(0xffff)),
+                _mm512_slli_epi32::<16>(sc),
+            );
+            let even = _mm512_sub_epi16(_mm512_and_si512(reg, low_byte), off);
+            let odd = _mm512_sub_epi16(_mm512_srli_epi16::<8>(reg), off);
+            let pe = _mm512_mullo_epi16(even, sc16);
+            let po = _mm512_mullo_epi16(odd, sc16);
+            let lo = _mm512_or_si512(_mm512_and_si512(pe, low_byte), _mm512_slli_epi16::<8>(po));
+            let hi = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srai_epi16::<8>(pe), low_byte),
+                _mm512_and_si512(po, high_byte),
+            );
+            // Block bi's register j is row 8 * (bi % 2) + j of 64-element chunk bi / 2.
+            let at = 16 * (bi / 2) + 8 * (bi % 2) + j;
+            lo_plane[at] = lo;
+            hi_plane[at] = hi;
         }
     }
 }
 
-/// Sixteen activation rows against a tile of format `F` (a k-quant), from the tile's weight
-/// planes `planes` (from [`planes`]): `act` is row 0's first int8, rows `stride` bytes apart,
-/// and `acts` the same rows' quantized blocks (scales and sums); results as the VNNI kernels
-/// write them, row `q` at `out + q * out_stride`.
+/// Q4_K's planes for block `bi` of a super-block, its values `v` (`u` in 0..16) and scales
+/// `sc` (0..64 per row, in i32 lanes): with `sc = 8 * sh + sl`, the low plane holds `u * sl`
+/// and the high one `u * sh` (both under 106, so unsigned bytes), and the sums combine as
+/// `sum(a * lo) + 8 * sum(a * hi)`, the same integer as `sum(a * u * sc)`. One `vpermi2b` per
+/// register looks the product up by `16 * s + u`; the 16-bit multiplies and byte splits of the
+/// general path cost about four times the operations.
+#[inline(always)]
+unsafe fn split_planes(
+    v: [__m512i; 8],
+    sc: __m512i,
+    bi: usize,
+    lo_plane: &mut [__m512i],
+    hi_plane: &mut [__m512i],
+) {
+    let table = PRODUCTS.0.as_ptr() as *const __m512i;
+    let (t0, t1) = (_mm512_load_si512(table), _mm512_load_si512(table.add(1)));
+    // `16 * s` in every byte of its row's dword.
+    let spread =
+        |s: __m512i| _mm512_mullo_epi32(_mm512_slli_epi32::<4>(s), _mm512_set1_epi32(0x0101_0101));
+    let sl = spread(_mm512_and_si512(sc, _mm512_set1_epi32(7)));
+    let sh = spread(_mm512_srli_epi32::<3>(sc));
+    for (j, u) in v.into_iter().enumerate() {
+        let at = 16 * (bi / 2) + 8 * (bi % 2) + j;
+        *lo_plane.get_unchecked_mut(at) = _mm512_permutex2var_epi8(t0, _mm512_or_si512(u, sl), t1);
+        *hi_plane.get_unchecked_mut(at) = _mm512_permutex2var_epi8(t0, _mm512_or_si512(u, sh), t1);
+    }
+}
+
+/// Groups of sixteen activation rows against a tile of format `F` (a k-quant): `act` holds the
+/// rows' int8 values in [`copy_row`]'s layout from the tile's first super-block on (each
+/// super-block `super_stride` bytes after the last, its rows 256 bytes apart), and `acts` each
+/// group's rows' quantized blocks (scales and sums); results as the VNNI kernels write them,
+/// row `q` at `out + q * out_stride`. Each super-block's weight planes are built once and serve
+/// every group while they are in L1: built for a whole tile first, 48 KiB on the 1.5B's shapes,
+/// they went to L2 and back, and the planes' stores and tile loads took most of the time at
+/// sixteen rows.
 ///
 /// # Safety
-/// A [`Tiles`] of this thread is live; the pointers and slices hold `nb` blocks (a whole
-/// number of super-blocks) of what is described; `out` holds sixteen rows of [`TILE_ROWS`].
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
+/// A [`Tiles`] of this thread is live; AVX-512 BW and VBMI are supported; the pointers and
+/// slices hold `nb` blocks (a whole number of super-blocks) of what is described, `acts` at
+/// most [`MAX_GROUPS`] groups; `out` holds their rows of [`TILE_ROWS`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
 unsafe fn rows<const F: u8>(
-    planes: &[__m512i],
     tile: &[u8],
     act: *const i8,
-    stride: usize,
-    acts: [&[ActBlock]; ROWS],
+    super_stride: usize,
+    acts: &[[&[ActBlock]; ROWS]],
     nb: usize,
     out: *mut f32,
     out_stride: usize,
@@ -266,54 +314,89 @@ unsafe fn rows<const F: u8>(
     #[repr(C, align(64))]
     struct Sums([i32; 2 * ROWS * 16]);
     let mut sums = Sums([0; 2 * ROWS * 16]);
-    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let c = sums.0.as_mut_ptr() as *mut u8;
+    // Every register is written before it is read: zeroing the planes would double their
+    // stores.
+    let mut planes = std::mem::MaybeUninit::<[__m512i; 2 * PLANE_REGS]>::uninit();
+    let planes = planes.assume_init_mut();
+    let mut acc = [[_mm512_setzero_ps(); ROWS]; MAX_GROUPS];
+    let prefetch = crate::simd::prefetch_weights();
     let super_bytes = format.tile_bytes(QK_K);
     for s in 0..nb / (QK_K / QK) {
-        let plane = planes.as_ptr().add(s * 2 * PLANE_REGS) as *const u8;
-        let c = sums.0.as_mut_ptr() as *mut u8;
-        super_products(
-            act.add(s * QK_K),
-            stride,
-            plane,
-            plane.add(64 * PLANE_REGS),
-            c,
+        let sb = tile.as_ptr().add(s * super_bytes);
+        super_planes::<F>(sb, planes, prefetch);
+        let (lo, hi) = (
+            planes.as_ptr() as *const u8,
+            planes.as_ptr().add(PLANE_REGS) as *const u8,
         );
-        let isum: [__m512i; ROWS] = std::array::from_fn(|r| {
-            let lo = _mm512_load_si512(c.add(64 * r) as *const __m512i);
-            let hi = _mm512_load_si512(c.add(1024 + 64 * r) as *const __m512i);
-            _mm512_add_epi32(lo, _mm512_slli_epi32::<8>(hi))
-        });
-        super_step::<ROWS, F>(
-            tile.as_ptr().add(s * super_bytes),
-            &acts,
-            s,
-            &isum,
-            &mut acc,
-        );
+        for (g, group) in acts.iter().enumerate() {
+            let a = act.add(s * super_stride + g * ROWS * QK_K);
+            if splits_scale(F) {
+                products_unsigned_high(a, QK_K, lo, hi, c);
+            } else {
+                products_signed_high(a, QK_K, lo, hi, c);
+            }
+            let isum: [__m512i; ROWS] = std::array::from_fn(|r| {
+                let lo = _mm512_load_si512(c.add(64 * r) as *const __m512i);
+                let hi = _mm512_load_si512(c.add(1024 + 64 * r) as *const __m512i);
+                let hi = if splits_scale(F) {
+                    _mm512_slli_epi32::<3>(hi)
+                } else {
+                    _mm512_slli_epi32::<8>(hi)
+                };
+                _mm512_add_epi32(lo, hi)
+            });
+            super_step::<ROWS, F>(sb, group, s, &isum, acc.get_unchecked_mut(g));
+        }
     }
-    for (r, x) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out.add(r * out_stride), *x);
+    for (g, rows) in acc.iter().take(acts.len()).enumerate() {
+        for (r, x) in rows.iter().enumerate() {
+            _mm512_storeu_ps(out.add((g * ROWS + r) * out_stride), *x);
+        }
     }
 }
 
-thread_local! {
-    /// A tile's weight planes for the AMX kernels, kept between calls on each thread.
-    static AMX_PLANES: std::cell::Cell<Vec<std::arch::x86_64::__m512i>> =
-        const { std::cell::Cell::new(Vec::new()) };
-}
+/// Rows of activations the AMX kernels run against a tile before the next one: each
+/// super-block's planes are built once per tile and chunk, and the chunk's int8 rows stay in
+/// L2 across the tiles of a claim.
+const CHUNK_ROWS: usize = 128;
+const _: () = assert!(CHUNK_ROWS <= super::MAX_CALL_ROWS);
 
-/// Rows of activations the AMX kernels run against a tile before the next one: its weight
-/// planes (two bytes a weight) are built once per tile and chunk, and the chunk's int8 rows
-/// stay in L2 across the tiles of a claim.
-const AMX_CHUNK_ROWS: usize = 128;
+/// Groups of sixteen rows in a chunk.
+const MAX_GROUPS: usize = CHUNK_ROWS / ROWS;
 
-/// Sixteen rows at a time of the first `m / 16 * 16` rows against tiles `mine` of `w` through
-/// the AMX kernels `k`, into `dst` (each part of the columns alone, as `packed::tile_run`
-/// puts them); returns the rows done.
+/// Copies row `i` of `m` activation rows (`blocks`, `k / 32` quantized blocks) to `rows`, the
+/// int8 values that the tile products read: per chunk of [`CHUNK_ROWS`] rows, super-block by
+/// super-block, each super-block's 256 values of the chunk's rows one after the other. A tile
+/// load then reads 4 KiB in one piece: read straight from rows `k` bytes apart, the down
+/// projection's (k = 8,960) sixteen-row groups spread over 128 pages of each chunk and ran at
+/// 214-263 against 332-341 GMAC/s with 512 rows.
 ///
 /// # Safety
-/// As for `packed::tile_run`; `k` are `w`'s kernels; `rows` holds `m` rows of `w.cols` int8,
-/// the values of `act`'s blocks.
+/// `rows` holds `m * k` int8; no other thread writes row `i`'s.
+pub(super) unsafe fn copy_row(
+    rows: SyncPtr<i8>,
+    m: usize,
+    k: usize,
+    i: usize,
+    blocks: &[ActBlock],
+) {
+    let chunk = i / CHUNK_ROWS * CHUNK_ROWS;
+    let r = (m - chunk).min(CHUNK_ROWS);
+    let row = rows.0.add(chunk * k + (i - chunk) * QK_K);
+    for (b, a) in blocks.iter().enumerate() {
+        let at = row.add(b * QK / QK_K * r * QK_K + b * QK % QK_K);
+        std::ptr::copy_nonoverlapping(a.qs.as_ptr(), at, QK);
+    }
+}
+
+/// The first `m / 16 * 16` rows against tiles `mine` of `w` through the AMX kernel `k`, a
+/// chunk at a time, into `dst` (each part of the columns alone, as `packed::tile_run` puts
+/// them); returns the rows done.
+///
+/// # Safety
+/// As for `packed::tile_run`; `k` is `w`'s kernel; `rows` holds the values of `act`'s `m`
+/// rows of `w.cols` int8 as [`copy_row`] puts them.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn tile_run(
     w: &PackedMat,
@@ -331,40 +414,39 @@ pub(super) unsafe fn tile_run(
     let super_bytes = w.format.tile_bytes(QK_K);
     let full = m / ROWS * ROWS;
     let _tiles = Tiles::configure();
-    let mut planes = AMX_PLANES.take();
     let mut buffers = PartBuffers::new();
-    for chunk in (0..full).step_by(AMX_CHUNK_ROWS) {
+    for chunk in (0..full).step_by(CHUNK_ROWS) {
+        // The rows this run takes, and those `copy_row` stored in the chunk.
+        let (r, stored) = ((full - chunk).min(CHUNK_ROWS), (m - chunk).min(CHUNK_ROWS));
         for t in mine.clone() {
             let tile = w.tile(t);
-            (k.planes)(tile, nb, &mut planes);
-            for i in (chunk..(chunk + AMX_CHUNK_ROWS).min(full)).step_by(ROWS) {
-                let at = CallAt {
-                    m,
-                    n,
-                    i,
-                    r: ROWS,
-                    j0: t * TILE_ROWS,
-                };
-                buffers.run(at, parts, how, dst, |part, out, stride| {
-                    // The part's super-blocks: its planes, headers, values and activations.
-                    let (s0, blocks) = (part.start / QK_K, part.start / QK..part.end / QK);
-                    let row_blocks = |q: usize| {
-                        act.get_unchecked((i + q) * nb + blocks.start..(i + q) * nb + blocks.end)
-                    };
-                    (k.rows)(
-                        planes.get_unchecked(s0 * 2 * PLANE_REGS..),
-                        tile.get_unchecked(s0 * super_bytes..),
-                        rows.0.add(i * cols + part.start),
-                        cols,
-                        std::array::from_fn(row_blocks),
-                        blocks.len(),
-                        out,
-                        stride,
-                    )
+            let at = CallAt {
+                m,
+                n,
+                i: chunk,
+                r,
+                j0: t * TILE_ROWS,
+            };
+            buffers.run(at, parts, how, dst, |part, out, stride| {
+                // The part's super-blocks: its headers and values, and its activations.
+                let (s0, blocks) = (part.start / QK_K, part.start / QK..part.end / QK);
+                let groups: [[&[ActBlock]; ROWS]; MAX_GROUPS] = std::array::from_fn(|g| {
+                    std::array::from_fn(|q| {
+                        let i = (chunk + g * ROWS + q).min(m - 1);
+                        act.get_unchecked(i * nb + blocks.start..i * nb + blocks.end)
+                    })
                 });
-            }
+                k(
+                    tile.get_unchecked(s0 * super_bytes..),
+                    rows.0.add(chunk * cols + s0 * stored * QK_K),
+                    stored * QK_K,
+                    &groups[..r / ROWS],
+                    blocks.len(),
+                    out,
+                    stride,
+                )
+            });
         }
     }
-    AMX_PLANES.set(planes);
     full
 }

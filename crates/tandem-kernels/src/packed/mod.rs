@@ -667,12 +667,10 @@ fn packed_parts(
             // SAFETY: row i's blocks of grouping g are written by this task only.
             let dst = unsafe { act_ptr.slice_mut((g * m + i) * nb, nb) };
             quantize(&x[i * k..(i + 1) * k], dst, groups[g]);
+            #[cfg(target_arch = "x86_64")]
             if want_rows && amx_group == Some(g) {
                 // SAFETY: row i of the int8 rows is written by this task only.
-                let row = unsafe { rows_ptr.slice_mut(i * k, k) };
-                for (r, a) in row.chunks_exact_mut(QK).zip(dst.iter()) {
-                    r.copy_from_slice(&a.qs);
-                }
+                unsafe { amx::copy_row(rows_ptr, m, k, i, dst) };
             }
         }
     });
@@ -901,8 +899,8 @@ struct CallAt {
     j0: usize,
 }
 
-/// Most activation rows one kernel call takes (the AMX kernels' sixteen).
-const MAX_CALL_ROWS: usize = 16;
+/// Most activation rows one kernel call takes (the AMX kernel's chunk of 128).
+const MAX_CALL_ROWS: usize = 128;
 
 /// A tile run's buffers for the results that do not go straight to the destination: a last
 /// tile of fewer than sixteen rows, and the parts of a summed call. Uninitialized: the
