@@ -368,6 +368,28 @@ const _: () = assert!(CHUNK_ROWS <= super::MAX_CALL_ROWS);
 /// Groups of sixteen rows in a chunk.
 const MAX_GROUPS: usize = CHUNK_ROWS / ROWS;
 
+/// The activation rows an AMX call runs: `m` to a whole group, padded where at least
+/// [`PAD_FROM`] rows are left over, else down (the VNNI kernels take the rest).
+fn amx_rows(m: usize) -> usize {
+    if m % ROWS >= PAD_FROM {
+        m.div_ceil(ROWS) * ROWS
+    } else {
+        m / ROWS * ROWS
+    }
+}
+
+/// Rows left over from which the last group is padded (its extra rows' results dropped)
+/// rather than left to the VNNI kernels, which pass over the weights once per 8, 4, 2 or 1
+/// rows. `packed_speed` (17,920 x 1,536, two threads, GMAC/s) left over against padded: 17
+/// rows Q4_K 351 / 268, Q6_K 299 / 287; 20 rows 297 / 319 and 219 / 330; 28 rows 312 / 438
+/// and 276 / 429.
+const PAD_FROM: usize = 4;
+
+/// The activation rows [`copy_row`] lays out for an AMX call: every row, and the padding.
+pub(super) fn stored_rows(m: usize) -> usize {
+    amx_rows(m).max(m)
+}
+
 /// Copies row `i` of `m` activation rows (`blocks`, `k / 32` quantized blocks) to `rows`, the
 /// int8 values that the tile products read: per chunk of [`CHUNK_ROWS`] rows, super-block by
 /// super-block, each super-block's 256 values of the chunk's rows one after the other. A tile
@@ -376,7 +398,7 @@ const MAX_GROUPS: usize = CHUNK_ROWS / ROWS;
 /// 214-263 against 332-341 GMAC/s with 512 rows.
 ///
 /// # Safety
-/// `rows` holds `m * k` int8; no other thread writes row `i`'s.
+/// `rows` holds `stored_rows(m) * k` int8; no other thread writes row `i`'s.
 pub(super) unsafe fn copy_row(
     rows: SyncPtr<i8>,
     m: usize,
@@ -385,7 +407,7 @@ pub(super) unsafe fn copy_row(
     blocks: &[ActBlock],
 ) {
     let chunk = i / CHUNK_ROWS * CHUNK_ROWS;
-    let r = (m - chunk).min(CHUNK_ROWS);
+    let r = (stored_rows(m) - chunk).min(CHUNK_ROWS);
     let row = rows.0.add(chunk * k + (i - chunk) * QK_K);
     for (b, a) in blocks.iter().enumerate() {
         let at = row.add(b * QK / QK_K * r * QK_K + b * QK % QK_K);
@@ -393,13 +415,13 @@ pub(super) unsafe fn copy_row(
     }
 }
 
-/// The first `m / 16 * 16` rows against tiles `mine` of `w` through the AMX kernel `k`, a
-/// chunk at a time, into `dst` (each part of the columns alone, as `packed::tile_run` puts
-/// them); returns the rows done.
+/// The `m` rows against tiles `mine` of `w` through the AMX kernel `k`, a chunk at a time,
+/// into `dst` (each part of the columns alone, as `packed::tile_run` puts them), the last
+/// group padded ([`padded_rows`]).
 ///
 /// # Safety
 /// As for `packed::tile_run`; `k` is `w`'s kernel; `rows` holds the values of `act`'s `m`
-/// rows of `w.cols` int8 as [`copy_row`] puts them.
+/// rows of `w.cols` int8 as [`copy_row`] puts them, and [`padded_rows`] rows in all.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn tile_run(
     w: &PackedMat,
@@ -415,12 +437,15 @@ pub(super) unsafe fn tile_run(
     let (n, cols) = (w.rows, w.cols);
     let nb = cols / QK;
     let super_bytes = w.format.tile_bytes(QK_K);
-    let full = m / ROWS * ROWS;
+    let full = amx_rows(m);
     let _tiles = Tiles::configure();
     let mut buffers = PartBuffers::new();
     for chunk in (0..full).step_by(CHUNK_ROWS) {
-        // The rows this run takes, and those `copy_row` stored in the chunk.
-        let (r, stored) = ((full - chunk).min(CHUNK_ROWS), (m - chunk).min(CHUNK_ROWS));
+        // The rows this run takes, and those `copy_row` laid out in the chunk.
+        let (r, stored) = (
+            (full - chunk).min(CHUNK_ROWS),
+            (stored_rows(m) - chunk).min(CHUNK_ROWS),
+        );
         // Each group's rows' blocks, built once per chunk: per tile and part, they were 2.6%
         // of serving at 16 rows.
         let groups: [[&[ActBlock]; ROWS]; MAX_GROUPS] = std::array::from_fn(|g| {

@@ -656,8 +656,9 @@ fn packed_parts(
     let amx_group = groups.iter().position(|&g| g == QK_K / QK);
     let want_rows = amx.iter().any(Option::is_some);
     let mut rows_scratch = AMX_ROWS_SCRATCH.take();
+    #[cfg(target_arch = "x86_64")]
     if want_rows {
-        rows_scratch.resize(m * k, 0);
+        rows_scratch.resize(amx::stored_rows(m) * k, 0);
     }
     let rows_ptr = SyncPtr(rows_scratch.as_mut_ptr());
     let row_tasks = m.div_ceil(8);
@@ -829,14 +830,14 @@ unsafe fn tile_run(
     // Bytes of a tile per super-block: its header and values together.
     let super_len = w.format.super_len();
     let super_bytes = w.format.tile_bytes(super_len);
-    let mut buffers = PartBuffers::new();
-    // Rows the AMX kernels take, sixteen at a time; the rest below.
+    // Rows the AMX kernel takes, sixteen at a time; the rest below.
     #[cfg(target_arch = "x86_64")]
     let first = amx.map_or(0, |(k, rows)| {
         amx::tile_run(w, k, rows, act, m, parts, how, mine.clone(), dst)
     });
     #[cfg(not(target_arch = "x86_64"))]
     let first = amx.map_or(0, |(k, _)| match k {});
+    let mut buffers = PartBuffers::new();
     for g in mine.clone().step_by(group) {
         let mut i = first;
         while i < m {
@@ -903,7 +904,7 @@ struct CallAt {
 const MAX_CALL_ROWS: usize = 128;
 
 /// A tile run's buffers for the results that do not go straight to the destination: a last
-/// tile of fewer than sixteen rows, and the parts of a summed call. Uninitialized: the
+/// tile of fewer than sixteen rows, an AMX call's padded rows, and the parts of a summed call. Uninitialized: the
 /// kernels write every element read back, and zeroing them was ~2% of a decode step once
 /// tile runs became many short claims.
 struct PartBuffers {
@@ -924,9 +925,11 @@ impl PartBuffers {
     /// (`[parts, m, n]`, or `[m, n]` summed in part order): the same sums in the same order
     /// whichever kernels ran.
     ///
+    /// Rows from `m` on are dropped.
+    ///
     /// # Safety
-    /// `dst` holds what `how` says for `at`'s `m` and `n`, rows `at.i..at.i + at.r` of
-    /// columns `at.j0..` no other thread writes meanwhile; `at.r <= MAX_CALL_ROWS`.
+    /// `dst` holds what `how` says for `at`'s `m` and `n`, rows `at.i..at.i + at.r` (those under
+    /// `m`) of columns `at.j0..` no other thread writes meanwhile; `at.r <= MAX_CALL_ROWS`.
     #[inline(always)]
     unsafe fn run(
         &mut self,
@@ -939,6 +942,8 @@ impl PartBuffers {
         let CallAt { m, n, i, r, j0 } = at;
         debug_assert!(r <= MAX_CALL_ROWS);
         let valid = (n - j0).min(TILE_ROWS);
+        // Rows past `m` (an AMX call's padding) are computed into the buffers and dropped.
+        let rows = r.min(m - i);
         let summed = how == Parts::Summed && parts.len() > 1;
         let (sum, edge) = (
             self.sum.as_mut_ptr() as *mut f32,
@@ -952,7 +957,7 @@ impl PartBuffers {
             let (out, stride) = match (summed, p) {
                 (true, 0) => (sum, TILE_ROWS),
                 (true, _) => (edge, TILE_ROWS),
-                (false, _) if valid == TILE_ROWS => (part_dst.add(i * n + j0), n),
+                (false, _) if valid == TILE_ROWS && rows == r => (part_dst.add(i * n + j0), n),
                 (false, _) => (edge, TILE_ROWS),
             };
             kernel(cols, out, stride);
@@ -968,8 +973,8 @@ impl PartBuffers {
                 }
             }
             let from = if summed { sum } else { edge };
-            if summed || valid < TILE_ROWS {
-                for q in 0..r {
+            if summed || valid < TILE_ROWS || rows < r {
+                for q in 0..rows {
                     let o = part_dst.add((i + q) * n + j0);
                     std::ptr::copy_nonoverlapping(from.add(q * TILE_ROWS), o, valid);
                 }
