@@ -241,8 +241,8 @@ proptest! {
     /// Packed weights (every packed format, ragged last tiles): the result equals the
     /// dequantized weights times the dequantized activations (f64) within float rounding;
     /// every level agrees with the scalar kernel bit for bit; and a row's result is bitwise
-    /// the same alone as among 1..39 rows (8-, 4-, 2- and 1-row kernels, and from 32 rows the
-    /// AMX level's products for the k-quants; see also the next test).
+    /// the same alone as among 1..39 rows (8-, 4-, 2- and 1-row kernels, and from 16 rows the
+    /// AMX level's products for the k-quants, a last group padded; see also the next test).
     #[test]
     fn packed_matmul_matches_dequantized(seed in any::<u64>(), which in 0usize..12, supers in 1usize..4, m in 1usize..40, n in 1usize..40) {
         let d = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q2_K, DType::Q3_K, DType::IQ4_NL, DType::IQ4_XS][which];
@@ -284,7 +284,7 @@ proptest! {
     }
 }
 
-/// Batches large enough for the AMX level's k-quant products (from 32 rows; ragged row
+/// Batches large enough for several groups of the AMX level's k-quant products (ragged row
 /// counts and tiles): every level equals the scalar
 /// kernel bit for bit, and a row's result is the same in the batch as alone.
 #[test]
@@ -775,7 +775,7 @@ proptest! {
 }
 
 /// [`check_parts_equal_column_slices`] for the k-quants in batches large enough for the AMX
-/// level's products (from 32 rows), cut into three and four parts, with a ragged last tile
+/// level's products (from 16 rows), cut into three and four parts, with a ragged last tile
 /// and rows past the last sixteen.
 #[test]
 fn k_quant_batch_parts_equal_column_slices() {

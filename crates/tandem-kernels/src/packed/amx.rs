@@ -17,8 +17,9 @@
 //!
 //! Each super-block's planes are built from the tile's packed values once per tile and chunk
 //! of [`CHUNK_ROWS`] activation rows and serve all its sixteen-row groups while they are in L1,
-//! so a call runs here from one group on ([`MIN_ROWS`]). The activations are read as rows of
-//! contiguous int8 (a copy of the quantized blocks' values, made once per matmul).
+//! so a call runs here from one group on ([`MIN_ROWS`]). The activations are read as int8
+//! copies of the quantized blocks' values, made once per matmul and laid out a super-block
+//! at a time ([`copy_row`]).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
