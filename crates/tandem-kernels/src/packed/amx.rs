@@ -292,11 +292,11 @@ unsafe fn split_planes(
 /// k-quant) from its super-block `s0` on (`tile` starting there): `act` holds the rows' int8
 /// values in [`copy_row`]'s layout from that super-block on (each super-block `super_stride`
 /// bytes after the last, its rows 256 bytes apart), and `acts` each group's rows' quantized
-/// blocks (scales and sums, whole rows); results as the VNNI kernels write them,
-/// row `q` at `out + q * out_stride`. Each super-block's weight planes are built once and serve
-/// every group while they are in L1: built for a whole tile first, 48 KiB on the 1.5B's shapes,
-/// they went to L2 and back, and the planes' stores and tile loads took most of the time at
-/// sixteen rows.
+/// blocks (scales and sums, whole rows); results as the VNNI kernels write them, row `q` at
+/// `out + q * out_stride`. Each super-block's weight planes are built once and serve every
+/// group while they are in L1: built for a whole tile first, 48 KiB on the 1.5B's shapes, they
+/// went to L2 and back, and the planes' stores and tile loads took most of the time at sixteen
+/// rows.
 ///
 /// # Safety
 /// A [`Tiles`] of this thread is live; AVX-512 BW and VBMI are supported; the pointers and

@@ -904,9 +904,9 @@ struct CallAt {
 const MAX_CALL_ROWS: usize = 128;
 
 /// A tile run's buffers for the results that do not go straight to the destination: a last
-/// tile of fewer than sixteen rows, an AMX call's padded rows, and the parts of a summed call. Uninitialized: the
-/// kernels write every element read back, and zeroing them was ~2% of a decode step once
-/// tile runs became many short claims.
+/// tile of fewer than sixteen rows, an AMX call's padded rows, and the parts of a summed
+/// call. Uninitialized: the kernels write every element read back, and zeroing them was ~2%
+/// of a decode step once tile runs became many short claims.
 struct PartBuffers {
     edge: std::mem::MaybeUninit<[f32; MAX_CALL_ROWS * TILE_ROWS]>,
     sum: std::mem::MaybeUninit<[f32; MAX_CALL_ROWS * TILE_ROWS]>,
