@@ -285,8 +285,8 @@ proptest! {
 }
 
 /// Batches large enough for several groups of the AMX level's k-quant products (ragged row
-/// counts and tiles): every level equals the scalar
-/// kernel bit for bit, and a row's result is the same in the batch as alone.
+/// counts and tiles): every level equals the scalar kernel bit for bit, and a row's result is
+/// the same in the batch as alone.
 #[test]
 fn packed_k_quant_batches_equal_the_scalar_kernel() {
     let k_quants = [
