@@ -11,7 +11,7 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512 F/BW/VL with VNNI (`vpdpbusd` integer dot products).
     Avx512Vnni,
-    /// [`SimdLevel::Avx512Vnni`] with AVX-512 VBMI and AMX-INT8 tile multiplies for the
+    /// [`SimdLevel::Avx512Vnni`] with AMX-INT8 tile multiplies for the
     /// k-quants' matmuls of 16 activation rows or more, sixteen at a time (their results are the
     /// same bits: integer sums).
     Amx,
@@ -37,11 +37,7 @@ impl SimdLevel {
                     && is_x86_feature_detected!("avx512vnni")
             }
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Amx => {
-                SimdLevel::Avx512Vnni.is_supported()
-                    && is_x86_feature_detected!("avx512vbmi")
-                    && amx_usable()
-            }
+            SimdLevel::Amx => SimdLevel::Avx512Vnni.is_supported() && amx_usable(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }

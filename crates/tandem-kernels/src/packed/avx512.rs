@@ -397,6 +397,34 @@ unsafe fn super_rows<const R: usize, const F: u8>(
     acc
 }
 
+/// Where a super-block's float step reads each activation row's scale and its sums against
+/// the minimums: the rows' quantized blocks, or (AMX) a copy of just those numbers.
+pub(super) trait RowSums {
+    /// Row `r`'s activation scale in super-block `s`.
+    ///
+    /// # Safety
+    /// The rows hold super-block `s` and row `r`.
+    unsafe fn scale(&self, r: usize, s: usize) -> f32;
+    /// Row `r`'s sums that minimum pair `q` of super-block `s` multiplies (see
+    /// [`min_pair_sums`]).
+    ///
+    /// # Safety
+    /// As for [`RowSums::scale`].
+    unsafe fn min_pair(&self, r: usize, s: usize, q: usize, k32: bool) -> i32;
+}
+
+impl<const R: usize> RowSums for [&[ActBlock]; R] {
+    #[inline(always)]
+    unsafe fn scale(&self, r: usize, s: usize) -> f32 {
+        self.get_unchecked(r).get_unchecked(s * (QK_K / QK)).d
+    }
+
+    #[inline(always)]
+    unsafe fn min_pair(&self, r: usize, s: usize, q: usize, k32: bool) -> i32 {
+        min_pair_sums(self.get_unchecked(r), s * (QK_K / QK), q, k32)
+    }
+}
+
 /// Super-block `s`'s float step (header at `h`) for `R` activation rows: the integer sums
 /// `isum` (block scales applied) times `d` and each row's activation scale, and for the
 /// formats with minimums their products with the activation sums, into `acc`. Shared by the
@@ -404,7 +432,7 @@ unsafe fn super_rows<const R: usize, const F: u8>(
 #[inline(always)]
 pub(super) unsafe fn super_step<const R: usize, const F: u8>(
     h: *const u8,
-    acts: &[&[ActBlock]; R],
+    acts: &impl RowSums,
     s: usize,
     isum: &[__m512i; R],
     acc: &mut [__m512; R],
@@ -414,8 +442,7 @@ pub(super) unsafe fn super_step<const R: usize, const F: u8>(
     let blocks = QK_K / QK;
     let rows = TILE_ROWS;
     let d = halves(h);
-    let da: [__m512; R] =
-        std::array::from_fn(|r| _mm512_set1_ps(acts[r].get_unchecked(s * blocks).d));
+    let da: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(acts.scale(r, s)));
     for r in 0..R {
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, da[r]), acc[r]);
     }
@@ -435,10 +462,9 @@ pub(super) unsafe fn super_step<const R: usize, const F: u8>(
                 (m(at), m(at.add(rows)))
             };
             let mp = _mm512_or_si512(mlo, _mm512_slli_epi32::<16>(mhi));
-            for r in 0..R {
-                let a = acts[r];
-                let sums = min_pair_sums(a, s * blocks, q, k32);
-                msum[r] = _mm512_dpwssd_epi32(msum[r], mp, _mm512_set1_epi32(sums));
+            for (r, m) in msum.iter_mut().enumerate() {
+                let sums = acts.min_pair(r, s, q, k32);
+                *m = _mm512_dpwssd_epi32(*m, mp, _mm512_set1_epi32(sums));
             }
         }
         let nmin = neg(halves(h.add(2 * rows)));

@@ -651,16 +651,17 @@ fn packed_parts(
     let act_ptr = SyncPtr(act.as_mut_ptr());
     let quantize = act_quantizer(level);
     // The AMX kernels (k-quants, enough rows) read the activations of the
-    // k-quants' grouping as rows of contiguous int8.
+    // k-quants' grouping as rows of contiguous int8, with copies of their scales and sums.
     let amx = amx_plans(ws, m, level);
     let amx_group = groups.iter().position(|&g| g == QK_K / QK);
     let want_rows = amx.iter().any(Option::is_some);
-    let mut rows_scratch = AMX_ROWS_SCRATCH.take();
+    let mut amx_scratch = AMX_SCRATCH.take();
     #[cfg(target_arch = "x86_64")]
     if want_rows {
-        rows_scratch.resize(amx::stored_rows(m) * k, 0);
+        let lines = amx::scratch_bytes(m, k).div_ceil(size_of::<Line>());
+        amx_scratch.resize(lines, Line([0; 64]));
     }
-    let rows_ptr = SyncPtr(rows_scratch.as_mut_ptr());
+    let amx_ptr = SyncPtr(amx_scratch.as_mut_ptr() as *mut u8);
     let row_tasks = m.div_ceil(8);
     for_each_task(row_tasks * groups.len(), |c| {
         let (g, c) = (c / row_tasks, c % row_tasks);
@@ -670,8 +671,8 @@ fn packed_parts(
             quantize(&x[i * k..(i + 1) * k], dst, groups[g]);
             #[cfg(target_arch = "x86_64")]
             if want_rows && amx_group == Some(g) {
-                // SAFETY: row i of the int8 rows is written by this task only.
-                unsafe { amx::copy_row(rows_ptr, m, k, i, dst) };
+                // SAFETY: row i's values and sums are written by this task only.
+                unsafe { amx::copy_row(amx_ptr, m, k, i, dst) };
             }
         }
     });
@@ -705,15 +706,15 @@ fn packed_parts(
             let (lo, hi) = (r.start.max(starts[wi]), r.end.min(starts[wi] + w.tiles()));
             if lo < hi {
                 let mine = lo - starts[wi]..hi - starts[wi];
-                let amx = amx.get(wi).copied().flatten().map(|k| (k, rows_ptr));
+                let amx = amx.get(wi).copied().flatten().map(|k| (k, amx_ptr));
                 // SAFETY: the range's tiles are this call's only; rows are nb blocks; the
-                // int8 rows were filled for every AMX plan.
+                // AMX scratch was filled for every AMX plan.
                 unsafe { tile_run(w, &sets[wi], amx, acts[wi], m, parts, how, mine, dsts[wi]) }
             }
         }
     });
     ACT_SCRATCH.set(scratch);
-    AMX_ROWS_SCRATCH.set(rows_scratch);
+    AMX_SCRATCH.set(amx_scratch);
 }
 
 /// The AMX kernels of an AMX-level call, per matrix: where the level is [`SimdLevel::Amx`],
@@ -785,9 +786,14 @@ fn ahead_of(ws: &[&PackedMat], m: usize) -> Option<Ahead> {
 thread_local! {
     /// Quantized activations of [`matmul_packed_many`], kept between calls on each thread.
     static ACT_SCRATCH: std::cell::Cell<Vec<ActBlock>> = const { std::cell::Cell::new(Vec::new()) };
-    /// The same activations' values as contiguous int8 rows, for the AMX kernels.
-    static AMX_ROWS_SCRATCH: std::cell::Cell<Vec<i8>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The same activations as the AMX kernels read them (see `amx::copy_row`).
+    static AMX_SCRATCH: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
 }
+
+/// A cache line of scratch: the AMX kernels' tile loads and copies want 64-byte alignment.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
 
 /// Bytes of weight tiles one claim takes for one or two activation rows: a claim is a
 /// compare-and-swap on the thread's own cache line, and a small one lets the other thread
@@ -817,7 +823,7 @@ const TILE_GROUP_BYTES: usize = 256 << 10;
 unsafe fn tile_run(
     w: &PackedMat,
     kern: &PackedKernels,
-    amx: Option<(AmxKernels, SyncPtr<i8>)>,
+    amx: Option<(AmxKernels, SyncPtr<u8>)>,
     act: &[ActBlock],
     m: usize,
     parts: &[Range<usize>],
@@ -832,8 +838,8 @@ unsafe fn tile_run(
     let super_bytes = w.format.tile_bytes(super_len);
     // Rows the AMX kernel takes, sixteen at a time; the rest below.
     #[cfg(target_arch = "x86_64")]
-    let first = amx.map_or(0, |(k, rows)| {
-        amx::tile_run(w, k, rows, act, m, parts, how, mine.clone(), dst)
+    let first = amx.map_or(0, |(k, scratch)| {
+        amx::tile_run(w, k, scratch, m, parts, how, mine.clone(), dst)
     });
     #[cfg(not(target_arch = "x86_64"))]
     let first = amx.map_or(0, |(k, _)| match k {});
