@@ -11,9 +11,9 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512 F/BW/VL with VNNI (`vpdpbusd` integer dot products).
     Avx512Vnni,
-    /// [`SimdLevel::Avx512Vnni`] with AMX-INT8 tile multiplies for the
-    /// k-quants' matmuls of 16 activation rows or more, sixteen at a time (their results are the
-    /// same bits: integer sums).
+    /// [`SimdLevel::Avx512Vnni`] with AMX-INT8 tile multiplies for the k-quants' matmuls of 10
+    /// activation rows or more, sixteen at a time (their results are the same bits: integer
+    /// sums).
     Amx,
 }
 

@@ -241,7 +241,7 @@ proptest! {
     /// Packed weights (every packed format, ragged last tiles): the result equals the
     /// dequantized weights times the dequantized activations (f64) within float rounding;
     /// every level agrees with the scalar kernel bit for bit; and a row's result is bitwise
-    /// the same alone as among 1..39 rows (8-, 4-, 2- and 1-row kernels, and from 16 rows the
+    /// the same alone as among 1..39 rows (8-, 4-, 2- and 1-row kernels, and from 10 rows the
     /// AMX level's products for the k-quants, a last group padded; see also the next test).
     #[test]
     fn packed_matmul_matches_dequantized(seed in any::<u64>(), which in 0usize..12, supers in 1usize..4, m in 1usize..40, n in 1usize..40) {
@@ -775,7 +775,7 @@ proptest! {
 }
 
 /// [`check_parts_equal_column_slices`] for the k-quants in batches large enough for the AMX
-/// level's products (from 16 rows), cut into three and four parts, with a ragged last tile
+/// level's products (from 10 rows), cut into three and four parts, with a ragged last tile
 /// and rows past the last sixteen.
 #[test]
 fn k_quant_batch_parts_equal_column_slices() {

@@ -145,14 +145,18 @@ const fn splits_scale(f: u8) -> bool {
     f == PackedFormat::Q4_K as u8
 }
 
-/// Activation rows from which a k-quant matmul runs on AMX: one group. With each super-block's
-/// planes built where the products read them (in L1) and Q4_K's planes looked up, AMX wins at
-/// sixteen rows too: `packed_speed` at 16 rows, two threads, VNNI against AMX (GMAC/s): the LM
-/// head's shape (151,936 x 1,536, Q6_K) 211-215 / 237-245, the down projection's (1,536 x
+/// Activation rows from which a k-quant matmul runs on AMX, in one group padded to sixteen
+/// below that. With each super-block's planes built where the products read them (in L1), AMX
+/// wins at sixteen rows: `packed_speed` at 16 rows, two threads, VNNI against AMX (GMAC/s): the
+/// LM head's shape (151,936 x 1,536, Q6_K) 211-215 / 237-245, the down projection's (1,536 x
 /// 8,960) Q4_K 306-311 / 341-355 and Q6_K 241-249 / 353-361, gate and up's (17,920 x 1,536,
-/// Q4_K) 320-336 / 333-355. Before, the planes of a whole tile (48 KiB on the 1.5B's shapes)
-/// were built first and read back from L2, and AMX paid only from 32 rows.
-pub(super) const MIN_ROWS: usize = ROWS;
+/// Q4_K) 320-336 / 333-355. Padded, it wins from ten, where the VNNI kernels need two passes
+/// over the weights (8 + 2 rows): 17,920 x 1,536, two threads, m = 8 / 9 / 10 / 11 / 12, Q4_K
+/// 346-349 / 312-316 / 306-319 / 286-290 / 285-320 against 271-274 / 301-305 / 295-330 /
+/// 351-354 / 384-387, Q6_K 275-277 / 239-240 / 239-241 / 218-223 / 258-264 against 214-218 /
+/// 243-246 / 266-269 / 288-290 / 316-320. Serving's steps have fewer than sixteen rows while
+/// its batch fills and drains.
+pub(super) const MIN_ROWS: usize = 10;
 
 /// One format's AMX kernel: a tile against groups of sixteen activation rows (see [`rows`]).
 pub(super) type Kernels =
@@ -373,10 +377,11 @@ const _: () = assert!(CHUNK_ROWS <= super::MAX_CALL_ROWS);
 /// Groups of sixteen rows in a chunk.
 const MAX_GROUPS: usize = CHUNK_ROWS / ROWS;
 
-/// The activation rows an AMX call runs: `m` to a whole group, padded where at least
-/// [`PAD_FROM`] rows are left over, else down (the VNNI kernels take the rest).
+/// The activation rows an AMX call runs: `m` to a whole group, padded below one group
+/// ([`MIN_ROWS`] on) or where at least [`PAD_FROM`] rows are left over, else down (the VNNI
+/// kernels take the rest).
 fn amx_rows(m: usize) -> usize {
-    if m % ROWS >= PAD_FROM {
+    if m < ROWS || m % ROWS >= PAD_FROM {
         m.div_ceil(ROWS) * ROWS
     } else {
         m / ROWS * ROWS
