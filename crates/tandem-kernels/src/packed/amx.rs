@@ -12,8 +12,8 @@
 //! block by block, and the same float step follows ([`super::avx512::super_step`]), so every
 //! result has the same bits at every level.
 //!
-//! Q4_K splits the scale instead (`sc = 8 * sh + sl`, planes `u * sl` and `u * sh`), so one
-//! 16-bit multiply builds each plane register ([`split_planes`]).
+//! Q4_K and Q5_K split the scale instead (`sc = 8 * sh + sl`, planes `u * sl` and `u * sh`), so
+//! one 16-bit multiply builds each plane register ([`split_planes`]).
 //!
 //! Each super-block's planes are built from the tile's packed values once per tile and chunk
 //! of [`CHUNK_ROWS`] activation rows and serve all its sixteen-row groups while they are in L1,
@@ -140,9 +140,9 @@ super_products!(products_signed_high, "tdpbssd");
 super_products!(products_unsigned_high, "tdpbsud");
 
 /// Whether format `F`'s planes split the block scale instead of the weight (see
-/// [`split_planes`]): Q4_K's, whose 4-bit values and 6-bit scales allow it.
+/// [`split_planes`]): Q4_K's and Q5_K's, whose 4- and 5-bit values and 6-bit scales allow it.
 const fn splits_scale(f: u8) -> bool {
-    f == PackedFormat::Q4_K as u8
+    f == PackedFormat::Q4_K as u8 || f == PackedFormat::Q5_K as u8
 }
 
 /// Activation rows from which a k-quant matmul runs on AMX, in one group padded to sixteen
@@ -250,15 +250,15 @@ unsafe fn super_planes<const F: u8>(
     }
 }
 
-/// Q4_K's planes for block `bi` of a super-block, its values `v` (`u` in 0..16) and scales
-/// `sc` (0..64 per row, in i32 lanes): with `sc = 8 * sh + sl`, the low plane holds `u * sl`
-/// and the high one `u * sh` (both under 106, so unsigned bytes), and the sums combine as
-/// `sum(a * lo) + 8 * sum(a * hi)`, the same integer as `sum(a * u * sc)`. One `vpmullw` per
-/// register multiplies both of each 16-bit lane's values: the low one's product stays under
-/// 256, so nothing carries into the high byte. A `vpermi2b` lookup (two cycles on the one
-/// shuffle port) was the plane build's bound: Q4_K at 16 / 32 rows ran 225 / 239 GMAC/s with
-/// it and 233 / 260 with this; the general path's byte splits cost about four times the
-/// operations.
+/// Q4_K's and Q5_K's planes for block `bi` of a super-block, its values `v` (`u` in 0..16 or
+/// 0..32) and scales `sc` (0..64 per row, in i32 lanes): with `sc = 8 * sh + sl`, the low plane
+/// holds `u * sl` and the high one `u * sh` (both at most 217, so unsigned bytes), and the sums
+/// combine as `sum(a * lo) + 8 * sum(a * hi)`, the same integer as `sum(a * u * sc)`. One
+/// `vpmullw` per register multiplies both of each 16-bit lane's values: the low one's product
+/// stays under 256, so nothing carries into the high byte. A `vpermi2b` lookup (two cycles on
+/// the one shuffle port) was Q4_K's plane build's bound: at 16 / 32 rows it ran 225 / 239
+/// GMAC/s with it and 233 / 260 with this; the general path's byte splits cost about three
+/// times the operations.
 #[inline(always)]
 unsafe fn split_planes(
     v: [__m512i; 8],
