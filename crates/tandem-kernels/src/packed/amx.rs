@@ -225,18 +225,27 @@ unsafe fn super_planes<const F: u8>(
             }
             Scheme::Block32 { .. } => unreachable!("AMX kernels are the k-quants'"),
         };
-        let off = _mm512_set1_epi16(offset as i16);
-        for (j, &reg) in v.iter().enumerate() {
-            let sc = scales[j / 4];
-            // The row's scale in both 16-bit halves of its dword.
+        // Per half of the block: each row's scale as a signed byte in the even (then the odd)
+        // byte of every 16-bit lane, so that `vpmaddubsw` takes the even (odd) values'
+        // products alone, and `offset * sc` in every 16-bit lane.
+        let mut even_sc = [_mm512_setzero_si512(); 2];
+        let mut odd_sc = even_sc;
+        let mut off_sc = even_sc;
+        for h in 0..2 {
+            let sc = scales[h];
             let sc16 = _mm512_or_si512(
                 _mm512_and_si512(sc, _mm512_set1_epi32(0xffff)),
                 _mm512_slli_epi32::<16>(sc),
             );
-            let even = _mm512_sub_epi16(_mm512_and_si512(reg, low_byte), off);
-            let odd = _mm512_sub_epi16(_mm512_srli_epi16::<8>(reg), off);
-            let pe = _mm512_mullo_epi16(even, sc16);
-            let po = _mm512_mullo_epi16(odd, sc16);
+            even_sc[h] = _mm512_and_si512(sc16, low_byte);
+            odd_sc[h] = _mm512_slli_epi16::<8>(sc16);
+            off_sc[h] = _mm512_mullo_epi16(sc16, _mm512_set1_epi16(offset as i16));
+        }
+        for (j, &reg) in v.iter().enumerate() {
+            let h = j / 4;
+            // The values are unsigned bytes; each product, at most 255 x 128, fits 16 bits.
+            let pe = _mm512_sub_epi16(_mm512_maddubs_epi16(reg, even_sc[h]), off_sc[h]);
+            let po = _mm512_sub_epi16(_mm512_maddubs_epi16(reg, odd_sc[h]), off_sc[h]);
             let lo = _mm512_or_si512(_mm512_and_si512(pe, low_byte), _mm512_slli_epi16::<8>(po));
             let hi = _mm512_or_si512(
                 _mm512_and_si512(_mm512_srai_epi16::<8>(pe), low_byte),
