@@ -2,8 +2,9 @@
 //! shows without the rest of the forward: ms and GB/s per token, `ROUNDS` (5) rounds of
 //! `TOKENS` (100) tokens on `THREADS` threads (one per core), with `GAP_US` microseconds of
 //! serial spinning after each call (0) standing for the norms and the like between them (its
-//! time is not counted). `MODEL`
-//! picks the shapes: `smollm` (default: the reference model, 30 layers of Q4_1 q/k/v,
+//! time is not counted), `M` (1) activation rows a call (a batched decode step's sequences: from
+//! 10 rows the k-quants run on AMX where the CPU has it, each step still reading every weight
+//! from memory). `MODEL` picks the shapes: `smollm` (default: the reference model, 30 layers of Q4_1 q/k/v,
 //! output, gate/up and down, and a Q8_0 LM head, 96 MB a token) or `qwen1.5b`
 //! (Qwen2.5-1.5B Q4_K_M: 28 layers of Q4_K, with Q6_K for v and down in 14 of them, and a
 //! Q6_K LM head, 980 MB a token, far past the caches):
@@ -55,8 +56,9 @@ fn main() {
         .sum::<usize>()
         + head.bytes().len();
     let level = tandem_kernels::simd::active();
-    let x: Vec<f32> = (0..f).map(|i| (i as f32 * 0.37).sin()).collect();
-    let mut outs: Vec<Vec<f32>> = vec![vec![0.0; vocab]; 3];
+    let m = env("M", 1).max(1);
+    let x: Vec<f32> = (0..f * m).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut outs: Vec<Vec<f32>> = vec![vec![0.0; vocab * m]; 3];
     let tokens = env("TOKENS", 100).max(1);
     // Serial work between the matmuls, as the caller's norms and quantization leave.
     let gap_us: f64 = std::env::var("GAP_US").map_or(0.0, |g| g.parse().unwrap());
@@ -71,7 +73,7 @@ fn main() {
         let mut kinds: BTreeMap<String, (f64, usize)> = BTreeMap::new();
         let mut timed = |refs: &[&PackedMat], o: &mut [&mut [f32]], k: usize| {
             let t = Instant::now();
-            matmul_packed_many(&x[..k], 1, refs, o, level);
+            matmul_packed_many(&x[..k * m], m, refs, o, level);
             let name: Vec<String> = refs.iter().map(|w| format!("{:?}", w.format)).collect();
             let e = kinds.entry(name.join("+")).or_default();
             e.0 += t.elapsed().as_secs_f64();
@@ -86,7 +88,7 @@ fn main() {
                         let mut o: Vec<&mut [f32]> = outs
                             .iter_mut()
                             .zip(group)
-                            .map(|(o, w)| &mut o[..w.rows])
+                            .map(|(o, w)| &mut o[..w.rows * m])
                             .collect();
                         let refs: Vec<&PackedMat> = group.iter().collect();
                         timed(&refs, &mut o, k);
@@ -105,7 +107,7 @@ fn main() {
         let gbs = bytes as f64 / ms / 1e6;
         let probe = probe(&probe_buf, pool.threads());
         println!(
-            "round {round}: {ms:.3} ms/token, {gbs:.1} GB/s over {:.1} MB; a plain read: {probe:.1} GB/s ({:.0}%)",
+            "round {round}: {ms:.3} ms/token ({m} rows a step), {gbs:.1} GB/s over {:.1} MB; a plain read: {probe:.1} GB/s ({:.0}%)",
             bytes as f64 / 1e6,
             100.0 * gbs / probe
         );
