@@ -2,6 +2,7 @@
 //! compiled for each SIMD level, so that every level computes the same bits: the compiler
 //! vectorizes the one definition instead of the loop calling libm per element.
 
+#[cfg(target_arch = "x86_64")]
 use crate::simd::SimdLevel;
 
 /// `e^x`, within ~1 ulp for `x` in [-87, 88] (clamped there: 0 below is ~1.6e-38, above ~1.7e38):

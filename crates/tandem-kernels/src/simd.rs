@@ -173,6 +173,7 @@ fn cpu_family_model() -> (u32, u32) {
 
 /// The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`, ...).
 fn cpu_vendor() -> [u8; 12] {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut v = [0u8; 12];
     #[cfg(target_arch = "x86_64")]
     {

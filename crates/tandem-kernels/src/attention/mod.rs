@@ -11,6 +11,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::par::{for_each_range, SyncPtr};
+#[cfg(target_arch = "x86_64")]
 use crate::simd::SimdLevel;
 
 mod split;
@@ -230,6 +231,7 @@ pub fn paged_attention(
         partial: SyncPtr(partial.as_mut_ptr()),
     };
     let level = crate::simd::active();
+    #[cfg(target_arch = "x86_64")]
     let hd = layout.head_dim;
     let one = |t: usize| {
         let w = &works[t];
@@ -294,6 +296,7 @@ const Q_CHUNK: usize = 8;
 /// Blocks of a head's keys asked for ahead of the one being read (each block is elsewhere in
 /// the pool, where the stream prefetchers do not follow): 16 sequences x 144 positions on the
 /// reference model's shape, 3.9-4.3 -> 3.6-3.9 ms per step's 30 layers going from 1 to 2.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_BLOCKS: usize = 2;
 
 /// One attention work item's inputs: a (sequence, KV head, query chunk, key chunks) is one task.

@@ -166,6 +166,7 @@ impl PackedFormat {
 
     /// Whether the values span eight bits (`u = q + 128`), too wide for `vpmaddubsw`'s 16-bit
     /// pair sums: the AVX2 kernels multiply the signed `q` instead.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) const fn eight_bit(self) -> bool {
         self.bits() == 8 || self.table()
     }
@@ -376,6 +377,7 @@ pub(crate) fn pair_i16(lo: i32, hi: i32) -> i32 {
 ///
 /// # Safety
 /// `a` holds the blocks read (`first + 2q + 1`, or `first + q`).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn min_pair_sums(a: &[ActBlock], first: usize, q: usize, k32: bool) -> i32 {
     if k32 {
@@ -653,8 +655,11 @@ fn packed_parts(
     // The AMX kernels (k-quants, enough rows) read the activations of the
     // k-quants' grouping as rows of contiguous int8, with copies of their scales and sums.
     let amx = amx_plans(ws, m, level);
-    let amx_group = groups.iter().position(|&g| g == QK_K / QK);
-    let want_rows = amx.iter().any(Option::is_some);
+    #[cfg(target_arch = "x86_64")]
+    let (amx_group, want_rows) = (
+        groups.iter().position(|&g| g == QK_K / QK),
+        amx.iter().any(Option::is_some),
+    );
     let mut amx_scratch = AMX_SCRATCH.take();
     #[cfg(target_arch = "x86_64")]
     if want_rows {
