@@ -27,7 +27,9 @@ use std::ops::Range;
 
 use super::avx512::{bytes_epi32, super_step, values, RowSums};
 use super::layout::TILE_ROWS;
-use super::{min_pair_sums, ActBlock, CallAt, PackedFormat, PackedMat, PartBuffers, Parts, Scheme};
+use super::{
+    min_pair_sums, ActBlock, CallAt, PackedFormat, PackedMat, PartBuffers, Parts, Prefetch, Scheme,
+};
 use crate::dtype::{QK, QK_K};
 use crate::par::SyncPtr;
 
@@ -189,7 +191,7 @@ pub(super) fn kernels(format: PackedFormat) -> Option<Kernels> {
 unsafe fn super_planes<const F: u8>(
     sb: *const u8,
     out: &mut [__m512i; 2 * PLANE_REGS],
-    prefetch: bool,
+    prefetch: Prefetch,
 ) {
     let format = PackedFormat::from_id(F);
     let blocks = QK_K / QK;
@@ -197,6 +199,7 @@ unsafe fn super_planes<const F: u8>(
     let low_byte = _mm512_set1_epi16(0x00ff);
     let high_byte = _mm512_set1_epi16(0xff00u16 as i16);
     let h = sb;
+    prefetch.range(h, format.header_bytes());
     let mut p = sb.add(format.header_bytes());
     let (lo_plane, hi_plane) = out.split_at_mut(PLANE_REGS);
     for bi in 0..blocks {
@@ -323,7 +326,7 @@ unsafe fn rows<const F: u8>(
     let mut planes = std::mem::MaybeUninit::<[__m512i; 2 * PLANE_REGS]>::uninit();
     let planes = planes.assume_init_mut();
     let mut acc = [[_mm512_setzero_ps(); ROWS]; MAX_GROUPS];
-    let prefetch = crate::simd::prefetch_weights();
+    let prefetch = Prefetch::for_rows(ROWS);
     let super_bytes = format.tile_bytes(QK_K);
     // The float step of the products issued before the last: its sums' tile store has long
     // reached L1 when the vector loads read them.

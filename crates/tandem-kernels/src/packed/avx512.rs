@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{min_pair_sums, prefetch_line, ActBlock, PackedFormat, PackedKernels, Scheme};
+use super::{min_pair_sums, ActBlock, PackedFormat, PackedKernels, Prefetch, Scheme};
 use crate::dtype::{QK, QK_K};
 
 /// Adds `bit` to the bytes of `v` whose bits are set in the top-bit masks at `masks` (Q5: bit
@@ -32,22 +32,24 @@ unsafe fn add_masked(v: &mut [__m512i; 8], masks: *const u8, bit: i8) {
 
 /// The eight value registers of one block at `p` (see `layout`), as unsigned bytes; with
 /// `hi16` (4-bit formats only), the high nibbles are left in place, sixteen times their value,
-/// one AND each instead of a shift and an AND (see [`dot_block`]). With `prefetch`, each of
-/// the block's lines asks for the lines ahead of it (see [`prefetch_line`]) as it is loaded:
+/// one AND each instead of a shift and an AND (see [`dot_block`]). Each of the block's lines
+/// asks for the lines ahead of it as `prefetch` says ([`Prefetch::line`]) as it is loaded:
 /// spread among the work, not bunched after the block.
 #[inline(always)]
-pub(super) unsafe fn values<const F: u8>(p: *const u8, hi16: bool, prefetch: bool) -> [__m512i; 8] {
+pub(super) unsafe fn values<const F: u8>(
+    p: *const u8,
+    hi16: bool,
+    prefetch: Prefetch,
+) -> [__m512i; 8] {
     let format = PackedFormat::from_id(F);
     let load = |i: usize| {
-        if prefetch {
-            prefetch_line(p.add(64 * i));
-        }
+        prefetch.line(p.add(64 * i));
         _mm512_loadu_si512(p.add(64 * i) as *const __m512i)
     };
     // Q5's and Q3_K's top-bit masks: the block's last line, read outside `load`.
     let masks = p.add(format.block_value_bytes() - 64);
-    if prefetch && matches!(format.bits(), 3 | 5) {
-        prefetch_line(masks);
+    if matches!(format.bits(), 3 | 5) {
+        prefetch.line(masks);
     }
     if format.bits() == 8 {
         return std::array::from_fn(load);
@@ -210,7 +212,7 @@ unsafe fn block_rows<const R: usize, const F: u8>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm512_setzero_ps(); R];
     let mut p = tile.as_ptr();
-    let prefetch = crate::simd::prefetch_weights();
+    let prefetch = Prefetch::for_rows(R);
     // Decode's one or two rows: the high nibbles' own chain (see `dot_block`); not for the
     // table formats, whose nibbles are indices.
     let hi16 = R <= 2 && format.bits() == 4 && !format.table();
@@ -221,6 +223,7 @@ unsafe fn block_rows<const R: usize, const F: u8>(
         } else {
             _mm512_setzero_ps()
         };
+        prefetch.range(p, format.header_bytes());
         p = p.add(format.header_bytes());
         let v = values::<F>(p, hi16, prefetch);
         if R > 2 {
@@ -280,7 +283,7 @@ unsafe fn super_rows<const R: usize, const F: u8>(
     let rows = TILE_ROWS;
     let mut acc = [_mm512_setzero_ps(); R];
     let mut p = tile.as_ptr();
-    let prefetch = crate::simd::prefetch_weights();
+    let prefetch = Prefetch::for_rows(R);
     // Decode's one or two rows: the high nibbles' own chain (see `dot_block`); not for the
     // table formats, whose nibbles are indices.
     let hi16 = R <= 2 && format.bits() == 4 && !format.table();
@@ -290,6 +293,7 @@ unsafe fn super_rows<const R: usize, const F: u8>(
     let quarters = format == PackedFormat::Q6_K;
     for s in 0..nb / blocks {
         let h = p;
+        prefetch.range(h, format.header_bytes());
         p = p.add(format.header_bytes());
         let mut isum = [_mm512_setzero_si512(); R];
         for bi in 0..blocks {
