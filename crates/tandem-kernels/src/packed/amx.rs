@@ -199,7 +199,6 @@ unsafe fn super_planes<const F: u8>(
     let low_byte = _mm512_set1_epi16(0x00ff);
     let high_byte = _mm512_set1_epi16(0xff00u16 as i16);
     let h = sb;
-    prefetch.range(h, format.header_bytes());
     let mut p = sb.add(format.header_bytes());
     let (lo_plane, hi_plane) = out.split_at_mut(PLANE_REGS);
     for bi in 0..blocks {

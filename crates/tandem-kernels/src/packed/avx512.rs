@@ -223,7 +223,7 @@ unsafe fn block_rows<const R: usize, const F: u8>(
         } else {
             _mm512_setzero_ps()
         };
-        prefetch.range(p, format.header_bytes());
+        prefetch.header(p, format.header_bytes());
         p = p.add(format.header_bytes());
         let v = values::<F>(p, hi16, prefetch);
         if R > 2 {
@@ -293,7 +293,7 @@ unsafe fn super_rows<const R: usize, const F: u8>(
     let quarters = format == PackedFormat::Q6_K;
     for s in 0..nb / blocks {
         let h = p;
-        prefetch.range(h, format.header_bytes());
+        prefetch.header(h, format.header_bytes());
         p = p.add(format.header_bytes());
         let mut isum = [_mm512_setzero_si512(); R];
         for bi in 0..blocks {

@@ -514,13 +514,14 @@ impl Prefetch {
     }
 
     /// Asks for every line that holds part of the `bytes` at `p`: a tile's headers, which the
-    /// value loads' own prefetches step over (five of a Q4_K super-block's 37 lines). With the
-    /// paced prefetch, the 1.5B's decode matmuls streamed 29.2-31.9 GB/s with it against
-    /// 29.0-30.1 without (two threads, alternating; the 29.2 in a round whose plain read was
-    /// slow too).
+    /// value loads' own prefetches step over (five of a Q4_K super-block's 37 lines). Only
+    /// the paced kind does: with it, the 1.5B's decode matmuls streamed 29.2-31.9 GB/s with
+    /// the headers asked for against 29.0-30.1 without (two threads, alternating; the 29.2 in
+    /// a round whose plain read was slow too). The batched kernels, which keep a tile's lines
+    /// far longer, showed no gain at four and sixteen rows.
     #[inline(always)]
-    pub(crate) fn range(self, p: *const u8, bytes: usize) {
-        if self == Prefetch::Off {
+    pub(crate) fn header(self, p: *const u8, bytes: usize) {
+        if self != Prefetch::Paced {
             return;
         }
         let mut line = p.wrapping_sub(p as usize % 64);
