@@ -548,7 +548,8 @@ impl Prefetch {
 /// 27.6-28.0 tok/s against 26.1-26.3; 256 and 1,024 bytes ahead did as well as 512.
 /// On AMD, T1 filling L2 only came with Zen 4 (earlier cores fill L1 for every hint; on a
 /// Zen 3 not measured), and from Zen 4 on the kernels do not prefetch at all
-/// (`simd::prefetch_weights`).
+/// (`simd::prefetch_weights`). The AVX-512 one- and two-row kernels have since moved to
+/// [`prefetch_line_paced`]; this one serves the batched kernels and the AVX2 ones.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_line(p: *const u8) {
