@@ -29,6 +29,7 @@ use super::avx512::{bytes_epi32, super_step, values, RowSums};
 use super::layout::TILE_ROWS;
 use super::{
     min_pair_sums, ActBlock, CallAt, PackedFormat, PackedMat, PartBuffers, Parts, Prefetch, Scheme,
+    PREFETCH_L1,
 };
 use crate::dtype::{QK, QK_K};
 use crate::par::SyncPtr;
@@ -160,9 +161,32 @@ const fn splits_scale(f: u8) -> bool {
 /// its batch fills and drains.
 pub(super) const MIN_ROWS: usize = 10;
 
-/// One format's AMX kernel: a tile against groups of sixteen activation rows (see [`rows`]).
-pub(super) type Kernels =
-    unsafe fn(&[u8], *const i8, *const SuperSums, usize, usize, usize, usize, *mut f32, usize);
+/// One format's AMX kernel: a run of tiles against groups of sixteen activation rows (see
+/// [`rows`]).
+pub(super) type Kernels = unsafe fn(&Call);
+
+/// What one AMX kernel call computes: `tiles` tiles of a k-quant, from their super-block `s0`
+/// on for `supers` super-blocks, against `groups` groups of sixteen activation rows.
+pub(super) struct Call {
+    /// The first tile's super-block `s0` (its header); each next tile's is `tile_stride`
+    /// bytes on.
+    pub weights: *const u8,
+    pub tiles: usize,
+    pub tile_stride: usize,
+    /// The rows' int8 values and [`SuperSums`] in [`copy_row`]'s layout from super-block `s0`
+    /// on (each super-block `stored` rows after the last).
+    pub act: *const i8,
+    pub sums: *const SuperSums,
+    pub stored: usize,
+    pub groups: usize,
+    pub s0: usize,
+    pub supers: usize,
+    /// Tile `t`'s sixteen results for activation row `q` go to `out + q * out_stride + 16 t`,
+    /// for the rows below `rows` (a padded group's others are dropped).
+    pub out: *mut f32,
+    pub out_stride: usize,
+    pub rows: usize,
+}
 
 /// The AMX kernel of `format`, for the k-quants (the formats whose block scales are integers).
 pub(super) fn kernels(format: PackedFormat) -> Option<Kernels> {
@@ -180,10 +204,11 @@ pub(super) fn kernels(format: PackedFormat) -> Option<Kernels> {
 /// The weight planes of the super-block at `sb` (its header, then its blocks' values) into
 /// `out`: the low plane's 64 registers, then the high plane's, each register four consecutive
 /// elements of sixteen rows (the packed values' order). In general they hold `lo` and `hi` of
-/// `w = (u - offset) * sc`; Q4_K's split the scale instead ([`split_planes`]). The lines are
-/// prefetched as they are read, as the VNNI kernels' are (`simd::prefetch_weights`): the LM
+/// `w = (u - offset) * sc`; Q4_K's split the scale instead ([`split_planes`]). With `ahead`
+/// (`simd::prefetch_weights`), each line read asks for the same line of the super-blocks the
+/// walk reaches [`AHEAD_STEPS`] steps and one step later, into L2 and L1 ([`Ahead`]): the LM
 /// head's shape (151,936 x 1,536, two threads) at 32 / 64 rows ran Q6_K at 284-303 / 369-394
-/// GMAC/s against 269-275 / 322-363 without.
+/// GMAC/s against 269-275 / 322-363 without prefetches.
 ///
 /// # Safety
 /// AVX-512 BW is supported; `sb` holds a super-block of format `F`, a k-quant.
@@ -191,7 +216,7 @@ pub(super) fn kernels(format: PackedFormat) -> Option<Kernels> {
 unsafe fn super_planes<const F: u8>(
     sb: *const u8,
     out: &mut [__m512i; 2 * PLANE_REGS],
-    prefetch: Prefetch,
+    ahead: Option<Ahead>,
 ) {
     let format = PackedFormat::from_id(F);
     let blocks = QK_K / QK;
@@ -202,7 +227,10 @@ unsafe fn super_planes<const F: u8>(
     let mut p = sb.add(format.header_bytes());
     let (lo_plane, hi_plane) = out.split_at_mut(PLANE_REGS);
     for bi in 0..blocks {
-        let v = values::<F>(p, false, prefetch);
+        if let Some(a) = ahead {
+            a.lines(p as usize - sb as usize, format.block_value_bytes());
+        }
+        let v = values::<F>(p, false, Prefetch::Off);
         p = p.add(format.block_value_bytes());
         if splits_scale(F) {
             let sc = bytes_epi32::<false>(h.add(4 * rows + rows * bi));
@@ -289,33 +317,97 @@ unsafe fn split_planes(
     }
 }
 
-/// `groups` groups of sixteen activation rows against the `nb` blocks of a tile of format `F`
-/// (a k-quant) from its super-block `s0` on (`tile` starting there): `act` and `sums` hold the
-/// rows' int8 values and [`SuperSums`] in [`copy_row`]'s layout from that super-block on (each
-/// super-block `stored` rows after the last); results as the VNNI kernels write them, row `q`
-/// at `out + q * out_stride`. Each super-block's weight planes are built once and serve every
-/// group while they are in L1: built for a whole tile first, 48 KiB on the 1.5B's shapes, they
-/// went to L2 and back, and the planes' stores and tile loads took most of the time at sixteen
-/// rows.
+/// Where a kernel's walk reads (`here`), and the super-blocks it reaches one step (`near`)
+/// and [`AHEAD_STEPS`] steps (`far`) later. As it reads each line, it asks for the same line
+/// of `far` into L2, and for the line [`PREFETCH_L1`] bytes on in the walk's order (in
+/// `here`, or at the start of `near`) into L1: the walk goes super-block by super-block
+/// across its tiles, so the lines it needs next are not the ones that follow in memory.
+#[derive(Clone, Copy)]
+struct Ahead {
+    here: *const u8,
+    near: *const u8,
+    far: *const u8,
+    super_bytes: usize,
+}
+
+impl Ahead {
+    /// Asks for what reading the `bytes` at `offset` into `here` calls for.
+    #[inline(always)]
+    fn lines(self, offset: usize, bytes: usize) {
+        for l in (offset..offset + bytes).step_by(64) {
+            let next = l + PREFETCH_L1;
+            let next = if next < self.super_bytes {
+                self.here.wrapping_add(next)
+            } else {
+                self.near.wrapping_add(next - self.super_bytes)
+            };
+            // SAFETY: a prefetch never faults, wherever it points.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T1>(self.far.wrapping_add(l) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+            }
+        }
+    }
+}
+
+/// A place in a kernel call's walk: super-block `s` of tile `t`. Past the call's last
+/// super-block the walk goes on over the next `tiles` tiles as if they were the call's (where
+/// this thread's next claim most likely starts), so that the prefetches ahead of it land.
+#[derive(Clone, Copy, Default)]
+struct Walk {
+    s: usize,
+    t: usize,
+    /// The first tile of the `tiles` being walked.
+    first: usize,
+}
+
+impl Walk {
+    /// The next place: the next tile's super-block `s`, or after the last tile, the first
+    /// tile's next super-block.
+    #[inline(always)]
+    fn step(&mut self, c: &Call) {
+        self.t += 1;
+        if self.t == self.first + c.tiles {
+            self.t = self.first;
+            self.s += 1;
+            if self.s == c.supers {
+                self.s = 0;
+                self.first += c.tiles;
+                self.t = self.first;
+            }
+        }
+    }
+
+    /// The super-block's address (its header).
+    #[inline(always)]
+    fn at(&self, c: &Call, super_bytes: usize) -> *const u8 {
+        c.weights
+            .wrapping_add(self.t * c.tile_stride + self.s * super_bytes)
+    }
+}
+
+/// Steps of the walk (super-blocks) ahead that a kernel asks for into L2: ~9 KiB, as far as
+/// the VNNI kernels ask ahead in their straight stream ([`super::PREFETCH`]).
+const AHEAD_STEPS: usize = 4;
+
+/// [`Call`]'s tiles against its groups of activation rows, walked super-block by
+/// super-block: super-block `s` of every tile, then `s + 1`. Each tile's super-block
+/// planes are built once and serve every group while they are in L1 (built for a whole tile
+/// first, 48 KiB on the 1.5B's shapes, they went to L2 and back, and the planes' stores and
+/// tile loads took most of the time at sixteen rows); each super-block's activations (4 KiB a
+/// group) serve every tile while they are in L1. Tile by tile, a sixteen-row step read them
+/// from L2 once per tile, and with the weights coming from memory that cost ~10%: pointing
+/// every super-block at one group's values (wrong sums, the same work) took the 1.5B's
+/// matmuls at 16 rows from 73-76 to 66 ms a step. Each (tile, group)'s float steps still run
+/// in super-block order, so the results have the same bits as tile by tile.
 ///
 /// # Safety
-/// A [`Tiles`] of this thread is live; AVX-512 BW is supported; the pointers and
-/// slices hold `nb` blocks (a whole number of super-blocks) of what is described, `groups` at
-/// most [`MAX_GROUPS`]; `out` holds their rows of [`TILE_ROWS`].
+/// A [`Tiles`] of this thread is live; AVX-512 BW is supported; the pointers hold what
+/// [`Call`] describes (whole super-blocks), `tiles * groups` at most [`MAX_SLOTS`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows<const F: u8>(
-    tile: &[u8],
-    act: *const i8,
-    sums: *const SuperSums,
-    stored: usize,
-    groups: usize,
-    s0: usize,
-    nb: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
+unsafe fn rows<const F: u8>(c: &Call) {
     let format = PackedFormat::from_id(F);
+    debug_assert!(c.tiles * c.groups <= MAX_SLOTS);
     #[repr(C, align(64))]
     struct Products([i32; 2 * 2 * ROWS * 16]);
     let mut products = Products([0; 2 * 2 * ROWS * 16]);
@@ -324,16 +416,31 @@ unsafe fn rows<const F: u8>(
     // stores.
     let mut planes = std::mem::MaybeUninit::<[__m512i; 2 * PLANE_REGS]>::uninit();
     let planes = planes.assume_init_mut();
-    let mut acc = [[_mm512_setzero_ps(); ROWS]; MAX_GROUPS];
-    let prefetch = Prefetch::for_rows(ROWS);
+    // One set of sixteen rows' sums per tile and group (`t * groups + g`).
+    let mut acc = [[_mm512_setzero_ps(); ROWS]; MAX_SLOTS];
+    let prefetch = crate::simd::prefetch_weights();
     let super_bytes = format.tile_bytes(QK_K);
-    // The float step of the products issued before the last: its sums' tile store has long
-    // reached L1 when the vector loads read them.
-    let step = |at: usize, s: usize, g: usize, acc: &mut [[__m512; ROWS]; MAX_GROUPS]| {
-        let c = c0.add(2048 * (at % 2));
+    // Where the walk is, and where it will be one and `AHEAD_STEPS` steps on.
+    let mut here = Walk::default();
+    let mut near = here;
+    near.step(c);
+    let mut far = near;
+    for _ in 1..AHEAD_STEPS {
+        far.step(c);
+    }
+    // The float step of the products issued before the last (product `at`, super-block `s` at
+    // `sb`, group `g`, sums `slot`): its sums' tile store has long reached L1 when the vector
+    // loads read them.
+    let step = |at: usize,
+                sb: *const u8,
+                s: usize,
+                g: usize,
+                slot: usize,
+                acc: &mut [[__m512; ROWS]; MAX_SLOTS]| {
+        let p = c0.add(2048 * (at % 2));
         let isum: [__m512i; ROWS] = std::array::from_fn(|r| {
-            let lo = _mm512_load_si512(c.add(64 * r) as *const __m512i);
-            let hi = _mm512_load_si512(c.add(1024 + 64 * r) as *const __m512i);
+            let lo = _mm512_load_si512(p.add(64 * r) as *const __m512i);
+            let hi = _mm512_load_si512(p.add(1024 + 64 * r) as *const __m512i);
             let hi = if splits_scale(F) {
                 _mm512_slli_epi32::<3>(hi)
             } else {
@@ -341,40 +448,56 @@ unsafe fn rows<const F: u8>(
             };
             _mm512_add_epi32(lo, hi)
         });
-        let sb = tile.as_ptr().add(s * super_bytes);
-        let rows = GroupSums(sums.add(s * stored + g * ROWS));
-        super_step::<ROWS, F>(sb, &rows, s0 + s, &isum, acc.get_unchecked_mut(g));
+        let rows = GroupSums(c.sums.add(s * c.stored + g * ROWS));
+        super_step::<ROWS, F>(sb, &rows, c.s0 + s, &isum, acc.get_unchecked_mut(slot));
     };
     let mut at = 0;
     let mut last = None;
-    for s in 0..nb / (QK_K / QK) {
-        let sb = tile.as_ptr().add(s * super_bytes);
-        super_planes::<F>(sb, planes, prefetch);
-        let (lo, hi) = (
-            planes.as_ptr() as *const u8,
-            planes.as_ptr().add(PLANE_REGS) as *const u8,
-        );
-        for g in 0..groups {
-            let a = act.add((s * stored + g * ROWS) * QK_K);
-            let c = c0.add(2048 * (at % 2));
-            if splits_scale(F) {
-                products_unsigned_high(a, QK_K, lo, hi, c);
-            } else {
-                products_signed_high(a, QK_K, lo, hi, c);
+    for s in 0..c.supers {
+        for t in 0..c.tiles {
+            debug_assert_eq!((here.s, here.t), (s, t));
+            let sb = here.at(c, super_bytes);
+            let ahead = prefetch.then(|| Ahead {
+                here: sb,
+                near: near.at(c, super_bytes),
+                far: far.at(c, super_bytes),
+                super_bytes,
+            });
+            for w in [&mut here, &mut near, &mut far] {
+                w.step(c);
             }
-            if let Some((s, g)) = last {
-                step(at - 1, s, g, &mut acc);
+            super_planes::<F>(sb, planes, ahead);
+            let (lo, hi) = (
+                planes.as_ptr() as *const u8,
+                planes.as_ptr().add(PLANE_REGS) as *const u8,
+            );
+            for g in 0..c.groups {
+                let a = c.act.add((s * c.stored + g * ROWS) * QK_K);
+                let p = c0.add(2048 * (at % 2));
+                if splits_scale(F) {
+                    products_unsigned_high(a, QK_K, lo, hi, p);
+                } else {
+                    products_signed_high(a, QK_K, lo, hi, p);
+                }
+                if let Some((sb, s, g, slot)) = last {
+                    step(at - 1, sb, s, g, slot, &mut acc);
+                }
+                last = Some((sb, s, g, t * c.groups + g));
+                at += 1;
             }
-            last = Some((s, g));
-            at += 1;
         }
     }
-    if let Some((s, g)) = last {
-        step(at - 1, s, g, &mut acc);
+    if let Some((sb, s, g, slot)) = last {
+        step(at - 1, sb, s, g, slot, &mut acc);
     }
-    for (g, rows) in acc.iter().take(groups).enumerate() {
-        for (r, x) in rows.iter().enumerate() {
-            _mm512_storeu_ps(out.add((g * ROWS + r) * out_stride), *x);
+    for t in 0..c.tiles {
+        for g in 0..c.groups {
+            for (r, x) in acc[t * c.groups + g].iter().enumerate() {
+                let q = g * ROWS + r;
+                if q < c.rows {
+                    _mm512_storeu_ps(c.out.add(q * c.out_stride + TILE_ROWS * t), *x);
+                }
+            }
         }
     }
 }
@@ -387,6 +510,19 @@ const _: () = assert!(CHUNK_ROWS <= super::MAX_CALL_ROWS);
 
 /// Groups of sixteen rows in a chunk.
 const MAX_GROUPS: usize = CHUNK_ROWS / ROWS;
+
+/// Sets of sixteen rows' sums a kernel call keeps (tiles x groups): a chunk's groups, or as
+/// many tiles of fewer groups.
+const MAX_SLOTS: usize = MAX_GROUPS;
+
+/// Tiles one kernel call takes with `m` activation rows (see [`tile_run`]): as many as
+/// [`MAX_SLOTS`] allows for the first chunk's groups, and what a claim holds at least. At
+/// sixteen rows that is eight; claims of 64 KiB held four of the 1.5B's q/k/v or gate/up
+/// tiles and one of its down projection's, and its matmuls at 16 rows took 70.6-72.2 ms a
+/// step against 64.0-64.8 with claims of eight tiles.
+pub(super) fn call_tiles(m: usize) -> usize {
+    MAX_SLOTS / (amx_rows(m).min(CHUNK_ROWS) / ROWS).max(1)
+}
 
 /// The activation rows an AMX call runs: `m` to a whole group, padded below one group
 /// ([`MIN_ROWS`] on) or where at least [`PAD_FROM`] rows are left over, else down (the VNNI
@@ -492,7 +628,10 @@ pub(super) unsafe fn copy_row(
 
 /// The `m` rows against tiles `mine` of `w` through the AMX kernel `k`, a chunk at a time,
 /// into `dst` (each part of the columns alone, as `packed::tile_run` puts them), the last
-/// group padded ([`stored_rows`]).
+/// group padded ([`stored_rows`]). Where the results can go straight to `dst` (one part,
+/// sixteen rows a tile; a padded group's extra rows are not stored), one kernel call takes as
+/// many tiles as [`MAX_SLOTS`] allows for the chunk's groups; the rest go tile by tile through
+/// the part buffers.
 ///
 /// # Safety
 /// As for `packed::tile_run`; `k` is `w`'s kernel; `scratch` holds the `m` rows of `w.cols`
@@ -510,19 +649,50 @@ pub(super) unsafe fn tile_run(
 ) -> usize {
     let (n, cols) = (w.rows, w.cols);
     let super_bytes = w.format.tile_bytes(QK_K);
+    let tile_bytes = w.format.tile_bytes(cols);
     let supers = cols / QK_K;
     let full = amx_rows(m);
     let sums = scratch.0.add(stored_rows(m) * cols) as *const SuperSums;
     let _tiles = Tiles::configure();
     let mut buffers = PartBuffers::new();
+    // Tiles whose sixteen rows all exist.
+    let whole = mine.end.min(n / TILE_ROWS);
     for chunk in (0..full).step_by(CHUNK_ROWS) {
         // The rows this run takes, and those `copy_row` laid out in the chunk.
         let (r, stored) = (
             (full - chunk).min(CHUNK_ROWS),
             (stored_rows(m) - chunk).min(CHUNK_ROWS),
         );
-        for t in mine.clone() {
-            let tile = w.tile(t);
+        let groups = r / ROWS;
+        // The call for tiles `t..t + tiles` over the part's super-blocks.
+        let call =
+            |t: usize, tiles: usize, part: &Range<usize>, out: *mut f32, out_stride, rows| {
+                let (s0, s1) = (part.start / QK_K, part.end / QK_K);
+                Call {
+                    weights: w.bytes().as_ptr().add(t * tile_bytes + s0 * super_bytes),
+                    tiles,
+                    tile_stride: tile_bytes,
+                    act: scratch.0.add(chunk * cols + s0 * stored * QK_K) as *const i8,
+                    sums: sums.add(chunk * supers + s0 * stored),
+                    stored,
+                    groups,
+                    s0,
+                    supers: s1 - s0,
+                    out,
+                    out_stride,
+                    rows,
+                }
+            };
+        let direct = parts.len() == 1;
+        let mut t = mine.start;
+        while t < mine.end {
+            if direct && t < whole {
+                let tiles = (whole - t).min(MAX_SLOTS / groups);
+                let out = dst.0.add(chunk * n + t * TILE_ROWS);
+                k(&call(t, tiles, &parts[0], out, n, r.min(m - chunk)));
+                t += tiles;
+                continue;
+            }
             let at = CallAt {
                 m,
                 n,
@@ -531,20 +701,9 @@ pub(super) unsafe fn tile_run(
                 j0: t * TILE_ROWS,
             };
             buffers.run(at, parts, how, dst, |part, out, stride| {
-                // The part's super-blocks: its headers and values, and its activations.
-                let (s0, s1) = (part.start / QK_K, part.end / QK_K);
-                k(
-                    tile.get_unchecked(s0 * super_bytes..),
-                    scratch.0.add(chunk * cols + s0 * stored * QK_K) as *const i8,
-                    sums.add(chunk * supers + s0 * stored),
-                    stored,
-                    r / ROWS,
-                    s0,
-                    (s1 - s0) * (QK_K / QK),
-                    out,
-                    stride,
-                )
+                k(&call(t, 1, part, out, stride, r))
             });
+            t += 1;
         }
     }
     full

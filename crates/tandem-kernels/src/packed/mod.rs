@@ -463,9 +463,10 @@ use kernel_set;
 #[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH: usize = 8192;
 
-/// How far ahead the SIMD kernels move weights from L2 into L1 (see [`prefetch_line`]).
+/// How far ahead the SIMD kernels move weights from L2 into L1 (see [`prefetch_line`]; the
+/// AMX kernels the same, in their walk's order).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_L1: usize = 512;
+pub(crate) const PREFETCH_L1: usize = 512;
 
 /// Asks for every cache line of the block of `bytes` at `p` (see [`prefetch_line`]; one
 /// prefetch per block left the hardware prefetcher to find the rest: 16.5 -> 21 GB/s on a
@@ -549,7 +550,8 @@ impl Prefetch {
 /// On AMD, T1 filling L2 only came with Zen 4 (earlier cores fill L1 for every hint; on a
 /// Zen 3 not measured), and from Zen 4 on the kernels do not prefetch at all
 /// (`simd::prefetch_weights`). The AVX-512 one- and two-row kernels have since moved to
-/// [`prefetch_line_paced`]; this one serves the batched kernels and the AVX2 ones.
+/// [`prefetch_line_paced`], and the AMX kernels ask for the lines their walk across tiles
+/// reaches (`amx::Ahead`); this one serves the batched VNNI kernels and the AVX2 ones.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_line(p: *const u8) {
@@ -573,7 +575,8 @@ pub(crate) fn prefetch_line(p: *const u8) {
 /// two L1 loads of a static in their place, so what helps is the spacing itself, not a port or
 /// the code's alignment; prefetching every other line instead was far slower (23 GB/s). The
 /// kernels lose at most ~2% on weights already in L2, and nothing on the batched kernels,
-/// which keep [`prefetch_line`] (at sixteen rows on AMX, neither was faster).
+/// which keep [`prefetch_line`] (at sixteen rows on AMX, then on this one too, neither was
+/// faster).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_line_paced(p: *const u8) {
@@ -778,7 +781,17 @@ fn packed_parts(
         })
         .collect();
     let tiles: usize = ws.iter().map(|w| w.tiles()).sum();
-    let grain = claim_tiles(ws, m);
+    // An AMX call's tiles run in one kernel call where their results go straight to the
+    // output (see `amx::tile_run`): a claim holds as many.
+    #[cfg(target_arch = "x86_64")]
+    let amx_tiles = if amx.iter().any(Option::is_some) {
+        amx::call_tiles(m)
+    } else {
+        1
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let amx_tiles = 1;
+    let grain = claim_tiles(ws, m).max(amx_tiles);
     let dsts: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
     let sets: Vec<PackedKernels> = ws.iter().map(|w| kernels(w.format, level)).collect();
     let act = &*act;
