@@ -285,8 +285,9 @@ proptest! {
 }
 
 /// Batches large enough for several groups of the AMX level's k-quant products (ragged row
-/// counts and tiles): every level equals the scalar kernel bit for bit, and a row's result is
-/// the same in the batch as alone.
+/// counts and tiles; the last, two chunks of rows against kernel calls of two tiles): every
+/// level equals the scalar kernel bit for bit, and a row's result is the same in the batch as
+/// alone.
 #[test]
 fn packed_k_quant_batches_equal_the_scalar_kernel() {
     let k_quants = [
@@ -298,9 +299,15 @@ fn packed_k_quant_batches_equal_the_scalar_kernel() {
         DType::IQ4_XS,
     ];
     for (f, d) in k_quants.into_iter().enumerate() {
-        for (c, (m, n, supers)) in [(32, 17, 1), (64, 16, 2), (79, 33, 1), (130, 5, 2)]
-            .into_iter()
-            .enumerate()
+        for (c, (m, n, supers)) in [
+            (32, 17, 1),
+            (64, 16, 2),
+            (79, 33, 1),
+            (130, 5, 2),
+            (150, 40, 2),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let mut rng = StdRng::seed_from_u64((f * 16 + c) as u64);
             let k = supers * d.block_len();

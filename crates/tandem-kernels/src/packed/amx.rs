@@ -416,8 +416,13 @@ unsafe fn rows<const F: u8>(c: &Call) {
     // stores.
     let mut planes = std::mem::MaybeUninit::<[__m512i; 2 * PLANE_REGS]>::uninit();
     let planes = planes.assume_init_mut();
-    // One set of sixteen rows' sums per tile and group (`t * groups + g`).
-    let mut acc = [[_mm512_setzero_ps(); ROWS]; MAX_SLOTS];
+    // One set of sixteen rows' sums per tile and group (`t * groups + g`); only those are
+    // zeroed (all of them are 32 KiB).
+    let mut acc = std::mem::MaybeUninit::<[[__m512; ROWS]; MAX_SLOTS]>::uninit();
+    let acc = acc.assume_init_mut();
+    for slot in acc.iter_mut().take(c.tiles * c.groups) {
+        *slot = [_mm512_setzero_ps(); ROWS];
+    }
     let prefetch = crate::simd::prefetch_weights();
     let super_bytes = format.tile_bytes(QK_K);
     // Where the walk is, and where it will be one and `AHEAD_STEPS` steps on.
@@ -480,7 +485,7 @@ unsafe fn rows<const F: u8>(c: &Call) {
                     products_signed_high(a, QK_K, lo, hi, p);
                 }
                 if let Some((sb, s, g, slot)) = last {
-                    step(at - 1, sb, s, g, slot, &mut acc);
+                    step(at - 1, sb, s, g, slot, acc);
                 }
                 last = Some((sb, s, g, t * c.groups + g));
                 at += 1;
@@ -488,7 +493,7 @@ unsafe fn rows<const F: u8>(c: &Call) {
         }
     }
     if let Some((sb, s, g, slot)) = last {
-        step(at - 1, sb, s, g, slot, &mut acc);
+        step(at - 1, sb, s, g, slot, acc);
     }
     for t in 0..c.tiles {
         for g in 0..c.groups {
@@ -508,20 +513,31 @@ unsafe fn rows<const F: u8>(c: &Call) {
 const CHUNK_ROWS: usize = 128;
 const _: () = assert!(CHUNK_ROWS <= super::MAX_CALL_ROWS);
 
-/// Groups of sixteen rows in a chunk.
-const MAX_GROUPS: usize = CHUNK_ROWS / ROWS;
+/// Sets of sixteen rows' sums a kernel call keeps (tiles x groups): four tiles of a whole
+/// chunk's eight groups, so that each super-block's activations of a chunk (32 KiB) serve four
+/// tiles from L1 and L2 where they served one. At 512 rows (`packed_speed`, two threads, GMAC/s,
+/// against one tile a call) the down projection's shape (1,536 x 8,960), whose chunk of 1.1 MiB
+/// came from L2 and beyond once per tile, ran Q4_K at 500-525 against 350-364 and Q6_K at
+/// 551-608 against 402-420; 17,920 x 1,536 gained 3-5%. Sixty-four gained another 5-8% on the
+/// first shape for 64 KiB of stack.
+const MAX_SLOTS: usize = 32;
+const _: () = assert!(CHUNK_ROWS / ROWS <= MAX_SLOTS);
 
-/// Sets of sixteen rows' sums a kernel call keeps (tiles x groups): a chunk's groups, or as
-/// many tiles of fewer groups.
-const MAX_SLOTS: usize = MAX_GROUPS;
+/// Most tiles a kernel call takes (and a claim holds for it): more would leave a thread's
+/// claims too few to even out the threads' shares.
+const MAX_TILES: usize = 8;
 
-/// Tiles one kernel call takes with `m` activation rows (see [`tile_run`]): as many as
-/// [`MAX_SLOTS`] allows for the first chunk's groups, and what a claim holds at least. At
-/// sixteen rows that is eight; claims of 64 KiB held four of the 1.5B's q/k/v or gate/up
-/// tiles and one of its down projection's, and its matmuls at 16 rows took 70.6-72.2 ms a
-/// step against 64.0-64.8 with claims of eight tiles.
+/// Tiles one kernel call takes with `groups` groups of sixteen rows.
+fn tiles_per_call(groups: usize) -> usize {
+    (MAX_SLOTS / groups.max(1)).min(MAX_TILES)
+}
+
+/// Tiles a claim holds at least with `m` activation rows (see [`tile_run`]): what one kernel
+/// call takes for the first chunk's groups. At sixteen rows that is eight; claims of 64 KiB
+/// held four of the 1.5B's q/k/v or gate/up tiles and one of its down projection's, and its
+/// matmuls at 16 rows took 70.6-72.2 ms a step against 64.0-64.8 with claims of eight tiles.
 pub(super) fn call_tiles(m: usize) -> usize {
-    MAX_SLOTS / (amx_rows(m).min(CHUNK_ROWS) / ROWS).max(1)
+    tiles_per_call(amx_rows(m).min(CHUNK_ROWS) / ROWS)
 }
 
 /// The activation rows an AMX call runs: `m` to a whole group, padded below one group
@@ -630,8 +646,8 @@ pub(super) unsafe fn copy_row(
 /// into `dst` (each part of the columns alone, as `packed::tile_run` puts them), the last
 /// group padded ([`stored_rows`]). Where the results can go straight to `dst` (one part,
 /// sixteen rows a tile; a padded group's extra rows are not stored), one kernel call takes as
-/// many tiles as [`MAX_SLOTS`] allows for the chunk's groups; the rest go tile by tile through
-/// the part buffers.
+/// many tiles as [`tiles_per_call`] allows for the chunk's groups; the rest go tile by tile
+/// through the part buffers.
 ///
 /// # Safety
 /// As for `packed::tile_run`; `k` is `w`'s kernel; `scratch` holds the `m` rows of `w.cols`
@@ -687,7 +703,7 @@ pub(super) unsafe fn tile_run(
         let mut t = mine.start;
         while t < mine.end {
             if direct && t < whole {
-                let tiles = (whole - t).min(MAX_SLOTS / groups);
+                let tiles = (whole - t).min(tiles_per_call(groups));
                 let out = dst.0.add(chunk * n + t * TILE_ROWS);
                 k(&call(t, tiles, &parts[0], out, n, r.min(m - chunk)));
                 t += tiles;
