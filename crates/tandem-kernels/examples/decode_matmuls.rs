@@ -3,7 +3,7 @@
 //! `TOKENS` (100) tokens on `THREADS` threads (one per core), with `GAP_US` microseconds of
 //! serial spinning after each call (0) standing for the norms and the like between them (its
 //! time is not counted), `M` (1) activation rows a call (a batched decode step's sequences:
-//! from 10 rows the k-quants run on AMX where the CPU has it, each step still reading every
+//! from 9 rows the k-quants run on AMX where the CPU has it, each step still reading every
 //! weight from memory). `MODEL` picks the shapes: `smollm` (default: the reference model, 30
 //! layers of Q4_1 q/k/v, output, gate/up and down, and a Q8_0 LM head, 96 MB a token) or
 //! `qwen1.5b` (Qwen2.5-1.5B Q4_K_M: 28 layers of Q4_K, with Q6_K for v and down in 14 of them,

@@ -157,9 +157,12 @@ const fn splits_scale(f: u8) -> bool {
 /// over the weights (8 + 2 rows): 17,920 x 1,536, two threads, m = 8 / 9 / 10 / 11 / 12, Q4_K
 /// 346-349 / 312-316 / 306-319 / 286-290 / 285-320 against 271-274 / 301-305 / 295-330 /
 /// 351-354 / 384-387, Q6_K 275-277 / 239-240 / 239-241 / 218-223 / 258-264 against 214-218 /
-/// 243-246 / 266-269 / 288-290 / 316-320. Serving's steps have fewer than sixteen rows while
-/// its batch fills and drains.
-pub(super) const MIN_ROWS: usize = 10;
+/// 243-246 / 266-269 / 288-290 / 316-320. Since the kernels walk several tiles a call (see
+/// [`rows`]), it wins from nine: the 1.5B's matmuls from memory (`decode_matmuls`, two
+/// threads, ms a step, AMX against VNNI) at 9 rows 74.0 / 78.7 against 78.4 / 88.5, at 8 rows
+/// 73.0 / 84.0 against 67.4 / 73.9. Serving's steps have fewer than sixteen rows while its
+/// batch fills and drains.
+pub(super) const MIN_ROWS: usize = 9;
 
 /// One format's AMX kernel: a run of tiles against groups of sixteen activation rows (see
 /// [`rows`]).
