@@ -574,9 +574,8 @@ pub(crate) fn prefetch_line(p: *const u8) {
 /// six, eight and twelve `nop`s did alike (with or without the second hop into L1), and so did
 /// two L1 loads of a static in their place, so what helps is the spacing itself, not a port or
 /// the code's alignment; prefetching every other line instead was far slower (23 GB/s). The
-/// kernels lose at most ~2% on weights already in L2, and nothing on the batched kernels,
-/// which keep [`prefetch_line`] (at sixteen rows on AMX, then on this one too, neither was
-/// faster).
+/// kernels lose at most ~2% on weights already in L2. Paced, the batched kernels gained
+/// nothing (VNNI at 3-9 rows, AMX at sixteen), so they do not pace.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_line_paced(p: *const u8) {
