@@ -19,7 +19,8 @@
 //! of [`CHUNK_ROWS`] activation rows and serve all its sixteen-row groups while they are in L1,
 //! so a call runs here from one group on ([`MIN_ROWS`]). The activations are read as int8
 //! copies of the quantized blocks' values, made once per matmul and laid out a super-block
-//! at a time ([`copy_row`]).
+//! at a time ([`copy_row`]). A kernel call walks several tiles super-block by super-block
+//! ([`rows`]), so each super-block's activations serve all of them while they are in L1.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
