@@ -780,17 +780,7 @@ fn packed_parts(
         })
         .collect();
     let tiles: usize = ws.iter().map(|w| w.tiles()).sum();
-    // An AMX call's tiles run in one kernel call where their results go straight to the
-    // output (see `amx::tile_run`): a claim holds as many.
-    #[cfg(target_arch = "x86_64")]
-    let amx_tiles = if amx.iter().any(Option::is_some) {
-        amx::call_tiles(m)
-    } else {
-        1
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let amx_tiles = 1;
-    let grain = claim_tiles(ws, m).max(amx_tiles);
+    let grain = claim_tiles(ws, m).max(amx_claim_tiles(&amx, m));
     let dsts: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
     let sets: Vec<PackedKernels> = ws.iter().map(|w| kernels(w.format, level)).collect();
     let act = &*act;
@@ -834,6 +824,22 @@ fn amx_plans(ws: &[&PackedMat], m: usize, level: SimdLevel) -> Vec<Option<amx::K
 #[cfg(not(target_arch = "x86_64"))]
 fn amx_plans(_: &[&PackedMat], _: usize, _: SimdLevel) -> Vec<Option<AmxKernels>> {
     Vec::new()
+}
+
+/// Tiles a claim holds at least where the call runs AMX kernels: one kernel call's (see
+/// `amx::tile_run`, which runs a claim's tiles in as few calls as it can).
+#[cfg(target_arch = "x86_64")]
+fn amx_claim_tiles(amx: &[Option<amx::Kernels>], m: usize) -> usize {
+    if amx.iter().any(Option::is_some) {
+        amx::call_tiles(m)
+    } else {
+        1
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_claim_tiles(_: &[Option<AmxKernels>], _: usize) -> usize {
+    1
 }
 
 #[cfg(target_arch = "x86_64")]
