@@ -437,7 +437,7 @@ impl Worker {
         drop(inputs);
         self.counters.steps += 1;
         self.counters.tokens_computed += tokens.len() as u64;
-        let logits = match result {
+        let mut logits = match result {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("forward failed: {e}");
@@ -471,7 +471,8 @@ impl Worker {
                 }
                 continue;
             }
-            let mut l = logits.row(row).to_vec();
+            // Sampled in place: this row is not read again.
+            let l = logits.row_mut(row);
             row += 1;
             if s.generated() == 0 && s.req.max_new == 0 {
                 // Scoring only: the prompt's log-probabilities are the result.
@@ -499,7 +500,7 @@ impl Worker {
                 suppress,
                 allowed: mask.as_ref(),
             };
-            let (token, lp) = sample(&mut l, &params, &ctx, &mut s.rng);
+            let (token, lp) = sample(l, &params, &ctx, &mut s.rng);
             match s.accept(&self.tok, token, lp, &self.eos) {
                 Some(ev) => finished.push((k, ev)),
                 // The next mask is computed while the next forward pass runs.
@@ -510,6 +511,7 @@ impl Worker {
                 }
             }
         }
+        self.model.recycle(logits);
         // Free finished sequences and publish the counters before telling their clients.
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         let mut finals = Vec::with_capacity(finished.len());
