@@ -1,7 +1,8 @@
 //! Speed of batched decode attention over an f16 pool far larger than the caches: `SEQS`
 //! sequences (16) each decoding one token (or prefilling `NEW` tokens) at `CTX` positions
 //! (144), the reference model's shape (9 query heads over 3 KV heads of 64; `KVH` KV heads,
-//! each with three query heads), `LAYERS` (30) layers' pools, blocks scattered over the pool
+//! each with `REP` (3) query heads of `HD` (64) dimensions; the Qwen2.5-1.5B's is `KVH=2
+//! REP=6 HD=128 LAYERS=28`), `LAYERS` (30) layers' pools, blocks scattered over the pool
 //! as a long-running server leaves them (in order with `SORTED=1`, as a fresh pool hands them
 //! out); on `THREADS` threads (2), pinned to the first cores with `PIN=1`; five timings of
 //! `REPS` (20) steps each, the KV read from memory as in a decode step with `COLD=1`:
@@ -22,9 +23,9 @@ fn main() {
     let layout = PagedLayout {
         block_size: 16,
         n_kv_heads: env("KVH", 3),
-        head_dim: 64,
+        head_dim: env("HD", 64),
     };
-    let n_heads = 3 * layout.n_kv_heads;
+    let n_heads = env("REP", 3) * layout.n_kv_heads;
     let per_seq = (ctx + new).div_ceil(layout.block_size);
     // Every sequence's blocks drawn from a pool twice the size needed, shuffled.
     let pool_blocks = 2 * seqs * per_seq;
@@ -60,7 +61,7 @@ fn main() {
             block_table: table,
         })
         .collect();
-    let q: Vec<f32> = (0..seqs * new * n_heads * 64)
+    let q: Vec<f32> = (0..seqs * new * n_heads * layout.head_dim)
         .map(|i| (i % 17) as f32 * 0.1 - 0.8)
         .collect();
     let mut out = vec![0f32; q.len()];
@@ -69,6 +70,7 @@ fn main() {
     } else {
         ThreadPool::new(threads).expect("a pool")
     };
+    let scale = 1.0 / (layout.head_dim as f32).sqrt();
     let bytes = (layers * seqs * (ctx + new) * layout.token_width() * 2 * 2) as f64;
     // With COLD=1 a model's worth of weights (96 MB) is read before each step, untimed, so
     // the KV comes from memory as in a decode step, not from the L3 the pools fit in.
@@ -85,7 +87,7 @@ fn main() {
                 let t = Instant::now();
                 for (k, v) in &pools {
                     let (k, v) = (KvRef::F16(k), KvRef::F16(v));
-                    paged_attention(&layout, &batch, &q, n_heads, 0.125, None, k, v, &mut out);
+                    paged_attention(&layout, &batch, &q, n_heads, scale, None, k, v, &mut out);
                 }
                 secs += t.elapsed().as_secs_f64();
             }

@@ -268,7 +268,15 @@ unsafe fn add_values<const N: usize, const K: usize, E: Lane>(
     }
 }
 
-/// [`update_rows`] for any number of rows, four at a time, reading from `src`.
+/// Most query rows one [`update_rows`] pass takes: their four partial scores each and a
+/// key vector's four loads fill 28 of the 32 registers. Each pass converts every key and
+/// value it reads from f16 once, so a KV head's rows in one pass convert its block once:
+/// Qwen2.5-1.5B's six query heads per KV head went in passes of four and two rows, and
+/// converted each block twice.
+const PASS_ROWS: usize = 6;
+
+/// [`update_rows`] for any number of rows, in as few passes of at most [`PASS_ROWS`] as
+/// there can be, evenly split, reading from `src`.
 ///
 /// # Safety
 /// As for [`update_rows`].
@@ -286,13 +294,16 @@ pub(super) unsafe fn update_group(
     let hd = acc.len() / m.len();
     let mut r = 0;
     while r < m.len() {
-        let n = (m.len() - r).min(4);
+        let left = m.len() - r;
+        let n = left.div_ceil(left.div_ceil(PASS_ROWS));
         let (q, m, l) = (&q[r * hd..(r + n) * hd], &mut m[r..r + n], &mut l[r..r + n]);
         let acc = &mut acc[r * hd..(r + n) * hd];
         let ks = keys.clone();
         macro_rules! rows {
             ($k:expr, $stride:expr, $v:expr) => {
                 match n {
+                    6 => update_rows::<6, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    5 => update_rows::<5, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
                     4 => update_rows::<4, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
                     3 => update_rows::<3, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
                     2 => update_rows::<2, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
