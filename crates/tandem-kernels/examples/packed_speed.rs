@@ -2,7 +2,7 @@
 //! format: GB/s of weights streamed with one activation row (decode) and integer GMAC/s with
 //! 64 rows (prefill), on a pool of one thread per core (`THREADS`), an `N` x `K` matrix (65536 x
 //! 4096), `REPS` times the default repetitions (for a profiler), `M` rows for the batched figure
-//! (64):
+//! (64), only `LEVEL` (`scalar`, `avx2`, `avx512` or `amx`) if given:
 //! `cargo run --release -p tandem-kernels --example packed_speed [Q4_K Q6_K ...]`.
 mod common;
 
@@ -32,11 +32,14 @@ fn main() {
     };
     let env = |v: &str, d: usize| std::env::var(v).map_or(d, |s| s.parse().unwrap());
     let (n, k) = (env("N", 64 * 1024), env("K", 4096));
+    let only = std::env::var("LEVEL")
+        .ok()
+        .map(|l| SimdLevel::parse(&l).expect("LEVEL: scalar, avx2, avx512 or amx"));
     for d in formats {
         let p = synthetic_packed(d, n, k, 0);
         for level in SimdLevel::supported()
             .into_iter()
-            .filter(|l| worth_packing(*l))
+            .filter(|l| worth_packing(*l) && only.is_none_or(|o| o == *l))
         {
             for m in [1usize, env("M", 64)] {
                 let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
