@@ -8,6 +8,7 @@
 use llguidance::toktrie::SimpleVob;
 use rand::distributions::{Distribution, WeightedIndex};
 use rand::rngs::StdRng;
+pub use tandem_model::argmax;
 
 use crate::params::GenerateParams;
 
@@ -46,31 +47,6 @@ fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, logits[i as usize])).collect()
 }
 
-/// The id of the largest entry (by `total_cmp`; ties go to the lower id), as `top_n(logits, 1)`
-/// without its vocabulary-sized index vector: a greedy step's whole sampling cost, on the
-/// engine thread while the compute threads wait. Floats are compared through the integer keys
-/// `total_cmp` uses, so that the maximum is a plain integer reduction the compiler vectorizes.
-pub fn argmax(logits: &[f32]) -> u32 {
-    #[inline(always)]
-    fn key(x: f32) -> i32 {
-        let b = x.to_bits() as i32;
-        b ^ (((b >> 31) as u32) >> 1) as i32
-    }
-    let mut lanes = [i32::MIN; 16];
-    let chunks = logits.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = (*m).max(key(x));
-        }
-    }
-    let best = tail
-        .iter()
-        .map(|&x| key(x))
-        .fold(lanes.into_iter().max().unwrap_or(i32::MIN), i32::max);
-    logits.iter().position(|&x| key(x) == best).unwrap_or(0) as u32
-}
-
 /// The log-probability of `token` under `logits` (raw log-softmax) and the `n` most likely
 /// tokens' (for scoring prompt tokens).
 pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
@@ -96,6 +72,9 @@ pub struct SampleContext<'a> {
     pub suppress: &'a [u32],
     /// The grammar's allowed tokens, if the output is constrained.
     pub allowed: Option<&'a SimpleVob>,
+    /// The logits' [`argmax`] as given, if already known: a greedy step that changes no logit
+    /// takes it instead of reading the row again.
+    pub argmax: Option<u32>,
 }
 
 /// OpenAI's presence and frequency penalties over the generated tokens:
@@ -177,8 +156,17 @@ pub fn sample(
             *l = f32::NEG_INFINITY;
         }
     }
+    let untouched = params.repetition_penalty == 1.0
+        && params.presence_penalty == 0.0
+        && params.frequency_penalty == 0.0
+        && params.logit_bias.is_empty()
+        && ctx.allowed.is_none()
+        && ctx.suppress.is_empty();
     let token = if !params.do_sample {
-        argmax(logits)
+        match ctx.argmax {
+            Some(t) if untouched => t,
+            _ => argmax(logits),
+        }
     } else {
         sample_filtered(logits, params, rng)
     };
@@ -238,6 +226,7 @@ mod tests {
             prompt_len,
             suppress: &[],
             allowed: None,
+            argmax: None,
         }
     }
 
@@ -324,6 +313,35 @@ mod tests {
             .0;
             assert!(t == 1 || t == 3);
         }
+    }
+
+    #[test]
+    fn a_known_argmax_serves_only_untouched_greedy_steps() {
+        // The caller's argmax of the logits as given (here deliberately not the true one, to
+        // see which path ran).
+        let known = SampleContext {
+            argmax: Some(0),
+            ..ctx(&[1], 0)
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        let greedy = GenerateParams::greedy();
+        assert_eq!(sample(&mut [1.0, 3.0, 2.0], &greedy, &known, &mut rng).0, 0);
+        let penalized = GenerateParams {
+            repetition_penalty: 4.0,
+            ..GenerateParams::greedy()
+        };
+        assert_eq!(
+            sample(&mut [1.0, 3.0, 2.0], &penalized, &known, &mut rng).0,
+            2
+        );
+        let suppressed = SampleContext {
+            suppress: &[2],
+            ..known
+        };
+        assert_eq!(
+            sample(&mut [1.0, 3.0, 2.0], &greedy, &suppressed, &mut rng).0,
+            1
+        );
     }
 
     #[test]

@@ -454,6 +454,14 @@ impl Worker {
                 return;
             }
         };
+        // The greedy rows' argmax, on the compute threads (see `SampleContext::argmax`).
+        let greedy: Vec<usize> = (0..logits.rows.len())
+            .filter(|&i| !self.running[order[logits.rows[i].0].0].req.params.do_sample)
+            .collect();
+        let mut known = vec![None; logits.rows.len()];
+        for (&i, t) in greedy.iter().zip(self.model.argmax_rows(&logits, &greedy)) {
+            known[i] = Some(t);
+        }
         let mut finished = Vec::new();
         let mut row = 0;
         for &(k, n) in &order {
@@ -472,6 +480,7 @@ impl Worker {
                 continue;
             }
             // Sampled in place: this row is not read again.
+            let argmax = known[row];
             let l = logits.row_mut(row);
             row += 1;
             if s.generated() == 0 && s.req.max_new == 0 {
@@ -499,6 +508,7 @@ impl Worker {
                 prompt_len: s.req.prompt.len(),
                 suppress,
                 allowed: mask.as_ref(),
+                argmax,
             };
             let (token, lp) = sample(l, &params, &ctx, &mut s.rng);
             match s.accept(&self.tok, token, lp, &self.eos) {

@@ -854,3 +854,24 @@ proptest! {
         }
     }
 }
+
+/// The rows' argmax on a pool equals each row's alone, ties included (few distinct values).
+#[test]
+fn argmax_rows_on_a_pool_equal_each_row_alone() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (n, len) = (13, 1000);
+    let values: Vec<f32> = (0..n * len).map(|_| rng.gen_range(-3..3) as f32).collect();
+    let rows: Vec<usize> = (0..n).rev().step_by(2).collect();
+    let pool = ThreadPool::new(3).unwrap();
+    let got = pool.install(|| ops::argmax_rows(&values, len, &rows));
+    let want: Vec<u32> = rows
+        .iter()
+        .map(|&r| ops::argmax(&values[r * len..(r + 1) * len]))
+        .collect();
+    assert_eq!(got, want);
+    for (&r, &t) in rows.iter().zip(&want) {
+        let row = &values[r * len..(r + 1) * len];
+        let first = row.iter().position(|&v| v == 2.0);
+        assert_eq!(Some(t as usize), first, "row {r}: the first of its largest");
+    }
+}

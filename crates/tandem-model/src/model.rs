@@ -666,6 +666,12 @@ impl LlamaModel {
         values
     }
 
+    /// [`argmax`](crate::argmax) of rows `rows` of `logits`, on this model's compute threads.
+    pub fn argmax_rows(&self, logits: &Logits, rows: &[usize]) -> Vec<u32> {
+        self.pool
+            .install(|| ops::argmax_rows(&logits.values, logits.vocab, rows))
+    }
+
     /// Gives a forward's logits back once they are read, so that the next forward writes its
     /// logits into the same memory (see [`logits_buffer`](Self::logits_buffer)).
     pub fn recycle(&self, logits: Logits) {
