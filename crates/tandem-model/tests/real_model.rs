@@ -95,14 +95,6 @@ fn messages(v: &serde_json::Value) -> Vec<ChatMessage> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
-fn argmax(x: &[f32]) -> u32 {
-    x.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .unwrap()
-        .0 as u32
-}
-
 /// Runs `tokens` through `model` in chunks of the given sizes; returns every position's logits.
 fn run_chunks(
     model: &LlamaModel,

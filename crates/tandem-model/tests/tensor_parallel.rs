@@ -120,14 +120,6 @@ fn run(model: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
     out
 }
 
-fn argmax(x: &[f32]) -> u32 {
-    x.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .unwrap()
-        .0 as u32
-}
-
 /// Every prompt's prefill and greedy decode through groups of `worlds` ranks gives the whole
 /// model's logits bit for bit on path `p`: every rank computes its parts of each sum as the
 /// whole model computes them, and the parts are added in the same order. (The float path,
