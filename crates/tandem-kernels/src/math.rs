@@ -2,7 +2,6 @@
 //! compiled for each SIMD level, so that every level computes the same bits: the compiler
 //! vectorizes the one definition instead of the loop calling libm per element.
 
-#[cfg(target_arch = "x86_64")]
 use crate::simd::SimdLevel;
 
 /// `e^x`, within ~1 ulp for `x` in [-87, 88] (clamped there: 0 below is ~1.6e-38, above ~1.7e38):
@@ -70,6 +69,81 @@ pub(crate) fn silu_mul_chunk(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// The integer key `f32::total_cmp` orders floats by: comparing keys is comparing the floats,
+/// and a maximum of keys is a plain integer reduction the compiler vectorizes.
+#[inline(always)]
+fn order_key(x: f32) -> i32 {
+    let b = x.to_bits() as i32;
+    b ^ (((b >> 31) as u32) >> 1) as i32
+}
+
+/// Elements per block of [`argmax_body`]'s pass: small enough that finding the position
+/// again in the winning block costs nothing, large enough that a block's horizontal
+/// reduction does not count.
+const ARGMAX_BLOCK: usize = 512;
+
+/// The first index of the largest element by `total_cmp` (0 for an empty slice), in one pass:
+/// each block's maximum key, then the position in the first block that holds the largest. A
+/// maximum then a `position` over the whole slice read it twice, the second time element by
+/// element: a 32-row step's greedy rows of a 151,936-token vocabulary took 1.5% of both
+/// threads' time.
+#[inline(always)]
+fn argmax_body(x: &[f32]) -> u32 {
+    let mut best = i32::MIN;
+    let mut best_block = 0;
+    for (b, block) in x.chunks(ARGMAX_BLOCK).enumerate() {
+        let mut lanes = [i32::MIN; 16];
+        let chunks = block.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (m, &v) in lanes.iter_mut().zip(c) {
+                *m = (*m).max(order_key(v));
+            }
+        }
+        let m = tail
+            .iter()
+            .map(|&v| order_key(v))
+            .fold(lanes.into_iter().fold(i32::MIN, i32::max), i32::max);
+        if m > best {
+            best = m;
+            best_block = b;
+        }
+    }
+    let start = best_block * ARGMAX_BLOCK;
+    let pos = x[start..].iter().position(|&v| order_key(v) == best);
+    (start + pos.unwrap_or(0)) as u32
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw")]
+unsafe fn argmax_avx512(x: &[f32]) -> u32 {
+    argmax_body(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn argmax_avx2(x: &[f32]) -> u32 {
+    argmax_body(x)
+}
+
+/// [`argmax_body`] at `level` (every level gives the same index).
+fn argmax_at(x: &[f32], level: SimdLevel) -> u32 {
+    match level {
+        // SAFETY: the level is only active where the CPU supports it.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512Vnni | SimdLevel::Amx => unsafe { argmax_avx512(x) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { argmax_avx2(x) },
+        _ => argmax_body(x),
+    }
+}
+
+/// The first index of the largest element by `total_cmp` (0 for an empty slice), at the
+/// active SIMD level.
+pub(crate) fn argmax(x: &[f32]) -> u32 {
+    argmax_at(x, crate::simd::active())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +193,43 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{level:?}"
             );
+        }
+    }
+
+    /// The first index of the largest by `total_cmp`, element by element.
+    fn naive_argmax(x: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, v) in x.iter().enumerate() {
+            if v.total_cmp(&x[best]).is_gt() {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    proptest::proptest! {
+        /// Every level's argmax is the first of the largest by `total_cmp`, with ties, signed
+        /// zeros, infinities and NaNs of both signs, at lengths around the block and lane
+        /// widths.
+        #[test]
+        fn argmax_is_the_first_of_the_largest_at_every_level(
+            picks in proptest::collection::vec(0usize..12, 0..1600),
+            scale in 1usize..4,
+        ) {
+            let special = [
+                0.0, -0.0, 1.0, -1.0, 2.5, -2.5, f32::INFINITY, f32::NEG_INFINITY, f32::NAN,
+                -f32::NAN, f32::MAX, f32::from_bits(0xffff_ffff),
+            ];
+            let x: Vec<f32> = picks
+                .iter()
+                .cycle()
+                .take(picks.len() * scale)
+                .map(|&i| special[i])
+                .collect();
+            let want = naive_argmax(&x);
+            for level in SimdLevel::supported() {
+                proptest::prop_assert_eq!(argmax_at(&x, level), want, "{:?}", level);
+            }
         }
     }
 }

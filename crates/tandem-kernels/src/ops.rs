@@ -92,27 +92,9 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 }
 
 /// The id of the largest entry (by `total_cmp`; ties go to the lower id): a greedy step's whole
-/// sampling cost. Floats are compared through the integer keys `total_cmp` uses, so that the
-/// maximum is a plain integer reduction the compiler vectorizes.
+/// sampling cost.
 pub fn argmax(logits: &[f32]) -> u32 {
-    #[inline(always)]
-    fn key(x: f32) -> i32 {
-        let b = x.to_bits() as i32;
-        b ^ (((b >> 31) as u32) >> 1) as i32
-    }
-    let mut lanes = [i32::MIN; 16];
-    let chunks = logits.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = (*m).max(key(x));
-        }
-    }
-    let best = tail
-        .iter()
-        .map(|&x| key(x))
-        .fold(lanes.into_iter().max().unwrap_or(i32::MIN), i32::max);
-    logits.iter().position(|&x| key(x) == best).unwrap_or(0) as u32
+    crate::math::argmax(logits)
 }
 
 /// [`argmax`] of rows `rows` of `values` (rows of `row_len`), one task a row: a decode step's
