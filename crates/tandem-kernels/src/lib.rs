@@ -21,7 +21,10 @@ pub mod packed;
 mod par;
 pub mod simd;
 
-pub use attention::{paged_attention, write_kv, AttnSeq, KvDType, KvMut, KvRef, PagedLayout};
+pub use attention::{
+    paged_attention, prepare_new_rows, write_kv, AttnSeq, KvDType, KvMut, KvRef, PagedLayout,
+    Rotation,
+};
 pub use dtype::DType;
 pub use matmul::{matmul, matmul_parts, MatRef, Precision};
 pub use ops::RopeStyle;

@@ -4,7 +4,7 @@ use crate::par::{for_each_task, SyncPtr};
 
 /// Runs `f(row)` for rows `0..rows`, in parallel chunks of at least eight rows (fewer rows
 /// than that run on the calling thread: a decode step's one row is not worth a pool wake-up).
-fn for_each_row(rows: usize, f: impl Fn(usize) + Sync) {
+pub(crate) fn for_each_row(rows: usize, f: impl Fn(usize) + Sync) {
     let per = rows.div_ceil(crate::par::current_threads() * 4).max(8);
     for_each_task(rows.div_ceil(per), |c| {
         for r in c * per..((c + 1) * per).min(rows) {
@@ -151,27 +151,32 @@ pub fn rope(
     for_each_row(x.len() / width.max(1), |r| {
         // SAFETY: row r is touched by this task only.
         let row = unsafe { xs.slice_mut(r * width, width) };
-        let (c, s) = (
-            &cos[r * half..(r + 1) * half],
-            &sin[r * half..(r + 1) * half],
-        );
-        for h in row.chunks_exact_mut(head_dim) {
-            match style {
-                RopeStyle::Interleaved => {
-                    for i in 0..half {
-                        let (a, b) = (h[2 * i], h[2 * i + 1]);
-                        h[2 * i] = a * c[i] - b * s[i];
-                        h[2 * i + 1] = a * s[i] + b * c[i];
-                    }
+        let angles = r * half..(r + 1) * half;
+        rope_row(row, head_dim, &cos[angles.clone()], &sin[angles], style);
+    });
+}
+
+/// Rotates each head of one row (`head_dim` elements a head) by the angles whose cosines and
+/// sines are `c` and `s` (`head_dim / 2` each).
+#[inline]
+pub(crate) fn rope_row(row: &mut [f32], head_dim: usize, c: &[f32], s: &[f32], style: RopeStyle) {
+    let half = head_dim / 2;
+    for h in row.chunks_exact_mut(head_dim) {
+        match style {
+            RopeStyle::Interleaved => {
+                for i in 0..half {
+                    let (a, b) = (h[2 * i], h[2 * i + 1]);
+                    h[2 * i] = a * c[i] - b * s[i];
+                    h[2 * i + 1] = a * s[i] + b * c[i];
                 }
-                RopeStyle::Half => {
-                    for i in 0..half {
-                        let (a, b) = (h[i], h[i + half]);
-                        h[i] = a * c[i] - b * s[i];
-                        h[i + half] = b * c[i] + a * s[i];
-                    }
+            }
+            RopeStyle::Half => {
+                for i in 0..half {
+                    let (a, b) = (h[i], h[i + half]);
+                    h[i] = a * c[i] - b * s[i];
+                    h[i + half] = b * c[i] + a * s[i];
                 }
             }
         }
-    });
+    }
 }

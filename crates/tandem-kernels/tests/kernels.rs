@@ -438,6 +438,70 @@ proptest! {
         prop_assert_eq!(got_q, want_q);
     }
 
+    /// The new rows' one pass (biases, RoPE, KV writes) on a pool gives bitwise what the bias
+    /// adds, the two rotations and `write_kv` give one after the other on one thread, for
+    /// ragged batches over shuffled blocks, and where two sequences' new tokens share slots
+    /// (the last row's write wins, as one by one).
+    #[test]
+    fn new_rows_in_one_pass_are_the_separate_passes(seed in any::<u64>(), lens in prop::collection::vec(1usize..20, 1..4), ctx in 0usize..40, f16_pool in any::<bool>(), with_bias in any::<bool>(), interleaved in any::<bool>(), nkv in 1usize..3, shared in any::<bool>()) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (hd, bs, rep) = (16, [4, 16][seed as usize % 2], 3);
+        let (nh, w) = (nkv * rep, nkv * hd);
+        let layout = PagedLayout { block_size: bs, n_kv_heads: nkv, head_dim: hd };
+        let per_seq = (ctx + 20).div_ceil(bs);
+        let nblocks = per_seq * lens.len();
+        let mut ids: Vec<u32> = (0..nblocks as u32).collect();
+        for i in (1..ids.len()).rev() { ids.swap(i, rng.gen_range(0..=i)); }
+        let tables: Vec<&[u32]> = (0..lens.len()).map(|i| {
+            let i = if shared { 0 } else { i };
+            &ids[i * per_seq..(i + 1) * per_seq]
+        }).collect();
+        let mut seqs = Vec::new();
+        let mut row = 0;
+        for (i, &n) in lens.iter().enumerate() {
+            seqs.push(AttnSeq { row_start: row, n_new: n, context_len: ctx, block_table: tables[i] });
+            row += n;
+        }
+        let rows = row;
+        let (q, k, v) = (random_vec(&mut rng, rows * nh * hd), random_vec(&mut rng, rows * w), random_vec(&mut rng, rows * w));
+        let (cos, sin) = (random_vec(&mut rng, rows * hd / 2), random_vec(&mut rng, rows * hd / 2));
+        let biases = [random_vec(&mut rng, nh * hd), random_vec(&mut rng, w), random_vec(&mut rng, w)];
+        let bias = if with_bias { [Some(&biases[0][..]), Some(&biases[1][..]), Some(&biases[2][..])] } else { [None; 3] };
+        let style = if interleaved { RopeStyle::Interleaved } else { RopeStyle::Half };
+        let size = nblocks * bs * w;
+        let bits = |k32: &[f32], k16: &[f16]| -> Vec<u32> {
+            if f16_pool { k16.iter().map(|x| x.to_bits() as u32).collect() } else { k32.iter().map(|x| x.to_bits()).collect() }
+        };
+        // One after the other, on this thread.
+        let (mut wq, mut wk, mut wv) = (q.clone(), k.clone(), v.clone());
+        for (x, b) in [&mut wq, &mut wk, &mut wv].into_iter().zip(bias) {
+            if let Some(b) = b { ops::add_bias(x, b); }
+        }
+        ops::rope(&mut wq, nh, hd, &cos, &sin, style);
+        ops::rope(&mut wk, nkv, hd, &cos, &sin, style);
+        let (mut k32, mut v32, mut k16, mut v16) = (vec![f32::NAN; size], vec![f32::NAN; size], vec![f16::NAN; size], vec![f16::NAN; size]);
+        {
+            let (mut km, mut vm) = if f16_pool { (KvMut::F16(&mut k16), KvMut::F16(&mut v16)) } else { (KvMut::F32(&mut k32), KvMut::F32(&mut v32)) };
+            write_kv(&layout, &seqs, &wk, &wv, &mut km, &mut vm);
+        }
+        let (want_k, want_v) = (bits(&k32, &k16), bits(&v32, &v16));
+        // In one pass, on a pool.
+        let (mut gq, mut gk, mut gv) = (q.clone(), k.clone(), v.clone());
+        let (mut k32, mut v32, mut k16, mut v16) = (vec![f32::NAN; size], vec![f32::NAN; size], vec![f16::NAN; size], vec![f16::NAN; size]);
+        {
+            let (mut km, mut vm) = if f16_pool { (KvMut::F16(&mut k16), KvMut::F16(&mut v16)) } else { (KvMut::F32(&mut k32), KvMut::F32(&mut v32)) };
+            let rot = Rotation { cos: &cos, sin: &sin, style };
+            ThreadPool::new(3).unwrap().install(|| {
+                prepare_new_rows(&layout, &seqs, &mut gq, &mut gk, &mut gv, bias, rot, (&mut km, &mut vm))
+            });
+        }
+        prop_assert_eq!(gq, wq);
+        prop_assert_eq!(gk, wk);
+        prop_assert_eq!(gv, wv);
+        prop_assert_eq!(bits(&k32, &k16), want_k);
+        prop_assert_eq!(bits(&v32, &v16), want_v);
+    }
+
     /// RMSNorm (its sum of squares in lanes, then the tail) against the textbook formula in
     /// f64, on row widths with and without a tail.
     #[test]

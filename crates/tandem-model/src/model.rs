@@ -12,8 +12,8 @@ use tandem_kernels::packed::{
     read_ahead_packed, read_ahead_packed_next, worth_packing,
 };
 use tandem_kernels::{
-    matmul, matmul_parts, ops, paged_attention, write_kv, AttnSeq, KvDType, PackedMat, Precision,
-    RopeStyle, SimdLevel, ThreadPool,
+    matmul, matmul_parts, ops, paged_attention, prepare_new_rows, AttnSeq, KvDType, PackedMat,
+    Precision, RopeStyle, Rotation, SimdLevel, ThreadPool,
 };
 
 use crate::config::{LlamaConfig, RopeParams};
@@ -295,7 +295,8 @@ impl LlamaModel {
     }
 
     /// Several of a layer's matrices on the same input (q/k/v, gate/up): packed ones in one
-    /// call (one activation quantization, one parallel loop).
+    /// call (one activation quantization, one parallel loop). Their biases are the caller's
+    /// to add (see [`Self::biases`]).
     fn linears<const N: usize>(
         &self,
         x: &[f32],
@@ -316,11 +317,12 @@ impl LlamaModel {
                 }
             }
         }
-        for (&i, out) in which.iter().zip(outs.iter_mut()) {
-            if let Some(b) = &mats[i].bias {
-                ops::add_bias(out, b);
-            }
-        }
+    }
+
+    /// A layer's biases of matrices `which` (Qwen2's q/k/v have them).
+    fn biases<const N: usize>(&self, layer: usize, which: &[usize; N]) -> [Option<&[f32]>; N] {
+        let mats = layer_mats(&self.weights.layers[layer]);
+        which.map(|i| mats[i].bias.as_deref())
     }
 
     fn validate(&self, tokens: &[u32], seqs: &[SeqInput], kv: &KvCache) -> Result<()> {
@@ -593,11 +595,16 @@ impl LlamaModel {
                 &[WQ, WK, WV],
                 &mut [&mut b.q, &mut b.k, &mut b.v],
             );
-            ops::rope(&mut b.q, nh, hd, &cos, &sin, self.style);
-            ops::rope(&mut b.k, nkv, hd, &cos, &sin, self.style);
             {
                 let (mut km, mut vm) = kv.layer_mut(l);
-                write_kv(&layout, &attn_seqs, &b.k, &b.v, &mut km, &mut vm);
+                let rot = Rotation {
+                    cos: &cos,
+                    sin: &sin,
+                    style: self.style,
+                };
+                let bias = self.biases(l, &[WQ, WK, WV]);
+                let (q, k, v) = (&mut b.q, &mut b.k, &mut b.v);
+                prepare_new_rows(&layout, &attn_seqs, q, k, v, bias, rot, (&mut km, &mut vm));
             }
             let (kr, vr) = kv.layer(l);
             let window = self.config.attention_window(l);
@@ -609,6 +616,14 @@ impl LlamaModel {
             ops::add_rms_norm(&mut b.x, &b.o, &w.ffn_norm, eps, &mut b.h);
             self.read_ahead(l, &[W_DOWN], t, true);
             self.linears(&b.h, t, l, &[W_GATE, W_UP], &mut [&mut b.gate, &mut b.up]);
+            for (out, bias) in [&mut b.gate, &mut b.up]
+                .into_iter()
+                .zip(self.biases(l, &[W_GATE, W_UP]))
+            {
+                if let Some(bias) = bias {
+                    ops::add_bias(out, bias);
+                }
+            }
             ops::silu_mul(&mut b.gate, &b.up);
             // The next layer's q/k/v, or past the last layer the LM head.
             match l + 1 < self.weights.layers.len() {
