@@ -11,12 +11,12 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_length: Option<usize>,
     /// Tokens per forward pass (the Dynamic SplitFuse budget; lower keeps decodes smoother
-    /// while long prompts prefill). Default: 32 per compute thread, and at least 1.5 x
-    /// --max-batch-seqs. A value given applies to every step.
+    /// while long prompts prefill). Default: --max-batch-seqs plus 32 per compute thread. A
+    /// value given applies to every step.
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
-    /// Sequences per forward pass (default: 8 per compute thread; on a CPU more sequences per
-    /// step add little throughput and lengthen every step, the rest wait for a slot).
+    /// Sequences per forward pass (default: 16 per compute thread; more lengthen every step,
+    /// fewer leave the rest waiting for a slot).
     #[arg(long)]
     pub max_batch_seqs: Option<usize>,
     /// Tokens per KV block.

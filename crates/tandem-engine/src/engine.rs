@@ -25,10 +25,9 @@ pub struct EngineConfig {
     /// in it (measured in docs/perf-notes.md). Lower it for smoother decodes, raise it for TTFT.
     pub max_batch_tokens: Option<usize>,
     /// Sequences per forward (`max_ragged_sequence_count`). FastGen's 512 suits GPUs; on a
-    /// CPU a forward pass is compute-bound from about a dozen rows per two cores on, so more
-    /// sequences per step add little throughput and lengthen every step of every request
-    /// (TPOT), while the rest wait for a slot (TTFT). The default, [`default_max_batch_seqs`],
-    /// is 8 per compute thread (measured in docs/perf-notes.md).
+    /// CPU more sequences per step lengthen every step of every request (TPOT), while fewer
+    /// leave the rest waiting for a slot (TTFT). The default, [`default_max_batch_seqs`], is 16
+    /// per compute thread (measured in docs/perf-notes.md).
     pub max_batch_seqs: usize,
     /// Tokens per KV block.
     pub block_size: usize,
@@ -46,9 +45,15 @@ pub struct EngineConfig {
     pub kv_hold_timeout: Duration,
 }
 
-/// Sequences per forward by default: 8 per compute thread of a default pool.
+/// Sequences per forward by default: 16 per compute thread of a default pool. Served 32
+/// concurrent requests, the 1.5B on two cores of an AMX Xeon gave 117-122 tok/s at a TPOT of
+/// 110-116 ms and a TTFT of 11.4-11.7 s with 8 per thread, and 131-138 tok/s at 163-170 ms and
+/// 6.6-7.2 s with 16 and this default's budget (llama-server `--parallel 8` the same day:
+/// 24 tok/s, TPOT 249 ms, TTFT 74 s). The steps' rows share each weight read, and
+/// their planes on AMX, so per row they cost less the more there are. Lower it for a shorter
+/// TPOT under load.
 pub fn default_max_batch_seqs() -> usize {
-    tandem_model::default_threads().saturating_mul(8)
+    tandem_model::default_threads().saturating_mul(16)
 }
 
 /// The most tokens a default budget gives a step: 32 per compute thread.
@@ -56,18 +61,17 @@ fn default_prefill_tokens() -> usize {
     tandem_model::default_threads().saturating_mul(32)
 }
 
-/// The default SplitFuse budget with `max_batch_seqs` sequences per step: 32 tokens per
-/// compute thread, as in steps where nothing decodes, and at least 1.5 x `max_batch_seqs` (so
-/// prompts still advance by half a token per decoding sequence). Steps of that many rows
+/// The default SplitFuse budget with `max_batch_seqs` sequences per step: a token for each
+/// sequence that decodes, and 32 per compute thread more (as in steps where nothing decodes),
+/// so that prompts still advance by that much when every slot decodes. Steps of that many rows
 /// share each weight read among more rows, and reach the rows from which the k-quants'
-/// matmuls run on AMX where the CPU has it. For a large model this lengthens the step of each
-/// decoding sequence, but less than it raises throughput: the 1.5B at 32 concurrent on an AMX
-/// Xeon served 77.8 -> 88.3 tok/s with TPOT 132 -> 150 ms against 24-token steps
-/// (llama-server: 222 ms), and at 8 concurrent 72.6 -> 82.6 tok/s with TPOT 85.7 -> 82.6
-/// (docs/perf-notes.md). Lower it for smoother decodes.
+/// matmuls run on AMX where the CPU has it. With 32 sequences in flight, the 1.5B served 32
+/// concurrent requests at 123-125 tok/s with a budget of 64, 131-138 with 96 and 134-136 with
+/// 128, for TPOTs of 163, 163-170 and 169-173 ms: with less, the last prompts of a burst are still
+/// prefilling a few tokens a step while the first ones decode, and the burst ends on a tail of
+/// steps with few rows (docs/perf-notes.md). Lower it for smoother decodes.
 pub fn default_max_batch_tokens(max_batch_seqs: usize) -> usize {
-    let least = max_batch_seqs.saturating_add(max_batch_seqs / 2);
-    default_prefill_tokens().max(least).max(1)
+    max_batch_seqs.saturating_add(default_prefill_tokens())
 }
 
 impl Default for EngineConfig {
