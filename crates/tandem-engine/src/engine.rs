@@ -226,9 +226,10 @@ impl EngineConfig {
             .unwrap_or_else(|| default_max_batch_tokens(self.max_batch_seqs))
     }
 
-    /// The budget of a step in which nothing decodes: `max_batch_tokens` when given (one
-    /// budget, as set), else 32 tokens per compute thread, so that a lone prompt is not cut
-    /// into the small chunks that keep a large model's decodes flowing.
+    /// The least budget of a step in which nothing decodes (the scheduler takes the larger of
+    /// this and [`Self::batch_tokens`]): `max_batch_tokens` when given (one budget, as set),
+    /// else 32 tokens per compute thread, so that a lone prompt is not cut into the small
+    /// chunks that keep a large model's decodes flowing.
     pub fn prefill_tokens(&self) -> usize {
         self.max_batch_tokens.unwrap_or_else(default_prefill_tokens)
     }
