@@ -66,10 +66,10 @@ fn default_prefill_tokens() -> usize {
 /// so that prompts still advance by that much when every slot decodes. Steps of that many rows
 /// share each weight read among more rows, and reach the rows from which the k-quants'
 /// matmuls run on AMX where the CPU has it. With 32 sequences in flight, the 1.5B served 32
-/// concurrent requests at 123-125 tok/s with a budget of 64, 131-138 with 96 and 134-136 with
-/// 128, for TPOTs of 163, 163-170 and 169-173 ms: with less, the last prompts of a burst are still
-/// prefilling a few tokens a step while the first ones decode, and the burst ends on a tail of
-/// steps with few rows (docs/perf-notes.md). Lower it for smoother decodes.
+/// concurrent requests at 123-125 tok/s with a budget of 64, 131-138 with 96 and 134-136
+/// with 128, for TPOTs of 163, 163-170 and 169-173 ms: with less, the last prompts of a burst
+/// are still prefilling a few tokens a step while the first ones decode, and the burst ends
+/// on a tail of steps with few rows (docs/perf-notes.md). Lower it for smoother decodes.
 pub fn default_max_batch_tokens(max_batch_seqs: usize) -> usize {
     max_batch_seqs.saturating_add(default_prefill_tokens())
 }

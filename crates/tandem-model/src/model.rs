@@ -139,9 +139,10 @@ pub struct LlamaModel {
     spare_logits: Mutex<Vec<f32>>,
 }
 
-/// Most rows of logits whose buffer [`LlamaModel::recycle`] keeps for the next forward: a
-/// decode step's rows at the default batch limits, and then some.
-const SPARE_LOGIT_ROWS: usize = 64;
+/// Most rows of logits per compute thread whose buffer [`LlamaModel::recycle`] keeps for the
+/// next forward: twice a decode step's rows at the engine's default batch limits (16
+/// sequences a thread), so that the default steps reuse it on any core count.
+const SPARE_LOGIT_ROWS_PER_THREAD: usize = 32;
 
 /// Scratch activations for one forward call.
 struct Buffers {
@@ -693,10 +694,12 @@ impl LlamaModel {
 
     /// Gives a forward's logits back once they are read, so that the next forward writes its
     /// logits into the same memory (see [`logits_buffer`](Self::logits_buffer)). A buffer of
-    /// more than [`SPARE_LOGIT_ROWS`] rows (a long prompt scored position by position: 311 MB
-    /// for 512 rows of a 151,936-token vocabulary) is freed instead of held for good.
+    /// more than [`SPARE_LOGIT_ROWS_PER_THREAD`] rows a compute thread (a long prompt scored
+    /// position by position: 311 MB for 512 rows of a 151,936-token vocabulary) is freed
+    /// instead of held for good.
     pub fn recycle(&self, logits: Logits) {
-        if logits.values.capacity() <= SPARE_LOGIT_ROWS * logits.vocab {
+        let rows = SPARE_LOGIT_ROWS_PER_THREAD * self.pool.threads();
+        if logits.values.capacity() <= rows * logits.vocab {
             *self.spare_logits.lock().unwrap_or_else(|e| e.into_inner()) = logits.values;
         }
     }
