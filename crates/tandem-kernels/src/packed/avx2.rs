@@ -10,9 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::layout::TILE_ROWS;
-use super::{
-    min_pair_sums, pair_i16, prefetch_block, ActBlock, PackedFormat, PackedKernels, Scheme,
-};
+use super::{min_pair_sums, pair_i16, ActBlock, PackedFormat, PackedKernels, Prefetch, Scheme};
 use crate::dtype::{QK, QK_K};
 
 /// Rows per half-tile.
@@ -205,6 +203,16 @@ const fn pair_span(format: PackedFormat) -> usize {
     }
 }
 
+/// Asks for the lines ahead of a block's `bytes` of values at `p`, each line by its own
+/// prefetch as `prefetch` says ([`Prefetch::line`]): one prefetch per block left the hardware
+/// prefetcher to find the rest (16.5 -> 21 GB/s on a 150 MB matrix on a Xeon).
+#[inline(always)]
+fn prefetch_values(prefetch: Prefetch, p: *const u8, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        prefetch.line(p.wrapping_add(line));
+    }
+}
+
 /// Halves `h0..h0 + NH` of a Block32 tile against `R` activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
@@ -217,9 +225,13 @@ unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
     let mut acc = [[_mm256_setzero_ps(); R]; NH];
     let mut macc = [[_mm256_setzero_ps(); R]; NH];
     let mut p = tile.as_ptr();
-    let prefetch = crate::simd::prefetch_weights();
+    let prefetch = Prefetch::for_rows(R);
     let row = |field: *const u8, width: usize, x: usize| field.add(width * HALF * (h0 + x));
     for blk in 0..nb {
+        // The first half asks for the block; the second finds it in L2.
+        if h0 == 0 {
+            prefetch.header(p, format.header_bytes());
+        }
         let d: [__m256; NH] = std::array::from_fn(|x| halves(row(p, 2, x)));
         let min: [__m256; NH] = std::array::from_fn(|x| {
             if format.float_min() {
@@ -229,9 +241,8 @@ unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
             }
         });
         p = p.add(format.header_bytes());
-        // The first half asks for the block; the second finds it in L2.
-        if h0 == 0 && prefetch {
-            prefetch_block(p, format.block_value_bytes());
+        if h0 == 0 {
+            prefetch_values(prefetch, p, format.block_value_bytes());
         }
         let mut isum = [[_mm256_setzero_si256(); R]; NH];
         if format.eight_bit() {
@@ -296,16 +307,20 @@ unsafe fn super_half<const R: usize, const NH: usize, const F: u8>(
     let blocks = QK_K / QK;
     let mut acc = [[_mm256_setzero_ps(); R]; NH];
     let mut p = tile.as_ptr();
-    let prefetch = crate::simd::prefetch_weights();
+    let prefetch = Prefetch::for_rows(R);
     let row = |field: *const u8, width: usize, x: usize| field.add(width * HALF * (h0 + x));
     for s in 0..nb / blocks {
         let hd = p;
+        // The first half asks for the super-block; the second finds it in L2.
+        if h0 == 0 {
+            prefetch.header(hd, format.header_bytes());
+        }
         p = p.add(format.header_bytes());
         let mut isum = [[_mm256_setzero_si256(); R]; NH];
         for bi in 0..blocks {
             let blk = s * blocks + bi;
-            if h0 == 0 && prefetch {
-                prefetch_block(p, format.block_value_bytes());
+            if h0 == 0 {
+                prefetch_values(prefetch, p, format.block_value_bytes());
             }
             for (x, isum) in isum.iter_mut().enumerate() {
                 // The scales of elements 0..16 and 16..32 (equal for K32), and the offsets

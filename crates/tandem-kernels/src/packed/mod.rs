@@ -468,18 +468,6 @@ pub(crate) const PREFETCH: usize = 8192;
 #[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH_L1: usize = 512;
 
-/// Asks for every cache line of the block of `bytes` at `p` (see [`prefetch_line`]; one
-/// prefetch per block left the hardware prefetcher to find the rest: 16.5 -> 21 GB/s on a
-/// 150 MB matrix on the Xeon); the kernels call it only where that pays (see
-/// `simd::prefetch_weights`).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) fn prefetch_block(p: *const u8, bytes: usize) {
-    for line in (0..bytes).step_by(64) {
-        prefetch_line(p.wrapping_add(line));
-    }
-}
-
 /// How a kernel asks for the weight lines ahead of the one it loads (see [`prefetch_line`] and
 /// [`prefetch_line_paced`]).
 #[cfg(target_arch = "x86_64")]
@@ -549,9 +537,9 @@ impl Prefetch {
 /// 27.6-28.0 tok/s against 26.1-26.3; 256 and 1,024 bytes ahead did as well as 512.
 /// On AMD, T1 filling L2 only came with Zen 4 (earlier cores fill L1 for every hint; on a
 /// Zen 3 not measured), and from Zen 4 on the kernels do not prefetch at all
-/// (`simd::prefetch_weights`). The AVX-512 one- and two-row kernels have since moved to
+/// (`simd::prefetch_weights`). The one- and two-row kernels have since moved to
 /// [`prefetch_line_paced`], and the AMX kernels ask for the lines their walk across tiles
-/// reaches (`amx::Ahead`); this one serves the batched VNNI kernels and the AVX2 ones.
+/// reaches (`amx::Ahead`); this one serves the batched VNNI and AVX2 kernels.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_line(p: *const u8) {
@@ -575,7 +563,10 @@ pub(crate) fn prefetch_line(p: *const u8) {
 /// two L1 loads of a static in their place, so what helps is the spacing itself, not a port or
 /// the code's alignment; prefetching every other line instead was far slower (23 GB/s). The
 /// kernels lose at most ~2% on weights already in L2. Paced, the batched kernels gained
-/// nothing (VNNI at 3-9 rows, AMX at sixteen), so they do not pace.
+/// nothing (VNNI at 3-9 rows, AMX at sixteen), so they do not pace. The AVX2 kernels pace
+/// their one and two rows as well: on the Xeon (`TANDEM_SIMD=avx2`) 24.6-25.5 -> 26.3-27.1
+/// GB/s; on an AVX2-only Zen 3 both ways stream at its plain read's speed (two threads
+/// 24.6-30.4 against 23.7-28.7 GB/s, one thread 14.8-17.7 against 13.6-17.8, alternating).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_line_paced(p: *const u8) {
