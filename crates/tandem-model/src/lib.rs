@@ -21,5 +21,6 @@ pub use kv_cache::KvCache;
 pub use loader::{load, load_shard, LoadedModel};
 pub use model::{LlamaModel, Logits, LogitsMode, SeqInput};
 pub use tandem_kernels::ops::argmax;
+pub use tandem_kernels::simd::active as simd_level;
 pub use tandem_kernels::{default_threads, KvDType, Precision, SimdLevel};
 pub use tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
