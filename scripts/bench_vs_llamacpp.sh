@@ -6,8 +6,8 @@
 #   2. serving, `llama-server` and `tandem serve` both up, both driven by `tandem bench serve`
 #      through /v1/completions (stream, token-id prompts, temperature 0, ignore_eos) at 1, 8
 #      and 32 concurrent requests, alternating ROUNDS times. `tandem serve` runs its default
-#      batch limit (16 sequences per compute thread in flight where the matmuls run on AMX,
-#      8 elsewhere; the rest queued). At 32, two more are measured: `--max-batch-seqs 8`, the
+#      batch limit (sequences in flight per compute thread: 16 where the matmuls run on AMX,
+#      8 on AVX-512 VNNI, 4 on AVX2; the rest queued). At 32, two more are measured: `--max-batch-seqs 8`, the
 #      same policy as `llama-server --parallel 8`, so TTFT and TPOT compare like for like, and
 #      `--max-batch-seqs 512`, all 32 at once.
 # Prints each figure's median for both, the ratio, and Tandem's fraction of the roofline.

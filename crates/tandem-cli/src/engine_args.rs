@@ -15,8 +15,9 @@ pub struct EngineArgs {
     /// value given applies to every step.
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
-    /// Sequences per forward pass (default: 16 per compute thread where the matmuls run on
-    /// AMX, else 8; more lengthen every step, fewer leave the rest waiting for a slot).
+    /// Sequences per forward pass (default per compute thread: 16 where the matmuls run on
+    /// AMX, 8 on AVX-512 VNNI, else 4; more lengthen every step, fewer leave the rest waiting
+    /// for a slot).
     #[arg(long)]
     pub max_batch_seqs: Option<usize>,
     /// Tokens per KV block.

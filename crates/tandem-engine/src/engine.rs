@@ -27,8 +27,8 @@ pub struct EngineConfig {
     /// Sequences per forward (`max_ragged_sequence_count`). FastGen's 512 suits GPUs; on a
     /// CPU more sequences per step lengthen every step of every request (TPOT), while fewer
     /// leave the rest waiting for a slot (TTFT). The default, [`default_max_batch_seqs`], is 16
-    /// per compute thread where the matmuls run on AMX, 8 elsewhere (measured in
-    /// docs/perf-notes.md).
+    /// per compute thread where the matmuls run on AMX, 8 on AVX-512 VNNI, 4 on AVX2 (measured
+    /// in docs/perf-notes.md).
     pub max_batch_seqs: usize,
     /// Tokens per KV block.
     pub block_size: usize,
@@ -47,20 +47,23 @@ pub struct EngineConfig {
 }
 
 /// Sequences per forward by default, per compute thread of a default pool: 16 where the
-/// k-quants' batched matmuls run on AMX, 8 elsewhere. On AMX the steps' rows share each
-/// weight read and their tiles' planes, so per row they cost less the more there are: served
-/// 32 concurrent requests, the 1.5B on two cores of a Xeon gave 117-122 tok/s at a TPOT of
-/// 110-116 ms and a TTFT of 11.4-11.7 s with 8 per thread, and 131-138 tok/s at 163-170 ms and
-/// 6.6-7.2 s with 16 (llama-server `--parallel 8` the same day: 24 tok/s, TPOT 249 ms, TTFT
-/// 74 s). The AVX2 and VNNI kernels are compute-bound from a few rows on, so more rows only
-/// lengthen each step: on an AVX2-only Zen 3 the same load gave 45.2-48.7 tok/s at a TPOT of
-/// 460-517 ms with 16 per thread and 45.5-47.5 tok/s at 281-305 ms with 8 (TTFT 22 against
-/// 32 s). Lower it for a shorter TPOT under load.
+/// k-quants' batched matmuls run on AMX, 8 on the AVX-512 VNNI kernels, 4 on the AVX2 (and
+/// scalar) ones. On AMX the steps' rows share each weight read and their tiles' planes, so per
+/// row they cost less the more there are: served 32 concurrent requests, the 1.5B on two cores
+/// of a Xeon gave 117-122 tok/s at a TPOT of 110-116 ms and a TTFT of 11.4-11.7 s with 8 per
+/// thread, and 131-138 tok/s at 163-170 ms and 6.6-7.2 s with 16 (llama-server `--parallel 8`
+/// the same day: 24 tok/s, TPOT 249 ms, TTFT 74 s). The VNNI kernels are compute-bound from
+/// ~13 rows on two cores of a Zen 4: 4 a thread cost 15% of the throughput there. The AVX2
+/// kernels are compute-bound from fewer rows still, so more only lengthen each step: on an
+/// AVX2-only Zen 3 the same load gave 45.2-48.7 tok/s at a TPOT of 460-517 ms with 16 a
+/// thread, 47.6-49.2 tok/s at 269-292 ms with 8, and 46.0-47.7 tok/s at 149-164 ms with 4
+/// (TTFT 22, 31 and 37 s); the reference model 349-373 tok/s at 37-39 ms with 8 and 330-355
+/// at 20-22 ms with 4. Lower it for a shorter TPOT under load, raise it for a shorter TTFT.
 pub fn default_max_batch_seqs() -> usize {
-    let per_thread = if tandem_model::simd_level() == SimdLevel::Amx {
-        16
-    } else {
-        8
+    let per_thread = match tandem_model::simd_level() {
+        SimdLevel::Amx => 16,
+        SimdLevel::Avx512Vnni => 8,
+        SimdLevel::Avx2 | SimdLevel::Scalar => 4,
     };
     tandem_model::default_threads().saturating_mul(per_thread)
 }

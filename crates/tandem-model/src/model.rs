@@ -140,8 +140,8 @@ pub struct LlamaModel {
 }
 
 /// Most rows of logits per compute thread whose buffer [`LlamaModel::recycle`] keeps for the
-/// next forward: a decode step's rows at the engine's default batch limits (16 sequences a
-/// thread on AMX, 8 elsewhere) and then some, so that the default steps reuse it on any core
+/// next forward: a decode step's rows at the engine's default batch limits (at most 16
+/// sequences a thread, on AMX) and then some, so that the default steps reuse it on any core
 /// count.
 const SPARE_LOGIT_ROWS_PER_THREAD: usize = 32;
 
