@@ -132,18 +132,24 @@ unsafe fn act_dword(a: &ActBlock, j: usize) -> __m256i {
 }
 
 /// Value registers `2 * pairs.start .. 2 * pairs.end` of the block at `p` (half `h`) dotted with
-/// one activation row: `vpmaddubsw` pair sums added in 16 bits, then widened once by
-/// `vpmaddwd` with `w`'s 16-bit lanes (ones for a plain dot product, else the block's
-/// scales). The caller keeps the sum of 16-bit terms below 2^15 (see [`pair_span`]).
+/// one activation row: `vpmaddubsw` pair sums added in 16 bits to `start` (zero, or the
+/// offset of centered values: see [`centered`]), then widened once by `vpmaddwd` with `w`'s
+/// 16-bit lanes (ones for a plain dot product, else the block's scales). The caller keeps
+/// every partial sum below 2^15 (see [`pair_span`]).
+///
+/// Called row by row: walking the value registers outermost for all rows at once, each
+/// unpacked once, ran no faster for Q4_K and Q6_K and slower for Q5_K (62-64 -> 45-60
+/// GMAC/s) on an AVX2-only Zen 3.
 #[inline(always)]
 unsafe fn dot_pairs<const F: u8>(
     p: *const u8,
     h: usize,
     pairs: std::ops::Range<usize>,
     a: &ActBlock,
+    start: __m256i,
     w: __m256i,
 ) -> __m256i {
-    let mut s16 = _mm256_setzero_si256();
+    let mut s16 = start;
     for pair in pairs {
         let (j0, j1) = (2 * pair, 2 * pair + 1);
         s16 = _mm256_add_epi16(
@@ -185,8 +191,17 @@ unsafe fn dot_signed((q, aq): (__m256i, __m256i), j: usize, a: &ActBlock, w: __m
 /// the 16-bit sums take four more of the sixteen registers, and still 64-row products ran
 /// faster on an AVX2-only Zen 3 (one thread, 1536 x 1536: Q4_K 74-76 -> 76-83 GMAC/s, Q4_1
 /// 70-73 -> 72-75; Q6_K and Q5_0, one pair either way, unchanged).
+///
+/// Values centered at 32 ([`centered`]) bound every partial sum of a chain started at its
+/// offset by 2 x 32 x 127 per value register, so 6-bit values then span two pairs: a whole
+/// scale's.
 const fn pair_span(format: PackedFormat) -> usize {
-    let by_bits = 32767 / (508 * ((1 << format.bits()) - 1));
+    let top = if centered(format) {
+        32
+    } else {
+        (1 << format.bits()) - 1
+    };
+    let by_bits = 32767 / (508 * top);
     let by_scale = match format.scheme() {
         Scheme::K16 { .. } => 2,
         _ => 4,
@@ -201,6 +216,20 @@ const fn pair_span(format: PackedFormat) -> usize {
     } else {
         span
     }
+}
+
+/// Whether the format's chains start at the offset of its values centered at 32
+/// ([`ActBlock::neg32_lane_sums`]) instead of subtracting the offset after the scales: Q6_K,
+/// whose 6-bit values otherwise allow one pair of registers a chain. Two pairs a chain
+/// halve its `vpmaddwd` and `vpaddd` and drop the offset's own `vpmaddwd` and subtraction.
+const fn centered(format: PackedFormat) -> bool {
+    matches!(
+        format.scheme(),
+        Scheme::K16 {
+            offset: 32,
+            mins: false
+        }
+    )
 }
 
 /// Asks for the lines ahead of a block's `bytes` of values at `p`, each line by its own
@@ -262,8 +291,8 @@ unsafe fn block_half<const R: usize, const NH: usize, const F: u8>(
                 for (x, isum) in isum.iter_mut().enumerate() {
                     for (t, a) in isum.iter_mut().zip(acts) {
                         let a = a.get_unchecked(blk);
-                        let ones = _mm256_set1_epi16(1);
-                        let dot = dot_pairs::<F>(p, h0 + x, first..first + span, a, ones);
+                        let (zero, ones) = (_mm256_setzero_si256(), _mm256_set1_epi16(1));
+                        let dot = dot_pairs::<F>(p, h0 + x, first..first + span, a, zero, ones);
                         *t = _mm256_add_epi32(*t, dot);
                     }
                 }
@@ -363,11 +392,16 @@ unsafe fn super_half<const R: usize, const NH: usize, const F: u8>(
                     let w = sc16[first / 2];
                     for (t, a) in isum.iter_mut().zip(acts) {
                         let a = a.get_unchecked(blk);
-                        let dot = dot_pairs::<F>(p, h0 + x, first..first + span, a, w);
+                        let start = if centered(format) {
+                            _mm256_set1_epi32(a.neg32_lane_sums[first / 2])
+                        } else {
+                            _mm256_setzero_si256()
+                        };
+                        let dot = dot_pairs::<F>(p, h0 + x, first..first + span, a, start, w);
                         *t = _mm256_add_epi32(*t, dot);
                     }
                 }
-                if offset != 0 {
+                if offset != 0 && !centered(format) {
                     // sc * offset * sum(a) of both halves by one `vpmaddwd` (|sc * offset|
                     // fits 16 bits; the low half's product is masked, its lane's sign bits
                     // dropped).

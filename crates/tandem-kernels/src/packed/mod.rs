@@ -348,6 +348,11 @@ pub struct ActBlock {
     /// start when 6-bit values are taken as centered at 32, so that each quarter's sum fits 16
     /// bits (`avx512`'s Q6_K kernels).
     pub neg32_quarter_sums: [i32; 4],
+    /// `-32 *` the sums of each half (16 values) split by position in their dwords, as two
+    /// 16-bit halves: the first two bytes of each dword, then the last two. Where the 16-bit
+    /// `vpmaddubsw` chains over a half start when 6-bit values are taken as centered at 32
+    /// (`avx2`'s Q6_K kernels), so that a whole half's sums fit 16 bits.
+    pub neg32_lane_sums: [i32; 2],
 }
 
 /// Fills the fields of `out` that depend on more than one block's values, once `qs` and
@@ -361,6 +366,15 @@ pub(crate) fn finish_act_row(out: &mut [ActBlock]) {
         a.sum_pair = pair_i16(sum(a), next);
         for (q, quarter) in a.qs.chunks_exact(QK / 4).enumerate() {
             a.neg32_quarter_sums[q] = -32 * quarter.iter().map(|&v| v as i32).sum::<i32>();
+        }
+        for (h, half) in a.qs.chunks_exact(QK / 2).enumerate() {
+            let lane = |first: usize| -> i32 {
+                let dwords = half.chunks_exact(4);
+                -32 * dwords
+                    .map(|d| d[first] as i32 + d[first + 1] as i32)
+                    .sum::<i32>()
+            };
+            a.neg32_lane_sums[h] = pair_i16(lane(0), lane(2));
         }
     }
 }
