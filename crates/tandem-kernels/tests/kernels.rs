@@ -585,13 +585,14 @@ proptest! {
     /// Paged attention over shuffled blocks equals dense attention, for f32 and f16 pools, with
     /// and without a sliding window.
     #[test]
-    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..300, n_new in 1usize..40, bs_sel in 0usize..12, f16_pool in any::<bool>(), hd_sel in 0usize..4, pooled in any::<bool>(), window in prop::option::of(1usize..200), rep_sel in 0usize..3) {
+    fn paged_attention_matches_dense(seed in any::<u64>(), ctx0 in 0usize..300, n_new in 1usize..40, bs_sel in 0usize..12, f16_pool in any::<bool>(), hd_sel in 0usize..4, pooled in any::<bool>(), window in prop::option::of(1usize..200), rep_sel in 0usize..4) {
         let mut rng = StdRng::seed_from_u64(seed);
         // head_dim 16 and 64 take the AVX-512 block step where present; contexts past 128 keys
         // are merged from key chunks, and inside a pool a short query chunk's key chunks are
         // spread over tasks. Three, six and seven query heads per KV head take that step's
-        // passes of three rows, of six, and of four and three.
-        let (nh, nkv, hd) = ([6, 12, 14][rep_sel], 2, [8, 16, 48, 64][hd_sel]);
+        // passes of three rows, of six, and of four and three; the AVX2 step's passes take
+        // three, four and two, four and three, and one (a head per KV head).
+        let (nh, nkv, hd) = ([6, 12, 14, 2][rep_sel], 2, [8, 16, 48, 64][hd_sel]);
         // Blocks of more than 16 keys take several wide steps each.
         let bs = [1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 24, 32][bs_sel];
         let layout = PagedLayout { block_size: bs, n_kv_heads: nkv, head_dim: hd };

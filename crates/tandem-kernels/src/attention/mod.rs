@@ -606,12 +606,21 @@ impl Task<'_> {
                 #[cfg(target_arch = "x86_64")]
                 if STEP != PORTABLE_STEP {
                     const LANES: usize = x86::LANES;
-                    // Ask for the blocks ahead (at a chunk's first block, all of them).
+                    // Ask for the blocks ahead (at a chunk's first block, all of them). The
+                    // AVX2 step of a lone query, which reads the pool directly, asks for the
+                    // farthest one itself, a few lines at a time (see `x86_avx2::Ahead`), where
+                    // a block is one step of sixteen keys.
                     let ahead = blk + PREFETCH_BLOCKS;
+                    let paced = STEP == AVX2_STEP && queries.len() == 1 && bs == LANES;
                     let from = if blk == chunk * cb { blk + 1 } else { ahead };
+                    let mut pace = None;
                     for b in from..(ahead + 1).min(end_blk) {
-                        let next = layout.head_offset(s.block_table[b] as usize, g);
-                        x86::prefetch(k, v, next, bs * hd);
+                        let at = layout.head_offset(s.block_table[b] as usize, g);
+                        if paced && b == ahead {
+                            pace = Some(x86::Keys::in_pool(k, v, at, 0, bs, hd));
+                        } else {
+                            x86::prefetch(k, v, at, bs * hd);
+                        }
                     }
                     for j0 in (0..nb).step_by(LANES) {
                         let n = (nb - j0).min(LANES);
@@ -654,7 +663,16 @@ impl Task<'_> {
                                 if STEP == AVX512_STEP {
                                     x86::update_group(qg, src, skip..valid, scale, m, l, acc)
                                 } else {
-                                    x86_avx2::update_group(qg, src, skip..valid, scale, m, l, acc)
+                                    x86_avx2::update_group(
+                                        qg,
+                                        src,
+                                        skip..valid,
+                                        scale,
+                                        m,
+                                        l,
+                                        acc,
+                                        pace,
+                                    )
                                 }
                             };
                         }

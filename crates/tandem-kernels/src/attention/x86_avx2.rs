@@ -52,6 +52,18 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }
 
+/// A later block of the same head (its keys at `k`, its values at `v`), whose cache lines a
+/// lone query's step asks for two at a time inside its score loop. Asked for all at once
+/// before its step, a block's 64 lines came in no sooner than unasked on Zen 3: a lone decode
+/// at 576 positions read the reference model's KV at ~9 GB/s, where a plain read of the same
+/// blocks in the same order gets 21-24 GB/s. Paced, its attention took 0.83-1.16 ms a token
+/// instead of 1.10-1.43 (see docs/perf-notes.md).
+#[derive(Clone, Copy)]
+pub(super) struct Ahead<E> {
+    pub k: *const E,
+    pub v: *const E,
+}
+
 /// A pool element type, read eight at a time as f32.
 trait Lane8: Copy {
     /// The eight elements at `p` as f32.
@@ -128,7 +140,7 @@ pub(super) unsafe fn stage(src: Keys, n: usize, hd: usize, kt: &mut [f32], vb: &
 /// before the maximum, the weights and the values.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn update_rows<const N: usize, E: Lane8>(
+unsafe fn update_rows<const N: usize, const PACE: bool, E: Lane8>(
     q: &[f32],
     k: *const E,
     stride: usize,
@@ -138,6 +150,7 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
     m: &mut [f32],
     l: &mut [f32],
     acc: &mut [f32],
+    ahead: Ahead<E>,
 ) {
     let hd = q.len() / N;
     debug_assert!(hd.is_multiple_of(W) && !keys.is_empty() && keys.end <= LANES);
@@ -150,7 +163,17 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
     const PARITY_ROWS: usize = 3;
     let mut s = [[[_mm256_setzero_ps(); 2]; 2]; N];
     let qp = q.as_ptr();
+    // A block's keys of one head take `hd / 2` cache lines in f16 (`hd` in f32), as its values
+    // do: one line of each (two in f32) for every two dimensions.
+    let lines = std::mem::size_of::<E>() / 2;
     for d0 in (0..hd).step_by(2) {
+        if PACE {
+            for i in 0..lines {
+                let off = (d0 / 2 * lines + i) * 64;
+                _mm_prefetch::<_MM_HINT_T0>((ahead.k as *const i8).wrapping_add(off));
+                _mm_prefetch::<_MM_HINT_T0>((ahead.v as *const i8).wrapping_add(off));
+            }
+        }
         for u in 0..2 {
             let d = d0 + u;
             let kd = [E::load(k.add(d * stride)), E::load(k.add(d * stride + W))];
@@ -202,20 +225,29 @@ unsafe fn update_rows<const N: usize, E: Lane8>(
     }
     let ap = acc.as_mut_ptr();
     let mut c = 0;
-    while c + 2 * W <= hd {
-        add_values::<N, 2, E>(ap, hd, c, &corr, &pj, v, keys.clone());
-        c += 2 * W;
+    macro_rules! passes {
+        ($k:literal) => {
+            while c + $k * W <= hd {
+                add_values::<N, $k, E>(ap, hd, c, &corr, &pj, v, keys.clone());
+                c += $k * W;
+            }
+        };
     }
-    if c < hd {
-        add_values::<N, 1, E>(ap, hd, c, &corr, &pj, v, keys);
+    // The widest pass whose N x K sums, N weights and a value fit the sixteen registers.
+    match N {
+        1 | 2 => passes!(4),
+        3 => passes!(3),
+        _ => {}
     }
+    passes!(2);
+    passes!(1);
 }
 
 /// Rescales `K` 8-dimension chunks (from `c`) of each row's value sums at `acc` by
-/// `corr` and adds the values of `keys` weighted by `pj`, key by key. Two chunks at a time give
-/// 2N independent FMA chains where one gave N (one to four rows) and left their latency
-/// exposed, and each broadcast weight serves both; every element still sums its keys in
-/// order, so the result is the same bits either way.
+/// `corr` and adds the values of `keys` weighted by `pj`, key by key. `K` chunks at a time give
+/// N x K independent FMA chains (the FMA's latency wants eight or more) and each broadcast
+/// weight serves all of them; every element still sums its keys in order, so the result is
+/// the same bits whatever `K`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn add_values<const N: usize, const K: usize, E: Lane8>(
@@ -232,11 +264,11 @@ unsafe fn add_values<const N: usize, const K: usize, E: Lane8>(
         std::array::from_fn(|u| _mm256_mul_ps(_mm256_loadu_ps(at(r, u)), corr[r]))
     });
     for j in keys {
-        let vj: [__m256; K] = std::array::from_fn(|u| E::load(v.add(j * hd + c + 8 * u)));
-        for r in 0..N {
-            let p = _mm256_set1_ps(*pj[r].get_unchecked(j));
-            for u in 0..K {
-                a[r][u] = _mm256_fmadd_ps(p, vj[u], a[r][u]);
+        let p: [__m256; N] = std::array::from_fn(|r| _mm256_set1_ps(*pj[r].get_unchecked(j)));
+        for u in 0..K {
+            let vj = E::load(v.add(j * hd + c + 8 * u));
+            for r in 0..N {
+                a[r][u] = _mm256_fmadd_ps(p[r], vj, a[r][u]);
             }
         }
     }
@@ -247,11 +279,14 @@ unsafe fn add_values<const N: usize, const K: usize, E: Lane8>(
     }
 }
 
-/// [`update_rows`] for any number of rows, four at a time, reading from `src`.
+/// [`update_rows`] for any number of rows, four at a time, reading from `src`; the first four
+/// ask for `ahead`'s lines on the way (a block of the same head and element type, see
+/// [`Ahead`]).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `hd` a multiple of 8; `keys` non-empty,
-/// `keys.end <= 16`, sixteen keys and their values readable at `src`.
+/// `keys.end <= 16`, sixteen keys and their values readable at `src`. (`ahead` is only
+/// prefetched, which never faults.)
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn update_group(
@@ -262,6 +297,7 @@ pub(super) unsafe fn update_group(
     m: &mut [f32],
     l: &mut [f32],
     acc: &mut [f32],
+    ahead: Option<Keys>,
 ) {
     let hd = acc.len() / m.len();
     let mut r = 0;
@@ -270,19 +306,34 @@ pub(super) unsafe fn update_group(
         let (q, m, l) = (&q[r * hd..(r + n) * hd], &mut m[r..r + n], &mut l[r..r + n]);
         let acc = &mut acc[r * hd..(r + n) * hd];
         let ks = keys.clone();
+        let pace = if r == 0 { ahead } else { None };
         macro_rules! rows {
-            ($k:expr, $stride:expr, $v:expr) => {
+            ($pace:literal, $k:expr, $stride:expr, $v:expr, $ahead:expr) => {
                 match n {
-                    4 => update_rows::<4, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
-                    3 => update_rows::<3, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
-                    2 => update_rows::<2, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
-                    _ => update_rows::<1, _>(q, $k, $stride, $v, ks, scale, m, l, acc),
+                    4 => {
+                        update_rows::<4, $pace, _>(q, $k, $stride, $v, ks, scale, m, l, acc, $ahead)
+                    }
+                    3 => {
+                        update_rows::<3, $pace, _>(q, $k, $stride, $v, ks, scale, m, l, acc, $ahead)
+                    }
+                    2 => {
+                        update_rows::<2, $pace, _>(q, $k, $stride, $v, ks, scale, m, l, acc, $ahead)
+                    }
+                    _ => {
+                        update_rows::<1, $pace, _>(q, $k, $stride, $v, ks, scale, m, l, acc, $ahead)
+                    }
                 }
             };
         }
-        match src {
-            Keys::F16 { k, stride, v } => rows!(k, stride, v),
-            Keys::F32 { k, stride, v } => rows!(k, stride, v),
+        match (src, pace) {
+            (Keys::F16 { k, stride, v }, Some(Keys::F16 { k: ak, v: av, .. })) => {
+                rows!(true, k, stride, v, Ahead { k: ak, v: av })
+            }
+            (Keys::F32 { k, stride, v }, Some(Keys::F32 { k: ak, v: av, .. })) => {
+                rows!(true, k, stride, v, Ahead { k: ak, v: av })
+            }
+            (Keys::F16 { k, stride, v }, _) => rows!(false, k, stride, v, Ahead { k, v }),
+            (Keys::F32 { k, stride, v }, _) => rows!(false, k, stride, v, Ahead { k, v }),
         }
         r += n;
     }
