@@ -267,8 +267,8 @@ unsafe fn add_values<const N: usize, const K: usize, E: Lane8>(
         let p: [__m256; N] = std::array::from_fn(|r| _mm256_set1_ps(*pj[r].get_unchecked(j)));
         for u in 0..K {
             let vj = E::load(v.add(j * hd + c + 8 * u));
-            for r in 0..N {
-                a[r][u] = _mm256_fmadd_ps(p[r], vj, a[r][u]);
+            for (ar, &pr) in a.iter_mut().zip(&p) {
+                ar[u] = _mm256_fmadd_ps(pr, vj, ar[u]);
             }
         }
     }
